@@ -1,0 +1,10 @@
+"""Load fhir-sidecar into your own mitmproxy:
+
+    mitmdump -s addons/fhir_sidecar.py --set sidecar_config=config/example.yaml
+
+The addon sets the listeners (forward proxy and per-connection reverse ports) from the config.
+"""
+
+from sidecar.proxy.addon import FhirSidecar
+
+addons = [FhirSidecar()]

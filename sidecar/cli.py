@@ -1,0 +1,128 @@
+"""The ``fhir-sidecar`` command: run, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sidecar import __version__
+from sidecar.config.errors import ConfigError
+from sidecar.logs import setup_logging
+from sidecar.settings import RuntimeSettings
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fhir-sidecar",
+        description="Call secured FHIR servers with plain local HTTP: the sidecar adds "
+                    "credentials and TLS.")
+    parser.add_argument("--version", action="version", version=f"fhir-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", type=Path,
+                       help="config file (default: $FHIR_SIDECAR_CONFIG)")
+
+    run = sub.add_parser("run", help="serve the config")
+    config_arg(run)
+    run.add_argument("--state-dir", type=Path,
+                     help="writable directory for runtime state (default: "
+                          "$FHIR_SIDECAR_STATE_DIR or ~/.local/state/fhir-sidecar)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["json", "text"])
+
+    check = sub.add_parser("check", help="validate the config, secrets, keys and CA bundles")
+    config_arg(check)
+    check.add_argument("--online", action="store_true",
+                       help="also handshake with every upstream and fetch every OAuth token")
+
+    demo = sub.add_parser("demo", help="run a self-contained demo on loopback")
+    demo.add_argument("--once", action="store_true", help="exit after the sample calls")
+    demo.add_argument("--state-dir", type=Path, help="where the demo writes its files")
+    return parser
+
+
+def _config_path(args: argparse.Namespace, settings: RuntimeSettings) -> Path | None:
+    path = args.config or settings.config
+    if path is None:
+        print("fhir-sidecar: no config file: pass -c FILE or set FHIR_SIDECAR_CONFIG",
+              file=sys.stderr)
+    return path
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    from sidecar.live import load_snapshot
+
+    path = _config_path(args, settings)
+    if path is None:
+        return EXIT_INVALID
+    try:
+        snapshot = load_snapshot(path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_INVALID
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.online:
+        print(f"{path}: valid ({len(snapshot.connections)} connections, "
+              f"{len(snapshot.config.basic_auth)} Basic and {len(snapshot.config.oauth)} "
+              "OAuth definitions)")
+        return EXIT_OK
+    from sidecar.online_check import check_connections, handshake_table
+
+    results = check_connections(snapshot)
+    print(handshake_table(results))
+    ok = all(r.ok for r in results)
+    if snapshot.token_sources:
+        from sidecar.online_tokens import check_tokens, token_table
+
+        token_results = asyncio.run(check_tokens(snapshot))
+        print()
+        print(token_table(token_results))
+        ok = ok and all(r.ok for r in token_results)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    from sidecar.runner import serve
+
+    setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+    path = _config_path(args, settings)
+    if path is None:
+        return EXIT_INVALID
+    state_dir = args.state_dir or settings.state_dir
+    try:
+        return asyncio.run(serve(path, state_dir, settings.drain_seconds))
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    from sidecar.demo.runner import run_demo
+
+    setup_logging("warning", "text")
+    return run_demo(once=args.once, state_dir=args.state_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = RuntimeSettings()
+    commands = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    return commands[args.command](args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Read a YAML config file into a validated :class:`SidecarConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sidecar.config.errors import ConfigError, ConfigProblem
+from sidecar.config.models import SidecarConfig
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required field is missing",
+}
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    """Load and validate ``path``; raise :class:`ConfigError` naming every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(file, "", "config file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(file, "", f"cannot read config file: {_reason(exc)}")]
+                          ) from None
+    return parse_config(text, file=file, base_dir=Path(path).resolve().parent)
+
+
+def parse_config(text: str, *, file: str, base_dir: Path) -> SidecarConfig:
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(file, _yaml_position(exc), _yaml_reason(exc))]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(file, "", "the top level must be a mapping of sections")])
+    try:
+        config = SidecarConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(file, exc)) from None
+    problems = [ConfigProblem(file, p, m) for p, m in config.reference_problems()]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def validation_problems(file: str, exc: ValidationError) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        # Validators on a whole model report at the model's own location.
+        path = ".".join(str(part) for part in err["loc"])
+        message = _MESSAGES.get(err["type"], err["msg"])
+        if message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(ConfigProblem(file, path, message))
+    return problems
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    return f"invalid YAML: {problem}" if problem else "invalid YAML"
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or type(exc).__name__

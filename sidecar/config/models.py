@@ -1,0 +1,237 @@
+"""The config file's shape (design §3), as pydantic models that validate themselves.
+
+Relative paths are resolved against the config file's directory: the loader passes it as
+validation context ``{"base_dir": Path}``. These models only check shape and cross references;
+reading secrets, keys and bundles happens when a snapshot is compiled (``sidecar.snapshot``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is not None and not value.is_absolute():
+        return (Path(base_dir) / value).resolve()
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8081)")
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Model):
+    """How the sidecar verifies an upstream server (a FHIR server or a token endpoint)."""
+
+    verify: Literal["skip", "default", "custom"] = "default"
+    ca_bundle: ConfigPath | None = None
+    client_cert: ConfigPath | None = None
+    client_key: ConfigPath | None = None
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.verify == "custom" and self.ca_bundle is None:
+            raise ValueError("verify: custom needs ca_bundle (a PEM file of trusted CAs)")
+        if self.verify != "custom" and self.ca_bundle is not None:
+            raise ValueError(f"ca_bundle is only used with verify: custom (verify is {self.verify})")
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert")
+        return self
+
+
+class ProxySettings(_Model):
+    listen: ListenAddress | None = None
+
+
+class AdminSettings(_Model):
+    listen: ListenAddress | None = DEFAULT_ADMIN_LISTEN
+    token_file: ConfigPath | None = None
+
+
+def _exactly_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    if len(given) != 1:
+        names = ", ".join(fields)
+        if not given:
+            raise ValueError(f"{what}: set one of {names}")
+        raise ValueError(f"{what}: set only one of {names} (found {', '.join(given)})")
+
+
+class BasicAuthDefinition(_Model):
+    username: str = Field(min_length=1)
+    password_file: ConfigPath | None = None
+    password_env: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Self:
+        _exactly_one(self, ("password_file", "password_env", "password"), "password")
+        if ":" in self.username:
+            raise ValueError("username must not contain ':' (HTTP Basic cannot carry it)")
+        return self
+
+
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+
+
+class OAuthDefinition(_Model):
+    token_url: str | None = None
+    discover_from: str | None = None
+    client_id: str = Field(min_length=1)
+    client_auth: ClientAuth = "client_secret_basic"
+    client_secret_file: ConfigPath | None = None
+    client_secret_env: str | None = None
+    client_secret: str | None = Field(default=None, repr=False)
+    private_key_file: ConfigPath | None = None
+    key_id: str | None = None
+    signing_alg: Literal["RS384", "ES384"] = "RS384"
+    scopes: list[str] = Field(default_factory=list)
+    audience: str | None = None
+    resource: str | None = None
+    extra_params: dict[str, str] = Field(default_factory=dict)
+    default_expires_in: int = Field(default=300, gt=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("token_url", "discover_from")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _require_http_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _exactly_one(self, ("token_url", "discover_from"), "token endpoint")
+        secret_fields = ("client_secret_file", "client_secret_env", "client_secret")
+        if self.client_auth == "private_key_jwt":
+            if self.private_key_file is None:
+                raise ValueError("client_auth: private_key_jwt needs private_key_file")
+            given = [f for f in secret_fields if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"client_auth: private_key_jwt does not use {given[0]}")
+        else:
+            _exactly_one(self, secret_fields, "client secret")
+            if self.private_key_file is not None:
+                raise ValueError(f"private_key_file is only used with private_key_jwt, "
+                                 f"not {self.client_auth}")
+        return self
+
+
+class ConnectionAuth(_Model):
+    basic: str | None = None
+    oauth: str | None = None
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> Self:
+        if self.basic is not None and self.oauth is not None:
+            raise ValueError(
+                "set basic or oauth, not both: HTTP has a single Authorization header"
+            )
+        return self
+
+
+def _require_http_url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not have a query string or fragment")
+
+
+class ConnectionSettings(_Model):
+    url: str
+    listen: ListenAddress | None = None
+    auth: ConnectionAuth = Field(default_factory=ConnectionAuth)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    timeout_seconds: float = Field(default=60, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _require_http_url(value)
+        return value.rstrip("/")
+
+
+def _check_names(mapping: dict[str, object]) -> dict[str, object]:
+    for name in mapping:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"name {name!r} must match [a-z0-9][a-z0-9_-]*")
+    return mapping
+
+
+class SidecarConfig(_Model):
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    basic_auth: Annotated[dict[str, BasicAuthDefinition], AfterValidator(_check_names)] = Field(
+        default_factory=dict
+    )
+    oauth: Annotated[dict[str, OAuthDefinition], AfterValidator(_check_names)] = Field(
+        default_factory=dict
+    )
+    connections: Annotated[dict[str, ConnectionSettings], AfterValidator(_check_names)] = Field(
+        default_factory=dict
+    )
+
+    def reference_problems(self) -> list[tuple[str, str]]:
+        """Cross-reference problems as (field path, message); empty when consistent."""
+        problems: list[tuple[str, str]] = []
+        for name, conn in self.connections.items():
+            if conn.auth.basic is not None and conn.auth.basic not in self.basic_auth:
+                problems.append((f"connections.{name}.auth.basic",
+                                 f"no Basic Auth definition named {conn.auth.basic!r}"
+                                 f"{_known(self.basic_auth)}"))
+            if conn.auth.oauth is not None and conn.auth.oauth not in self.oauth:
+                problems.append((f"connections.{name}.auth.oauth",
+                                 f"no OAuth definition named {conn.auth.oauth!r}"
+                                 f"{_known(self.oauth)}"))
+        seen: dict[tuple[str, int], str] = {}
+        listeners = [("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)]
+        listeners += [(f"connections.{n}.listen", c.listen) for n, c in self.connections.items()]
+        for path, listen in listeners:
+            if listen is None:
+                continue
+            addr = split_listen(listen)
+            if addr[1] != 0 and addr in seen:
+                problems.append((path, f"{listen} is already used by {seen[addr]}"))
+            seen.setdefault(addr, path)
+        return problems
+
+
+def _known(names: dict[str, object]) -> str:
+    return f" (defined: {', '.join(sorted(names))})" if names else " (none are defined)"

@@ -1,0 +1,71 @@
+"""Errors the sidecar itself answers with (design §5): FHIR OperationOutcome bodies.
+
+Every error names the connection and the cause in plain words, carries
+``Content-Type: application/fhir+json`` and an ``X-Sidecar-Error`` header naming its kind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+
+FHIR_JSON = "application/fhir+json"
+ERROR_HEADER = "X-Sidecar-Error"
+
+
+class ErrorKind(StrEnum):
+    NO_ROUTE = "no-route"
+    TOKEN_UNAVAILABLE = "token-unavailable"
+    UPSTREAM_TLS = "upstream-tls"
+    UPSTREAM_UNREACHABLE = "upstream-unreachable"
+    UPSTREAM_TIMEOUT = "upstream-timeout"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+    @property
+    def issue_code(self) -> str:
+        """The FHIR ``IssueType`` that best describes this kind."""
+        return _ISSUE_CODE[self]
+
+
+_STATUS = {
+    ErrorKind.NO_ROUTE: 403,
+    ErrorKind.TOKEN_UNAVAILABLE: 503,
+    ErrorKind.UPSTREAM_TLS: 502,
+    ErrorKind.UPSTREAM_UNREACHABLE: 502,
+    ErrorKind.UPSTREAM_TIMEOUT: 504,
+}
+_ISSUE_CODE = {
+    ErrorKind.NO_ROUTE: "forbidden",
+    ErrorKind.TOKEN_UNAVAILABLE: "security",
+    ErrorKind.UPSTREAM_TLS: "security",
+    ErrorKind.UPSTREAM_UNREACHABLE: "transient",
+    ErrorKind.UPSTREAM_TIMEOUT: "timeout",
+}
+
+
+@dataclass(frozen=True)
+class SidecarError:
+    kind: ErrorKind
+    diagnostics: str
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def body(self) -> bytes:
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "error",
+                "code": self.kind.issue_code,
+                "diagnostics": self.diagnostics,
+            }],
+        }
+        return json.dumps(outcome, ensure_ascii=False).encode("utf-8")
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": FHIR_JSON, ERROR_HEADER: self.kind.value}

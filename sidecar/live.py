@@ -1,0 +1,75 @@
+"""The live configuration: the current snapshot, and the one path by which it is replaced.
+
+File edits, SIGHUP and (later) the dashboard all call :meth:`LiveConfig.reload`. A reload
+compiles a complete new snapshot first; only a valid one is swapped in, in one assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.config.errors import ConfigError
+from sidecar.config.loader import load_config
+from sidecar.logs import log_event
+from sidecar.snapshot import Snapshot, compile_snapshot
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    ok: bool
+    at: float
+    problems: tuple[str, ...] = ()
+
+
+def load_snapshot(path: str | Path, previous: Snapshot | None = None) -> Snapshot:
+    """Load, validate and compile ``path``; raise ConfigError naming every problem."""
+    return compile_snapshot(load_config(path), path, previous)
+
+
+class LiveConfig:
+    def __init__(self, path: str | Path, initial: Snapshot | None = None):
+        self.path = Path(path)
+        self._current = initial if initial is not None else load_snapshot(self.path)
+        self.last_reload = ReloadOutcome(True, time.time())
+        self.last_success_at = self.last_reload.at
+        self._subscribers: list[Callable[[Snapshot, Snapshot], None]] = []
+        self._reload_observers: list[Callable[[ReloadOutcome], None]] = []
+        for warning in self._current.warnings:
+            log_event("config_warning", logging.WARNING, warning)
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def on_swap(self, callback: Callable[[Snapshot, Snapshot], None]) -> None:
+        """Call ``callback(old, new)`` after every successful swap."""
+        self._subscribers.append(callback)
+
+    def on_reload(self, callback: Callable[[ReloadOutcome], None]) -> None:
+        self._reload_observers.append(callback)
+
+    def reload(self) -> ReloadOutcome:
+        old = self._current
+        try:
+            new = load_snapshot(self.path, previous=old)
+        except ConfigError as exc:
+            outcome = ReloadOutcome(False, time.time(), tuple(str(p) for p in exc.problems))
+            for problem in outcome.problems:
+                log_event("config_rejected", logging.ERROR, problem)
+        else:
+            self._current = new
+            outcome = ReloadOutcome(True, time.time())
+            self.last_success_at = outcome.at
+            for warning in new.warnings:
+                log_event("config_warning", logging.WARNING, warning)
+            log_event("config_reloaded", generation=new.generation)
+            for callback in self._subscribers:
+                callback(old, new)
+        self.last_reload = outcome
+        for observer in self._reload_observers:
+            observer(outcome)
+        return outcome

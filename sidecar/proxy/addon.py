@@ -1,0 +1,307 @@
+"""The mitmproxy addon: a thin adapter from mitmproxy hooks to the sidecar's plain modules.
+
+Request path: ``requestheaders`` routes (``sidecar.routing``) and injects credentials
+(``sidecar.credentials``); ``tls_start_server`` applies the connection's TLS policy
+(``sidecar.tls_policy``); ``error`` turns upstream failures into OperationOutcomes
+(``sidecar.proxy.failures``); ``response`` logs one line per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from sidecar.config.errors import ConfigError
+from sidecar.errors import SidecarError
+from sidecar.listeners import listener_modes
+from sidecar.live import LiveConfig
+from sidecar.logs import log_event, log_request
+from sidecar.proxy import failures, mitm_compat
+from sidecar.snapshot import CompiledConnection, Snapshot
+
+FLOW_KEY = "fhir_sidecar"
+REQUEST_ID = "X-Request-ID"
+HTTP1_ALPN = [b"http/1.1"]
+
+
+@dataclass
+class FlowState:
+    """What the sidecar remembers about one request while it is in flight."""
+
+    snapshot: Snapshot
+    connection: CompiledConnection | None
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    logged: bool = False
+
+
+def _counter(state: FlowState, attr: str):  # type: ignore[no-untyped-def]
+    def count(chunk: bytes) -> bytes:
+        setattr(state, attr, getattr(state, attr) + len(chunk))
+        return chunk
+    return count
+
+
+class FhirSidecar:
+    """Routes each request to a named FHIR connection, with its credentials and TLS policy."""
+
+    def __init__(self, live: LiveConfig | None = None):
+        self.live = live
+        # The connection a client's latest request was routed to, so the server TLS hook (which
+        # sees connections, not requests) can apply that connection's policy.
+        self._client_target: dict[str, tuple[Snapshot, CompiledConnection]] = {}
+        # TLS verification outcome of a client's latest failed upstream handshake.
+        self._tls_failures: dict[str, failures.TlsFailure] = {}
+        self.in_flight = 0
+        self.listeners_bound = False
+        self._background: set[asyncio.Task[None]] = set()
+        if live is not None:
+            live.on_swap(self._snapshot_swapped)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        loader.add_option("sidecar_config", str, "",
+                          "fhir-sidecar config file (YAML). Sets the listeners it defines.")
+
+    def configure(self, updated: set[str]) -> None:
+        # Only used when loaded into a user's own mitmproxy (``mitmdump -s``); the embedded
+        # runner passes a LiveConfig instead.
+        if "sidecar_config" not in updated or not ctx.options.sidecar_config:
+            return
+        try:
+            self.live = LiveConfig(ctx.options.sidecar_config)
+        except ConfigError as exc:
+            raise exceptions.OptionsError(str(exc)) from None
+        ctx.options.update(mode=listener_modes(self.live.current))
+        if not ctx.options.stream_large_bodies:
+            ctx.options.update(stream_large_bodies="1m")
+
+    def running(self) -> None:
+        if self.live is not None:
+            for source in self.live.current.token_sources.values():
+                source.start()
+
+    def _snapshot_swapped(self, old: Snapshot, new: Snapshot) -> None:
+        """Start what the new snapshot added, retire what it dropped, move listeners."""
+        kept = {id(s) for s in new.token_sources.values()}
+        for source in new.token_sources.values():
+            if source not in old.token_sources.values():
+                source.start()
+        for source in old.token_sources.values():
+            if id(source) not in kept:
+                task = asyncio.get_running_loop().create_task(source.aclose())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        modes = listener_modes(new)
+        if modes != listener_modes(old):
+            ctx.options.update(mode=modes)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._client_target.pop(client.id, None)
+        self._tls_failures.pop(client.id, None)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if self.live is None:
+            return None
+        snapshot = self.live.current
+        request = flow.request
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        conn, upstream_path = self._route(flow, snapshot)
+        state = FlowState(snapshot, conn, request_id)
+        flow.metadata[FLOW_KEY] = state
+        self.in_flight += 1
+
+        # The app's own credentials never leave the sidecar, whatever happens next.
+        request.headers.pop("Authorization", None)
+        request.headers.pop("Proxy-Authorization", None)
+        request.headers[REQUEST_ID] = request_id
+        if conn is None or upstream_path is None:
+            self._answer(flow, failures.no_route(flow.request.pretty_host, flow.request.path))
+            return None
+
+        upstream = conn.upstream
+        request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
+        request.path = upstream_path
+        request.host_header = upstream.host_header
+        self._client_target[flow.client_conn.id] = (snapshot, conn)
+        if request.stream is True:
+            request.stream = _counter(state, "bytes_in")
+
+        if conn.basic is not None:
+            request.headers["Authorization"] = conn.basic.header()
+        elif conn.oauth is not None:
+            return self._add_bearer(flow, state, conn)
+        return None
+
+    async def _add_bearer(self, flow: http.HTTPFlow, state: FlowState,
+                          conn: CompiledConnection) -> None:
+        from sidecar.credentials.oauth import TokenUnavailable
+
+        assert conn.oauth is not None
+        source = state.snapshot.token_sources[conn.oauth]
+        try:
+            token = await source.token()
+        except TokenUnavailable as exc:
+            self._answer(flow, failures.token_unavailable(conn.name, exc))
+            return
+        flow.request.headers["Authorization"] = f"Bearer {token}"
+
+    def _route(self, flow: http.HTTPFlow, snapshot: Snapshot
+               ) -> tuple[CompiledConnection | None, str | None]:
+        client = flow.client_conn
+        if isinstance(client.proxy_mode, ReverseMode):
+            conn = snapshot.by_listen_port(client.sockname[1])
+            if conn is None:
+                return None, None
+            route = snapshot.router.reverse(conn.name, conn.upstream, flow.request.path)
+        else:
+            found = snapshot.router.forward(flow.request.host, flow.request.path)
+            if found is None:
+                return None, None
+            route = found
+        return snapshot.connections[route.connection], route.upstream_path
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # Apps reach upstreams through the sidecar in plain HTTP; a CONNECT tunnel would carry
+        # TLS the sidecar can neither authenticate nor inspect.
+        self._answer(flow, failures.connect_refused(flow.request.host,
+                                                    self._known_host(flow.request.host)))
+
+    def _known_host(self, host: str) -> bool:
+        return self.live is not None and any(
+            c.upstream.host == host.lower() for c in self.live.current.connections.values())
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(FLOW_KEY)
+        if state is None or state.connection is None or flow.response is not None:
+            return
+        if flow.request.raw_content is not None:
+            state.bytes_in = len(flow.request.raw_content)
+        # mitmproxy has no per-request upstream deadline: start ours now that the request is
+        # about to be sent; response headers (or an error) stop it.
+        loop = asyncio.get_running_loop()
+        state.timer = loop.call_later(state.connection.timeout_seconds, self._timed_out, flow)
+
+    def _timed_out(self, flow: http.HTTPFlow) -> None:
+        state: FlowState = flow.metadata[FLOW_KEY]
+        state.timed_out = True
+        assert state.connection is not None
+        upstream = state.connection.upstream
+        mitm_compat.close_upstream(flow.client_conn, (upstream.host, upstream.port))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(FLOW_KEY)
+        if state is None:
+            return
+        if state.timer is not None:
+            state.timer.cancel()
+        assert flow.response is not None
+        flow.response.headers[REQUEST_ID] = state.request_id
+        if flow.response.stream is True:
+            flow.response.stream = _counter(state, "bytes_out")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(FLOW_KEY)
+        if state is None:
+            return
+        assert flow.response is not None
+        if flow.response.raw_content is not None:
+            state.bytes_out = len(flow.response.raw_content)
+        self._log(flow, state)
+
+    # -- upstream TLS and failures -----------------------------------------------------------
+
+    def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        """Where upstream TLS is decided: the routed connection's own policy, never a global."""
+        target = self._client_target.get(tls_start.context.client.id)
+        server = tls_start.conn
+        assert isinstance(server, connection.Server) and server.address is not None
+        if target is None or target[1].tls is None:
+            # Not a connection we routed: refuse rather than fall back to mitmproxy defaults.
+            raise ValueError("fhir-sidecar: no TLS policy for this upstream")
+        policy = target[1].tls
+        host = server.address[0]
+        server.sni = policy.sni_for(host)
+        server.alpn_offers = HTTP1_ALPN
+        tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN)
+
+    def tls_failed_server(self, tls_start: tls.TlsData) -> None:
+        target = self._client_target.get(tls_start.context.client.id)
+        if target is not None and tls_start.ssl_conn is not None:
+            self._tls_failures[tls_start.context.client.id] = failures.TlsFailure.from_conn(
+                tls_start.ssl_conn, tls_start.conn.error or "")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(FLOW_KEY)
+        if state is None or flow.error is None:
+            return
+        if state.timer is not None:
+            state.timer.cancel()
+        if state.connection is not None and flow.response is None:
+            problem = failures.classify(
+                state.connection, flow.error.msg, timed_out=state.timed_out,
+                tls_failure=self._tls_failures.pop(flow.client_conn.id, None))
+            state.error = problem.kind.value
+            mitm_compat.replace_error_page(flow.error.msg, self._error_response(problem, state))
+            self._log(flow, state, status=problem.status)
+        else:
+            state.error = "client-disconnected" if flow.response is None else "stream-aborted"
+            self._log(flow, state)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _error_response(self, problem: SidecarError, state: FlowState, close: bool = True
+                        ) -> http.Response:
+        headers = {**problem.headers(), REQUEST_ID: state.request_id}
+        if close:  # mitmproxy closes the client connection after its own error pages
+            headers["Connection"] = "close"
+        return http.Response.make(problem.status, problem.body(), headers)
+
+    def _answer(self, flow: http.HTTPFlow, problem: SidecarError) -> None:
+        state = flow.metadata.get(FLOW_KEY)
+        if state is None:  # CONNECT requests skip requestheaders
+            assert self.live is not None
+            state = FlowState(self.live.current, None, uuid.uuid4().hex)
+            flow.metadata[FLOW_KEY] = state
+            self.in_flight += 1
+        state.error = problem.kind.value
+        flow.response = self._error_response(problem, state, close=False)
+
+    def _log(self, flow: http.HTTPFlow, state: FlowState, status: int | None = None) -> None:
+        if state.logged:
+            return
+        state.logged = True
+        self.in_flight -= 1
+        response = flow.response
+        upstream_status = None
+        if response is not None and state.error is None:
+            upstream_status = response.status_code
+        log_request(
+            request_id=state.request_id,
+            connection=state.connection.name if state.connection else "-",
+            method=flow.request.method,
+            path=flow.request.path.split("?", 1)[0],
+            status=status or (response.status_code if response else None),
+            upstream_status=upstream_status,
+            duration_ms=round((time.monotonic() - state.started) * 1000, 2),
+            bytes_in=state.bytes_in, bytes_out=state.bytes_out, error=state.error,
+        )
+
+
+def log_startup_problem(message: str) -> None:
+    log_event("startup_failed", logging.ERROR, message)

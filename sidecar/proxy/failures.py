@@ -1,0 +1,88 @@
+"""Turning what went wrong into the sidecar's error answers (design §5), in plain words."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from OpenSSL import SSL
+
+from sidecar.errors import ErrorKind, SidecarError
+from sidecar.snapshot import CompiledConnection
+from sidecar.tls_policy import TlsFailureReason, VerifyOutcome
+
+
+@dataclass(frozen=True)
+class TlsFailure:
+    reason: TlsFailureReason
+    detail: str
+
+    @classmethod
+    def from_conn(cls, ssl_conn: SSL.Connection, message: str) -> TlsFailure:
+        outcome = ssl_conn.get_app_data()
+        if isinstance(outcome, VerifyOutcome) and outcome.code:
+            return cls(outcome.reason, message)
+        return cls("handshake", message)
+
+
+def no_route(host: str, path: str) -> SidecarError:
+    only_path = path.split("?", 1)[0]
+    return SidecarError(
+        ErrorKind.NO_ROUTE,
+        f"no connection is configured for http://{host}{only_path}; the sidecar only forwards "
+        "requests to the FHIR servers in its configuration",
+    )
+
+
+def connect_refused(host: str, known: bool) -> SidecarError:
+    if known:
+        text = (f"HTTPS tunnels (CONNECT) to {host} are not supported: configure the app with a "
+                f"plain http:// base URL (http://{host}/...) and the sidecar adds TLS itself")
+    else:
+        text = f"no connection is configured for {host}; CONNECT tunnels are not supported"
+    return SidecarError(ErrorKind.NO_ROUTE, text)
+
+
+def token_unavailable(connection: str, exc: Exception) -> SidecarError:
+    return SidecarError(ErrorKind.TOKEN_UNAVAILABLE,
+                        f"connection '{connection}': no access token available: {exc}")
+
+
+def classify(conn: CompiledConnection, message: str, *, timed_out: bool,
+             tls_failure: TlsFailure | None) -> SidecarError:
+    upstream = conn.upstream
+    where = f"connection '{conn.name}'"
+    host = upstream.host_header
+    if timed_out:
+        return SidecarError(ErrorKind.UPSTREAM_TIMEOUT,
+                            f"{where}: {host} did not answer within {conn.timeout_seconds:g} s")
+    if tls_failure is not None or "TLS" in message or "certificate" in message.lower():
+        return SidecarError(ErrorKind.UPSTREAM_TLS,
+                            f"{where}: {_tls_words(conn, tls_failure, message)}")
+    return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
+                        f"{where}: cannot reach {host}: {_connect_words(message)}")
+
+
+def _tls_words(conn: CompiledConnection, failure: TlsFailure | None, message: str) -> str:
+    host = conn.upstream.host
+    tls = conn.tls
+    name = tls.sni_for(host) if tls else host
+    source = tls.ca_source if tls else "the trusted CAs"
+    reason = failure.reason if failure else "handshake"
+    if reason == "unknown_ca":
+        return f"the certificate of {host} is not signed by a CA in {source}"
+    if reason == "hostname_mismatch":
+        return f"the certificate of {host} is not valid for the name {name}"
+    if reason == "expired":
+        return f"the certificate of {host} has expired or is not yet valid"
+    return f"TLS handshake with {host} failed: {message}"
+
+
+def _connect_words(message: str) -> str:
+    lowered = message.lower()
+    if "refused" in lowered or "connect call failed" in lowered:
+        return "connection refused (is the server running and the port right?)"
+    if "name or service not known" in lowered or "nodename nor servname" in lowered:
+        return "the host name does not resolve"
+    if "disconnected" in lowered or "closed" in lowered:
+        return "the server closed the connection without answering"
+    return message

@@ -1,0 +1,81 @@
+"""Where a request is routed: which named connection it belongs to, and its upstream target.
+
+Reverse listeners belong to exactly one connection. Forward-proxy requests are matched by
+hostname (case-insensitive, port ignored) and then by the longest connection base path that is
+a prefix of the request path on a segment boundary (design §9). Anything else matches nothing:
+the sidecar is never an open proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An upstream base URL, split into the parts a request is re-originated with."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # "" or "/segment/..." without a trailing slash
+
+    @classmethod
+    def from_url(cls, url: str) -> Upstream:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname.lower(), port, parts.path.rstrip("/"))
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.base_path}"
+
+
+@dataclass(frozen=True)
+class Route:
+    connection: str
+    upstream_path: str  # path and query to send upstream
+
+
+def is_path_prefix(base_path: str, path: str) -> bool:
+    """``/fhir`` is a prefix of ``/fhir`` and ``/fhir/Patient``, not of ``/fhir-other``."""
+    if not base_path:
+        return True
+    return path == base_path or path.startswith(base_path + "/")
+
+
+class Router:
+    def __init__(self, upstreams: Iterable[tuple[str, Upstream]]):
+        self._by_host: dict[str, list[tuple[str, Upstream]]] = {}
+        for name, upstream in upstreams:
+            self._by_host.setdefault(upstream.host, []).append((name, upstream))
+        for candidates in self._by_host.values():
+            # Longest base path first, so the first prefix match is the most specific one.
+            candidates.sort(key=lambda item: len(item[1].base_path), reverse=True)
+
+    def forward(self, host: str, path: str) -> Route | None:
+        """Route an absolute-form proxy request; ``path`` includes any query string."""
+        only_path = path.split("?", 1)[0]
+        for name, upstream in self._by_host.get(host.lower().rstrip("."), ()):
+            if is_path_prefix(upstream.base_path, only_path):
+                return Route(name, path)
+        return None
+
+    @staticmethod
+    def reverse(name: str, upstream: Upstream, path: str) -> Route:
+        """Route a request on a connection's own listener: its path is relative to the base."""
+        if not path.startswith("/"):
+            path = "/" + path
+        if upstream.base_path and is_path_prefix(upstream.base_path, path.split("?", 1)[0]):
+            # The app already sent the upstream's full path; don't apply the base twice.
+            return Route(name, path)
+        return Route(name, upstream.base_path + path)

@@ -1,0 +1,90 @@
+"""Serving: start the lean mitmproxy master, report readiness, reload on SIGHUP, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from pathlib import Path
+
+from sidecar.config.errors import ConfigError, ConfigProblem
+from sidecar.config.models import split_listen
+from sidecar.live import LiveConfig
+from sidecar.logs import log_event
+from sidecar.proxy.master import build_master
+from sidecar.snapshot import Snapshot
+
+BIND_DEADLINE_SECONDS = 10.0
+
+
+def listen_addresses(snapshot: Snapshot) -> list[tuple[str, tuple[str, int]]]:
+    """Every (field path, address) the sidecar binds for ``snapshot``."""
+    config = snapshot.config
+    found = []
+    if config.proxy.listen:
+        found.append(("proxy.listen", split_listen(config.proxy.listen)))
+    for name, conn in config.connections.items():
+        if conn.listen:
+            found.append((f"connections.{name}.listen", split_listen(conn.listen)))
+    return found
+
+
+def check_ports_free(snapshot: Snapshot) -> None:
+    """Fail early, with a config-style message, when a listen address is taken."""
+    problems = []
+    for path, (host, port) in listen_addresses(snapshot):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                problems.append(ConfigProblem(snapshot.source, path,
+                                              f"cannot listen on {host}:{port}: "
+                                              f"{exc.strerror or exc}"))
+    if problems:
+        raise ConfigError(problems)
+
+
+async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0) -> int:
+    live = LiveConfig(config_path)
+    check_ports_free(live.current)
+    master, sidecar = build_master(live, state_dir)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, live.reload)
+
+    run_task = asyncio.create_task(master.run())
+    expected = {addr for _, addr in listen_addresses(live.current)}
+    deadline = time.monotonic() + BIND_DEADLINE_SECONDS
+    proxyserver = master.addons.get("proxyserver")
+    while True:
+        bound = {(h, p) for h, p, *_ in proxyserver.listen_addrs()}
+        if expected <= bound or run_task.done():
+            break
+        if time.monotonic() > deadline:
+            log_event("startup_failed", message="listeners did not come up in time")
+            master.shutdown()
+            return 1
+        await asyncio.sleep(0.02)
+    if run_task.done():
+        return 1
+    sidecar.listeners_bound = True
+    log_event("ready", listeners=sorted(f"{h}:{p}" for h, p in expected),
+              connections=sorted(live.current.connections))
+
+    await stop.wait()
+    log_event("draining", in_flight=sidecar.in_flight)
+    master.options.update(mode=[])  # stop accepting new connections
+    deadline = time.monotonic() + drain_seconds
+    while sidecar.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    master.shutdown()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run_task
+    log_event("stopped")
+    return 0

@@ -1,0 +1,193 @@
+"""The compiled, immutable configuration every request reads (design §1 "snapshot").
+
+Compiling reads every secret, key and CA bundle the config names, builds credential providers
+and TLS contexts, and reports *all* problems at once. A reload compiles a new snapshot beside the
+old one and swaps it in one step; requests in flight keep the snapshot they started with.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sidecar.config.errors import ConfigError, ConfigProblem
+from sidecar.config.models import ConnectionSettings, SidecarConfig, TlsSettings, split_listen
+from sidecar.credentials.basic import BasicCredentials
+from sidecar.routing import Router, Upstream
+from sidecar.secrets import SecretError, read_secret, read_secret_file
+from sidecar.tls_policy import TlsMaterialError, UpstreamTlsPolicy, compile_tls_policy
+
+if TYPE_CHECKING:
+    from sidecar.credentials.oauth import TokenSource
+
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class CompiledConnection:
+    name: str
+    settings: ConnectionSettings
+    upstream: Upstream
+    tls: UpstreamTlsPolicy | None  # None for a plain http:// upstream
+    basic: BasicCredentials | None
+    oauth: str | None  # name of the OAuth definition (its token source lives in the snapshot)
+    listen: tuple[str, int] | None
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self.settings.timeout_seconds
+
+    @property
+    def auth_kind(self) -> str:
+        return "basic" if self.basic else "oauth" if self.oauth else "none"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    source: str
+    config: SidecarConfig
+    connections: Mapping[str, CompiledConnection]
+    token_sources: Mapping[str, TokenSource]
+    router: Router
+    warnings: tuple[str, ...] = ()
+    generation: int = field(default_factory=lambda: next(_generations))
+
+    def by_listen_port(self, port: int) -> CompiledConnection | None:
+        for conn in self.connections.values():
+            if conn.listen is not None and conn.listen[1] == port:
+                return conn
+        return None
+
+
+class _Problems:
+    def __init__(self, file: str):
+        self.file = file
+        self.items: list[ConfigProblem] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(ConfigProblem(self.file, path, message))
+
+
+def compile_snapshot(config: SidecarConfig, source: str | Path,
+                     previous: Snapshot | None = None) -> Snapshot:
+    """Build a snapshot or raise :class:`ConfigError` listing every problem found.
+
+    Token sources whose settings did not change are carried over from ``previous`` so their
+    cached tokens survive the reload.
+    """
+    file = str(source)
+    problems = _Problems(file)
+    warnings: list[str] = []
+
+    basic: dict[str, BasicCredentials] = {}
+    for name, definition in config.basic_auth.items():
+        path = f"basic_auth.{name}"
+        if definition.password is not None:
+            warnings.append(f"{file}: {path}.password: inline secret; use password_file or "
+                            "password_env outside development")
+        try:
+            password = read_secret(definition.password_file, definition.password_env,
+                                   definition.password)
+        except SecretError as exc:
+            problems.add(f"{path}.{_secret_field(definition.password_file, 'password')}",
+                         str(exc))
+            continue
+        basic[name] = BasicCredentials(name, definition.username, password)
+
+    token_sources = _compile_token_sources(config, previous, problems, warnings)
+
+    connections: dict[str, CompiledConnection] = {}
+    for name, settings in config.connections.items():
+        path = f"connections.{name}"
+        upstream = Upstream.from_url(settings.url)
+        tls = None
+        if upstream.scheme == "https":
+            tls = _compile_tls(settings.tls, f"{path}.tls", problems)
+            if tls is None:
+                continue
+        else:
+            warnings.append(f"{file}: {path}.url: plain http:// upstream; credentials travel "
+                            "unencrypted")
+        connections[name] = CompiledConnection(
+            name=name, settings=settings, upstream=upstream, tls=tls,
+            basic=basic.get(settings.auth.basic) if settings.auth.basic else None,
+            oauth=settings.auth.oauth,
+            listen=split_listen(settings.listen) if settings.listen else None,
+        )
+    if problems.items:
+        raise ConfigError(problems.items)
+    router = Router((name, conn.upstream) for name, conn in connections.items())
+    return Snapshot(source=file, config=config, connections=connections,
+                    token_sources=token_sources, router=router, warnings=tuple(warnings))
+
+
+def _secret_field(file: Path | None, stem: str) -> str:
+    return f"{stem}_file" if file is not None else f"{stem}_env"
+
+
+def _compile_tls(settings: TlsSettings, path: str, problems: _Problems
+                 ) -> UpstreamTlsPolicy | None:
+    try:
+        return compile_tls_policy(settings)
+    except TlsMaterialError as exc:
+        message = str(exc)
+        field_name = "ca_bundle"
+        if "client_key" in message or "private key" in message:
+            field_name = "client_key" if settings.client_key else "client_cert"
+        elif settings.client_cert is not None and str(settings.client_cert) in message:
+            field_name = "client_cert"
+        problems.add(f"{path}.{field_name}", message)
+        return None
+
+
+def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
+                           problems: _Problems, warnings: list[str]
+                           ) -> dict[str, TokenSource]:
+    if not config.oauth:
+        return {}
+    from sidecar.credentials.oauth import TokenSource
+
+    sources: dict[str, TokenSource] = {}
+    for name, definition in config.oauth.items():
+        path = f"oauth.{name}"
+        secret = None
+        key_pem = None
+        try:
+            if definition.client_auth == "private_key_jwt":
+                assert definition.private_key_file is not None
+                key_pem = _read_private_key(definition.private_key_file)
+            else:
+                if definition.client_secret is not None:
+                    warnings.append(f"{problems.file}: {path}.client_secret: inline secret; use "
+                                    "client_secret_file or client_secret_env outside development")
+                secret = read_secret(definition.client_secret_file,
+                                     definition.client_secret_env, definition.client_secret)
+        except SecretError as exc:
+            field_name = ("private_key_file" if key_pem is None and
+                          definition.client_auth == "private_key_jwt" else
+                          _secret_field(definition.client_secret_file, "client_secret"))
+            problems.add(f"{path}.{field_name}", str(exc))
+            continue
+        tls = _compile_tls(definition.tls, f"{path}.tls", problems)
+        if tls is None:
+            continue
+        source = TokenSource(name, definition, client_secret=secret, private_key_pem=key_pem,
+                             tls=tls)
+        old = previous.token_sources.get(name) if previous else None
+        sources[name] = old if old is not None and old.settings_key == source.settings_key \
+            else source
+    return sources
+
+
+def _read_private_key(path: Path) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    text = read_secret_file(path).encode()
+    try:
+        serialization.load_pem_private_key(text, password=None)
+    except (ValueError, TypeError):
+        raise SecretError(f"{path} holds no unencrypted PEM private key") from None
+    return text
