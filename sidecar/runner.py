@@ -1,4 +1,4 @@
-"""Serving: start the lean mitmproxy master, report readiness, reload on SIGHUP, drain on SIGTERM."""
+"""Serving: start the lean mitmproxy master, report readiness, reload on SIGHUP, drain on TERM."""
 
 from __future__ import annotations
 

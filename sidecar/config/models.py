@@ -69,7 +69,8 @@ class TlsSettings(_Model):
         if self.verify == "custom" and self.ca_bundle is None:
             raise ValueError("verify: custom needs ca_bundle (a PEM file of trusted CAs)")
         if self.verify != "custom" and self.ca_bundle is not None:
-            raise ValueError(f"ca_bundle is only used with verify: custom (verify is {self.verify})")
+            raise ValueError(
+                f"ca_bundle is only used with verify: custom (verify is {self.verify})")
         if self.client_key is not None and self.client_cert is None:
             raise ValueError("client_key needs client_cert")
         return self
