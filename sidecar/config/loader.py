@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import SidecarConfig
+from sidecar.config.models import NAME_PATTERN, SidecarConfig, name_error
 
 _MESSAGES = {
     "extra_forbidden": "unknown key",
@@ -42,11 +42,25 @@ def parse_config(text: str, *, file: str, base_dir: Path) -> SidecarConfig:
     try:
         config = SidecarConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(validation_problems(file, exc)) from None
+        # Name problems are reported even when a section has other errors (pydantic then
+        # skips the section's own after-validators).
+        found = validation_problems(file, exc)
+        found += [p for p in _name_problems(file, data) if p not in found]
+        raise ConfigError(found) from None
     problems = [ConfigProblem(file, p, m) for p, m in config.reference_problems()]
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _name_problems(file: str, data: dict[str, Any]) -> list[ConfigProblem]:
+    problems = []
+    for section in ("basic_auth", "oauth", "connections"):
+        entries = data.get(section)
+        if isinstance(entries, dict):
+            problems += [ConfigProblem(file, section, name_error(str(name)))
+                         for name in entries if not NAME_PATTERN.match(str(name))]
+    return problems
 
 
 def validation_problems(file: str, exc: ValidationError) -> list[ConfigProblem]:

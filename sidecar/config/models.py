@@ -189,10 +189,14 @@ class ConnectionSettings(_Model):
         return value.rstrip("/")
 
 
+def name_error(name: str) -> str:
+    return f"name {name!r} must match [a-z0-9][a-z0-9_-]*"
+
+
 def _check_names(mapping: dict[str, object]) -> dict[str, object]:
     for name in mapping:
         if not NAME_PATTERN.match(name):
-            raise ValueError(f"name {name!r} must match [a-z0-9][a-z0-9_-]*")
+            raise ValueError(name_error(name))
     return mapping
 
 

@@ -1,0 +1,131 @@
+"""Config validation: every problem is reported as FILE: field.path: what is wrong."""
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ConfigError, load_config
+from sidecar.live import load_snapshot
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(path: Path, snapshot: bool = False) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_snapshot(path) if snapshot else load_config(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert problems(tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: config file not found"]
+
+
+def test_bad_yaml_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "connections:\n  a: [\n")
+    [line] = problems(path)
+    assert line.startswith(f"{path}: line ") and "invalid YAML" in line
+
+
+def test_unknown_key_and_reference_errors_all_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+basic_auth:
+  b1: {username: u, password_env: PW, colour: blue}
+connections:
+  a: {url: "https://a.example/fhir", auth: {basic: nope}}
+  c: {url: "https://c.example", auth: {basic: b1, oauth: o1}}
+  d: {url: "https://d.example", tls: {verify: custom}}
+""")
+    found = problems(path)
+    assert f"{path}: basic_auth.b1.colour: unknown key" in found
+    assert any(p.startswith(f"{path}: connections.c.auth: set basic or oauth, not both")
+               for p in found)
+    assert any(p.startswith(f"{path}: connections.d.tls: verify: custom needs ca_bundle")
+               for p in found)
+
+
+def test_unknown_definition(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+basic_auth:
+  b1: {username: u, password_env: PW}
+connections:
+  a: {url: "https://a.example/fhir", auth: {basic: nope}}
+""")
+    assert problems(path) == [
+        f"{path}: connections.a.auth.basic: no Basic Auth definition named 'nope' (defined: b1)"]
+
+
+def test_bad_names_and_urls(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+connections:
+  Bad_Name: {url: "https://a.example"}
+  ok: {url: "ftp://a.example"}
+""")
+    found = problems(path)
+    assert any("connections: " in p and "'Bad_Name' must match" in p for p in found)
+    assert any(p.startswith(f"{path}: connections.ok.url:") for p in found)
+
+
+def test_duplicate_listen_ports(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+proxy: {listen: "127.0.0.1:18080"}
+connections:
+  a: {url: "https://a.example", listen: "127.0.0.1:18080"}
+""")
+    assert problems(path) == [
+        f"{path}: connections.a.listen: 127.0.0.1:18080 is already used by proxy.listen"]
+
+
+def test_secrets_and_bundles_are_read_at_compile(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FHIR_TEST_UNSET", raising=False)
+    (tmp_path / "not-pem.pem").write_text("hello")
+    path = write(tmp_path, """
+basic_auth:
+  f: {username: u, password_file: secrets/missing}
+  e: {username: u, password_env: FHIR_TEST_UNSET}
+connections:
+  a: {url: "https://a.example", tls: {verify: custom, ca_bundle: not-pem.pem}}
+  b: {url: "https://b.example", tls: {verify: custom, ca_bundle: nowhere.pem}}
+""")
+    found = problems(path, snapshot=True)
+    assert f"{path}: basic_auth.f.password_file: secret file " \
+           f"{tmp_path / 'secrets/missing'} does not exist" in found
+    assert f"{path}: basic_auth.e.password_env: environment variable FHIR_TEST_UNSET " \
+           "is not set" in found
+    assert f"{path}: connections.a.tls.ca_bundle: {tmp_path / 'not-pem.pem'} contains no " \
+           "PEM certificate" in found
+    assert any(p.startswith(f"{path}: connections.b.tls.ca_bundle: cannot read") for p in found)
+
+
+def test_secret_file_trailing_newline_stripped_once(tmp_path: Path) -> None:
+    from sidecar.secrets import read_secret_file
+
+    for raw, expected in [(b"pw\n", "pw"), (b"pw\r\n", "pw"), (b"pw\n\n", "pw\n"),
+                          (b" pw ", " pw ")]:
+        (tmp_path / "s").write_bytes(raw)
+        assert read_secret_file(tmp_path / "s") == expected
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+basic_auth:
+  b: {username: u, password_file: secrets/pw}
+""")
+    config = load_config(path)
+    assert config.basic_auth["b"].password_file == tmp_path / "secrets" / "pw"
+
+
+def test_inline_secret_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+basic_auth:
+  b: {username: u, password: dev-only}
+connections:
+  a: {url: "https://a.example", auth: {basic: b}}
+""")
+    snapshot = load_snapshot(path)
+    assert any("basic_auth.b.password: inline secret" in w for w in snapshot.warnings)
+    assert "dev-only" not in repr(snapshot)
