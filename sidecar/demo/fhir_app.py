@@ -1,0 +1,237 @@
+"""What the test FHIR server answers: request in, reply out, no sockets.
+
+Kept apart from the transport (``fhir_server``) so the FHIR behaviour is easy to read and the
+transport can stay generic: it frames bodies, records requests and writes replies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode
+
+from sidecar.demo.auth_checks import AuthCheck
+from sidecar.demo.fhir_resources import (
+    PatientStore,
+    capability_statement,
+    issue_code_for_status,
+    operation_outcome,
+    searchset,
+)
+from sidecar.demo.http_io import RequestBody, is_decimal
+from sidecar.demo.payload import large_body_chunks
+
+FHIR_JSON = "application/fhir+json"
+MAX_JSON_BODY = 1024 * 1024
+MAX_LARGE_SIZE = 1 << 36  # 64 GiB: far beyond any test, small enough to stop typos.
+MAX_SLOW_SECONDS = 30.0
+DEFAULT_LARGE_SIZE = 1024 * 1024
+DEFAULT_PAGE_SIZE = 50
+DEFAULT_CHALLENGE = 'Basic realm="fhir", charset="UTF-8"'
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    method: str
+    target: str  # the request target as received: path and query
+    headers: Mapping[str, str]
+    body: RequestBody
+
+
+@dataclass
+class Reply:
+    """A response: either ``body`` or a ``stream`` of ``length`` bytes (``None``: chunked)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    stream: Iterable[bytes] | None = None
+    length: int | None = None
+    delay_seconds: float = 0.0  # wait before sending anything (timeout tests)
+
+
+def fhir_reply(status: int, resource: Mapping[str, Any], **headers: str) -> Reply:
+    body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+    return Reply(status, {"Content-Type": FHIR_JSON, **headers}, body)
+
+
+def error_reply(status: int, diagnostics: str, **headers: str) -> Reply:
+    outcome = operation_outcome(diagnostics, code=issue_code_for_status(status))
+    return fhir_reply(status, outcome, **headers)
+
+
+class _BadParameter(ValueError):
+    pass
+
+
+class FhirApp:
+    """Routes requests under ``base_path``; every route needs ``auth`` to pass, when given."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        base_path: str,
+        auth: AuthCheck | None,
+        www_authenticate: str = DEFAULT_CHALLENGE,
+    ) -> None:
+        self.base_url = base_url
+        self.base_path = base_path
+        self._auth = auth
+        self._challenge = www_authenticate
+        self.patients = PatientStore()
+
+    def handle(self, request: IncomingRequest) -> Reply:
+        if self._auth is not None:
+            problem = self._auth(request.headers)
+            if problem is not None:
+                return error_reply(401, problem, **{"WWW-Authenticate": self._challenge})
+        path, _, query_text = request.target.partition("?")
+        segments = self._segments(path)
+        if segments is None:
+            return error_reply(404, f"not a path under {self.base_path or '/'}")
+        query = parse_qs(query_text, keep_blank_values=True)
+        try:
+            return self._route(request, segments, query)
+        except _BadParameter as exc:
+            return error_reply(400, str(exc))
+
+    def _segments(self, path: str) -> list[str] | None:
+        # A segment-boundary prefix check: "/fhir" owns "/fhir/Patient", not "/fhir-other".
+        if path != self.base_path and not path.startswith(self.base_path + "/"):
+            return None
+        rest = path[len(self.base_path) :].strip("/")
+        return [unquote(segment) for segment in rest.split("/")] if rest else []
+
+    def _route(
+        self, request: IncomingRequest, segments: list[str], query: dict[str, list[str]]
+    ) -> Reply:
+        method = request.method
+        match segments:
+            case ["metadata"] if method == "GET":
+                return fhir_reply(200, capability_statement(self.base_url))
+            case ["Patient", patient_id] if method == "GET":
+                return self._read_patient(patient_id)
+            case ["Patient"] if method == "GET":
+                return self._search_patients(query)
+            case ["Patient"] if method == "POST":
+                return self._create_patient(request)
+            case ["Binary", "large"] if method == "GET":
+                return self._large(query)
+            case ["Binary", "digest"] if method == "POST":
+                return self._digest(request)
+            case ["slow"] if method == "GET":
+                return self._slow(query)
+            case ["status", code]:
+                return self._status(code)
+            case ["metadata"] | ["Patient", *_] | ["Binary", "large" | "digest"] | ["slow"]:
+                return error_reply(405, f"{method} is not supported here", Allow="GET, POST")
+            case _:
+                return error_reply(404, "unknown resource type or operation")
+
+    def _read_patient(self, patient_id: str) -> Reply:
+        patient = self.patients.read(patient_id)
+        if patient is None:
+            return error_reply(404, f"Patient/{patient_id} is not known")
+        return fhir_reply(200, patient, ETag=f'W/"{patient["meta"]["versionId"]}"')
+
+    def _search_patients(self, query: dict[str, list[str]]) -> Reply:
+        name = _single(query, "name")
+        count = _int_param(query, "_count", DEFAULT_PAGE_SIZE, 1, 1000)
+        offset = _int_param(query, "_offset", 0, 0, 1_000_000)
+        matches = self.patients.search_by_name(name)
+        page = matches[offset : offset + count]
+        params = {"name": name} if name is not None else {}
+        url = f"{self.base_url}/Patient?"
+        self_url = url + urlencode({**params, "_count": count, "_offset": offset})
+        next_url = None
+        if offset + count < len(matches):
+            next_url = url + urlencode({**params, "_count": count, "_offset": offset + count})
+        bundle = searchset(
+            self.base_url, page, total=len(matches), self_url=self_url, next_url=next_url
+        )
+        return fhir_reply(200, bundle)
+
+    def _create_patient(self, request: IncomingRequest) -> Reply:
+        try:
+            raw = request.body.read_all(MAX_JSON_BODY)
+        except ValueError:
+            return error_reply(413, f"a Patient may be at most {MAX_JSON_BODY} bytes")
+        try:
+            resource = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return error_reply(400, "the request body is not JSON")
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+            return error_reply(400, 'expected a resource with "resourceType": "Patient"')
+        created = self.patients.create(resource)
+        location = f"{self.base_url}/Patient/{created['id']}/_history/1"
+        return fhir_reply(201, created, Location=location, ETag='W/"1"')
+
+    def _large(self, query: dict[str, list[str]]) -> Reply:
+        size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 0, MAX_LARGE_SIZE)
+        chunked = (_single(query, "chunked") or "").lower() in {"1", "true", "yes"}
+        return Reply(
+            200,
+            {"Content-Type": "application/octet-stream"},
+            stream=large_body_chunks(size),
+            length=None if chunked else size,
+        )
+
+    def _digest(self, request: IncomingRequest) -> Reply:
+        digest = hashlib.sha256()
+        length = 0
+        for piece in request.body.chunks():
+            digest.update(piece)
+            length += len(piece)
+        body = json.dumps({"length": length, "sha256": digest.hexdigest()}).encode()
+        return Reply(200, {"Content-Type": "application/json"}, body)
+
+    def _slow(self, query: dict[str, list[str]]) -> Reply:
+        text = _single(query, "seconds") or "1"
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise _BadParameter("seconds must be a number") from None
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLOW_SECONDS:
+            raise _BadParameter(f"seconds must be between 0 and {MAX_SLOW_SECONDS:g}")
+        outcome = operation_outcome(
+            f"answered after {seconds:g} s", code="informational", severity="information"
+        )
+        reply = fhir_reply(200, outcome)
+        reply.delay_seconds = seconds
+        return reply
+
+    def _status(self, code_text: str) -> Reply:
+        # Final statuses only; 1xx cannot be a final answer.
+        if not is_decimal(code_text) or not 200 <= int(code_text) <= 599:
+            raise _BadParameter("status must be a number from 200 to 599")
+        status = int(code_text)
+        if status in (204, 304):
+            return Reply(status)  # these statuses must not carry a body
+        severity = "information" if status < 400 else "error"
+        outcome = operation_outcome(
+            f"status {status} as requested",
+            code=issue_code_for_status(status) if status >= 400 else "informational",
+            severity=severity,
+        )
+        return fhir_reply(status, outcome)
+
+
+def _single(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def _int_param(
+    query: dict[str, list[str]], name: str, default: int, minimum: int, maximum: int
+) -> int:
+    text = _single(query, name)
+    if text is None:
+        return default
+    if not is_decimal(text) or not minimum <= int(text) <= maximum:
+        raise _BadParameter(f"{name} must be an integer from {minimum} to {maximum}")
+    return int(text)

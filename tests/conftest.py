@@ -1,0 +1,54 @@
+"""Shared fixtures: a throw-away PKI and real TLS FHIR upstreams (see support/upstreams.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.upstreams import Upstreams
+
+from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.demo.pki import DemoPKI
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
+    return DemoPKI(Path(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture(scope="session")
+def upstreams(pki: DemoPKI) -> Iterator[Upstreams]:
+    pool = Upstreams(pki)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def upstream_good(upstreams: Upstreams) -> FhirTestServer:
+    """Valid certificate from ``pki.ca`` for localhost/127.0.0.1; Basic auth required."""
+    return upstreams.get("good")
+
+
+@pytest.fixture
+def upstream_other_ca(upstreams: Upstreams) -> FhirTestServer:
+    """Certificate from ``pki.other_ca``: rejected by a client trusting only ``pki.ca``."""
+    return upstreams.get("other_ca")
+
+
+@pytest.fixture
+def upstream_wrong_host(upstreams: Upstreams) -> FhirTestServer:
+    """Certificate from ``pki.ca`` for "other.example" only."""
+    return upstreams.get("wrong_host")
+
+
+@pytest.fixture
+def upstream_expired(upstreams: Upstreams) -> FhirTestServer:
+    """Certificate from ``pki.ca`` whose validity ended yesterday."""
+    return upstreams.get("expired")
+
+
+@pytest.fixture
+def upstream_mtls(upstreams: Upstreams) -> FhirTestServer:
+    """Valid certificate; also requires a client certificate from ``pki.ca``."""
+    return upstreams.get("mtls")
