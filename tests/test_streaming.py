@@ -1,0 +1,77 @@
+"""Bodies stream through the sidecar: 100 MB each way, byte-exact, with flat memory."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.upstreams import Upstreams
+
+from sidecar.demo.payload import expected_sha256, large_body_chunks
+from sidecar.demo.pki import DemoPKI
+
+SIZE = 100 * 1024 * 1024
+MAX_RSS_GROWTH = 30 * 1024 * 1024
+
+
+def rss_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+            upstreams: Upstreams) -> Iterator[tuple[SidecarProcess, str]]:
+    tmp = Path(tmp_path_factory.mktemp("stream"))
+    port = free_port()
+    config = write_config(tmp, {
+        "admin": {"listen": None},
+        "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
+        "connections": {"big": {
+            "url": f"https://localhost:{upstreams.get('good').port}/fhir",
+            "listen": f"127.0.0.1:{port}", "auth": {"basic": "b"},
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+    })
+    with SidecarProcess(config, tmp / "state") as process:
+        yield process, f"http://127.0.0.1:{port}"
+
+
+def test_large_download_and_upload_stream(sidecar: tuple[SidecarProcess, str]) -> None:
+    process, base = sidecar
+    assert process.proc is not None
+    pid = process.proc.pid
+    with httpx.Client(timeout=120, trust_env=False) as client:
+        client.get(f"{base}/metadata").raise_for_status()  # warm up: TLS, imports, buffers
+        baseline = rss_bytes(pid, "VmRSS")
+
+        digest = hashlib.sha256()
+        received = 0
+        with client.stream("GET", f"{base}/Binary/large", params={"size": SIZE}) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                digest.update(chunk)
+                received += len(chunk)
+        assert received == SIZE
+        assert digest.hexdigest() == expected_sha256(SIZE)
+
+        # Chunked upload (no Content-Length): the sidecar cannot know the size in advance.
+        uploaded = client.post(f"{base}/Binary/digest", content=large_body_chunks(SIZE))
+        assert uploaded.status_code == 200, uploaded.text
+        assert uploaded.json() == {"length": SIZE, "sha256": expected_sha256(SIZE)}
+
+        # Upload with a Content-Length.
+        sized = client.post(f"{base}/Binary/digest", content=large_body_chunks(SIZE),
+                            headers={"Content-Length": str(SIZE)})
+        assert sized.json() == {"length": SIZE, "sha256": expected_sha256(SIZE)}
+
+    peak = rss_bytes(pid, "VmHWM")
+    assert peak - baseline < MAX_RSS_GROWTH, f"RSS grew by {(peak - baseline) >> 20} MiB"
+    record = process.wait_for_event("request", lambda r: r.get("path") == "/fhir/Binary/large")
+    assert record["bytes_out"] == SIZE
