@@ -62,6 +62,13 @@ class Snapshot:
         return None
 
 
+    def by_upstream_address(self, host: str, port: int) -> CompiledConnection | None:
+        for conn in self.connections.values():
+            if (conn.upstream.host, conn.upstream.port) == (host.lower(), port):
+                return conn
+        return None
+
+
 class _Problems:
     def __init__(self, file: str):
         self.file = file

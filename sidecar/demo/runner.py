@@ -92,7 +92,7 @@ def _demo_calls(ports: dict[str, int], fhir_port: int) -> list[DemoCall]:
     custom = f"http://127.0.0.1:{ports['custom']}"
     return [
         DemoCall("read capabilities (custom CA, Basic)", "GET", f"{custom}/metadata"),
-        DemoCall("search patients (custom CA, Basic)", "GET", f"{custom}/Patient?name=smith"),
+        DemoCall("search patients (custom CA, Basic)", "GET", f"{custom}/Patient?name=chalmers"),
         DemoCall("create a patient (custom CA, Basic)", "POST", f"{custom}/Patient",
                  body={"resourceType": "Patient", "name": [{"family": "Demo"}]}),
         DemoCall("read a patient, forward proxy", "GET",
@@ -202,7 +202,7 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
         print("\nThe sidecar keeps serving. Try:\n"
               f"  curl http://127.0.0.1:{ports['custom']}/Patient/example\n"
               f"  curl -x http://127.0.0.1:{ports['proxy']} "
-              f"http://localhost:{server.port}/fhir/Patient?name=smith\n"
+              f"http://localhost:{server.port}/fhir/Patient?name=chalmers\n"
               "Press Ctrl-C to stop.")
         with contextlib.suppress(KeyboardInterrupt):
             proc.wait()

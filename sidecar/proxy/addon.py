@@ -66,6 +66,7 @@ class FhirSidecar:
         self._tls_failures: dict[str, failures.TlsFailure] = {}
         self.in_flight = 0
         self.listeners_bound = False
+        self._own_listeners = False
         self._background: set[asyncio.Task[None]] = set()
         if live is not None:
             live.on_swap(self._snapshot_swapped)
@@ -85,14 +86,22 @@ class FhirSidecar:
             self.live = LiveConfig(ctx.options.sidecar_config)
         except ConfigError as exc:
             raise exceptions.OptionsError(str(exc)) from None
-        ctx.options.update(mode=listener_modes(self.live.current))
+        self.live.on_swap(self._snapshot_swapped)
+        self._own_listeners = True
         if not ctx.options.stream_large_bodies:
             ctx.options.update(stream_large_bodies="1m")
+        # Connect upstream only once a request has been routed to a connection.
+        ctx.options.update(connection_strategy="lazy")
 
     def running(self) -> None:
-        if self.live is not None:
-            for source in self.live.current.token_sources.values():
-                source.start()
+        if self.live is None:
+            return
+        if self._own_listeners:
+            # Under mitmdump, command-line defaults (mode=regular) are applied after scripts
+            # configure, so the config's listeners are set once everything is running.
+            ctx.options.update(mode=listener_modes(self.live.current))
+        for source in self.live.current.token_sources.values():
+            source.start()
 
     def _snapshot_swapped(self, old: Snapshot, new: Snapshot) -> None:
         """Start what the new snapshot added, retire what it dropped, move listeners."""
@@ -228,13 +237,17 @@ class FhirSidecar:
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         """Where upstream TLS is decided: the routed connection's own policy, never a global."""
-        target = self._client_target.get(tls_start.context.client.id)
         server = tls_start.conn
         assert isinstance(server, connection.Server) and server.address is not None
-        if target is None or target[1].tls is None:
-            # Not a connection we routed: refuse rather than fall back to mitmproxy defaults.
+        target = self._client_target.get(tls_start.context.client.id)
+        conn = target[1] if target else None
+        if conn is None and self.live is not None:
+            # Connected before any request was routed (an eager connection strategy).
+            conn = self.live.current.by_upstream_address(*server.address)
+        if conn is None or conn.tls is None:
+            # Not one of our upstreams: refuse rather than fall back to mitmproxy's defaults.
             raise ValueError("fhir-sidecar: no TLS policy for this upstream")
-        policy = target[1].tls
+        policy = conn.tls
         host = server.address[0]
         server.sni = policy.sni_for(host)
         server.alpn_offers = HTTP1_ALPN
