@@ -19,10 +19,11 @@ from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from sidecar.config.errors import ConfigError
-from sidecar.errors import SidecarError
+from sidecar.errors import ErrorKind, SidecarError
 from sidecar.listeners import listener_modes
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event, log_request
+from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
 from sidecar.proxy import failures, mitm_compat
 from sidecar.snapshot import CompiledConnection, Snapshot
 
@@ -57,8 +58,9 @@ def _counter(state: FlowState, attr: str):  # type: ignore[no-untyped-def]
 class FhirSidecar:
     """Routes each request to a named FHIR connection, with its credentials and TLS policy."""
 
-    def __init__(self, live: LiveConfig | None = None):
+    def __init__(self, live: LiveConfig | None = None, observer: ProxyObserver | None = None):
         self.live = live
+        self.observer: ProxyObserver = observer or NullObserver()
         # The connection a client's latest request was routed to, so the server TLS hook (which
         # sees connections, not requests) can apply that connection's policy.
         self._client_target: dict[str, tuple[Snapshot, CompiledConnection]] = {}
@@ -133,7 +135,7 @@ class FhirSidecar:
         conn, upstream_path = self._route(flow, snapshot)
         state = FlowState(snapshot, conn, request_id)
         flow.metadata[FLOW_KEY] = state
-        self.in_flight += 1
+        self._started(state)
 
         # The app's own credentials never leave the sidecar, whatever happens next.
         request.headers.pop("Authorization", None)
@@ -266,9 +268,12 @@ class FhirSidecar:
         if state.timer is not None:
             state.timer.cancel()
         if state.connection is not None and flow.response is None:
-            problem = failures.classify(
-                state.connection, flow.error.msg, timed_out=state.timed_out,
-                tls_failure=self._tls_failures.pop(flow.client_conn.id, None))
+            tls_failure = self._tls_failures.pop(flow.client_conn.id, None)
+            problem = failures.classify(state.connection, flow.error.msg,
+                                        timed_out=state.timed_out, tls_failure=tls_failure)
+            if problem.kind is ErrorKind.UPSTREAM_TLS:
+                self.observer.upstream_tls_failure(
+                    state.connection.name, tls_failure.reason if tls_failure else "handshake")
             state.error = problem.kind.value
             mitm_compat.replace_error_page(flow.error.msg, self._error_response(problem, state))
             self._log(flow, state, status=problem.status)
@@ -291,9 +296,13 @@ class FhirSidecar:
             assert self.live is not None
             state = FlowState(self.live.current, None, uuid.uuid4().hex)
             flow.metadata[FLOW_KEY] = state
-            self.in_flight += 1
+            self._started(state)
         state.error = problem.kind.value
         flow.response = self._error_response(problem, state, close=False)
+
+    def _started(self, state: FlowState) -> None:
+        self.in_flight += 1
+        self.observer.request_started(_name(state))
 
     def _log(self, flow: http.HTTPFlow, state: FlowState, status: int | None = None) -> None:
         if state.logged:
@@ -304,16 +313,24 @@ class FhirSidecar:
         upstream_status = None
         if response is not None and state.error is None:
             upstream_status = response.status_code
+        status = status or (response.status_code if response else None)
+        duration = time.monotonic() - state.started
+        self.observer.request_finished(_name(state), flow.request.method, status, duration,
+                                       state.error)
         log_request(
             request_id=state.request_id,
-            connection=state.connection.name if state.connection else "-",
+            connection=_name(state),
             method=flow.request.method,
             path=flow.request.path.split("?", 1)[0],
-            status=status or (response.status_code if response else None),
+            status=status,
             upstream_status=upstream_status,
-            duration_ms=round((time.monotonic() - state.started) * 1000, 2),
+            duration_ms=round(duration * 1000, 2),
             bytes_in=state.bytes_in, bytes_out=state.bytes_out, error=state.error,
         )
+
+
+def _name(state: FlowState) -> str:
+    return state.connection.name if state.connection else NO_CONNECTION
 
 
 def log_startup_problem(message: str) -> None:

@@ -1,0 +1,37 @@
+"""What the proxy reports as it works, for metrics and status pages.
+
+The addon calls a :class:`ProxyObserver`; ``sidecar.metrics`` implements it with Prometheus
+counters. Arguments are configured names and small enums only, never URLs, hosts or paths.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+NO_CONNECTION = "-"  # requests that matched no connection (no config name can be "-")
+
+
+class ProxyObserver(Protocol):
+    def request_started(self, connection: str) -> None: ...
+
+    def request_finished(self, connection: str, method: str, status: int | None,
+                         duration_seconds: float, error: str | None) -> None: ...
+
+    def auth_retry(self, connection: str) -> None: ...
+
+    def upstream_tls_failure(self, connection: str, reason: str) -> None: ...
+
+
+class NullObserver:
+    def request_started(self, connection: str) -> None:
+        pass
+
+    def request_finished(self, connection: str, method: str, status: int | None,
+                         duration_seconds: float, error: str | None) -> None:
+        pass
+
+    def auth_retry(self, connection: str) -> None:
+        pass
+
+    def upstream_tls_failure(self, connection: str, reason: str) -> None:
+        pass
