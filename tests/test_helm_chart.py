@@ -1,0 +1,318 @@
+"""The Helm chart, rendered offline for every example values file (helm/values-examples/).
+
+What users rely on: Secrets are never mounted with subPath (it would hide rotations), probes hit
+the admin port the config really listens on, the container is non-root with a read-only root
+filesystem, bad values are refused with a clear message, and the config the chart renders passes
+`fhir-sidecar check` with the files the pod would have mounted.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+helm_python = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk is not installed (pip install helm-python-sdk)"
+)
+
+from support import helm as chart  # noqa: E402  (after the skip: it needs no helm, but is moot)
+
+EXAMPLES = {path.stem: path for path in chart.examples()}
+GATEWAYS = [name for name, path in EXAMPLES.items() if chart.load_values(path)["mode"] == "gateway"]
+
+
+@functools.cache
+def rendered(example: str) -> list[dict[str, Any]]:
+    return chart.render(chart.load_values(EXAMPLES[example]))
+
+
+def config_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(chart.config_text(docs))
+    return config
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rsplit(":", 1)[1])
+
+
+def test_examples_cover_both_shapes_and_extras() -> None:
+    assert {"sidecar", "gateway", "servicemonitor", "custom-ca"} <= set(EXAMPLES)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_lint_strict_passes(example: str) -> None:
+    assert chart.lint(chart.load_values(EXAMPLES[example])) == []
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_no_secret_is_mounted_with_subpath(example: str) -> None:
+    spec = chart.pod_spec(rendered(example))
+    secret_volumes = {
+        v["name"]
+        for v in spec["volumes"]
+        if "secret" in v or any("secret" in s for s in v.get("projected", {}).get("sources", []))
+    }
+    assert secret_volumes, "the examples all use Secrets; none were found"
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] in secret_volumes:
+                assert "subPath" not in mount and "subPathExpr" not in mount, mount
+    # The sidecar's config and CA bundles must follow edits too: no subPath anywhere on it.
+    for mount in chart.sidecar_container(rendered(example))["volumeMounts"]:
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_probes_point_at_the_admin_port(example: str) -> None:
+    docs = rendered(example)
+    container = chart.sidecar_container(docs)
+    admin_listen = config_of(docs)["admin"]["listen"]
+    # Kubelet probes connect to the pod IP: a loopback admin listener would fail them all.
+    assert admin_listen.rsplit(":", 1)[0] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/readyz"}
+    for probe, path in expected.items():
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        port = ports.get(get["port"], get["port"])
+        assert port == port_of(admin_listen), f"{probe} goes to {port}, admin is {admin_listen}"
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_runs_as_non_root_with_a_read_only_root_filesystem(example: str) -> None:
+    docs = rendered(example)
+    spec = chart.pod_spec(docs)
+    container = chart.sidecar_container(docs)
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert (sc.get("seccompProfile") or spec["securityContext"]["seccompProfile"]) == {
+        "type": "RuntimeDefault"
+    }
+    assert sc.get("runAsUser", 1) != 0
+    # The one writable place the process needs: its state dir (mitmproxy's confdir), plus /tmp.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for writable in (env["FHIR_SIDECAR_STATE_DIR"], "/tmp"):
+        assert "emptyDir" in volumes[mounts[writable]["name"]]
+        assert not mounts[writable].get("readOnly")
+    if example in GATEWAYS:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_every_file_the_config_names_is_mounted(example: str) -> None:
+    docs = rendered(example)
+    container = chart.sidecar_container(docs)
+    mount_paths = [PurePosixPath(m["mountPath"]) for m in container["volumeMounts"]]
+    refs = chart.file_refs(config_of(docs))
+    assert refs
+    for field, path in refs:
+        assert any(PurePosixPath(path).is_relative_to(m) for m in mount_paths), (field, path)
+    # And the config itself is where the container is told to read it.
+    config_path = PurePosixPath(container["args"][container["args"].index("-c") + 1])
+    assert any(config_path.parent == m for m in mount_paths)
+
+
+@pytest.mark.parametrize("example", GATEWAYS)
+def test_gateway_service_exposes_each_listener(example: str) -> None:
+    docs = rendered(example)
+    config = config_of(docs)
+    listeners = {port_of(c["listen"]) for c in config["connections"].values() if "listen" in c}
+    service = chart.one(docs, "Service")
+    service_ports = {p["port"]: p for p in service["spec"]["ports"]}
+    assert listeners <= set(service_ports)
+    container_ports = {
+        p["name"]: p["containerPort"] for p in chart.sidecar_container(docs)["ports"]
+    }
+    for port, entry in service_ports.items():
+        assert container_ports[entry["targetPort"]] == port
+    labels = chart.one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_servicemonitor_scrapes_metrics_on_the_admin_port() -> None:
+    docs = rendered("servicemonitor")
+    monitor = chart.one(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    service = chart.one(docs, "Service")
+    assert "admin" in {p["name"] for p in service["spec"]["ports"]}
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+
+
+def test_network_policy_limits_who_may_use_the_credentials() -> None:
+    docs = rendered("gateway")
+    policy = chart.one(docs, "NetworkPolicy")["spec"]
+    rule = policy["ingress"][0]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"fhir-client": "true"}}}]
+    assert {p["port"] for p in rule["ports"]} == {8081, 8082}
+
+
+def test_sidecar_listens_on_loopback_only() -> None:
+    docs = rendered("sidecar")
+    config = config_of(docs)
+    assert all(c["listen"].startswith("127.0.0.1:") for c in config["connections"].values())
+    # Only the admin port (for the probes) is declared on the pod.
+    assert [p["name"] for p in chart.sidecar_container(docs)["ports"]] == ["admin"]
+    assert "Service" not in {d["kind"] for d in docs}
+
+
+def test_native_sidecar_is_an_always_restarting_init_container() -> None:
+    values = chart.load_values(EXAMPLES["sidecar"])
+    values["sidecar"] = {"native": True}
+    spec = chart.pod_spec(chart.render(values))
+    assert [c["name"] for c in spec["initContainers"]] == ["fhir-sidecar"]
+    assert spec["initContainers"][0]["restartPolicy"] == "Always"
+    assert "startupProbe" in spec["initContainers"][0]  # gates the app's start on /readyz
+
+
+def test_image_tag_and_user_match_chart_and_dockerfile() -> None:
+    chart_meta = yaml.safe_load((chart.CHART_DIR / "Chart.yaml").read_text())
+    defaults = yaml.safe_load((chart.CHART_DIR / "values.yaml").read_text())
+    assert defaults["image"]["tag"] == chart_meta["appVersion"]
+    dockerfile = (chart.REPO / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert user is not None, "the Dockerfile must set a numeric USER (runAsNonRoot checks it)"
+    assert int(user[1]) == defaults["containerSecurityContext"]["runAsUser"]
+    assert "FHIR_SIDECAR_STATE_DIR=/var/lib/fhir-sidecar" in dockerfile
+
+
+# Each case: (what, change to the gateway example's values, words the error must contain).
+BAD_VALUES = [
+    ("unknown mode", {"mode": "sidekick"}, "'/mode': value must be one of"),
+    (
+        "root filesystem writable",
+        {"containerSecurityContext": {"readOnlyRootFilesystem": False}},
+        "readOnlyRootFilesystem': value must be true",
+    ),
+    (
+        "run as root",
+        {"podSecurityContext": {"runAsNonRoot": False}},
+        "runAsNonRoot': value must be true",
+    ),
+    (
+        "privilege escalation",
+        {"containerSecurityContext": {"allowPrivilegeEscalation": True}},
+        "allowPrivilegeEscalation': value must be false",
+    ),
+    (
+        "capabilities kept",
+        {"containerSecurityContext": {"capabilities": {"drop": ["NET_RAW"]}}},
+        "value must be 'ALL'",
+    ),
+    (
+        "admin port not a number",
+        {"admin": {"port": "http"}},
+        "'/admin/port': got string, want integer",
+    ),
+    ("misspelt top-level key", {"replicas": 3}, "additional properties 'replicas' not allowed"),
+    (
+        "misspelt config section",
+        {"config": {"conections": {}}},
+        "additional properties 'conections' not allowed",
+    ),
+    (
+        "bad connection name",
+        {"config": {"connections": {"Epic FHIR": {"url": "https://x"}}}},
+        "'/config/connections': additional properties 'Epic FHIR' not allowed",
+    ),
+    (
+        "subPath on a secret",
+        {"secrets": [{"name": "x", "secretName": "y", "subPath": "password"}]},
+        "additional properties 'subPath' not allowed",
+    ),
+    (
+        "loopback listener in a gateway",
+        {"config": {"connections": {"epic": {"listen": "127.0.0.1:8081"}}}},
+        "config.connections.epic.listen binds to 127.0.0.1, which the gateway Service cannot reach",
+    ),
+    (
+        "admin.listen given",
+        {"config": {"admin": {"listen": "127.0.0.1:9901"}}},
+        "remove config.admin.listen",
+    ),
+    (
+        "file from an unmounted secret",
+        {
+            "config": {
+                "basic_auth": {"epic-basic": {"password_file": "/etc/fhir-sidecar/secrets/nope/pw"}}
+            }
+        },
+        'password_file is "/etc/fhir-sidecar/secrets/nope/pw", but nothing is mounted there',
+    ),
+    (
+        "relative secret path",
+        {"config": {"basic_auth": {"epic-basic": {"password_file": "pw"}}}},
+        'is the relative path "pw"',
+    ),
+    (
+        "CA bundle from two sources",
+        {"caBundles": [{"name": "ca", "configMap": "a", "secret": "b"}]},
+        'caBundles entry "ca" needs exactly one of configMap or secret',
+    ),
+    (
+        "listener on the admin port",
+        {"config": {"connections": {"epic": {"listen": "0.0.0.0:9901"}}}},
+        "uses port 9901, which is admin.port",
+    ),
+    ("open network policy", {"networkPolicy": {"clients": []}}, "networkPolicy.clients is empty"),
+    (
+        "sidecar exposing credentials",
+        {"mode": "sidecar"},
+        "in sidecar mode listeners must use 127.0.0.1",
+    ),
+]
+
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize(("what", "change", "message"), BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_bad_values_are_rejected_with_a_clear_message(
+    what: str, change: dict[str, Any], message: str
+) -> None:
+    values = _merge(chart.load_values(EXAMPLES["gateway"]), change)
+    with pytest.raises(helm_python.HelmError) as failure:
+        chart.render_texts(values)
+    assert message in str(failure.value)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_rendered_config_passes_fhir_sidecar_check(example: str, tmp_path: Path) -> None:
+    if importlib.util.find_spec("sidecar.cli") is None:
+        pytest.xfail("sidecar.cli (the `fhir-sidecar check` command) does not exist yet")
+    config_path, _ = chart.materialize(chart.config_text(rendered(example)), tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_SIDECAR_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check", "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
