@@ -16,6 +16,7 @@ from sidecar.config.errors import ConfigError
 from sidecar.config.loader import load_config
 from sidecar.logs import log_event
 from sidecar.snapshot import Snapshot, compile_snapshot
+from sidecar.watch import referenced_files
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ def load_snapshot(path: str | Path, previous: Snapshot | None = None) -> Snapsho
     return compile_snapshot(load_config(path), path, previous)
 
 
+Validator = Callable[[Snapshot, Snapshot], None]
+
+
 class LiveConfig:
     def __init__(self, path: str | Path, initial: Snapshot | None = None):
         self.path = Path(path)
@@ -37,6 +41,10 @@ class LiveConfig:
         self.last_reload = ReloadOutcome(True, time.time())
         self.last_success_at = self.last_reload.at
         self._subscribers: list[Callable[[Snapshot, Snapshot], None]] = []
+        self._validators: list[Validator] = []
+        # Files named by the last config that parsed, valid or not: creating a missing secret
+        # file must be noticed, so a rejected config's files are watched too.
+        self._attempted_files: set[Path] = set()
         self._reload_observers: list[Callable[[ReloadOutcome], None]] = []
         for warning in self._current.warnings:
             log_event("config_warning", logging.WARNING, warning)
@@ -52,10 +60,21 @@ class LiveConfig:
     def on_reload(self, callback: Callable[[ReloadOutcome], None]) -> None:
         self._reload_observers.append(callback)
 
+    def add_validator(self, validator: Validator) -> None:
+        """``validator(old, new)`` raises ConfigError to reject ``new`` before the swap."""
+        self._validators.append(validator)
+
+    def watched_files(self) -> set[Path]:
+        return ({self.path} | referenced_files(self._current.config) | self._attempted_files)
+
     def reload(self) -> ReloadOutcome:
         old = self._current
         try:
-            new = load_snapshot(self.path, previous=old)
+            config = load_config(self.path)
+            self._attempted_files = referenced_files(config)
+            new = compile_snapshot(config, self.path, previous=old)
+            for validator in self._validators:
+                validator(old, new)
         except ConfigError as exc:
             outcome = ReloadOutcome(False, time.time(), tuple(str(p) for p in exc.problems))
             for problem in outcome.problems:

@@ -15,6 +15,7 @@ from sidecar.live import LiveConfig
 from sidecar.logs import log_event
 from sidecar.proxy.master import build_master
 from sidecar.snapshot import Snapshot
+from sidecar.watch import FileWatcher
 
 BIND_DEADLINE_SECONDS = 10.0
 
@@ -31,10 +32,16 @@ def listen_addresses(snapshot: Snapshot) -> list[tuple[str, tuple[str, int]]]:
     return found
 
 
-def check_ports_free(snapshot: Snapshot) -> None:
-    """Fail early, with a config-style message, when a listen address is taken."""
+def check_ports_free(snapshot: Snapshot, already_bound: Snapshot | None = None) -> None:
+    """Fail early, with a config-style message, when a listen address is taken.
+
+    ``already_bound``: the running snapshot, whose own addresses are not checked again.
+    """
     problems = []
+    ours = {addr for _, addr in listen_addresses(already_bound)} if already_bound else set()
     for path, (host, port) in listen_addresses(snapshot):
+        if (host, port) in ours:
+            continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -51,6 +58,7 @@ def check_ports_free(snapshot: Snapshot) -> None:
 async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0) -> int:
     live = LiveConfig(config_path)
     check_ports_free(live.current)
+    live.add_validator(lambda old, new: check_ports_free(new, already_bound=old))
     master, sidecar = build_master(live, state_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -77,7 +85,9 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
     log_event("ready", listeners=sorted(f"{h}:{p}" for h, p in expected),
               connections=sorted(live.current.connections))
 
+    watcher = asyncio.create_task(FileWatcher(live.watched_files, live.reload).run())
     await stop.wait()
+    watcher.cancel()
     log_event("draining", in_flight=sidecar.in_flight)
     master.options.update(mode=[])  # stop accepting new connections
     deadline = time.monotonic() + drain_seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def load_config(path: str | Path) -> SidecarConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigProblem(file, "", f"cannot read config file: {_reason(exc)}")]
                           ) from None
-    return parse_config(text, file=file, base_dir=Path(path).resolve().parent)
+    return parse_config(text, file=file, base_dir=Path(os.path.abspath(path)).parent)
 
 
 def parse_config(text: str, *, file: str, base_dir: Path) -> SidecarConfig:

@@ -7,6 +7,7 @@ reading secrets, keys and bundles happens when a snapshot is compiled (``sidecar
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -29,7 +30,9 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     base_dir = (info.context or {}).get("base_dir")
     if base_dir is not None and not value.is_absolute():
-        return (Path(base_dir) / value).resolve()
+        # Normalise without resolving symlinks: a Kubernetes volume's files are symlinks
+        # through ``..data``, which must be followed anew on every read.
+        return Path(os.path.normpath(Path(base_dir) / value))
     return value
 
 

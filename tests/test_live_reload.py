@@ -1,0 +1,230 @@
+"""No restarts: config, secrets and CA bundles change live, with real files and real servers."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+
+from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.demo.pki import DemoPKI
+
+LIVE_DEADLINE = 5.0  # the promise is 2 s; allow for a loaded CI machine
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture(scope="module")
+def open_upstream(pki: DemoPKI) -> Iterator[FhirTestServer]:
+    """An upstream that accepts any credentials and records what it received."""
+    with FhirTestServer(pki.server(name="open")) as server:
+        yield server
+
+
+class Setup:
+    def __init__(self, tmp: Path, pki: DemoPKI, upstream: FhirTestServer):
+        self.tmp, self.pki, self.upstream = tmp, pki, upstream
+        self.port = free_port()
+        (tmp / "secrets").mkdir()
+        self.write_secret("pw", "first-password")
+        self.config: dict[str, Any] = {
+            "admin": {"listen": None},
+            "basic_auth": {"b": {"username": "svc", "password_file": "secrets/pw"}},
+            "connections": {"main": {
+                "url": upstream.base_url, "listen": f"127.0.0.1:{self.port}",
+                "auth": {"basic": "b"},
+                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+        }
+        self.path = write_config(tmp, self.config)
+        self.sidecar = SidecarProcess(self.path, tmp / "state")
+
+    def write_secret(self, name: str, value: str) -> None:
+        (self.tmp / "secrets" / name).write_text(value + "\n")
+
+    def save(self) -> None:
+        write_config(self.tmp, self.config)
+
+    def get(self, port: int | None = None, path: str = "/metadata") -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{port or self.port}{path}", timeout=30,
+                         trust_env=False)
+
+    def last_auth(self) -> str | None:
+        seen = self.upstream.requests_seen
+        return seen[-1].headers.get("authorization") if seen else None
+
+    def auth_becomes(self, expected: str) -> None:
+        def check() -> bool:
+            self.get()
+            return self.last_auth() == expected
+        wait_until(check, LIVE_DEADLINE, interval=0.1, message=f"Authorization {expected!r}")
+
+    def reload_events(self, event: str) -> int:
+        return len(self.sidecar.events(event))
+
+
+@pytest.fixture
+def setup(tmp_path: Path, pki: DemoPKI, open_upstream: FhirTestServer) -> Iterator[Setup]:
+    s = Setup(tmp_path, pki, open_upstream)
+    s.sidecar.start()
+    yield s
+    assert s.sidecar.stop() == 0
+
+
+def test_password_rewritten_in_place(setup: Setup) -> None:
+    setup.auth_becomes(basic("svc", "first-password"))
+    setup.write_secret("pw", "second-password")
+    setup.auth_becomes(basic("svc", "second-password"))
+
+
+def test_kubernetes_symlink_swap(tmp_path: Path, pki: DemoPKI,
+                                 open_upstream: FhirTestServer) -> None:
+    # The layout kubelet gives a Secret volume: files are symlinks through ..data, and an
+    # update swaps ..data to a new timestamped directory in one rename.
+    secrets = tmp_path / "k8s"
+    secrets.mkdir()
+
+    def publish(version: str, password: str) -> None:
+        data = secrets / f"..{version}"
+        data.mkdir()
+        (data / "password").write_text(password)
+        tmp_link = secrets / "..data_tmp"
+        tmp_link.symlink_to(data.name)
+        os.replace(tmp_link, secrets / "..data")
+
+    publish("2026_11_26_v1", "k8s-one")
+    (secrets / "password").symlink_to("..data/password")
+    s = Setup(tmp_path, pki, open_upstream)
+    s.config["basic_auth"]["b"]["password_file"] = "k8s/password"
+    s.save()
+    with s.sidecar:
+        s.auth_becomes(basic("svc", "k8s-one"))
+        publish("2026_11_26_v2", "k8s-two")
+        s.auth_becomes(basic("svc", "k8s-two"))
+
+
+def test_ca_bundle_replaced_at_same_path(setup: Setup) -> None:
+    bundle = setup.tmp / "ca.pem"
+    bundle.write_bytes(setup.pki.other_ca_bundle_path.read_bytes())
+    setup.config["connections"]["main"]["tls"]["ca_bundle"] = "ca.pem"
+    setup.save()
+    wait_until(lambda: setup.get().headers.get("X-Sidecar-Error") == "upstream-tls",
+               LIVE_DEADLINE, interval=0.1, message="the unrelated CA to be refused")
+    bundle.write_bytes(setup.pki.ca_bundle_path.read_bytes())
+    wait_until(lambda: setup.get().status_code == 200, LIVE_DEADLINE, interval=0.1,
+               message="the replaced bundle to be trusted")
+
+
+def test_connections_and_listeners_added_and_removed(setup: Setup) -> None:
+    new_port = free_port()
+    setup.config["connections"]["extra"] = {
+        **setup.config["connections"]["main"], "listen": f"127.0.0.1:{new_port}",
+        "auth": {}}
+
+    def answers(port: int) -> bool:
+        try:
+            return setup.get(port).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    setup.save()
+    wait_until(lambda: answers(new_port), LIVE_DEADLINE, interval=0.1, message="new listener")
+    assert setup.last_auth() is None  # the new connection has no credentials
+
+    del setup.config["connections"]["extra"]
+    setup.save()
+    wait_until(lambda: not answers(new_port), LIVE_DEADLINE, interval=0.1,
+               message="listener removal")
+    assert setup.get().status_code == 200
+
+
+def test_assignment_switched_to_none_and_back(setup: Setup) -> None:
+    setup.auth_becomes(basic("svc", "first-password"))
+    setup.config["connections"]["main"]["auth"] = {}
+    setup.save()
+    setup.auth_becomes(None)  # type: ignore[arg-type]
+    setup.config["connections"]["main"]["auth"] = {"basic": "b"}
+    setup.save()
+    setup.auth_becomes(basic("svc", "first-password"))
+
+
+def test_invalid_change_keeps_last_good_and_recovers(setup: Setup) -> None:
+    setup.path.write_text("connections: [this is: not valid\n")
+    record = setup.sidecar.wait_for_event("config_rejected", timeout=LIVE_DEADLINE)
+    assert record["message"].startswith(f"{setup.path}: line ")
+    assert setup.get().status_code == 200  # still serving the last good config
+
+    # A config naming a secret file that does not exist yet, then the file appears.
+    setup.config["basic_auth"]["b"]["password_file"] = "secrets/later"
+    setup.save()
+    setup.sidecar.wait_for_event(
+        "config_rejected", lambda r: "secrets/later" in r["message"], timeout=LIVE_DEADLINE)
+    assert setup.get().status_code == 200
+    setup.write_secret("later", "arrived")
+    setup.auth_becomes(basic("svc", "arrived"))
+
+
+def test_sighup_reloads_immediately(setup: Setup) -> None:
+    before = setup.reload_events("config_reloaded")
+    setup.sidecar.signal(signal.SIGHUP)
+    wait_until(lambda: setup.reload_events("config_reloaded") > before, LIVE_DEADLINE,
+               message="a reload after SIGHUP")
+
+
+def test_ten_reloads_under_traffic_fail_no_request(setup: Setup) -> None:
+    failures: list[str] = []
+    done = threading.Event()
+    counts = [0] * 4
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=30, trust_env=False) as http:
+            for _ in range(2000):  # bounded; normally stopped by `done` long before
+                if done.is_set():
+                    return
+                try:
+                    response = http.get(f"http://127.0.0.1:{setup.port}/Patient/example")
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                counts[index] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(10):
+            before = setup.reload_events("config_reloaded")
+            setup.write_secret("pw", f"rotated-{i}")
+            wait_until(lambda b=before: setup.reload_events("config_reloaded") > b,
+                       LIVE_DEADLINE, message=f"reload {i}")
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
+    assert sum(counts) > 40
+    setup.auth_becomes(basic("svc", "rotated-9"))
+
+
+def test_slow_request_survives_a_reload(setup: Setup) -> None:
+    results: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: results.append(setup.get(path="/slow?seconds=3")))
+    slow.start()
+    wait_until(lambda: any(r.path.startswith("/fhir/slow")
+                           for r in setup.upstream.requests_seen), message="slow request")
+    before = setup.reload_events("config_reloaded")
+    setup.write_secret("pw", "during-slow")
+    wait_until(lambda: setup.reload_events("config_reloaded") > before, LIVE_DEADLINE,
+               message="the reload")
+    slow.join(30)
+    assert results and results[0].status_code == 200
