@@ -1,0 +1,123 @@
+"""How the sidecar proves who it is to a token endpoint, as authlib client-auth hooks.
+
+Two things authlib does not do the way the standards want:
+
+* ``client_secret_basic``: RFC 6749 §2.3.1 says the client id and secret are form-urlencoded
+  *before* they are joined with ``:`` and Base64-encoded. authlib joins them raw, so an id with a
+  ``:`` or a secret with ``+`` or ``%`` is read differently by a conforming server.
+* ``private_key_jwt`` for SMART Backend Services: the assertion must carry a ``kid`` header, expire
+  within five minutes and have a fresh ``jti`` for every request.
+
+Both hooks have authlib's signature ``(client, method, uri, headers, body) -> (uri, headers, body)``
+and are registered on the client under the method's name, replacing authlib's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Any, Literal
+from urllib.parse import quote_plus
+
+from authlib.common.urls import add_params_to_qs
+from authlib.oauth2.rfc7523 import private_key_jwt_sign
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from joserfc.jwk import ECKey, RSAKey
+
+SigningAlg = Literal["RS384", "ES384"]
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# SMART Backend Services caps the assertion's lifetime at five minutes; stay clearly below so a
+# server whose clock runs a little ahead does not reject it.
+ASSERTION_LIFETIME_SECONDS = 240
+_MIN_RSA_BITS = 2048
+
+
+class OAuthSetupError(ValueError):
+    """A definition that cannot work as given (missing secret, wrong key type, ...).
+
+    Raised when a token source is built, so a config check reports it; never names a secret.
+    """
+
+
+def basic_authorization(client_id: str, client_secret: str) -> str:
+    """The ``Authorization`` header value for ``client_secret_basic`` (RFC 6749 §2.3.1)."""
+    pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+
+def encode_client_secret_basic(
+    client: Any, method: str, uri: str, headers: dict[str, str], body: str
+) -> tuple[str, dict[str, str], str]:
+    headers["Authorization"] = basic_authorization(client.client_id, client.client_secret or "")
+    return uri, headers, body
+
+
+class PrivateKeyJwt:
+    """Signs a fresh client assertion for every token request (``private_key_jwt``)."""
+
+    name = "private_key_jwt"
+
+    def __init__(self, private_key_pem: bytes, *, alg: SigningAlg, key_id: str | None,
+                 token_url: str):
+        self._key = load_signing_key(private_key_pem, alg)
+        self.alg = alg
+        # SMART requires a kid. Without a configured one, the RFC 7638 thumbprint is the value
+        # most servers derive themselves when a JWK is registered without a kid.
+        self.key_id = key_id or self._key.thumbprint()
+        self.token_url = token_url
+
+    def assertion(self, client_id: str) -> str:
+        now = int(time.time())
+        return private_key_jwt_sign(
+            self._key,
+            client_id=client_id,
+            token_endpoint=self.token_url,
+            alg=self.alg,
+            header={"typ": "JWT", "kid": self.key_id},
+            claims={"jti": str(uuid.uuid4())},
+            issued_at=now,
+            expires_at=now + ASSERTION_LIFETIME_SECONDS,
+        )
+
+    def __call__(self, client: Any, method: str, uri: str, headers: dict[str, str],
+                 body: str) -> tuple[str, dict[str, str], str]:
+        body = add_params_to_qs(body or "", [
+            ("client_assertion_type", ASSERTION_TYPE),
+            ("client_assertion", self.assertion(client.client_id)),
+        ])
+        return uri, headers, body
+
+    def __repr__(self) -> str:
+        return f"PrivateKeyJwt(alg={self.alg!r}, key_id={self.key_id!r})"
+
+
+def load_signing_key(private_key_pem: bytes, alg: SigningAlg) -> RSAKey | ECKey:
+    """Check that the key fits the algorithm; errors describe the key, never show it."""
+    try:
+        key = load_pem_private_key(private_key_pem, password=None)
+    except (ValueError, TypeError):
+        raise OAuthSetupError(
+            "private key is not an unencrypted PEM private key (PKCS#8 or traditional)"
+        ) from None
+    if alg == "RS384":
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise OAuthSetupError(f"signing_alg RS384 needs an RSA key, not {_kind(key)}")
+        if key.key_size < _MIN_RSA_BITS:
+            raise OAuthSetupError(
+                f"RSA key has {key.key_size} bits; RS384 needs at least {_MIN_RSA_BITS}"
+            )
+        return RSAKey.import_key(key)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise OAuthSetupError(f"signing_alg ES384 needs an EC P-384 key, not {_kind(key)}")
+    return ECKey.import_key(key)
+
+
+def _kind(key: object) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"an RSA-{key.key_size} key"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"an EC {key.curve.name} key"
+    return f"a {type(key).__name__.removeprefix('_')}"

@@ -1,0 +1,106 @@
+"""``discover_from``: find a FHIR server's token endpoint in its SMART configuration.
+
+The document is ``<FHIR base>/.well-known/smart-configuration`` (SMART App Launch 2.x) and is
+fetched with the OAuth definition's own TLS policy (design §9), never the environment's CAs.
+Besides ``token_endpoint`` it says which client authentication methods and signing algorithms
+the server accepts; a definition the server would reject is reported here, in words, instead of
+as an opaque ``invalid_client`` later.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from sidecar.credentials.endpoint_errors import (
+    EndpointFailure,
+    describe_http_error,
+    describe_transport_error,
+)
+
+WELL_KNOWN_PATH = "/.well-known/smart-configuration"
+
+
+@dataclass(frozen=True)
+class SmartConfiguration:
+    url: str  # where the document was read
+    token_endpoint: str
+    auth_methods: tuple[str, ...] | None  # None: the server does not say
+    signing_algs: tuple[str, ...] | None
+
+
+def smart_configuration_url(fhir_base: str) -> str:
+    return fhir_base.rstrip("/") + WELL_KNOWN_PATH
+
+
+async def fetch_smart_configuration(fhir_base: str, *, ssl_context: ssl.SSLContext,
+                                    timeout: float) -> SmartConfiguration:
+    """Read and parse the document; raise :class:`EndpointFailure` when that is not possible."""
+    url = smart_configuration_url(fhir_base)
+    # trust_env=False: neither proxy nor CA settings from the environment apply here.
+    async with httpx.AsyncClient(verify=ssl_context, trust_env=False, timeout=timeout,
+                                 follow_redirects=True) as client:
+        try:
+            response = await client.get(url, headers={"Accept": "application/json"})
+        except httpx.TransportError as exc:
+            raise EndpointFailure("network", describe_transport_error(exc, timeout)) from None
+    if response.status_code != 200:
+        raise EndpointFailure("http_error", describe_http_error(response))
+    return parse_smart_configuration(url, response.content)
+
+
+def parse_smart_configuration(url: str, content: bytes) -> SmartConfiguration:
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        raise EndpointFailure("invalid_response", "the SMART configuration is not JSON") from None
+    if not isinstance(doc, dict):
+        raise EndpointFailure("invalid_response", "the SMART configuration is not a JSON object")
+    token_endpoint = doc.get("token_endpoint")
+    if not isinstance(token_endpoint, str) or not _is_absolute_http_url(token_endpoint):
+        raise EndpointFailure("invalid_response",
+                              "the SMART configuration has no absolute http(s) token_endpoint")
+    return SmartConfiguration(
+        url=url,
+        token_endpoint=token_endpoint,
+        auth_methods=_string_list(doc, "token_endpoint_auth_methods_supported"),
+        signing_algs=_string_list(doc, "token_endpoint_auth_signing_alg_values_supported"),
+    )
+
+
+def check_client_support(config: SmartConfiguration, client_auth: str,
+                         signing_alg: str | None) -> None:
+    """Raise :class:`EndpointFailure` when the server says it cannot accept this client.
+
+    Servers that do not list their methods or algorithms are given the benefit of the doubt:
+    many real SMART servers omit the lists.
+    """
+    if config.auth_methods is not None and client_auth not in config.auth_methods:
+        raise EndpointFailure(
+            "invalid_response",
+            f"the server does not support client_auth {client_auth} "
+            f"(its SMART configuration lists: {', '.join(config.auth_methods) or 'none'})",
+        )
+    if (client_auth == "private_key_jwt" and signing_alg is not None
+            and config.signing_algs is not None and signing_alg not in config.signing_algs):
+        raise EndpointFailure(
+            "invalid_response",
+            f"the server does not accept {signing_alg} client assertions "
+            f"(its SMART configuration lists: {', '.join(config.signing_algs) or 'none'})",
+        )
+
+
+def _string_list(doc: dict[str, object], key: str) -> tuple[str, ...] | None:
+    value = doc.get(key)
+    if not isinstance(value, list):
+        return None
+    return tuple(v for v in value if isinstance(v, str))
+
+
+def _is_absolute_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

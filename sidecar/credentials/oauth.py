@@ -1,0 +1,468 @@
+"""Where an OAuth access token is fetched, cached and refreshed (design §4).
+
+One :class:`TokenSource` per OAuth definition, shared by every connection that uses it:
+
+* ``token()`` answers from the cache without waiting whenever the cached token is usable.
+  Without one, all callers wait on a single fetch (single flight).
+* A background task refreshes the token *before* it expires (a margin plus jitter, so several
+  sidecars do not all refresh at the same instant), so steady traffic never waits on a refresh.
+* While the token endpoint fails, a still-usable token keeps being served and the refresh is
+  retried with exponential backoff and jitter. Once no usable token is left, ``token()`` raises
+  :class:`TokenUnavailable` quoting the endpoint's last answer, without calling the endpoint
+  again until the backoff has passed (so a dead endpoint is not hammered by every request).
+
+The wire format (form parameters, client authentication, response checks) is in
+:mod:`sidecar.credentials.token_endpoint`; SMART discovery in :mod:`sidecar.credentials.discovery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from sidecar.config.models import OAuthDefinition
+from sidecar.credentials.client_auth import OAuthSetupError, PrivateKeyJwt, load_signing_key
+from sidecar.credentials.discovery import (
+    check_client_support,
+    fetch_smart_configuration,
+    smart_configuration_url,
+)
+from sidecar.credentials.endpoint_errors import EndpointFailure, FailureResult
+from sidecar.credentials.token_endpoint import (
+    RESERVED_PARAMS,
+    IssuedToken,
+    TokenEndpoint,
+    TokenRequest,
+)
+from sidecar.tls_policy import UpstreamTlsPolicy
+
+log = logging.getLogger(__name__)
+
+TokenResult = Literal["success", "http_error", "invalid_response", "network"]
+
+
+class TokenUnavailable(Exception):
+    """No usable token: names the definition, the token URL and the endpoint's answer."""
+
+    def __init__(self, definition: str, token_url: str, reason: str,
+                 result: FailureResult | Literal["closed"] = "network"):
+        self.definition = definition
+        self.token_url = token_url
+        self.reason = reason
+        self.result = result
+        super().__init__(definition, token_url, reason)
+
+    def __str__(self) -> str:
+        return f"OAuth definition {self.definition!r}: no token from {self.token_url}: " \
+               f"{self.reason}"
+
+
+@dataclass(frozen=True)
+class TokenStatus:
+    valid_until: dt.datetime | None  # expiry of the cached token (UTC); None without one
+    last_refresh: dt.datetime | None  # when a token was last obtained (UTC)
+    last_error: str | None  # the last attempt's failure; None once an attempt succeeded
+    scopes: tuple[str, ...]  # granted scopes of the cached token
+
+
+@dataclass(frozen=True)
+class FetchedToken:
+    """The outcome of :meth:`TokenSource.fetch_once` (for ``check --online``); no token value."""
+
+    token_url: str
+    scopes: tuple[str, ...]
+    expires_in: float
+    expires_in_defaulted: bool  # the endpoint sent no expires_in; the definition's default is used
+
+
+class TokenObserver(Protocol):
+    """Metrics hooks (design §7)."""
+
+    def token_requested(self, definition: str, result: str) -> None: ...
+
+    def token_expiry(self, definition: str, expires_at: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """When to refresh and how to back off. The defaults suit real token lifetimes (minutes to
+    hours); tests pass tighter values to observe several cycles within seconds."""
+
+    # Refresh when min(lifetime * margin_fraction, margin_max) + skew is left, minus jitter.
+    margin_fraction: float = 0.25
+    margin_max: float = 60.0
+    jitter_fraction: float = 0.1
+    jitter_max: float = 30.0
+    # Stop handing out a token this close to its expiry: it must survive the trip upstream, and
+    # servers round `exp` down to whole seconds.
+    skew_fraction: float = 0.1
+    skew_min: float = 1.0
+    skew_max: float = 5.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    request_timeout: float = 10.0
+
+    def skew(self, lifetime: float) -> float:
+        return min(self.skew_max, max(self.skew_min, lifetime * self.skew_fraction))
+
+    def refresh_delay(self, lifetime: float) -> float:
+        margin = min(lifetime * self.margin_fraction, self.margin_max) + self.skew(lifetime)
+        jitter = random.uniform(0, min(lifetime * self.jitter_fraction, self.jitter_max))
+        return max(0.0, lifetime - margin - jitter)
+
+    def backoff(self, failures: int) -> float:
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
+        return random.uniform(ceiling / 2, ceiling)  # jitter, but never a near-zero retry
+
+
+@dataclass(frozen=True)
+class _CachedToken:
+    value: str = field(repr=False)
+    usable_until: float  # monotonic
+    refresh_at: float  # monotonic
+    expires_wall: float  # epoch seconds
+    scopes: tuple[str, ...]
+
+
+# Keys the settings fingerprint so equal settings compare equal without the fingerprint being a
+# reusable digest of a secret outside this process.
+_FINGERPRINT_KEY = secrets.token_bytes(32)
+
+
+def _fingerprint(*parts: bytes | str | None) -> str:
+    mac = hmac.new(_FINGERPRINT_KEY, digestmod=hashlib.sha256)
+    for part in parts:
+        data = b"\x00" if part is None else b"\x01" + (
+            part.encode("utf-8") if isinstance(part, str) else part)
+        mac.update(len(data).to_bytes(8, "big") + data)
+    return mac.hexdigest()
+
+
+class TokenSource:
+    """The token lifecycle of one OAuth definition. Use from one event loop."""
+
+    def __init__(self, name: str, definition: OAuthDefinition, *, client_secret: str | None,
+                 private_key_pem: bytes | None, tls: UpstreamTlsPolicy,
+                 observer: TokenObserver | None = None,
+                 policy: RefreshPolicy | None = None):
+        self.name = name
+        self.definition = definition
+        self._secret = client_secret
+        self._key_pem = private_key_pem
+        self._observer = observer
+        self._policy = policy or RefreshPolicy()
+        self._check_setup()
+        self._ssl_context = tls.stdlib_context()
+        self._request = TokenRequest(
+            scopes=tuple(definition.scopes), audience=definition.audience,
+            resource=definition.resource,
+            extra_params=tuple(sorted(definition.extra_params.items())),
+        )
+        self.settings_key: Hashable = (
+            name,
+            definition.model_dump_json(exclude={"client_secret"}),
+            _fingerprint(client_secret),
+            _fingerprint(private_key_pem),
+            _fingerprint(tls.verify, tls.ca_pem, tls.client_cert_pem, tls.client_key_pem,
+                         tls.server_name),
+        )
+        self._endpoint: TokenEndpoint | None = None
+
+        self._current: _CachedToken | None = None
+        self._inflight: asyncio.Task[_CachedToken] | None = None
+        self._failures = 0
+        self._retry_at = 0.0  # monotonic; no on-demand attempt before it after a failure
+        self._last_failure: TokenUnavailable | None = None
+        self._last_refresh: dt.datetime | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._closed = False
+
+    # --- public interface ---------------------------------------------------------------
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint, once known; before discovery, the SMART document's URL."""
+        if self._endpoint is not None:
+            return self._endpoint.token_url
+        if self.definition.token_url is not None:
+            return self.definition.token_url
+        assert self.definition.discover_from is not None
+        return smart_configuration_url(self.definition.discover_from)
+
+    async def token(self) -> str:
+        """A usable access token, from the cache when possible; raises TokenUnavailable."""
+        now = time.monotonic()
+        current = self._current
+        if current is not None and now < current.usable_until:
+            if now >= current.refresh_at:
+                # Normally the refresher has done this already; this keeps a source that was
+                # never start()ed (or whose refresher is between wake-ups) refreshing too.
+                self._refresh_in_background(now)
+            return current.value
+        if self._closed:
+            raise TokenUnavailable(self.name, self.token_url, "the token source is closed",
+                                   "closed")
+        task = self._inflight
+        if task is None:
+            failure = self._last_failure
+            if failure is not None and now < self._retry_at:
+                raise self._copy(failure)
+            task = self._start_fetch()
+        try:
+            return (await asyncio.shield(task)).value
+        except TokenUnavailable as exc:
+            raise self._copy(exc) from None
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` (the upstream rejected it), unless a newer one has replaced it."""
+        current = self._current
+        if current is not None and hmac.compare_digest(current.value.encode(), token.encode()):
+            self._current = None
+            self._wake()
+
+    def start(self) -> None:
+        """Fetch a first token now (readiness) and keep it fresh in the background."""
+        if self._refresher is None and not self._closed:
+            self._wakeup = asyncio.Event()
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._refresh_loop(), name=f"oauth-refresh-{self.name}")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._refresher, self._inflight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, TokenUnavailable):
+                await task
+        self._refresher = self._inflight = None
+        self._current = None
+        if self._endpoint is not None:
+            await self._endpoint.aclose()
+            self._endpoint = None
+
+    def status(self) -> TokenStatus:
+        current = self._current
+        return TokenStatus(
+            valid_until=_utc(current.expires_wall) if current is not None else None,
+            last_refresh=self._last_refresh,
+            last_error=str(self._last_failure.reason) if self._last_failure else None,
+            scopes=current.scopes if current is not None else (),
+        )
+
+    async def fetch_once(self) -> FetchedToken:
+        """One fresh token request, bypassing and not touching the cache (``check --online``)."""
+        try:
+            endpoint = await self._get_endpoint()
+            issued = await endpoint.request_token()
+        except EndpointFailure as exc:
+            raise TokenUnavailable(self.name, self.token_url, exc.reason, exc.result) from None
+        lifetime, defaulted = self._lifetime(issued)
+        return FetchedToken(token_url=endpoint.token_url, scopes=self._granted(issued),
+                            expires_in=lifetime, expires_in_defaulted=defaulted)
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self.name!r}, client_auth={self.definition.client_auth!r})"
+
+    # --- fetching -----------------------------------------------------------------------
+
+    def _start_fetch(self) -> asyncio.Task[_CachedToken]:
+        task = asyncio.get_running_loop().create_task(self._fetch(),
+                                                      name=f"oauth-token-{self.name}")
+        # Failures are recorded by _fetch itself; nobody may be awaiting a background refresh.
+        task.add_done_callback(_consume_exception)
+        if not task.done():  # an eager task factory may already have run it to completion
+            self._inflight = task
+        return task
+
+    def _refresh_in_background(self, now: float) -> None:
+        if self._inflight is None and not self._closed and (
+                self._last_failure is None or now >= self._retry_at):
+            self._start_fetch()
+
+    async def _fetch(self) -> _CachedToken:
+        started_mono, started_wall = time.monotonic(), time.time()
+        try:
+            endpoint = await self._get_endpoint()
+            issued = await endpoint.request_token()
+        except EndpointFailure as exc:
+            failure = TokenUnavailable(self.name, self.token_url, exc.reason, exc.result)
+            self._record_failure(failure)
+            raise failure from None
+        except Exception as exc:
+            # A bug, or a library failing in a way not foreseen above: still a clean 503 for
+            # the requests, and the traceback in the log (it carries no request data).
+            log.exception("OAuth definition %r: unexpected error while fetching a token",
+                          self.name)
+            failure = TokenUnavailable(self.name, self.token_url,
+                                       f"internal error ({type(exc).__name__})",
+                                       "invalid_response")
+            self._record_failure(failure)
+            raise failure from None
+        else:
+            cached = self._cache(issued, started_mono, started_wall)
+            self._record_success(cached)
+            return cached
+        finally:
+            self._inflight = None
+            self._wake()
+
+    async def _get_endpoint(self) -> TokenEndpoint:
+        if self._endpoint is None:
+            token_url = self.definition.token_url
+            if token_url is None:
+                token_url = await self._discover()
+            self._endpoint = self._make_endpoint(token_url)
+        return self._endpoint
+
+    async def _discover(self) -> str:
+        d = self.definition
+        assert d.discover_from is not None
+        config = await fetch_smart_configuration(
+            d.discover_from, ssl_context=self._ssl_context,
+            timeout=self._policy.request_timeout)
+        signing_alg = d.signing_alg if d.client_auth == "private_key_jwt" else None
+        check_client_support(config, d.client_auth, signing_alg)
+        return config.token_endpoint
+
+    def _make_endpoint(self, token_url: str) -> TokenEndpoint:
+        d = self.definition
+        signer = None
+        if d.client_auth == "private_key_jwt":
+            assert self._key_pem is not None
+            signer = PrivateKeyJwt(self._key_pem, alg=d.signing_alg, key_id=d.key_id,
+                                   token_url=token_url)
+        return TokenEndpoint(
+            token_url, client_id=d.client_id, client_auth=d.client_auth,
+            client_secret=self._secret, assertion_signer=signer, request=self._request,
+            ssl_context=self._ssl_context, timeout=self._policy.request_timeout,
+        )
+
+    def _lifetime(self, issued: IssuedToken) -> tuple[float, bool]:
+        if issued.expires_in is None:
+            return float(self.definition.default_expires_in), True
+        return issued.expires_in, False
+
+    def _granted(self, issued: IssuedToken) -> tuple[str, ...]:
+        # RFC 6749 §5.1: without a scope in the answer, the requested scope was granted.
+        return issued.scope if issued.scope is not None else self._request.scopes
+
+    def _cache(self, issued: IssuedToken, started_mono: float, started_wall: float
+               ) -> _CachedToken:
+        # Counting from when the request was sent errs on the early side of the real expiry.
+        lifetime, _ = self._lifetime(issued)
+        return _CachedToken(
+            value=issued.access_token,
+            usable_until=started_mono + lifetime - self._policy.skew(lifetime),
+            refresh_at=started_mono + self._policy.refresh_delay(lifetime),
+            expires_wall=started_wall + lifetime,
+            scopes=self._granted(issued),
+        )
+
+    def _record_success(self, cached: _CachedToken) -> None:
+        recovered = self._last_failure is not None
+        self._current = cached
+        self._failures = 0
+        self._last_failure = None
+        self._last_refresh = dt.datetime.now(dt.UTC)
+        self._notify_requested("success")
+        if self._observer is not None:
+            self._observer.token_expiry(self.name, cached.expires_wall)
+        if recovered:
+            log.info("OAuth definition %r: token endpoint %s answers again", self.name,
+                     self.token_url, extra={"event": "oauth_token_recovered"})
+
+    def _record_failure(self, failure: TokenUnavailable) -> None:
+        self._failures += 1
+        delay = self._policy.backoff(self._failures)
+        self._retry_at = time.monotonic() + delay
+        self._last_failure = failure
+        self._notify_requested(failure.result)
+        still_usable = self._current is not None and time.monotonic() < \
+            self._current.usable_until
+        log.warning("%s (attempt %d; retrying in %.1f s; %s)", failure, self._failures, delay,
+                    "the current token is still used" if still_usable else "no usable token",
+                    extra={"event": "oauth_token_failed", "error": failure.reason})
+
+    def _notify_requested(self, result: str) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.token_requested(self.name, result)
+            except Exception:  # metrics must never break token handling
+                log.exception("token observer failed")
+
+    def _copy(self, failure: TokenUnavailable) -> TokenUnavailable:
+        # A fresh exception per caller: re-raising one instance from many tasks would keep
+        # growing its traceback.
+        return TokenUnavailable(failure.definition, failure.token_url, failure.reason,
+                                failure.result)
+
+    # --- background refresh ----------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        assert self._wakeup is not None
+        while not self._closed:
+            self._wakeup.clear()
+            delay = self._seconds_until_due()
+            if delay is None or delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+                continue
+            task = self._inflight or self._start_fetch()
+            with contextlib.suppress(TokenUnavailable):
+                await asyncio.shield(task)
+
+    def _seconds_until_due(self) -> float | None:
+        """Seconds until the next attempt; None while one is in flight (it wakes us)."""
+        if self._inflight is not None:
+            return None
+        now = time.monotonic()
+        if self._last_failure is not None:
+            return self._retry_at - now
+        if self._current is not None:
+            return self._current.refresh_at - now
+        return 0.0
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # --- construction checks ---------------------------------------------------------------
+
+    def _check_setup(self) -> None:
+        d = self.definition
+        if d.client_auth == "private_key_jwt":
+            if self._key_pem is None:
+                raise OAuthSetupError(f"OAuth definition {self.name!r}: private_key_jwt needs "
+                                      "a private key")
+            try:
+                load_signing_key(self._key_pem, d.signing_alg)
+            except OAuthSetupError as exc:
+                raise OAuthSetupError(f"OAuth definition {self.name!r}: {exc}") from None
+        elif not self._secret:
+            raise OAuthSetupError(f"OAuth definition {self.name!r}: {d.client_auth} needs a "
+                                  "client secret")
+        clashes = sorted(RESERVED_PARAMS & d.extra_params.keys())
+        if clashes:
+            raise OAuthSetupError(f"OAuth definition {self.name!r}: extra_params must not set "
+                                  f"{', '.join(clashes)} (the sidecar sets it)")
+
+
+def _consume_exception(task: asyncio.Task[_CachedToken]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _utc(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC)

@@ -1,0 +1,162 @@
+"""One client_credentials token request, made with authlib over httpx.
+
+This module knows the wire: the form parameters, client authentication, TLS, and what counts as a
+usable answer. It keeps no state between requests apart from the HTTP connection pool; caching,
+refresh and backoff live in :mod:`sidecar.credentials.oauth`.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+import authlib.deprecate  # noqa: F401  (its warning filter must be installed outside the block)
+import httpx
+
+from sidecar.credentials.client_auth import PrivateKeyJwt, encode_client_secret_basic
+from sidecar.credentials.endpoint_errors import (
+    EndpointFailure,
+    describe_http_error,
+    describe_transport_error,
+    redact,
+)
+
+with warnings.catch_warnings():
+    # authlib ≥ 1.7 prefers the "httpx2" package and warns once at import when it falls back to
+    # httpx, which is what we use deliberately; the warning would only be noise in our logs.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from authlib.integrations.base_client import OAuthError
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+
+# Parameters the sidecar sets itself; extra_params may not override them.
+RESERVED_PARAMS = frozenset({
+    "grant_type", "scope", "audience", "resource", "client_id", "client_secret",
+    "client_assertion", "client_assertion_type",
+})
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str = field(repr=False)
+    expires_in: float | None  # None: the endpoint did not say
+    scope: tuple[str, ...] | None  # None: the endpoint did not say (= as requested, RFC 6749 §5.1)
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """What to ask for; the same for every request of one token source."""
+
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: str | None = None
+    extra_params: tuple[tuple[str, str], ...] = ()
+
+    def form(self) -> str:
+        params: list[tuple[str, str]] = list(self.extra_params)
+        if self.scopes:
+            params.append(("scope", " ".join(self.scopes)))
+        if self.audience is not None:
+            params.append(("audience", self.audience))
+        if self.resource is not None:
+            params.append(("resource", self.resource))
+        return urlencode(params)
+
+
+class TokenEndpoint:
+    """A token endpoint as seen by one client; raises :class:`EndpointFailure` on failure."""
+
+    def __init__(self, token_url: str, *, client_id: str, client_auth: ClientAuthMethod,
+                 client_secret: str | None, assertion_signer: PrivateKeyJwt | None,
+                 request: TokenRequest, ssl_context: ssl.SSLContext, timeout: float):
+        self.token_url = token_url
+        self._secret = client_secret
+        self._request = request
+        self._timeout = timeout
+        self._client = AsyncOAuth2Client(
+            client_id=client_id,
+            client_secret=client_secret,
+            token_endpoint_auth_method=client_auth,
+            verify=ssl_context,
+            trust_env=False,  # no proxy or CA settings from the environment
+            timeout=timeout,
+            follow_redirects=False,
+        )
+        self._client.register_client_auth_method(
+            ("client_secret_basic", encode_client_secret_basic))
+        if assertion_signer is not None:
+            self._client.register_client_auth_method(("private_key_jwt", assertion_signer))
+        # authlib only looks at the body for an "error" member; a non-2xx answer must fail
+        # whatever its body says, and keep its status for the diagnostics.
+        self._client.register_compliance_hook("access_token_response", self._require_success)
+
+    def _require_success(self, response: httpx.Response) -> httpx.Response:
+        if not 200 <= response.status_code < 300:
+            raise EndpointFailure("http_error", self._redact(describe_http_error(response)))
+        return response
+
+    async def request_token(self) -> IssuedToken:
+        try:
+            raw = await self._client.fetch_token(
+                self.token_url, grant_type="client_credentials", body=self._request.form())
+        except EndpointFailure:
+            raise
+        except httpx.TransportError as exc:
+            reason = describe_transport_error(exc, self._timeout)
+            raise EndpointFailure("network", self._redact(reason)) from None
+        except OAuthError as exc:  # a 2xx answer that carries an OAuth error anyway
+            answer = f"{exc.error}: {exc.description}" if exc.description else str(exc.error)
+            raise EndpointFailure("http_error", self._redact(answer)) from None
+        except (ValueError, TypeError) as exc:  # not JSON, or values authlib cannot read
+            raise EndpointFailure("invalid_response",
+                                  self._redact(f"unreadable token response: {exc}")) from None
+        finally:
+            # authlib keeps the last token on the client object; we hold it ourselves.
+            self._client.token = None
+        return self._parse(raw)
+
+    def _parse(self, raw: dict[str, Any]) -> IssuedToken:
+        token = raw.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise EndpointFailure("invalid_response", "the token response has no access_token")
+        token_type = raw.get("token_type")
+        # RFC 6749 makes token_type required, but some servers omit it; anything other than
+        # Bearer (DPoP, MAC, ...) cannot be sent as "Authorization: Bearer".
+        if token_type is not None and str(token_type).lower() != "bearer":
+            raise EndpointFailure("invalid_response",
+                                  f"token_type is {str(token_type)[:40]!r}, not Bearer")
+        return IssuedToken(access_token=token, expires_in=_expires_in(raw.get("expires_in")),
+                           scope=_scopes(raw.get("scope")))
+
+    def _redact(self, text: str) -> str:
+        return redact(text, [self._secret])
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"TokenEndpoint({self.token_url!r})"
+
+
+def _expires_in(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]  # a few servers send a string
+    except (TypeError, ValueError):
+        raise EndpointFailure("invalid_response",
+                              f"expires_in is not a number: {str(value)[:40]!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise EndpointFailure("invalid_response", f"expires_in is not positive: {seconds:g}")
+    return seconds
+
+
+def _scopes(value: object) -> tuple[str, ...] | None:
+    if not isinstance(value, str):
+        return None
+    return tuple(value.split())
