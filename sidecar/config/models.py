@@ -81,6 +81,18 @@ class TlsSettings(_Model):
 
 class ProxySettings(_Model):
     listen: ListenAddress | None = None
+    # Opt-in: terminate apps' HTTPS (CONNECT) to configured connections with the sidecar's
+    # own CA instead of refusing it; other hosts are still refused.
+    intercept_https: bool = False
+    # Where to write that CA's certificate (PEM) at start, for apps to trust.
+    ca_cert_export: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _intercept_needs_listener(self) -> Self:
+        if self.intercept_https and self.listen is None:
+            raise ValueError("intercept_https needs listen: HTTPS is intercepted on the "
+                             "forward proxy")
+        return self
 
 
 class AdminSettings(_Model):
@@ -184,6 +196,9 @@ class ConnectionSettings(_Model):
     auth: ConnectionAuth = Field(default_factory=ConnectionAuth)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     timeout_seconds: float = Field(default=60, gt=0)
+    # Point the upstream's absolute URLs (Location, Content-Location, Bundle.link[].url) back
+    # at the sidecar, so apps following them keep getting credentials.
+    rewrite_links: bool = True
 
     @field_validator("url")
     @classmethod

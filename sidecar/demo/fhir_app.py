@@ -19,13 +19,16 @@ from sidecar.demo.fhir_resources import (
     PatientStore,
     capability_statement,
     issue_code_for_status,
+    large_bundle_chunks,
     operation_outcome,
     searchset,
+    to_xml,
 )
 from sidecar.demo.http_io import RequestBody, is_decimal
 from sidecar.demo.payload import large_body_chunks
 
 FHIR_JSON = "application/fhir+json"
+FHIR_XML = "application/fhir+xml"
 MAX_JSON_BODY = 1024 * 1024
 MAX_LARGE_SIZE = 1 << 36  # 64 GiB: far beyond any test, small enough to stop typos.
 MAX_SLOW_SECONDS = 30.0
@@ -117,7 +120,9 @@ class FhirApp:
             case ["Patient", patient_id] if method == "GET":
                 return self._read_patient(patient_id)
             case ["Patient"] if method == "GET":
-                return self._search_patients(query)
+                return self._search_patients(query, wants_xml(request, query))
+            case ["Bundle", "large"] if method == "GET":
+                return self._large_bundle(query)
             case ["Patient"] if method == "POST":
                 return self._create_patient(request)
             case ["Binary", "large"] if method == "GET":
@@ -139,13 +144,15 @@ class FhirApp:
             return error_reply(404, f"Patient/{patient_id} is not known")
         return fhir_reply(200, patient, ETag=f'W/"{patient["meta"]["versionId"]}"')
 
-    def _search_patients(self, query: dict[str, list[str]]) -> Reply:
+    def _search_patients(self, query: dict[str, list[str]], xml: bool = False) -> Reply:
         name = _single(query, "name")
         count = _int_param(query, "_count", DEFAULT_PAGE_SIZE, 1, 1000)
         offset = _int_param(query, "_offset", 0, 0, 1_000_000)
         matches = self.patients.search_by_name(name)
         page = matches[offset : offset + count]
         params = {"name": name} if name is not None else {}
+        if "_format" in query:
+            params["_format"] = _single(query, "_format") or ""
         url = f"{self.base_url}/Patient?"
         self_url = url + urlencode({**params, "_count": count, "_offset": offset})
         next_url = None
@@ -154,7 +161,14 @@ class FhirApp:
         bundle = searchset(
             self.base_url, page, total=len(matches), self_url=self_url, next_url=next_url
         )
+        if xml:
+            return Reply(200, {"Content-Type": FHIR_XML}, to_xml(bundle))
         return fhir_reply(200, bundle)
+
+    def _large_bundle(self, query: dict[str, list[str]]) -> Reply:
+        size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 1024, MAX_LARGE_SIZE)
+        return Reply(200, {"Content-Type": FHIR_JSON},
+                     stream=large_bundle_chunks(self.base_url, size), length=size)
 
     def _create_patient(self, request: IncomingRequest) -> Reply:
         try:
@@ -169,7 +183,8 @@ class FhirApp:
             return error_reply(400, 'expected a resource with "resourceType": "Patient"')
         created = self.patients.create(resource)
         location = f"{self.base_url}/Patient/{created['id']}/_history/1"
-        return fhir_reply(201, created, Location=location, ETag='W/"1"')
+        return fhir_reply(201, created, Location=location, ETag='W/"1"',
+                          **{"Content-Location": location})
 
     def _large(self, query: dict[str, list[str]]) -> Reply:
         size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 0, MAX_LARGE_SIZE)
@@ -219,6 +234,15 @@ class FhirApp:
             severity=severity,
         )
         return fhir_reply(status, outcome)
+
+
+def wants_xml(request: IncomingRequest, query: dict[str, list[str]]) -> bool:
+    """``_format=xml`` (or an XML media type), else an Accept asking for XML before JSON."""
+    fmt = (_single(query, "_format") or "").lower()
+    if fmt:
+        return fmt == "xml" or fmt.endswith("xml")
+    accept = request.headers.get("accept", "").lower()
+    return "xml" in accept and "json" not in accept
 
 
 def _single(query: dict[str, list[str]], name: str) -> str | None:

@@ -11,8 +11,9 @@ import copy
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 FhirJson = dict[str, Any]
 
@@ -136,6 +137,66 @@ def searchset(
             for resource in matches
         ],
     }
+
+
+def to_xml(resource: Mapping[str, Any]) -> bytes:
+    """FHIR XML for a JSON resource (the subset these shapes use: no primitive extensions).
+
+    Objects become elements, arrays repeat their element, primitives are ``value``
+    attributes, and a contained resource (``entry.resource``) is wrapped in its type.
+    """
+    out = [f'<?xml version="1.0" encoding="UTF-8"?>\n<{resource["resourceType"]} '
+           'xmlns="http://hl7.org/fhir">']
+    _xml_children(resource, out)
+    out.append(f"</{resource['resourceType']}>")
+    return "".join(out).encode()
+
+
+def _xml_children(node: Mapping[str, Any], out: list[str]) -> None:
+    for key, value in node.items():
+        if key == "resourceType":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Mapping) and "resourceType" in item:
+                out.append(f"<{key}><{item['resourceType']}>")
+                _xml_children(item, out)
+                out.append(f"</{item['resourceType']}></{key}>")
+            elif isinstance(item, Mapping):
+                out.append(f"<{key}>")
+                _xml_children(item, out)
+                out.append(f"</{key}>")
+            else:
+                text = str(item).lower() if isinstance(item, bool) else str(item)
+                out.append(f'<{key} value="{xml_escape(text, {chr(34): "&quot;"})}"/>')
+
+
+def large_bundle_chunks(base_url: str, size: int, chunk_size: int = 64 * 1024
+                        ) -> Iterator[bytes]:
+    """Exactly ``size`` bytes (at least 1 KiB) of a searchset Bundle JSON with an absolute
+    ``next`` link: deterministic, built one chunk at a time whatever the size."""
+    head = ('{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next",'
+            f'"url":"{base_url}/Bundle/large?size={size}&page=2"}}],"entry":[').encode()
+    tail = b"]}"
+    if size < len(head) + len(tail) + 512:
+        raise ValueError("size is too small for a bundle")
+    remaining = size - len(head) - len(tail)
+    buffer = bytearray(head)
+    index = 0
+    while True:
+        entry = (("," if index else "") + f'{{"fullUrl":"{base_url}/Patient/big-{index}",'
+                 f'"resource":{{"resourceType":"Patient","id":"big-{index}"}}}}').encode()
+        if len(entry) > remaining:
+            break
+        buffer += entry
+        remaining -= len(entry)
+        index += 1
+        while len(buffer) >= chunk_size:
+            yield bytes(buffer[:chunk_size])
+            del buffer[:chunk_size]
+    buffer += b" " * remaining + tail  # JSON whitespace fills the rest exactly
+    while buffer:
+        yield bytes(buffer[:chunk_size])
+        del buffer[:chunk_size]
 
 
 def _name_parts(patient: Mapping[str, Any]) -> list[str]:

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy import certs, connection, ctx, exceptions, http, tls
+from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from sidecar.config.errors import ConfigError
 from sidecar.errors import ErrorKind, SidecarError
+from sidecar.intercept import CaExportError, ca_certificate, export_ca_certificate
+from sidecar.links import REWRITTEN_HEADERS, LinkRewriter, app_base_url
 from sidecar.listeners import listener_modes
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event, log_request
@@ -46,6 +50,8 @@ class FlowState:
     bytes_out: int = 0
     error: str | None = None
     logged: bool = False
+    links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
+    links_done_for: http.Response | None = field(default=None, repr=False)
 
 
 def _counter(state: FlowState, attr: str):  # type: ignore[no-untyped-def]
@@ -94,6 +100,8 @@ class FhirSidecar:
             ctx.options.update(stream_large_bodies="1m")
         # Connect upstream only once a request has been routed to a connection.
         ctx.options.update(connection_strategy="lazy")
+        # Keep the app's Host on reverse listeners: links are rewritten to the URL it used.
+        ctx.options.update(keep_host_header=True)
 
     def running(self) -> None:
         if self.live is None:
@@ -104,6 +112,25 @@ class FhirSidecar:
             ctx.options.update(mode=listener_modes(self.live.current))
         for source in self.live.current.token_sources.values():
             source.start()
+        self._export_ca(self.live.current)
+
+    def _export_ca(self, snapshot: Snapshot) -> None:
+        """Copy the CA that signs intercepted connections to ``proxy.ca_cert_export``."""
+        destination = snapshot.config.proxy.ca_cert_export
+        if destination is None:
+            return
+        try:
+            confdir = os.path.expanduser(ctx.options.confdir)
+            if not ca_certificate(confdir).exists():
+                # Our ``running`` precedes TlsConfig's, which would create the CA: create it the
+                # same way now (TlsConfig then loads these files).
+                passphrase = ctx.options.cert_passphrase
+                certs.CertStore.from_store(confdir, "mitmproxy", ctx.options.key_size,
+                                           passphrase.encode() if passphrase else None)
+            if export_ca_certificate(confdir, destination):
+                log_event("ca_exported", logging.INFO, f"CA certificate written to {destination}")
+        except CaExportError as exc:
+            log_event("ca_export_failed", logging.ERROR, str(exc))
 
     def _snapshot_swapped(self, old: Snapshot, new: Snapshot) -> None:
         """Start what the new snapshot added, retire what it dropped, move listeners."""
@@ -116,6 +143,8 @@ class FhirSidecar:
                 task = asyncio.get_running_loop().create_task(source.aclose())
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+        if new.config.proxy.ca_cert_export != old.config.proxy.ca_cert_export:
+            self._export_ca(new)
         modes = listener_modes(new)
         if modes != listener_modes(old):
             ctx.options.update(mode=modes)
@@ -146,6 +175,8 @@ class FhirSidecar:
             return None
 
         upstream = conn.upstream
+        if conn.settings.rewrite_links:
+            state.links = LinkRewriter.between(upstream, self._app_base(flow, conn))
         request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
         request.path = upstream_path
         request.host_header = upstream.host_header
@@ -187,11 +218,35 @@ class FhirSidecar:
             route = found
         return snapshot.connections[route.connection], route.upstream_path
 
+    @staticmethod
+    def _app_base(flow: http.HTTPFlow, conn: CompiledConnection) -> str:
+        """The base URL the app used: its Host, plus the base path on the forward proxy."""
+        request = flow.request
+        host = request.host_header or mitm_url.hostport(request.scheme, request.host,
+                                                        request.port)
+        scheme = "https" if flow.client_conn.tls else "http"
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return app_base_url(scheme, host)
+        return app_base_url(scheme, host, conn.upstream.base_path)
+
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # Apps reach upstreams through the sidecar in plain HTTP; a CONNECT tunnel would carry
-        # TLS the sidecar can neither authenticate nor inspect.
-        self._answer(flow, failures.connect_refused(flow.request.host,
-                                                    self._known_host(flow.request.host)))
+        # TLS the sidecar can neither authenticate nor inspect -- unless the config opts in to
+        # interception, and then only for configured hosts: mitmproxy terminates the app's TLS
+        # with the sidecar's CA (TlsConfig's tls_start_client) and the decrypted requests are
+        # routed like forward-proxy ones in ``requestheaders``.
+        host = flow.request.host
+        known = self._known_host(host)
+        intercept = self.live is not None and self.live.current.config.proxy.intercept_https
+        if known and intercept:
+            return
+        self._answer(flow, failures.connect_refused(host, known))
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        # A refused CONNECT never reaches ``response``: finish (log, count) it here.
+        state = flow.metadata.get(FLOW_KEY)
+        if state is not None:
+            self._log(flow, state)
 
     def _known_host(self, host: str) -> bool:
         return self.live is not None and any(
@@ -223,6 +278,7 @@ class FhirSidecar:
             state.timer.cancel()
         assert flow.response is not None
         flow.response.headers[REQUEST_ID] = state.request_id
+        self._rewrite_link_headers(flow.response, state)
         if flow.response.stream is True:
             flow.response.stream = _counter(state, "bytes_out")
 
@@ -231,9 +287,40 @@ class FhirSidecar:
         if state is None:
             return
         assert flow.response is not None
+        self._rewrite_links(flow.response, state)
         if flow.response.raw_content is not None:
             state.bytes_out = len(flow.response.raw_content)
         self._log(flow, state)
+
+    @staticmethod
+    def _rewrite_link_headers(response: http.Response, state: FlowState) -> None:
+        links = state.links
+        if links is None or state.links_done_for is response:
+            return
+        state.links_done_for = response
+        for name in REWRITTEN_HEADERS:
+            values = response.headers.get_all(name)
+            if values:
+                response.headers.set_all(name, [links.header(v) for v in values])
+
+    def _rewrite_links(self, response: http.Response, state: FlowState) -> None:
+        """Headers (again, if the response was replaced) and a buffered body; streamed bodies
+        (over ``stream_large_bodies``) pass untouched."""
+        links = state.links
+        if links is None:
+            return
+        self._rewrite_link_headers(response, state)
+        if response.stream or not response.raw_content:
+            return
+        try:
+            body = response.get_content(strict=True)
+        except ValueError:
+            return  # a content encoding we cannot undo: leave the body as it is
+        if body is None:
+            return
+        rewritten = links.body(body, response.headers.get("content-type"))
+        if rewritten is not body:
+            response.content = rewritten
 
     # -- upstream TLS and failures -----------------------------------------------------------
 

@@ -36,9 +36,12 @@ def no_route(host: str, path: str) -> SidecarError:
 def connect_refused(host: str, known: bool) -> SidecarError:
     if known:
         text = (f"HTTPS tunnels (CONNECT) to {host} are not supported: configure the app with a "
-                f"plain http:// base URL (http://{host}/...) and the sidecar adds TLS itself")
+                f"plain http:// base URL (http://{host}/...) and the sidecar adds TLS itself; "
+                "or set proxy.intercept_https: true and make the app trust the sidecar's CA "
+                "(proxy.ca_cert_export)")
     else:
-        text = f"no connection is configured for {host}; CONNECT tunnels are not supported"
+        text = (f"no connection is configured for {host}; the sidecar only opens HTTPS "
+                "tunnels (CONNECT) to the FHIR servers in its configuration")
     return SidecarError(ErrorKind.NO_ROUTE, text)
 
 

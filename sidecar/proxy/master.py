@@ -38,5 +38,8 @@ def build_master(live: LiveConfig, state_dir: Path) -> tuple[Master, FhirSidecar
         stream_large_bodies=STREAM_THRESHOLD,
         connection_strategy="lazy",
         http2=False,
+        # Reverse listeners keep the app's Host header, so FHIR links can be rewritten to the
+        # base URL the app used; the addon sets the upstream's Host itself.
+        keep_host_header=True,
     )
     return master, sidecar

@@ -1,0 +1,361 @@
+"""FHIR navigation links kept pointing at the sidecar (design §9 "Link rewriting").
+
+A FHIR server answers with absolute URLs under its own base: ``Location`` and
+``Content-Location`` after a create or update, ``Bundle.link[].url`` (``self``, ``next``, ...)
+when paging. An app that follows them as they are goes around the sidecar, without credentials.
+:class:`LinkRewriter` replaces the upstream base URL with the base URL the app used, and only
+there:
+
+- only an exact base-URL prefix that ends on a boundary (``/``, ``?``, ``#`` or the end) is
+  replaced: ``https://h/fhir-other`` is not under ``https://h/fhir``;
+- bodies are edited in place, never re-serialised: every byte outside a rewritten URL prefix
+  stays as it was (key order, whitespace, number formats, escapes);
+- ``Bundle.entry[].fullUrl`` is identity, not navigation, and is never touched; nor is any
+  other element, header or resource type.
+
+The scheme and host of the prefix are compared case-insensitively and the default port may be
+spelled out (``https://h:443/fhir``); the path is compared exactly. This module never imports
+mitmproxy: the proxy adapter decides *when* to rewrite (buffered bodies only), this decides
+*what*.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+from xml.sax.saxutils import escape as xml_escape
+from xml.sax.saxutils import unescape as xml_unescape
+
+from sidecar.routing import Upstream
+
+REWRITTEN_HEADERS = ("Location", "Content-Location")
+
+BodyKind = Literal["json", "xml"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def app_base_url(scheme: str, host_header: str, base_path: str = "") -> str:
+    """The base URL an app used: ``scheme://Host`` plus, for a forward proxy, the base path."""
+    return f"{scheme}://{host_header}{base_path.rstrip('/')}"
+
+
+def body_kind(content_type: str | None, body: bytes = b"") -> BodyKind | None:
+    """JSON or XML by media type (FHIR's and the generic ones); sniffed when there is none."""
+    if content_type:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media in ("application/json", "text/json") or media.endswith("+json") \
+                or media == "application/json+fhir":
+            return "json"
+        if media in ("application/xml", "text/xml") or media.endswith("+xml") \
+                or media == "application/xml+fhir":
+            return "xml"
+        return None
+    start = body.lstrip()[:1]
+    return "json" if start == b"{" else "xml" if start == b"<" else None
+
+
+def _prefix_pattern(upstream: Upstream) -> str:
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    port = re.escape(f":{upstream.port}")
+    if _DEFAULT_PORTS.get(upstream.scheme) == upstream.port:
+        port = f"(?:{port})?"
+    return (f"(?i:{re.escape(upstream.scheme)}://{re.escape(host)}){port}"
+            f"{re.escape(upstream.base_path)}(?=[/?#]|$)")
+
+
+@dataclass(frozen=True)
+class LinkRewriter:
+    """Rewrites URLs under ``upstream_base`` to the same place under ``app_base``."""
+
+    upstream_base: str
+    app_base: str
+    _str_prefix: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _bytes_prefix: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+    _host: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        upstream = Upstream.from_url(self.upstream_base)
+        pattern = _prefix_pattern(upstream)
+        object.__setattr__(self, "_str_prefix", re.compile(pattern))
+        object.__setattr__(self, "_bytes_prefix", re.compile(pattern.encode()))
+        object.__setattr__(self, "_host", upstream.host.encode().lower())
+
+    @classmethod
+    def between(cls, upstream: Upstream, app_base: str) -> LinkRewriter | None:
+        """A rewriter, or ``None`` when the app already uses the upstream's own base URL."""
+        app_base = app_base.rstrip("/")
+        if app_base == upstream.base_url:
+            return None
+        return cls(upstream.base_url, app_base)
+
+    # -- single values --------------------------------------------------------------------
+
+    def url(self, value: str) -> str:
+        """``value`` with its upstream base replaced, or unchanged when it is not under it."""
+        match = self._str_prefix.match(value)
+        if match is None:
+            return value
+        return self.app_base + value[match.end():]
+
+    def header(self, value: str) -> str:
+        """A ``Location`` / ``Content-Location`` value (surrounding blanks are kept)."""
+        stripped = value.strip()
+        rewritten = self.url(stripped)
+        if rewritten is stripped:
+            return value
+        start = len(value) - len(value.lstrip())
+        return value[:start] + rewritten + value[start + len(stripped):]
+
+    # -- bodies ---------------------------------------------------------------------------
+
+    def body(self, content: bytes, content_type: str | None) -> bytes:
+        """The body with its Bundle links rewritten; the same object when nothing changed.
+
+        Anything that is not well-formed enough to be sure of its structure is left alone.
+        """
+        if self._host not in content.lower():
+            return content
+        kind = body_kind(content_type, content)
+        if kind == "json":
+            return self.json_body(content)
+        if kind == "xml":
+            return self.xml_body(content)
+        return content
+
+    def json_body(self, content: bytes) -> bytes:
+        if b'"link"' not in content and b"\\u" not in content:
+            return content  # no ``link`` key, not even an escaped one
+        spans = _json_bundle_link_urls(content)
+        if not spans:
+            return content
+        return self._splice(content, spans, self._json_string)
+
+    def xml_body(self, content: bytes) -> bytes:
+        if b"link" not in content:
+            return content
+        spans = _xml_bundle_link_urls(content)
+        if not spans:
+            return content
+        return self._splice(content, spans, self._xml_attribute)
+
+    def _splice(self, content: bytes, spans: list[tuple[int, int]],
+                rewrite: Callable[[bytes], bytes | None]) -> bytes:
+        out: list[bytes] = []
+        last = 0
+        changed = False
+        for start, end in spans:
+            new = rewrite(content[start:end])
+            if new is None:
+                continue
+            out += (content[last:start], new)
+            last = end
+            changed = True
+        if not changed:
+            return content
+        out.append(content[last:])
+        return b"".join(out)
+
+    def _raw(self, raw: bytes) -> bytes | None:
+        # The usual case: the prefix is written literally, so only it is replaced.
+        match = self._bytes_prefix.match(raw)
+        if match is None:
+            return None
+        return self.app_base.encode() + raw[match.end():]
+
+    def _json_string(self, token: bytes) -> bytes | None:
+        """A JSON string token (with its quotes), rewritten; ``None`` when not under the base."""
+        inner = self._raw(token[1:-1])
+        if inner is not None:
+            return b'"' + inner + b'"'
+        if b"\\" not in token:
+            return None
+        # The prefix is written with escapes (``https:\/\/``): re-encode this one value only.
+        try:
+            value = json.loads(token)
+        except ValueError:
+            return None
+        rewritten = self.url(value)
+        if rewritten is value:
+            return None
+        return json.dumps(rewritten, ensure_ascii=False).encode()
+
+    def _xml_attribute(self, raw: bytes) -> bytes | None:
+        """An attribute value (without quotes), rewritten; ``None`` when not under the base."""
+        inner = self._raw(raw)
+        if inner is not None:
+            return inner
+        if b"&" not in raw:
+            return None
+        try:
+            value = xml_unescape(raw.decode(), {"&quot;": '"', "&apos;": "'"})
+        except UnicodeDecodeError:
+            return None
+        rewritten = self.url(value)
+        if rewritten is value:
+            return None
+        return xml_escape(rewritten, {'"': "&quot;", "'": "&apos;"}).encode()
+
+
+# -- JSON: where are the Bundle.link[].url strings? -------------------------------------------
+
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', re.DOTALL)
+_K_LINK = "link"
+_K_URL = "url"
+_K_RESOURCE_TYPE = "resourceType"
+
+
+class _JsonObject:
+    __slots__ = ("candidates", "expect_key", "key", "link_owner", "resource_type")
+
+    def __init__(self, link_owner: _JsonObject | None) -> None:
+        self.key: str | None = None
+        self.expect_key = True
+        self.resource_type: str | None = None
+        # ``url`` strings of this object's ``link`` array elements, kept until we know
+        # (at the closing brace) whether this object is a Bundle.
+        self.candidates: list[tuple[int, int]] = []
+        # The object whose ``link`` array this object is an element of.
+        self.link_owner = link_owner
+
+
+class _JsonArray:
+    __slots__ = ("link_owner",)
+
+    def __init__(self, link_owner: _JsonObject | None) -> None:
+        self.link_owner = link_owner
+
+
+def _json_key(token: bytes) -> str | None:
+    if b"\\" not in token:
+        return token[1:-1].decode("utf-8", "replace")
+    try:
+        key = json.loads(token)
+    except ValueError:
+        return None
+    return key if isinstance(key, str) else None
+
+
+def _json_bundle_link_urls(content: bytes) -> list[tuple[int, int]]:
+    """Spans of the string tokens that are ``link[].url`` of a Bundle (at any depth).
+
+    A tokenizer, not a parser: it tracks just enough structure to know where each string sits,
+    and gives up (returns nothing) on anything inconsistent.
+    """
+    stack: list[_JsonObject | _JsonArray] = []
+    found: list[tuple[int, int]] = []
+    done = False
+    for match in _JSON_TOKEN.finditer(content):
+        if done:
+            return []  # something after the top-level value: not one JSON document
+        token = match.group()
+        first = token[:1]
+        top = stack[-1] if stack else None
+        if first == b'"':
+            if isinstance(top, _JsonObject):
+                if top.expect_key:
+                    top.key = _json_key(token)
+                    continue
+                if top.key == _K_URL and top.link_owner is not None:
+                    top.link_owner.candidates.append(match.span())
+                elif top.key == _K_RESOURCE_TYPE:
+                    top.resource_type = _json_key(token)
+            elif top is None:
+                done = True
+        elif first == b"{":
+            owner = None
+            if isinstance(top, _JsonArray):
+                owner = top.link_owner
+            elif isinstance(top, _JsonObject) and top.expect_key:
+                return []
+            stack.append(_JsonObject(owner))
+        elif first == b"[":
+            owner = None
+            if isinstance(top, _JsonObject):
+                if top.expect_key:
+                    return []
+                if top.key == _K_LINK:
+                    owner = top
+            stack.append(_JsonArray(owner))
+        elif first == b"}":
+            if not isinstance(top, _JsonObject):
+                return []
+            stack.pop()
+            if top.resource_type == "Bundle":  # other resources' links are not paging links
+                found += top.candidates
+            if not stack:
+                done = True
+        elif first == b"]":
+            if not isinstance(top, _JsonArray):
+                return []
+            stack.pop()
+            if not stack:
+                done = True
+        elif first == b":":
+            if not isinstance(top, _JsonObject) or not top.expect_key:
+                return []
+            top.expect_key = False
+        elif first == b",":
+            if isinstance(top, _JsonObject):
+                top.expect_key = True
+            elif top is None:
+                return []
+        elif top is None:
+            done = True  # a bare literal as the whole document
+    if stack:
+        return []  # truncated
+    found.sort()
+    return found
+
+
+# -- XML: where are the Bundle/link/url/@value attributes? -----------------------------------
+
+_XML_MARKUP = re.compile(
+    rb"<!--.*?-->"
+    rb"|<!\[CDATA\[.*?\]\]>"
+    rb"|<\?.*?\?>"
+    rb"|<!DOCTYPE[^>\[]*(?:\[.*?\])?\s*>"
+    rb"|<(?P<close>/?)(?P<name>[^\s/>!?]+)(?P<attrs>(?:\s+[^\s=/>]+\s*=\s*(?:\"[^\"]*\"|'[^']*'))*)"
+    rb"\s*(?P<empty>/?)>"
+    rb"|<",  # anything else that opens markup: not well-formed, give up
+    re.DOTALL,
+)
+_XML_VALUE_ATTR = re.compile(rb"""\s(?:[^\s=/>:]+:)?value\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+
+
+def _local(name: bytes) -> bytes:
+    return name.rsplit(b":", 1)[-1]
+
+
+def _xml_bundle_link_urls(content: bytes) -> list[tuple[int, int]]:
+    """Spans of the ``value`` attributes of ``<url>`` in ``<link>`` directly in a ``<Bundle>``."""
+    stack: list[bytes] = []
+    found: list[tuple[int, int]] = []
+    for match in _XML_MARKUP.finditer(content):
+        name = match.group("name")
+        if name is None:
+            if match.group() == b"<":
+                return []
+            continue
+        local = _local(name)
+        if match.group("close"):
+            if not stack or stack[-1] != local:
+                return []
+            stack.pop()
+            continue
+        if local == b"url" and len(stack) >= 2 and stack[-1] == b"link" \
+                and stack[-2] == b"Bundle":
+            attrs_start = match.start("attrs")
+            value = _XML_VALUE_ATTR.search(match.group("attrs"))
+            if value is not None:
+                group = 1 if value.group(1) is not None else 2
+                start, end = value.span(group)
+                found.append((attrs_start + start, attrs_start + end))
+        if not match.group("empty"):
+            stack.append(local)
+    if stack:
+        return []
+    return found

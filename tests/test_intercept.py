@@ -1,0 +1,164 @@
+"""Apps with an ``https://`` base URL behind ``HTTPS_PROXY``: refused with advice by default;
+with ``proxy.intercept_https`` the sidecar terminates their TLS with its own CA (exported for
+them to trust) and injects credentials -- for configured connections only."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.upstreams import Upstreams
+
+from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.demo.pki import DemoPKI
+
+EXPECTED_BASIC = "Basic " + base64.b64encode(
+    f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}".encode()).decode()
+
+
+@dataclass
+class Proxy:
+    sidecar: SidecarProcess
+    port: int
+    server: FhirTestServer
+    ca_export: Path
+
+    @property
+    def upstream_base(self) -> str:
+        return f"https://localhost:{self.server.port}/fhir"
+
+    def client(self, verify: ssl.SSLContext | bool) -> httpx.Client:
+        return httpx.Client(timeout=30, trust_env=False, verify=verify,
+                            proxy=f"http://127.0.0.1:{self.port}")
+
+
+def _start(tmp: Path, pki: DemoPKI, server: FhirTestServer, intercept: bool) -> Proxy:
+    port = free_port()
+    ca_export = tmp / "exported" / "sidecar-ca.pem"
+    proxy: dict[str, object] = {"listen": f"127.0.0.1:{port}"}
+    if intercept:
+        proxy.update(intercept_https=True, ca_cert_export="exported/sidecar-ca.pem")
+    config = write_config(tmp, {
+        "proxy": proxy,
+        "admin": {"listen": None},
+        "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
+        "connections": {"secure": {
+            "url": f"https://localhost:{server.port}/fhir", "auth": {"basic": "b"},
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+    })
+    return Proxy(SidecarProcess(config, tmp / "state").start(), port, server, ca_export)
+
+
+@pytest.fixture(scope="module")
+def intercepting(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+                 upstreams: Upstreams) -> Iterator[Proxy]:
+    proxy = _start(Path(tmp_path_factory.mktemp("intercept")), pki, upstreams.get("good"),
+                   intercept=True)
+    try:
+        yield proxy
+    finally:
+        assert proxy.sidecar.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+             upstreams: Upstreams) -> Iterator[Proxy]:
+    proxy = _start(Path(tmp_path_factory.mktemp("no-intercept")), pki, upstreams.get("good"),
+                   intercept=False)
+    try:
+        yield proxy
+    finally:
+        assert proxy.sidecar.stop() == 0
+
+
+def _trusting(ca: Path) -> ssl.SSLContext:
+    # Only ``ca``: with a cafile, the platform's default CAs are not loaded.
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def _connect(port: int, target: str) -> tuple[str, dict[str, str], bytes]:
+    """Send a raw CONNECT and read the proxy's answer (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            assert piece, data
+            data += piece
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            piece = sock.recv(65536)
+            assert piece, body
+            body += piece
+    return lines[0], headers, body
+
+
+def test_ca_certificate_is_exported_without_its_key(intercepting: Proxy) -> None:
+    pem = wait_until(lambda: intercepting.ca_export.exists() and intercepting.ca_export.read_text(),
+                     message="the exported CA certificate")
+    assert pem.startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY" not in pem
+
+
+def test_https_client_trusting_the_exported_ca_gets_credentials(intercepting: Proxy) -> None:
+    intercepting.server.clear()
+    wait_until(intercepting.ca_export.exists, message="the exported CA certificate")
+    with intercepting.client(_trusting(intercepting.ca_export)) as client:
+        response = client.get(f"{intercepting.upstream_base}/Patient/example",
+                              headers={"Authorization": "Bearer the-apps-own"})
+        search = client.get(f"{intercepting.upstream_base}/Patient", params={"_count": 1})
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "example"
+    seen = intercepting.server.requests_seen
+    assert [r.path.split("?")[0] for r in seen] == ["/fhir/Patient/example", "/fhir/Patient"]
+    assert all(r.headers["authorization"] == EXPECTED_BASIC for r in seen)
+    # The app already uses the upstream's base URL: its links are left as they are.
+    assert search.json()["link"][0]["url"].startswith(intercepting.upstream_base + "/Patient?")
+
+
+def test_client_not_trusting_the_sidecar_ca_fails_its_handshake(intercepting: Proxy,
+                                                                 pki: DemoPKI) -> None:
+    # Trusting only the upstream's real CA: the sidecar's certificate is rejected by the app.
+    with intercepting.client(_trusting(pki.ca_bundle_path)) as client, \
+            pytest.raises(httpx.ConnectError):
+        client.get(f"{intercepting.upstream_base}/metadata")
+
+
+def test_unconfigured_hosts_are_still_refused(intercepting: Proxy) -> None:
+    intercepting.server.clear()
+    # 127.0.0.1 is the same server, but no connection is configured under that name.
+    status, headers, body = _connect(intercepting.port, f"127.0.0.1:{intercepting.server.port}")
+    assert " 403 " in status
+    assert headers["x-sidecar-error"] == "no-route"
+    assert "no connection is configured for 127.0.0.1" in body.decode()
+    with intercepting.client(False) as client, pytest.raises(httpx.ProxyError):
+        client.get("https://fhir.elsewhere.example/fhir/metadata")
+    assert intercepting.server.requests_seen == []
+
+
+def test_without_opt_in_the_refusal_explains_what_to_do(refusing: Proxy) -> None:
+    refusing.server.clear()
+    status, headers, body = _connect(refusing.port, f"localhost:{refusing.server.port}")
+    assert " 403 " in status
+    assert headers["x-sidecar-error"] == "no-route"
+    assert headers["content-type"] == "application/fhir+json"
+    diagnostics = json.loads(body)["issue"][0]["diagnostics"]
+    assert "plain http:// base URL (http://localhost/...)" in diagnostics
+    assert "proxy.intercept_https" in diagnostics
+    assert not refusing.ca_export.exists()
+    with refusing.client(False) as client, pytest.raises(httpx.ProxyError):
+        client.get(f"{refusing.upstream_base}/metadata")
+    assert refusing.server.requests_seen == []
