@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,12 +103,18 @@ def cmd_run(args: argparse.Namespace, settings: RuntimeSettings) -> int:
         return EXIT_INVALID
     state_dir = args.state_dir or settings.state_dir
     try:
-        return asyncio.run(serve(path, state_dir, settings.drain_seconds))
+        code = asyncio.run(serve(path, state_dir, settings.drain_seconds))
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_INVALID
     except KeyboardInterrupt:
-        return EXIT_OK
+        code = EXIT_OK
+    # Everything is drained and logged. Interpreter teardown was seen to crash (a segfault
+    # while garbage-collecting OpenSSL objects in a worker thread) after a clean stop; skip it
+    # so that a clean stop always exits with its real code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_demo(args: argparse.Namespace, settings: RuntimeSettings) -> int:

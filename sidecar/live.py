@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import load_config
 from sidecar.logs import log_event
 from sidecar.snapshot import Snapshot, compile_snapshot
 from sidecar.watch import referenced_files
+
+if TYPE_CHECKING:
+    from sidecar.credentials.oauth import TokenObserver
 
 
 @dataclass(frozen=True)
@@ -26,18 +30,23 @@ class ReloadOutcome:
     problems: tuple[str, ...] = ()
 
 
-def load_snapshot(path: str | Path, previous: Snapshot | None = None) -> Snapshot:
+def load_snapshot(path: str | Path, previous: Snapshot | None = None,
+                  token_observer: TokenObserver | None = None) -> Snapshot:
     """Load, validate and compile ``path``; raise ConfigError naming every problem."""
-    return compile_snapshot(load_config(path), path, previous)
+    return compile_snapshot(load_config(path), path, previous, token_observer)
 
 
 Validator = Callable[[Snapshot, Snapshot], None]
 
 
 class LiveConfig:
-    def __init__(self, path: str | Path, initial: Snapshot | None = None):
+    def __init__(self, path: str | Path, initial: Snapshot | None = None,
+                 token_observer: TokenObserver | None = None):
         self.path = Path(path)
-        self._current = initial if initial is not None else load_snapshot(self.path)
+        # Metrics for every token source this config ever compiles, reloads included.
+        self._token_observer = token_observer
+        self._current = initial if initial is not None else load_snapshot(
+            self.path, token_observer=token_observer)
         self.last_reload = ReloadOutcome(True, time.time())
         self.last_success_at = self.last_reload.at
         self._subscribers: list[Callable[[Snapshot, Snapshot], None]] = []
@@ -72,7 +81,8 @@ class LiveConfig:
         try:
             config = load_config(self.path)
             self._attempted_files = referenced_files(config)
-            new = compile_snapshot(config, self.path, previous=old)
+            new = compile_snapshot(config, self.path, previous=old,
+                                   token_observer=self._token_observer)
             for validator in self._validators:
                 validator(old, new)
         except ConfigError as exc:

@@ -51,6 +51,12 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    # mitmproxy's own problems (addon errors, TLS alerts) belong in the same stream; its
+    # informational lines would repeat every request with its full URL, query string included.
+    mitm = logging.getLogger("mitmproxy")
+    mitm.handlers[:] = [handler]
+    mitm.setLevel(logging.WARNING)
+    mitm.propagate = False
 
 
 def log_event(event: str, level: int = logging.INFO, message: str | None = None,

@@ -8,11 +8,15 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
+from sidecar.admin import ListenerState, StatusSources, start_admin
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import split_listen
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event
+from sidecar.metrics import SidecarMetrics
+from sidecar.proxy.addon import FhirSidecar
 from sidecar.proxy.master import build_master
 from sidecar.snapshot import Snapshot
 from sidecar.watch import FileWatcher
@@ -55,11 +59,25 @@ def check_ports_free(snapshot: Snapshot, already_bound: Snapshot | None = None) 
         raise ConfigError(problems)
 
 
+def listener_state(live: LiveConfig, sidecar: FhirSidecar, proxyserver: Any) -> ListenerState:
+    """For /readyz: every listener of the *current* snapshot bound (a reload may add some)."""
+    bound = {(h, p) for h, p, *_ in proxyserver.listen_addrs()}
+    missing = tuple(f"{h}:{p}" for _, (h, p) in listen_addresses(live.current)
+                    if (h, p) not in bound)
+    return ListenerState(sidecar.listeners_bound and not missing, missing)
+
+
 async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0) -> int:
-    live = LiveConfig(config_path)
+    metrics = SidecarMetrics()
+    live = LiveConfig(config_path, token_observer=metrics)
     check_ports_free(live.current)
     live.add_validator(lambda old, new: check_ports_free(new, already_bound=old))
-    master, sidecar = build_master(live, state_dir)
+    metrics.attach(live)
+    master, sidecar = build_master(live, state_dir, observer=metrics)
+    proxyserver = master.addons.get("proxyserver")
+    # Up before the proxy listeners, so that probes see 503 until those are bound.
+    admin = start_admin(StatusSources(
+        live, metrics, lambda: listener_state(live, sidecar, proxyserver)))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -69,7 +87,6 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
     run_task = asyncio.create_task(master.run())
     expected = {addr for _, addr in listen_addresses(live.current)}
     deadline = time.monotonic() + BIND_DEADLINE_SECONDS
-    proxyserver = master.addons.get("proxyserver")
     while True:
         bound = {(h, p) for h, p, *_ in proxyserver.listen_addrs()}
         if expected <= bound or run_task.done():
@@ -83,11 +100,13 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
         return 1
     sidecar.listeners_bound = True
     log_event("ready", listeners=sorted(f"{h}:{p}" for h, p in expected),
-              connections=sorted(live.current.connections))
+              connections=sorted(live.current.connections),
+              admin=admin.address if admin is not None else None)
 
     watcher = asyncio.create_task(FileWatcher(live.watched_files, live.reload).run())
     await stop.wait()
     watcher.cancel()
+    sidecar.listeners_bound = False  # /readyz answers 503 while draining
     log_event("draining", in_flight=sidecar.in_flight)
     master.options.update(mode=[])  # stop accepting new connections
     deadline = time.monotonic() + drain_seconds
@@ -96,5 +115,7 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
     master.shutdown()
     with contextlib.suppress(asyncio.CancelledError):
         await run_task
+    if admin is not None:  # last: probes and scrapes keep answering while draining
+        await admin.stop()
     log_event("stopped")
     return 0

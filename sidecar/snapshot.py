@@ -21,7 +21,7 @@ from sidecar.secrets import SecretError, read_secret, read_secret_file
 from sidecar.tls_policy import TlsMaterialError, UpstreamTlsPolicy, compile_tls_policy
 
 if TYPE_CHECKING:
-    from sidecar.credentials.oauth import TokenSource
+    from sidecar.credentials.oauth import TokenObserver, TokenSource
 
 _generations = itertools.count(1)
 
@@ -79,7 +79,8 @@ class _Problems:
 
 
 def compile_snapshot(config: SidecarConfig, source: str | Path,
-                     previous: Snapshot | None = None) -> Snapshot:
+                     previous: Snapshot | None = None,
+                     token_observer: TokenObserver | None = None) -> Snapshot:
     """Build a snapshot or raise :class:`ConfigError` listing every problem found.
 
     Token sources whose settings did not change are carried over from ``previous`` so their
@@ -104,7 +105,8 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
             continue
         basic[name] = BasicCredentials(name, definition.username, password)
 
-    token_sources = _compile_token_sources(config, previous, problems, warnings)
+    token_sources = _compile_token_sources(config, previous, problems, warnings,
+                                           token_observer)
 
     connections: dict[str, CompiledConnection] = {}
     for name, settings in config.connections.items():
@@ -151,11 +153,12 @@ def _compile_tls(settings: TlsSettings, path: str, problems: _Problems
 
 
 def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
-                           problems: _Problems, warnings: list[str]
+                           problems: _Problems, warnings: list[str],
+                           token_observer: TokenObserver | None = None
                            ) -> dict[str, TokenSource]:
     if not config.oauth:
         return {}
-    from sidecar.credentials.oauth import TokenSource
+    from sidecar.credentials.oauth import OAuthSetupError, TokenSource
 
     sources: dict[str, TokenSource] = {}
     for name, definition in config.oauth.items():
@@ -181,8 +184,12 @@ def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
         tls = _compile_tls(definition.tls, f"{path}.tls", problems)
         if tls is None:
             continue
-        source = TokenSource(name, definition, client_secret=secret, private_key_pem=key_pem,
-                             tls=tls)
+        try:
+            source = TokenSource(name, definition, client_secret=secret,
+                                 private_key_pem=key_pem, tls=tls, observer=token_observer)
+        except OAuthSetupError as exc:
+            problems.add(path, str(exc))
+            continue
         old = previous.token_sources.get(name) if previous else None
         sources[name] = old if old is not None and old.settings_key == source.settings_key \
             else source

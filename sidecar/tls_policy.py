@@ -108,17 +108,32 @@ class UpstreamTlsPolicy:
     ca_pem: bytes | None  # the custom bundle; None for skip and default (certifi)
     ca_certificates: tuple[CertificateInfo, ...]
     client_cert_pem: bytes | None
-    client_key_pem: bytes | None
+    client_key_pem: bytes | None = field(repr=False)
     server_name: str | None
     openssl_context: SSL.Context = field(repr=False, compare=False)
+    # TLS sessions to resume, by (SNI, host, port). They live on the policy object so that a
+    # session is only ever offered under the policy (trusted CAs, client identity, SNI) that
+    # verified it; a reload compiles new policies, which start without sessions.
+    sessions: dict[tuple[str, str, int], SSL.Session] = field(
+        default_factory=dict, repr=False, compare=False)
 
     def sni_for(self, host: str) -> str:
         return self.server_name or host
 
-    def new_openssl_connection(self, host: str, alpn: list[bytes] | None = None
-                               ) -> SSL.Connection:
-        """A client-side pyOpenSSL connection for ``host`` that enforces this policy."""
+    def new_openssl_connection(self, host: str, alpn: list[bytes] | None = None,
+                               port: int | None = None) -> SSL.Connection:
+        """A client-side pyOpenSSL connection for ``host`` that enforces this policy.
+
+        With ``port``, a session remembered for the same address under this policy is offered
+        for resumption: the server then skips sending and proving its certificate, and the
+        handshake costs both sides far less (the certificate was verified when the session
+        was made; a server that declines simply gets a full, fully verified handshake).
+        """
         conn = SSL.Connection(self.openssl_context)
+        if port is not None:
+            session = self.sessions.get((self.sni_for(host), host, port))
+            if session is not None:
+                conn.set_session(session)
         outcome = VerifyOutcome()
         conn.set_app_data(outcome)
         name = self.sni_for(host)
@@ -130,6 +145,16 @@ class UpstreamTlsPolicy:
             conn.set_alpn_protos(alpn)
         conn.set_connect_state()
         return conn
+
+    def remember_session(self, conn: SSL.Connection, host: str, port: int) -> None:
+        """Keep ``conn``'s session for the next connection to ``host:port`` under this policy.
+
+        Call it once data has been read after the handshake: TLS 1.3 servers send their
+        session tickets after the handshake, so a session taken earlier cannot be resumed.
+        """
+        session = conn.get_session()
+        if session is not None:
+            self.sessions[(self.sni_for(host), host, port)] = session
 
     def stdlib_context(self) -> ssl.SSLContext:
         """The same policy as a stdlib context (token endpoint, ``check --online``)."""

@@ -11,6 +11,8 @@ from support.upstreams import Upstreams
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
 
+pytest_plugins = ["support.oauth_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:

@@ -16,9 +16,11 @@ import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+import httpx
 from mitmproxy import certs, connection, ctx, exceptions, http, tls
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy.mode_specs import ReverseMode
+from OpenSSL import SSL
 
 from sidecar.config.errors import ConfigError
 from sidecar.errors import ErrorKind, SidecarError
@@ -30,6 +32,8 @@ from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
 from sidecar.proxy import failures, mitm_compat
 from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.tls_policy import UpstreamTlsPolicy
+from sidecar.upstream_replay import replay
 
 FLOW_KEY = "fhir_sidecar"
 REQUEST_ID = "X-Request-ID"
@@ -50,6 +54,7 @@ class FlowState:
     bytes_out: int = 0
     error: str | None = None
     logged: bool = False
+    bearer: str | None = field(default=None, repr=False)
     links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
     links_done_for: http.Response | None = field(default=None, repr=False)
 
@@ -65,6 +70,7 @@ class FhirSidecar:
     """Routes each request to a named FHIR connection, with its credentials and TLS policy."""
 
     def __init__(self, live: LiveConfig | None = None, observer: ProxyObserver | None = None):
+        mitm_compat.install_tls_close_fix()
         self.live = live
         self.observer: ProxyObserver = observer or NullObserver()
         # The connection a client's latest request was routed to, so the server TLS hook (which
@@ -72,6 +78,9 @@ class FhirSidecar:
         self._client_target: dict[str, tuple[Snapshot, CompiledConnection]] = {}
         # TLS verification outcome of a client's latest failed upstream handshake.
         self._tls_failures: dict[str, failures.TlsFailure] = {}
+        # A client's new upstream TLS connection whose session is not yet remembered: TLS 1.3
+        # tickets arrive after the handshake, so the session is taken at the first response.
+        self._new_sessions: dict[str, tuple[UpstreamTlsPolicy, SSL.Connection, str, int]] = {}
         self.in_flight = 0
         self.listeners_bound = False
         self._own_listeners = False
@@ -152,6 +161,7 @@ class FhirSidecar:
     def client_disconnected(self, client: connection.Client) -> None:
         self._client_target.pop(client.id, None)
         self._tls_failures.pop(client.id, None)
+        self._new_sessions.pop(client.id, None)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -202,6 +212,7 @@ class FhirSidecar:
             self._answer(flow, failures.token_unavailable(conn.name, exc))
             return
         flow.request.headers["Authorization"] = f"Bearer {token}"
+        state.bearer = token
 
     def _route(self, flow: http.HTTPFlow, snapshot: Snapshot
                ) -> tuple[CompiledConnection | None, str | None]:
@@ -277,15 +288,27 @@ class FhirSidecar:
         if state.timer is not None:
             state.timer.cancel()
         assert flow.response is not None
+        new_session = self._new_sessions.pop(flow.client_conn.id, None)
+        if new_session is not None:
+            policy, ssl_conn, host, port = new_session
+            policy.remember_session(ssl_conn, host, port)
         flow.response.headers[REQUEST_ID] = state.request_id
         self._rewrite_link_headers(flow.response, state)
-        if flow.response.stream is True:
+        if self._may_retry(flow, state):
+            flow.response.stream = False  # keep the 401 so it can be replaced by the retry
+        elif flow.response.stream is True:
             flow.response.stream = _counter(state, "bytes_out")
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         state = flow.metadata.get(FLOW_KEY)
         if state is None:
-            return
+            return None
+        if self._may_retry(flow, state):
+            return self._retry_with_new_token(flow, state)
+        self._finish(flow, state)
+        return None
+
+    def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         assert flow.response is not None
         self._rewrite_links(flow.response, state)
         if flow.response.raw_content is not None:
@@ -322,6 +345,48 @@ class FhirSidecar:
         if rewritten is not body:
             response.content = rewritten
 
+    @staticmethod
+    def _may_retry(flow: http.HTTPFlow, state: FlowState) -> bool:
+        """An upstream 401 to a bearer token, for a request whose body can be sent again."""
+        return (state.bearer is not None and flow.response is not None
+                and flow.response.status_code == 401 and not flow.request.stream
+                and flow.request.raw_content is not None)
+
+    async def _retry_with_new_token(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        from sidecar.credentials.oauth import TokenUnavailable
+
+        conn = state.connection
+        assert conn is not None and conn.oauth is not None and state.bearer is not None
+        source = state.snapshot.token_sources[conn.oauth]
+        source.invalidate(state.bearer)
+        state.bearer = None  # once only
+        try:
+            token = await source.token()
+        except TokenUnavailable:
+            self._finish(flow, state)  # the upstream's 401 stands
+            return
+        self.observer.auth_retry(conn.name)
+        headers = [(k, v) for k, v in flow.request.headers.items(multi=True)
+                   if k.lower() != "authorization"]
+        headers.append(("Authorization", f"Bearer {token}"))
+        try:
+            again = await replay(conn, flow.request.method, flow.request.path, headers,
+                                 flow.request.raw_content or b"")
+        except httpx.HTTPError:
+            self._finish(flow, state)  # keep the first answer rather than invent one
+            return
+        now = time.time()
+        # The body exactly as received (raw: any content-encoding is not applied twice).
+        response = http.Response(
+            http_version=b"HTTP/1.1", status_code=again.status,
+            reason=again.reason.encode("latin-1"),
+            headers=http.Headers([(k.encode("latin-1"), v.encode("latin-1"))
+                                  for k, v in again.headers]),
+            content=again.raw_body, trailers=None, timestamp_start=now, timestamp_end=now)
+        response.headers[REQUEST_ID] = state.request_id
+        flow.response = response
+        self._finish(flow, state)
+
     # -- upstream TLS and failures -----------------------------------------------------------
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
@@ -340,7 +405,11 @@ class FhirSidecar:
         host = server.address[0]
         server.sni = policy.sni_for(host)
         server.alpn_offers = HTTP1_ALPN
-        tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN)
+        port = server.address[1]
+        # Resuming the session of an earlier connection under this same policy saves most of
+        # the handshake: a client opening a connection per request pays one per request.
+        tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
+        self._new_sessions[tls_start.context.client.id] = (policy, tls_start.ssl_conn, host, port)
 
     def tls_failed_server(self, tls_start: tls.TlsData) -> None:
         target = self._client_target.get(tls_start.context.client.id)

@@ -87,5 +87,6 @@ def _connect_words(message: str) -> str:
     if "name or service not known" in lowered or "nodename nor servname" in lowered:
         return "the host name does not resolve"
     if "disconnected" in lowered or "closed" in lowered:
-        return "the server closed the connection without answering"
+        return ("the server closed the connection without answering (servers that require a "
+                "client certificate do this when none, or an untrusted one, is sent)")
     return message

@@ -11,7 +11,10 @@ from collections.abc import Callable
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy import events
+from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import _http1
+from OpenSSL import SSL
 
 # Error bodies waiting to replace mitmproxy's HTML error page, keyed by the identity of the
 # error message string that mitmproxy passes from the flow's error to the page renderer.
@@ -65,3 +68,60 @@ def close_upstream(client: connection.Client, address: tuple[str, int]) -> bool:
             handler.close_connection(conn)
             found = True
     return found
+
+
+def skip_message_type_checks() -> bool:
+    """Stop mitmproxy from type-checking every field of every Request and Response it builds.
+
+    ``MessageData.__post_init__`` runs ``typecheck.check_option_type`` on each field of each
+    message (twice per proxied request, plus one throw-away Response per response read); it
+    is a development aid that ``python -O`` compiles out, and it was ~7% of the sidecar's
+    CPU per keep-alive request in ``bench/profile.py``. Returns whether it was in place.
+    """
+    from mitmproxy.http import MessageData
+
+    if "__post_init__" not in MessageData.__dict__:
+        return False
+    # A dataclass's generated __init__ calls __post_init__ when the class had one, so it is
+    # replaced by a no-op rather than deleted.
+    MessageData.__post_init__ = _no_type_check  # type: ignore[attr-defined]
+    return True
+
+
+def _no_type_check(self: object) -> None:
+    return None
+
+
+def tls_session_reused(conn: SSL.Connection) -> bool:
+    """Whether ``conn``'s handshake resumed an earlier session (pyOpenSSL has no public API)."""
+    return bool(SSL._lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
+
+
+_tls_close_fixed = False
+
+
+def install_tls_close_fix() -> None:
+    """Turn a fatal TLS alert from an upstream into a closed connection the HTTP layer sees.
+
+    A TLS 1.3 server that rejects the client certificate does so with an alert *after* the
+    client considers the handshake done. mitmproxy only logs that alert; its TLS session is
+    then marked "shutdown received", so the close that follows is assumed to have been passed
+    on already and is dropped, and the request waits forever. mitmproxy itself passes a close
+    on after clearing the connection's CAN_READ state; an alert leaves CAN_READ set, which is
+    how the wrapper below recognises it and passes the close on at once.
+    """
+    global _tls_close_fixed
+    if _tls_close_fixed:
+        return
+    _tls_close_fixed = True
+    original = tls_layers.ServerTLSLayer.receive_data
+
+    def receive_data(self: tls_layers.ServerTLSLayer, data: bytes):  # type: ignore[no-untyped-def]
+        yield from original(self, data)
+        alerted = (self.tls is not None and self.tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+                   and self.conn.state & connection.ConnectionState.CAN_READ)
+        if alerted:
+            self.conn.state &= ~connection.ConnectionState.CAN_READ
+            yield from self.event_to_child(events.ConnectionClosed(self.conn))
+
+    tls_layers.ServerTLSLayer.receive_data = receive_data  # type: ignore[method-assign]

@@ -51,7 +51,8 @@ class SidecarProcess:
                  args: tuple[str, ...] = ()):
         self.config = config
         self.state_dir = state_dir
-        self.env = {**os.environ, **(env or {})}
+        # faulthandler: a crash of the child (a segfault in a C extension) leaves a traceback.
+        self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
         self.args = args
         self.proc: subprocess.Popen[str] | None = None
         self.stdout_lines: list[str] = []

@@ -1,0 +1,126 @@
+"""What ``/readyz`` answers: ready or not, and (verbose) the state of every connection.
+
+Ready means "config loaded, every listener bound" (design §9). A failing token endpoint or an
+upstream with a bad certificate does not make the sidecar unready (a still-valid token can
+serve; other connections work); the verbose report shows them instead.
+
+The report is built from the live snapshot, the metrics' status board and the token sources'
+``status()``: configured names, times, fixed error words and the token endpoint's redacted
+answer. It never contains a secret, a token, a header value or a request's query string.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.live import LiveConfig
+from sidecar.metrics import SidecarMetrics, TlsFailureRecord
+from sidecar.tls_policy import earliest_expiry
+
+
+@dataclass(frozen=True)
+class ListenerState:
+    """Whether the proxy listeners are up; ``missing`` lists addresses not (yet) bound."""
+
+    bound: bool
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StatusSources:
+    """Everything the admin endpoints read; nothing in it can change the config."""
+
+    live: LiveConfig
+    metrics: SidecarMetrics
+    listeners: Callable[[], ListenerState]
+
+
+def is_ready(sources: StatusSources) -> bool:
+    # The config is loaded by construction: the admin server starts only after it was.
+    return sources.listeners().bound
+
+
+def readiness_report(sources: StatusSources) -> dict[str, Any]:
+    live = sources.live
+    snapshot = live.current
+    listeners = sources.listeners()
+    last = live.last_reload
+    return {
+        "ready": listeners.bound,
+        "config": {
+            "loaded": True,
+            "generation": snapshot.generation,
+            "last_success_at": _iso(live.last_success_at),
+            "last_reload": {"result": "success" if last.ok else "failure",
+                            "at": _iso(last.at), "problems": list(last.problems)},
+        },
+        "listeners": {"bound": listeners.bound, "missing": list(listeners.missing)},
+        "connections": _connections(sources),
+        "oauth": _oauth(sources),
+    }
+
+
+def _connections(sources: StatusSources) -> dict[str, Any]:
+    snapshot = sources.live.current
+    board = sources.metrics.board
+    found: dict[str, Any] = {}
+    for name, conn in snapshot.connections.items():
+        activity = board.connection(name)
+        expires = earliest_expiry(conn.tls) if conn.tls is not None else None
+        token_until = None
+        if conn.oauth is not None and conn.oauth in snapshot.token_sources:
+            token_until = _iso_dt(snapshot.token_sources[conn.oauth].status().valid_until)
+        found[name] = {
+            "auth": conn.auth_kind,
+            "oauth": conn.oauth,
+            "tls": {
+                "verify": conn.tls.verify if conn.tls is not None else None,
+                "ok": activity.tls_ok,  # null until a request has been sent
+                "last_failure": _tls_failure(activity.last_tls_failure),
+                "ca_bundle_expires_at": _iso_dt(expires),
+            },
+            "token_valid_until": token_until,
+            "requests_recent": activity.recent.totals(),
+            "in_flight": activity.in_flight,
+            "last_status": activity.last_status,
+            "last_error": None if activity.last_error is None else {
+                "error": activity.last_error, "at": _iso(activity.last_error_at)},
+        }
+    return found
+
+
+def _oauth(sources: StatusSources) -> dict[str, Any]:
+    snapshot = sources.live.current
+    board = sources.metrics.board
+    found: dict[str, Any] = {}
+    for name, source in snapshot.token_sources.items():
+        status = source.status()
+        activity = board.token(name)
+        found[name] = {
+            "token_valid_until": _iso_dt(status.valid_until),
+            "last_refresh": _iso_dt(status.last_refresh),
+            "last_result": activity.last_result,
+            "last_error": status.last_error,
+            "scopes": list(status.scopes),
+            "used_by": sorted(c.name for c in snapshot.connections.values() if c.oauth == name),
+        }
+    return found
+
+
+def _tls_failure(record: TlsFailureRecord | None) -> dict[str, Any] | None:
+    return None if record is None else {"reason": record.reason, "at": _iso(record.at)}
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return _iso_dt(dt.datetime.fromtimestamp(epoch, dt.UTC))
+
+
+def _iso_dt(moment: dt.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,318 @@
+"""Prometheus metrics (design §7) and a small in-memory status board, fed by the observers.
+
+:class:`SidecarMetrics` implements the proxy's :class:`~sidecar.observe.ProxyObserver`, the token
+sources' ``TokenObserver`` and a reload observer (:meth:`SidecarMetrics.attach`). It keeps its own
+:class:`CollectorRegistry`, so nothing else in the process (or a second instance in a test) can
+add series to what ``/metrics`` shows.
+
+Every label value is a configured name or one of a few fixed words: the request method is client
+input, so anything outside the standard methods is counted as ``OTHER`` (bounded cardinality).
+Everything runs on the sidecar's single event loop, so the board needs no locking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter as Tally
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from sidecar import __version__
+from sidecar.observe import NO_CONNECTION
+from sidecar.tls_policy import earliest_expiry
+
+if TYPE_CHECKING:
+    from sidecar.live import LiveConfig, ReloadOutcome
+    from sidecar.snapshot import Snapshot
+
+# The contract (design §7) lists exact metric names; prometheus-client would add a `*_created`
+# series beside every counter and histogram. The sidecar process owns the library's settings.
+disable_created_metrics()
+
+PREFIX = "fhir_sidecar"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                     "CONNECT"})
+TOKEN_RESULTS = frozenset({"success", "http_error", "invalid_response", "network"})
+TLS_REASONS = frozenset({"unknown_ca", "hostname_mismatch", "expired", "handshake"})
+NO_STATUS = "none"  # status_class of a request that ended without any response
+# FHIR searches can take tens of seconds; the default buckets stop at 10 s.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def status_class(status: int | None) -> str:
+    if status is None or not 100 <= status <= 599:
+        return NO_STATUS
+    return f"{status // 100}xx"
+
+
+def method_label(method: str) -> str:
+    upper = method.upper()
+    return upper if upper in METHODS else "OTHER"
+
+
+# -- status board ---------------------------------------------------------------------------
+
+class RecentCounts:
+    """Counts per key over a sliding window, in fixed buckets (memory does not grow with load)."""
+
+    def __init__(self, window_seconds: float = 300.0, buckets: int = 30,
+                 clock: Callable[[], float] = time.monotonic):
+        self.window_seconds = window_seconds
+        self._width = window_seconds / buckets
+        self._clock = clock
+        self._buckets: deque[tuple[int, Tally[str]]] = deque()
+
+    def add(self, key: str) -> None:
+        index = self._prune()
+        if not self._buckets or self._buckets[-1][0] != index:
+            self._buckets.append((index, Tally()))
+        self._buckets[-1][1][key] += 1
+
+    def totals(self) -> dict[str, int]:
+        self._prune()
+        total: Tally[str] = Tally()
+        for _, tally in self._buckets:
+            total.update(tally)
+        return dict(total)
+
+    def _prune(self) -> int:
+        index = int(self._clock() // self._width)
+        oldest = index - int(self.window_seconds // self._width) + 1
+        while self._buckets and self._buckets[0][0] < oldest:
+            self._buckets.popleft()
+        return index
+
+
+@dataclass(frozen=True)
+class TlsFailureRecord:
+    connection: str
+    reason: str
+    at: float  # epoch seconds
+
+
+@dataclass
+class ConnectionActivity:
+    """What one connection has been doing; times are epoch seconds."""
+
+    name: str
+    recent: RecentCounts = field(default_factory=RecentCounts)
+    requests: int = 0
+    in_flight: int = 0
+    last_request_at: float | None = None
+    last_status: int | None = None
+    last_error: str | None = None  # a sidecar error kind (design §5) or a client-side abort
+    last_error_at: float | None = None
+    last_tls_failure: TlsFailureRecord | None = None
+    last_upstream_answer_at: float | None = None  # the upstream answered: TLS worked
+
+    @property
+    def tls_ok(self) -> bool | None:
+        """None until the connection has been tried; False while its last handshake failed."""
+        failure = self.last_tls_failure
+        answered = self.last_upstream_answer_at
+        if failure is None:
+            return None if answered is None else True
+        return answered is not None and answered > failure.at
+
+
+@dataclass
+class TokenActivity:
+    definition: str
+    last_result: str | None = None
+    last_result_at: float | None = None
+    expires_at: float | None = None
+
+
+class StatusBoard:
+    """Recent activity per connection and per OAuth definition, for health pages and dashboards.
+
+    Holds configured names, status codes and fixed error words only: never a URL, header or body.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._connections: dict[str, ConnectionActivity] = {}
+        self._tokens: dict[str, TokenActivity] = {}
+        self.last_tls_failure: TlsFailureRecord | None = None
+
+    def connection(self, name: str) -> ConnectionActivity:
+        found = self._connections.get(name)
+        if found is None:
+            found = self._connections[name] = ConnectionActivity(name)
+        return found
+
+    def connections(self) -> dict[str, ConnectionActivity]:
+        return dict(self._connections)
+
+    def token(self, definition: str) -> TokenActivity:
+        found = self._tokens.get(definition)
+        if found is None:
+            found = self._tokens[definition] = TokenActivity(definition)
+        return found
+
+    def tokens(self) -> dict[str, TokenActivity]:
+        return dict(self._tokens)
+
+    def keep_only(self, connections: Iterable[str], definitions: Iterable[str]) -> None:
+        """Forget what was removed from the config ("-" counts unrouted requests: kept)."""
+        keep = {*connections, NO_CONNECTION}
+        self._connections = {k: v for k, v in self._connections.items() if k in keep}
+        wanted = set(definitions)
+        self._tokens = {k: v for k, v in self._tokens.items() if k in wanted}
+
+    # -- recording (called by SidecarMetrics) --
+
+    def started(self, connection: str) -> None:
+        self.connection(connection).in_flight += 1
+
+    def finished(self, connection: str, status: int | None, error: str | None) -> None:
+        now = self._clock()
+        activity = self.connection(connection)
+        activity.in_flight = max(0, activity.in_flight - 1)
+        activity.requests += 1
+        activity.recent.add(status_class(status))
+        activity.last_request_at = now
+        activity.last_status = status
+        if error is not None:
+            activity.last_error, activity.last_error_at = error, now
+        elif status is not None:
+            activity.last_upstream_answer_at = now
+
+    def tls_failed(self, connection: str, reason: str) -> None:
+        record = TlsFailureRecord(connection, reason, self._clock())
+        self.connection(connection).last_tls_failure = record
+        self.last_tls_failure = record
+
+    def token_result(self, definition: str, result: str) -> None:
+        activity = self.token(definition)
+        activity.last_result, activity.last_result_at = result, self._clock()
+
+    def token_expiry(self, definition: str, expires_at: float) -> None:
+        self.token(definition).expires_at = expires_at
+
+
+# -- Prometheus ------------------------------------------------------------------------------
+
+class SidecarMetrics:
+    """The sidecar's metrics (design §7) on a private registry, plus its :class:`StatusBoard`."""
+
+    def __init__(self, version: str = __version__, clock: Callable[[], float] = time.time):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.board = StatusBoard(clock)
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Requests answered, by connection, "
+                                "method and status class ('-': matched no connection).",
+                                ["connection", "method", "status_class"], registry=r)
+        self.duration = Histogram(f"{PREFIX}_request_duration_seconds",
+                                  "Time from request headers to the end of the response.",
+                                  ["connection"], buckets=DURATION_BUCKETS, registry=r)
+        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being handled now.",
+                               ["connection"], registry=r)
+        self.token_requests = Counter(f"{PREFIX}_token_requests", "Token endpoint requests, "
+                                      "by OAuth definition and result.",
+                                      ["definition", "result"], registry=r)
+        self.token_expiry_at = Gauge(f"{PREFIX}_token_expiry_timestamp_seconds",
+                                     "When the cached access token expires (epoch seconds).",
+                                     ["definition"], registry=r)
+        self.auth_retries = Counter(f"{PREFIX}_auth_retries", "Requests retried once with a new "
+                                    "token after an upstream 401.", ["connection"], registry=r)
+        self.tls_failures = Counter(f"{PREFIX}_upstream_tls_failures", "Upstream TLS handshakes "
+                                    "that failed, by reason.", ["connection", "reason"],
+                                    registry=r)
+        self.ca_expiry = Gauge(f"{PREFIX}_ca_bundle_expiry_timestamp_seconds",
+                               "Earliest expiry among the certificates of the connection's CA "
+                               "bundle (epoch seconds; verify: custom only).",
+                               ["connection"], registry=r)
+        self.reloads = Counter(f"{PREFIX}_config_reloads", "Config reloads, by result.",
+                               ["result"], registry=r)
+        self.last_reload_success = Gauge(
+            f"{PREFIX}_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully (epoch seconds; start counts).",
+            registry=r)
+        self.build_info = Gauge(f"{PREFIX}_build_info", "The running fhir-sidecar version.",
+                                ["version"], registry=r)
+        self.build_info.labels(version).set(1)
+        for result in ("success", "failure"):  # so that a first failure is a visible change
+            self.reloads.labels(result)
+        self._ca_connections: set[str] = set()
+        self._token_definitions: set[str] = set()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- ProxyObserver --
+
+    def request_started(self, connection: str) -> None:
+        self.in_flight.labels(connection).inc()
+        self.board.started(connection)
+
+    def request_finished(self, connection: str, method: str, status: int | None,
+                         duration_seconds: float, error: str | None) -> None:
+        self.in_flight.labels(connection).dec()
+        self.requests.labels(connection, method_label(method), status_class(status)).inc()
+        self.duration.labels(connection).observe(duration_seconds)
+        self.board.finished(connection, status, error)
+
+    def auth_retry(self, connection: str) -> None:
+        self.auth_retries.labels(connection).inc()
+
+    def upstream_tls_failure(self, connection: str, reason: str) -> None:
+        reason = reason if reason in TLS_REASONS else "handshake"
+        self.tls_failures.labels(connection, reason).inc()
+        self.board.tls_failed(connection, reason)
+
+    # -- TokenObserver --
+
+    def token_requested(self, definition: str, result: str) -> None:
+        # Only the contract's four words: anything else would be an unbounded label.
+        label = result if result in TOKEN_RESULTS else "invalid_response"
+        self.token_requests.labels(definition, label).inc()
+        self.board.token_result(definition, label)
+
+    def token_expiry(self, definition: str, expires_at: float) -> None:
+        self.token_expiry_at.labels(definition).set(expires_at)
+        self.board.token_expiry(definition, expires_at)
+
+    # -- config --
+
+    def reload_finished(self, outcome: ReloadOutcome) -> None:
+        self.reloads.labels("success" if outcome.ok else "failure").inc()
+        if outcome.ok:
+            self.last_reload_success.set(outcome.at)
+
+    def snapshot_loaded(self, snapshot: Snapshot) -> None:
+        """Refresh what depends on the config: CA bundle expiry, and forget removed names."""
+        with_bundle: set[str] = set()
+        for name, conn in snapshot.connections.items():
+            expires = earliest_expiry(conn.tls) if conn.tls is not None else None
+            if expires is not None:
+                self.ca_expiry.labels(name).set(expires.timestamp())
+                with_bundle.add(name)
+        for gone in self._ca_connections - with_bundle:
+            self.ca_expiry.remove(gone)
+        self._ca_connections = with_bundle
+        definitions = set(snapshot.token_sources)
+        for gone in self._token_definitions - definitions:
+            with contextlib.suppress(KeyError):  # KeyError: no token was ever fetched for it
+                self.token_expiry_at.remove(gone)
+        self._token_definitions = definitions
+        self.board.keep_only(snapshot.connections, definitions)
+
+    def attach(self, live: LiveConfig) -> None:
+        """Follow ``live``: count its reloads and refresh from every new snapshot."""
+        self.last_reload_success.set(live.last_success_at)
+        self.snapshot_loaded(live.current)
+        live.on_reload(self.reload_finished)
+        live.on_swap(lambda _old, new: self.snapshot_loaded(new))

@@ -1,0 +1,48 @@
+"""Sending a request upstream once more, outside mitmproxy: the retry after a rejected token.
+
+mitmproxy cannot resend a request from within its response hook, so the retry is made with
+httpx under the connection's own TLS policy (same CAs, client certificate and server name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from sidecar.snapshot import CompiledConnection
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+               "trailer", "upgrade", "host", "content-length"}
+
+
+@dataclass(frozen=True)
+class ReplayedResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    raw_body: bytes  # as sent by the upstream, content-encoding untouched
+
+
+async def replay(conn: CompiledConnection, method: str, path: str,
+                 headers: list[tuple[str, str]], body: bytes) -> ReplayedResponse:
+    upstream = conn.upstream
+    verify = conn.tls.stdlib_context() if conn.tls is not None else False
+    extensions = {}
+    if conn.tls is not None and conn.tls.server_name:
+        extensions["sni_hostname"] = conn.tls.server_name
+    sent = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
+    sent.append(("Host", upstream.host_header))
+    url = f"{upstream.scheme}://{upstream.host_header}{path}"
+    async with httpx.AsyncClient(verify=verify, trust_env=False,
+                                 timeout=conn.timeout_seconds) as client:
+        request = client.build_request(method, url, headers=sent, content=body,
+                                       extensions=extensions)
+        response = await client.send(request, stream=True)
+        try:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        finally:
+            await response.aclose()
+    kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _HOP_BY_HOP]
+    kept.append(("content-length", str(len(raw))))
+    return ReplayedResponse(response.status_code, response.reason_phrase, kept, raw)
