@@ -24,9 +24,10 @@ from typing import Any
 import httpx
 import yaml
 
-from sidecar.demo.auth_checks import basic_auth_check
+from sidecar.demo.auth_checks import basic_auth_check, bearer_token_check
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
+from sidecar.demo.token_server import DemoTokenServer
 
 DEMO_USER = "demo-client"
 READY_TIMEOUT_SECONDS = 30.0
@@ -49,18 +50,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int) -> tuple[Path, dict[str, int]]:
-    secrets = directory / "secrets"
-    secrets.mkdir(exist_ok=True)
-    password = os.urandom(12).hex()
-    (secrets / "demo-password").write_text(password + "\n")
-    (secrets / "demo-password").chmod(0o600)
-    ports = {name: _free_port() for name in ("proxy", "custom", "skip", "default")}
+def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int, token_url: str,
+                      secrets: dict[str, str]) -> tuple[Path, dict[str, int]]:
+    secret_dir = directory / "secrets"
+    secret_dir.mkdir(exist_ok=True)
+    for name, value in secrets.items():
+        (secret_dir / name).touch(mode=0o600)
+        (secret_dir / name).write_text(value + "\n")
+    ports = {name: _free_port() for name in ("proxy", "custom", "skip", "default", "oauth")}
     config = {
         "proxy": {"listen": f"127.0.0.1:{ports['proxy']}"},
         "admin": {"listen": None},
         "basic_auth": {"demo-basic": {"username": DEMO_USER,
                                       "password_file": "secrets/demo-password"}},
+        "oauth": {"demo-oauth": {
+            "token_url": token_url, "client_id": DEMO_USER,
+            "client_auth": "client_secret_basic",
+            "client_secret_file": "secrets/demo-client-secret",
+            "scopes": ["system/Patient.rs"],
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
         "connections": {
             "demo-custom": {
                 "url": f"https://localhost:{fhir_port}/fhir",
@@ -73,6 +81,12 @@ def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int) -> tuple[Pa
                 "listen": f"127.0.0.1:{ports['skip']}",
                 "auth": {"basic": "demo-basic"},
                 "tls": {"verify": "skip"},
+            },
+            "demo-oauth": {
+                "url": f"https://localhost:{fhir_port}/fhir",
+                "listen": f"127.0.0.1:{ports['oauth']}",
+                "auth": {"oauth": "demo-oauth"},
+                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)},
             },
             "demo-default": {
                 # The demo CA is not a public CA, so certifi's bundle must refuse this server.
@@ -97,6 +111,8 @@ def _demo_calls(ports: dict[str, int], fhir_port: int) -> list[DemoCall]:
                  body={"resourceType": "Patient", "name": [{"family": "Demo"}]}),
         DemoCall("read a patient, forward proxy", "GET",
                  f"http://localhost:{fhir_port}/fhir/Patient/example", via_proxy=True),
+        DemoCall("read a patient (custom CA, OAuth client credentials)", "GET",
+                 f"http://127.0.0.1:{ports['oauth']}/Patient/example"),
         DemoCall("read a patient (TLS skip)", "GET",
                  f"http://127.0.0.1:{ports['skip']}/Patient/example"),
         DemoCall("default CA bundle refuses a private CA", "GET",
@@ -140,9 +156,11 @@ def print_report(results: list[tuple[DemoCall, int, str]], server: FhirTestServe
     for call, status, summary in results:
         print(f"  {status}  {call.method:4} {call.url}")
         print(f"        {call.title}: {summary}")
-    authorised = [r for r in server.requests_seen if r.headers.get("authorization")]
-    print(f"\nThe demo FHIR server received {len(server.requests_seen)} request(s), "
-          f"{len(authorised)} of them with the sidecar's Basic credentials.")
+    seen = server.requests_seen
+    basic = [r for r in seen if str(r.headers.get("authorization")).startswith("Basic ")]
+    bearer = [r for r in seen if str(r.headers.get("authorization")).startswith("Bearer ")]
+    print(f"\nThe demo FHIR server received {len(seen)} request(s): {len(basic)} with the "
+          f"sidecar's Basic credentials, {len(bearer)} with its OAuth bearer token.")
 
 
 @contextlib.contextmanager
@@ -183,11 +201,14 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fhir-demo-")))
         state_dir.mkdir(parents=True, exist_ok=True)
         pki = DemoPKI(state_dir / "pki")
-        password_holder: dict[str, str] = {}
-        server = FhirTestServer(pki.server(), auth=lambda h: _check(h, password_holder))
+        secrets = {"demo-password": os.urandom(12).hex(),
+                   "demo-client-secret": os.urandom(12).hex()}
+        tokens = stack.enter_context(DemoTokenServer(
+            pki.server(name="token-server"), DEMO_USER, secrets["demo-client-secret"]))
+        server = FhirTestServer(pki.server(), auth=lambda h: _check(h, secrets, tokens))
         stack.enter_context(server)
-        config, ports = write_demo_config(state_dir, pki, server.port)
-        password_holder["pw"] = (state_dir / "secrets" / "demo-password").read_text().strip()
+        config, ports = write_demo_config(state_dir, pki, server.port, tokens.token_url,
+                                          secrets)
         print(f"Demo FHIR server (HTTPS, private CA, Basic auth): {server.base_url}")
         print(f"Demo config: {config}")
         try:
@@ -209,5 +230,8 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
     return 0
 
 
-def _check(headers: Any, holder: dict[str, str]) -> str | None:
-    return basic_auth_check(DEMO_USER, holder["pw"])(headers)
+def _check(headers: Any, secrets: dict[str, str], tokens: DemoTokenServer) -> str | None:
+    """The demo server takes either the Basic password or a token from the demo endpoint."""
+    if bearer_token_check(tokens.is_valid)(headers) is None:
+        return None
+    return basic_auth_check(DEMO_USER, secrets["demo-password"])(headers)
