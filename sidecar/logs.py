@@ -53,6 +53,11 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     logger.propagate = False
     # mitmproxy's own problems (addon errors, TLS alerts) belong in the same stream; its
     # informational lines would repeat every request with its full URL, query string included.
+    # Modules log under their own names (``sidecar.credentials.oauth``, ...).
+    package = logging.getLogger("sidecar")
+    package.handlers[:] = [handler]
+    package.setLevel(level.upper())
+    package.propagate = False
     mitm = logging.getLogger("mitmproxy")
     mitm.handlers[:] = [handler]
     mitm.setLevel(logging.WARNING)

@@ -59,11 +59,17 @@ def check_ports_free(snapshot: Snapshot, already_bound: Snapshot | None = None) 
         raise ConfigError(problems)
 
 
+def unbound(snapshot: Snapshot, proxyserver: Any) -> list[tuple[str, tuple[str, int]]]:
+    """Configured listen addresses not bound yet. Ports are compared, not hosts: a host name
+    such as ``localhost`` is bound under the address it resolves to."""
+    bound_ports = {p for _, p, *_ in proxyserver.listen_addrs()}
+    return [(path, addr) for path, addr in listen_addresses(snapshot)
+            if addr[1] not in bound_ports]
+
+
 def listener_state(live: LiveConfig, sidecar: FhirSidecar, proxyserver: Any) -> ListenerState:
     """For /readyz: every listener of the *current* snapshot bound (a reload may add some)."""
-    bound = {(h, p) for h, p, *_ in proxyserver.listen_addrs()}
-    missing = tuple(f"{h}:{p}" for _, (h, p) in listen_addresses(live.current)
-                    if (h, p) not in bound)
+    missing = tuple(f"{h}:{p}" for _, (h, p) in unbound(live.current, proxyserver))
     return ListenerState(sidecar.listeners_bound and not missing, missing)
 
 
@@ -88,8 +94,7 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
     expected = {addr for _, addr in listen_addresses(live.current)}
     deadline = time.monotonic() + BIND_DEADLINE_SECONDS
     while True:
-        bound = {(h, p) for h, p, *_ in proxyserver.listen_addrs()}
-        if expected <= bound or run_task.done():
+        if not unbound(live.current, proxyserver) or run_task.done():
             break
         if time.monotonic() > deadline:
             log_event("startup_failed", message="listeners did not come up in time")
