@@ -57,10 +57,12 @@ def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int, token_url: 
     for name, value in secrets.items():
         (secret_dir / name).touch(mode=0o600)
         (secret_dir / name).write_text(value + "\n")
-    ports = {name: _free_port() for name in ("proxy", "custom", "skip", "default", "oauth")}
+    ports = {name: _free_port()
+             for name in ("proxy", "custom", "skip", "default", "oauth", "admin")}
     config = {
         "proxy": {"listen": f"127.0.0.1:{ports['proxy']}"},
-        "admin": {"listen": None},
+        "admin": {"listen": f"127.0.0.1:{ports['admin']}",
+                  "token_file": "secrets/admin-token"},
         "basic_auth": {"demo-basic": {"username": DEMO_USER,
                                       "password_file": "secrets/demo-password"}},
         "oauth": {"demo-oauth": {
@@ -202,7 +204,8 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
         state_dir.mkdir(parents=True, exist_ok=True)
         pki = DemoPKI(state_dir / "pki")
         secrets = {"demo-password": os.urandom(12).hex(),
-                   "demo-client-secret": os.urandom(12).hex()}
+                   "demo-client-secret": os.urandom(12).hex(),
+                   "admin-token": os.urandom(16).hex()}
         tokens = stack.enter_context(DemoTokenServer(
             pki.server(name="token-server"), DEMO_USER, secrets["demo-client-secret"]))
         server = FhirTestServer(pki.server(), auth=lambda h: _check(h, secrets, tokens))
@@ -224,6 +227,9 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
               f"  curl http://127.0.0.1:{ports['custom']}/Patient/example\n"
               f"  curl -x http://127.0.0.1:{ports['proxy']} "
               f"http://localhost:{server.port}/fhir/Patient?name=chalmers\n"
+              f"  curl http://127.0.0.1:{ports['admin']}/metrics\n"
+              f"Dashboard: http://127.0.0.1:{ports['admin']}/ (log in with the token in "
+              f"{state_dir / 'secrets' / 'admin-token'})\n"
               "Press Ctrl-C to stop.")
         with contextlib.suppress(KeyboardInterrupt):
             proc.wait()
