@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 from pathlib import Path
 
 from sidecar.config.models import OAuthDefinition, SidecarConfig, TlsSettings
@@ -50,7 +51,7 @@ def signature(path: Path) -> Signature:
 
 
 class FileWatcher:
-    def __init__(self, files: Callable[[], Iterable[Path]], on_change: Callable[[], None],
+    def __init__(self, files: Callable[[], Iterable[Path]], on_change: Callable[[], Any],
                  interval: float = POLL_SECONDS):
         self._files = files
         self._on_change = on_change

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -256,5 +257,5 @@ class SidecarConfig(_Model):
         return problems
 
 
-def _known(names: dict[str, object]) -> str:
+def _known(names: Mapping[str, object]) -> str:
     return f" (defined: {', '.join(sorted(names))})" if names else " (none are defined)"
