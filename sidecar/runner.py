@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.admin import ListenerState, StatusSources, start_admin
+from sidecar.admin.console import mount_console
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import split_listen
 from sidecar.live import LiveConfig
@@ -82,8 +83,10 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
     master, sidecar = build_master(live, state_dir, observer=metrics)
     proxyserver = master.addons.get("proxyserver")
     # Up before the proxy listeners, so that probes see 503 until those are bound.
-    admin = start_admin(StatusSources(
-        live, metrics, lambda: listener_state(live, sidecar, proxyserver)))
+    sources = StatusSources(live, metrics, lambda: listener_state(live, sidecar, proxyserver))
+    admin = start_admin(sources)
+    if admin is not None:  # the dashboard and /api, on the same admin listener
+        mount_console(admin.app, sources)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

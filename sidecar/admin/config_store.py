@@ -1,0 +1,525 @@
+"""The dashboard's and API's write path: change the config file, validate, persist, reload.
+
+Every change follows the same steps (issue 6): read the config file's text; apply the change to
+its data (ruamel.yaml keeps comments and order); write new secrets (passwords, client secrets,
+private keys) as new 0600 files in ``dashboard-secrets/`` beside the config and reference them as
+``*_file`` paths; validate the whole candidate exactly as a reload would (``parse_config`` then
+``compile_snapshot``); only then write the config atomically (temp file, fsync, rename) and call
+:meth:`LiveConfig.reload`, the one reload path. A rejected change leaves every file as it was.
+
+Secrets are write-only: the views returned here say ``"set"`` / ``"not set"``, never a value.
+This module knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from sidecar.config.errors import ConfigError
+from sidecar.config.loader import parse_config
+from sidecar.config.models import NAME_PATTERN, SidecarConfig
+from sidecar.live import LiveConfig, ReloadOutcome
+from sidecar.secrets import SecretError, read_secret_file
+from sidecar.snapshot import compile_snapshot
+from sidecar.tls_policy import CertificateInfo, TlsMaterialError, parse_ca_bundle
+
+SECRETS_DIR_NAME = "dashboard-secrets"
+MAX_UPLOAD_BYTES = 256 * 1024  # a CA bundle or private key; far above any real one
+
+Kind = Literal["connections", "basic_auth", "oauth"]
+KIND_WORDS: dict[str, str] = {"connections": "connection", "basic_auth": "Basic Auth definition",
+                              "oauth": "OAuth definition", "ca_bundles": "CA bundle"}
+_CA_FILE = re.compile(r"^ca-([a-z0-9][a-z0-9_-]*)\.pem$")
+# Secret files this module wrote: "<kind>-<name>-<field>-<random>"; older versions are removed
+# once no config references them.
+_MANAGED_SECRET = re.compile(r"^(basic|oauth)-[a-z0-9][a-z0-9_-]*\.[a-z-]+\.[0-9a-f]{16}$")
+
+
+class ChangeRejected(Exception):
+    """A change that was not made; ``status`` is the HTTP status that fits, ``problems`` the
+    validation messages (``FILE: field.path: what is wrong``). Never contains a secret."""
+
+    def __init__(self, status: int, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class CaBundle:
+    name: str
+    path: Path
+    certificates: list[CertificateInfo]
+    used_by: list[str]
+    problem: str | None = None
+
+
+@dataclass
+class _Plan:
+    """One change in progress: the new config data and the secret files written for it."""
+
+    data: Any
+    new_files: list[Path] = field(default_factory=list)
+
+
+def check_name(name: str, kind: str) -> None:
+    if not NAME_PATTERN.match(name) or len(name) > 63:
+        raise ChangeRejected(400, f"{KIND_WORDS.get(kind, kind)} name {name!r} must match "
+                                  "[a-z0-9][a-z0-9_-]* (at most 63 characters)")
+
+
+class ConfigStore:
+    def __init__(self, live: LiveConfig):
+        self.live = live
+
+    # -- where things are ------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        # Write where the file really is, so a symlinked config stays a symlink.
+        return Path(os.path.realpath(self.live.path))
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(os.path.abspath(self.live.path)).parent
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.base_dir / SECRETS_DIR_NAME
+
+    def ca_bundle_path(self, name: str) -> Path:
+        return self.secrets_dir / f"ca-{name}.pem"
+
+    # -- may we write at all -----------------------------------------------------------------
+
+    def read_only_reason(self) -> str | None:
+        """Why changes are impossible, in words for the user; None when they are possible."""
+        if self.live.current.config.admin.token_file is None:
+            return ("no admin.token_file is configured, so the dashboard and API are "
+                    "read-only; set admin.token_file to allow changes")
+        path = self.config_path
+        for what, target in (("config file", path), ("config directory", path.parent)):
+            if not _writable(target):
+                return (f"the {what} {target} is read-only (for example a Kubernetes "
+                        "ConfigMap); change the configuration at its source")
+        if self.secrets_dir.exists() and not _writable(self.secrets_dir):
+            return f"the secrets directory {self.secrets_dir} is read-only"
+        return None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def config(self) -> SidecarConfig:
+        return self.live.current.config
+
+    def bundle_name_for(self, path: Path | None) -> str | None:
+        if path is None:
+            return None
+        if Path(os.path.normpath(path)).parent == self.secrets_dir:
+            found = _CA_FILE.match(path.name)
+            if found:
+                return found.group(1)
+        return None
+
+    def ca_bundles(self) -> list[CaBundle]:
+        if not self.secrets_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.secrets_dir.iterdir()):
+            match = _CA_FILE.match(path.name)
+            if match:
+                found.append(self._describe_bundle(match.group(1), path))
+        return found
+
+    def ca_bundle(self, name: str) -> CaBundle | None:
+        path = self.ca_bundle_path(name)
+        return self._describe_bundle(name, path) if path.is_file() else None
+
+    def _describe_bundle(self, name: str, path: Path) -> CaBundle:
+        used_by = [c for c, conn in self.config.connections.items()
+                   if self.bundle_name_for(conn.tls.ca_bundle) == name]
+        used_by += [f"oauth:{o}" for o, d in self.config.oauth.items()
+                    if self.bundle_name_for(d.tls.ca_bundle) == name]
+        try:
+            certs = parse_ca_bundle(path.read_bytes(), path.name)
+        except (OSError, TlsMaterialError) as exc:
+            return CaBundle(name, path, [], used_by, str(exc))
+        return CaBundle(name, path, certs, used_by)
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def put_basic(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
+        check_name(name, "basic_auth")
+        body = dict(body)
+        password = _pop_secret(body, "password")
+
+        def change(plan: _Plan) -> bool:
+            section = _section(plan.data, "basic_auth")
+            existing = section.get(name)
+            entry: dict[str, Any] = dict(body)
+            if password is not None:
+                entry.pop("password_file", None)
+                entry.pop("password_env", None)
+                entry["password_file"] = self._write_secret(plan, f"basic-{name}.password",
+                                                            password)
+            elif not {"password_file", "password_env"} & entry.keys():
+                if not isinstance(existing, dict):
+                    raise ChangeRejected(422, "password is required for a new Basic Auth "
+                                              "definition")
+                for key in ("password_file", "password_env", "password"):
+                    if key in existing:
+                        entry[key] = existing[key]
+            section[name] = entry
+            return existing is None
+
+        return self._apply(change)
+
+    def put_oauth(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
+        check_name(name, "oauth")
+        body = dict(body)
+        client_secret = _pop_secret(body, "client_secret")
+        key_pem = _pop_secret(body, "private_key_pem")
+        if key_pem is not None:
+            _check_private_key(key_pem)
+        if isinstance(body.get("tls"), dict):
+            body["tls"] = self._tls_from_api(body["tls"])
+
+        def change(plan: _Plan) -> bool:
+            section = _section(plan.data, "oauth")
+            existing = section.get(name)
+            entry: dict[str, Any] = dict(body)
+            client_auth = entry.get("client_auth", "client_secret_basic")
+            secret_keys = {"client_secret_file", "client_secret_env"}
+            if client_secret is not None:
+                for key in secret_keys:
+                    entry.pop(key, None)
+                entry["client_secret_file"] = self._write_secret(
+                    plan, f"oauth-{name}.client-secret", client_secret)
+            elif (client_auth != "private_key_jwt" and not secret_keys & entry.keys()
+                  and isinstance(existing, dict)
+                  and existing.get("client_auth", "client_secret_basic") != "private_key_jwt"):
+                for key in (*secret_keys, "client_secret"):
+                    if key in existing:
+                        entry[key] = existing[key]
+            if key_pem is not None:
+                entry.pop("private_key_file", None)
+                entry["private_key_file"] = self._write_secret(
+                    plan, f"oauth-{name}.private-key", key_pem)
+            elif (client_auth == "private_key_jwt" and "private_key_file" not in entry
+                  and isinstance(existing, dict) and "private_key_file" in existing):
+                entry["private_key_file"] = existing["private_key_file"]
+            section[name] = entry
+            return existing is None
+
+        return self._apply(change)
+
+    def put_connection(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
+        check_name(name, "connections")
+        body = dict(body)
+        if isinstance(body.get("tls"), dict):
+            body["tls"] = self._tls_from_api(body["tls"])
+        auth = body.get("auth")
+        if isinstance(auth, dict):
+            body["auth"] = {k: v for k, v in auth.items() if v is not None}
+            if not body["auth"]:
+                body.pop("auth")
+            elif "basic" in auth and "oauth" in auth and auth["basic"] and auth["oauth"]:
+                raise ChangeRejected(422, "a connection uses a Basic Auth or an OAuth "
+                                          "definition, not both: HTTP has a single "
+                                          "Authorization header")
+
+        def change(plan: _Plan) -> bool:
+            section = _section(plan.data, "connections")
+            existing = section.get(name)
+            section[name] = body
+            return existing is None
+
+        return self._apply(change)
+
+    def delete(self, kind: Kind, name: str) -> ReloadOutcome:
+        check_name(name, kind)
+        if name not in self._file_section(kind):
+            raise ChangeRejected(404, f"no {KIND_WORDS[kind]} named {name!r}")
+        if kind != "connections":
+            users = [c for c, conn in self.config.connections.items()
+                     if getattr(conn.auth, "basic" if kind == "basic_auth" else "oauth") == name]
+            if users:
+                raise ChangeRejected(409, f"{KIND_WORDS[kind]} {name!r} is used by connection"
+                                          f"{'s' if len(users) > 1 else ''} "
+                                          f"{', '.join(users)}; assign another first")
+
+        def change(plan: _Plan) -> bool:
+            del _section(plan.data, kind)[name]
+            return False
+
+        return self._apply(change)[1]
+
+    def put_ca_bundle(self, name: str, pem: bytes) -> tuple[bool, ReloadOutcome]:
+        check_name(name, "ca_bundles")
+        self._require_writable()
+        validate_ca_pem(pem)
+        target = self.ca_bundle_path(name)
+        old = target.read_bytes() if target.is_file() else None
+        self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        _atomic_write(target, pem, 0o600)
+        outcome = self.live.reload()
+        if not outcome.ok:
+            if old is None:
+                target.unlink(missing_ok=True)
+            else:
+                _atomic_write(target, old, 0o600)
+            self.live.reload()
+            raise ChangeRejected(422, "the sidecar rejected the configuration with this CA "
+                                      "bundle; nothing was changed", list(outcome.problems))
+        return old is None, outcome
+
+    def delete_ca_bundle(self, name: str) -> None:
+        check_name(name, "ca_bundles")
+        self._require_writable()
+        bundle = self.ca_bundle(name)
+        if bundle is None:
+            raise ChangeRejected(404, f"no CA bundle named {name!r}")
+        if bundle.used_by:
+            raise ChangeRejected(409, f"CA bundle {name!r} is used by "
+                                      f"{', '.join(bundle.used_by)}; change their TLS "
+                                      "settings first")
+        bundle.path.unlink()
+
+    # -- the one write path -----------------------------------------------------------------
+
+    def _apply(self, change: Any) -> tuple[bool, ReloadOutcome]:
+        self._require_writable()
+        path = self.config_path
+        original = path.read_bytes()
+        yaml = _yaml()
+        try:
+            data = yaml.load(original.decode("utf-8")) or {}
+        except (YAMLError, UnicodeDecodeError) as exc:
+            raise ChangeRejected(409, f"the config file {path} cannot be parsed; fix it "
+                                      f"first: {type(exc).__name__}") from None
+        if not isinstance(data, dict):
+            raise ChangeRejected(409, f"the config file {path} is not a mapping; fix it first")
+        plan = _Plan(data)
+        had_secrets_dir = self.secrets_dir.exists()
+
+        def undo_files() -> None:
+            _remove(plan.new_files)
+            if not had_secrets_dir:
+                with contextlib.suppress(OSError):
+                    self.secrets_dir.rmdir()  # only when empty
+
+        try:
+            created = change(plan)
+            text = _dump(yaml, plan.data)
+            self._validate(text)
+            _atomic_write(path, text.encode("utf-8"), _mode_of(path))
+        except BaseException:
+            undo_files()
+            raise
+        outcome = self.live.reload()
+        if not outcome.ok:
+            # E.g. a listen port that is taken: put everything back as it was.
+            _atomic_write(path, original, _mode_of(path))
+            undo_files()
+            self.live.reload()
+            raise ChangeRejected(409, "the sidecar could not apply the change; nothing was "
+                                      "changed", list(outcome.problems))
+        self._collect_garbage()
+        return created, outcome
+
+    def _validate(self, text: str) -> None:
+        file = str(self.live.path)
+        try:
+            config = parse_config(text, file=file, base_dir=self.base_dir)
+            compile_snapshot(config, file)
+        except ConfigError as exc:
+            raise ChangeRejected(422, "the change is not valid; nothing was changed",
+                                 [str(p) for p in exc.problems]) from None
+
+    def _require_writable(self) -> None:
+        reason = self.read_only_reason()
+        if reason is not None:
+            raise ChangeRejected(403, reason)
+
+    def _file_section(self, kind: Kind) -> dict[str, Any]:
+        try:
+            data = _yaml().load(self.config_path.read_text(encoding="utf-8")) or {}
+        except (OSError, YAMLError, UnicodeDecodeError):
+            return dict(getattr(self.config, kind))
+        section = data.get(kind) if isinstance(data, dict) else None
+        return section if isinstance(section, dict) else {}
+
+    def _write_secret(self, plan: _Plan, stem: str, value: str) -> str:
+        self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        target = self.secrets_dir / f"{stem}.{secrets.token_hex(8)}"
+        _atomic_write(target, (value + "\n").encode("utf-8"), 0o600)
+        plan.new_files.append(target)
+        return f"{SECRETS_DIR_NAME}/{target.name}"
+
+    def _tls_from_api(self, tls: dict[str, Any]) -> dict[str, Any]:
+        """``ca_bundle`` may name an uploaded bundle (``internal``) instead of a path."""
+        tls = {k: v for k, v in tls.items() if v is not None}
+        ref = tls.get("ca_bundle")
+        if isinstance(ref, str) and NAME_PATTERN.match(ref) and "." not in ref:
+            if not self.ca_bundle_path(ref).is_file():
+                raise ChangeRejected(422, f"no CA bundle named {ref!r}; upload it first "
+                                          f"(PUT /api/ca-bundles/{ref})")
+            tls["ca_bundle"] = f"{SECRETS_DIR_NAME}/ca-{ref}.pem"
+        return tls
+
+    def _collect_garbage(self) -> None:
+        """Remove secret files of earlier versions that the live config no longer names."""
+        if not self.secrets_dir.is_dir():
+            return
+        config = self.config
+        named = {os.path.normpath(p) for p in _secret_paths(config)}
+        for path in self.secrets_dir.iterdir():
+            if _MANAGED_SECRET.match(path.name) and os.path.normpath(path) not in named:
+                path.unlink(missing_ok=True)
+
+
+def validate_ca_pem(pem: bytes) -> list[CertificateInfo]:
+    """A CA bundle upload: PEM, parses, and every certificate in it is a CA certificate."""
+    if len(pem) > MAX_UPLOAD_BYTES:
+        raise ChangeRejected(413, f"the CA bundle is larger than {MAX_UPLOAD_BYTES} bytes")
+    try:
+        certs = parse_ca_bundle(pem, "the uploaded CA bundle")
+    except TlsMaterialError as exc:
+        raise ChangeRejected(422, str(exc)) from None
+    not_ca = [c.subject for c in certs if not c.is_ca]
+    if not_ca:
+        raise ChangeRejected(422, "the uploaded bundle must contain only CA certificates; "
+                                  f"these are not CAs: {'; '.join(not_ca)}")
+    return certs
+
+
+def _check_private_key(pem: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if len(pem) > MAX_UPLOAD_BYTES:
+        raise ChangeRejected(413, f"the private key is larger than {MAX_UPLOAD_BYTES} bytes")
+    try:
+        key = serialization.load_pem_private_key(pem.encode("utf-8"), password=None)
+    except (ValueError, TypeError):
+        raise ChangeRejected(422, "private_key_pem is not an unencrypted PEM private key") \
+            from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ChangeRejected(422, "private_key_pem must be an RSA (RS384) or EC P-384 (ES384) "
+                                  "key")
+
+
+def _pop_secret(body: dict[str, Any], key: str) -> str | None:
+    value = body.pop(key, None)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or value in ("set", "not set"):
+        raise ChangeRejected(422, f"{key} must be a non-empty string (the new secret); leave "
+                                  "it out to keep the current one")
+    if "\x00" in value:
+        raise ChangeRejected(422, f"{key} must not contain NUL characters")
+    return value
+
+
+def secret_state(file: Path | None, env: str | None, inline: str | None) -> str:
+    """``"set"`` when the secret can be read now, else ``"not set"``: never the value."""
+    if inline:
+        return "set"
+    if env is not None:
+        return "set" if os.environ.get(env) else "not set"
+    if file is None:
+        return "not set"
+    try:
+        read_secret_file(file)
+    except SecretError:
+        return "not set"
+    return "set"
+
+
+def _secret_paths(config: SidecarConfig) -> Iterator[Path]:
+    for basic in config.basic_auth.values():
+        if basic.password_file is not None:
+            yield basic.password_file
+    for oauth in config.oauth.values():
+        if oauth.client_secret_file is not None:
+            yield oauth.client_secret_file
+        if oauth.private_key_file is not None:
+            yield oauth.private_key_file
+
+
+def _section(data: dict[str, Any], kind: str) -> dict[str, Any]:
+    section = data.get(kind)
+    if section is None:
+        data[kind] = section = {}
+    if not isinstance(section, dict):
+        raise ChangeRejected(409, f"the config file's {kind} section is not a mapping; fix it "
+                                  "first")
+    return section
+
+
+def _yaml() -> YAML:
+    yaml = YAML()  # round-trip: comments and key order survive
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    return yaml
+
+
+def _dump(yaml: YAML, data: Any) -> str:
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
+
+
+def _writable(path: Path) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    # Root passes access(2) for any mode; a file nobody may write is meant to stay as it is.
+    return os.access(path, os.W_OK) and bool(mode & 0o222)
+
+
+def _mode_of(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
+def _atomic_write(target: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

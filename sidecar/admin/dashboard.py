@@ -1,0 +1,277 @@
+"""The dashboard: server-rendered pages with plain HTML forms (no CDN, no JavaScript build).
+
+Pages list connections, Basic Auth and OAuth definitions and CA bundles with their live state.
+Changing anything needs a browser session (log in with the admin token) and the session's CSRF
+token in every form; each form becomes the same API-shaped change that :class:`ConfigStore`
+validates, persists and reloads. Secrets are never put into a page: only "set" / "not set".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import tornado.template
+import tornado.web
+
+from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
+from sidecar.admin.config_store import MAX_UPLOAD_BYTES, ChangeRejected
+from sidecar.admin.console import Console
+
+HERE = Path(__file__).parent
+TEMPLATES = tornado.template.Loader(str(HERE / "templates"))
+PAGES = (("connections", "/", "Connections"), ("basic-auth", "/basic-auth", "Basic Auth"),
+         ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"))
+
+
+class DashboardHandler(tornado.web.RequestHandler):
+    page = ""
+    template = ""
+
+    def initialize(self, console: Console) -> None:
+        self.console = console
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Content-Security-Policy",
+                        "default-src 'self'; style-src 'self'; script-src 'self'; "
+                        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+    def check_xsrf_cookie(self) -> None:  # our own per-session CSRF token is checked below
+        return None
+
+    @property
+    def session(self) -> Session | None:
+        return self.console.auth.session(self.get_cookie(SESSION_COOKIE))
+
+    def render_page(self, status: int = 200, error: str | None = None,
+                    problems: list[str] | None = None, **extra: Any) -> None:
+        session = self.session
+        read_only = self.console.read_only_reason()
+        live = self.console.sources.live
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        html = TEMPLATES.load(self.template).generate(
+            pages=PAGES, page=self.page, views=self.console.views, store=self.console.store,
+            session=session, csrf=session.csrf if session else "",
+            read_only=read_only, can_edit=session is not None and read_only is None,
+            done=self.get_query_argument("done", ""), error=error, problems=problems or [],
+            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, **extra)
+        self.finish(html)
+
+    def get(self) -> None:
+        self.render_page()
+
+    def post(self) -> None:
+        session = self.session
+        if session is None:
+            self.render_page(401, "log in with the admin token to make changes")
+            return
+        if not self.console.auth.csrf_ok(session, self.get_body_argument("_csrf", None)):
+            self.render_page(403, "the form's CSRF token is missing or wrong; reload the page "
+                                  "and try again")
+            return
+        try:
+            reason = self.console.read_only_reason()
+            if reason is not None:
+                raise ChangeRejected(403, reason)
+            done = self.act()
+        except ChangeRejected as exc:
+            self.render_page(exc.status, exc.message, exc.problems)
+            return
+        self.redirect(f"{self.request.path}?done={quote(done)}", status=303)
+
+    def act(self) -> str:
+        raise ChangeRejected(405, "nothing to do here")
+
+    def field(self, name: str) -> str:
+        return self.get_body_argument(name, "").strip()
+
+    def optional(self, name: str) -> str | None:
+        return self.field(name) or None
+
+    def upload(self, name: str) -> bytes | None:
+        files = self.request.files.get(name)
+        if not files or not files[0].body:
+            return None
+        if len(files[0].body) > MAX_UPLOAD_BYTES:
+            raise ChangeRejected(413, f"the uploaded file is larger than {MAX_UPLOAD_BYTES} "
+                                      "bytes")
+        return files[0].body
+
+
+def _tls_form(handler: DashboardHandler, prefix: str, existing: Any) -> dict[str, Any]:
+    verify = handler.field(f"{prefix}verify") or "default"
+    tls: dict[str, Any] = {"verify": verify}
+    if verify == "custom":
+        tls["ca_bundle"] = handler.optional(f"{prefix}ca_bundle")
+    if existing is not None:  # settings the form does not show are kept
+        for key in ("client_cert", "client_key", "server_name"):
+            value = getattr(existing, key)
+            if value is not None:
+                tls[key] = str(value)
+    return tls
+
+
+class ConnectionsPage(DashboardHandler):
+    page, template = "connections", "connections.html"
+
+    def act(self) -> str:
+        name = self.field("name")
+        store = self.console.store
+        if self.field("action") == "delete":
+            store.delete("connections", name)
+            return f"connection {name} deleted"
+        existing = store.config.connections.get(name)
+        auth_choice = self.field("auth")
+        auth: dict[str, str] = {}
+        if auth_choice:
+            kind, _, definition = auth_choice.partition(":")
+            if kind not in ("basic", "oauth") or not definition:
+                raise ChangeRejected(422, f"unknown credentials choice {auth_choice!r}")
+            auth[kind] = definition
+        body: dict[str, Any] = {"url": self.field("url"), "listen": self.optional("listen"),
+                                "auth": auth,
+                                "tls": _tls_form(self, "", existing.tls if existing else None)}
+        timeout = self.field("timeout_seconds")
+        if timeout:
+            try:
+                body["timeout_seconds"] = float(timeout)
+            except ValueError:
+                raise ChangeRejected(422, "timeout_seconds must be a number") from None
+            if not math.isfinite(body["timeout_seconds"]):
+                raise ChangeRejected(422, "timeout_seconds must be a finite number")
+        if existing is not None:
+            body["rewrite_links"] = existing.rewrite_links
+        created, _ = store.put_connection(name, body)
+        return f"connection {name} {'created' if created else 'saved'}"
+
+
+class BasicAuthPage(DashboardHandler):
+    page, template = "basic-auth", "basic_auth.html"
+
+    def act(self) -> str:
+        name = self.field("name")
+        store = self.console.store
+        if self.field("action") == "delete":
+            store.delete("basic_auth", name)
+            return f"Basic Auth definition {name} deleted"
+        body: dict[str, Any] = {"username": self.field("username")}
+        password = self.get_body_argument("password", "")
+        if password:
+            body["password"] = password
+        created, _ = store.put_basic(name, body)
+        return f"Basic Auth definition {name} {'created' if created else 'saved'}"
+
+
+class OAuthPage(DashboardHandler):
+    page, template = "oauth", "oauth.html"
+
+    def act(self) -> str:
+        name = self.field("name")
+        store = self.console.store
+        if self.field("action") == "delete":
+            store.delete("oauth", name)
+            return f"OAuth definition {name} deleted"
+        existing = store.config.oauth.get(name)
+        body: dict[str, Any] = {
+            "client_id": self.field("client_id"),
+            "client_auth": self.field("client_auth") or "client_secret_basic",
+            "scopes": self.field("scopes").split(),
+            "tls": _tls_form(self, "tls_", existing.tls if existing else None),
+        }
+        for key in ("token_url", "discover_from", "key_id", "audience"):
+            if self.field(key):
+                body[key] = self.field(key)
+        if self.field("signing_alg"):
+            body["signing_alg"] = self.field("signing_alg")
+        if existing is not None:  # settings the form does not show are kept
+            if existing.resource:
+                body["resource"] = existing.resource
+            if existing.extra_params:
+                body["extra_params"] = dict(existing.extra_params)
+            body["default_expires_in"] = existing.default_expires_in
+        secret = self.get_body_argument("client_secret", "")
+        if secret:
+            body["client_secret"] = secret
+        key = self.upload("private_key")
+        if key is not None:
+            try:
+                body["private_key_pem"] = key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ChangeRejected(422, "the private key file is not PEM text") from None
+        created, _ = store.put_oauth(name, body)
+        return f"OAuth definition {name} {'created' if created else 'saved'}"
+
+
+class CaBundlesPage(DashboardHandler):
+    page, template = "ca-bundles", "ca_bundles.html"
+
+    def act(self) -> str:
+        name = self.field("name")
+        store = self.console.store
+        if self.field("action") == "delete":
+            store.delete_ca_bundle(name)
+            return f"CA bundle {name} deleted"
+        pem = self.upload("bundle") or self.get_body_argument("pem", "").encode("utf-8")
+        if not pem.strip():
+            raise ChangeRejected(422, "choose a PEM file (or paste PEM text) to upload")
+        created, _ = store.put_ca_bundle(name, pem)
+        return f"CA bundle {name} {'uploaded' if created else 'replaced'}"
+
+
+class LoginPage(DashboardHandler):
+    page, template = "login", "login.html"
+
+    def post(self) -> None:
+        auth = self.console.auth
+        if not auth.token_configured():
+            self.render_page(403, "no admin token is configured (admin.token_file), so the "
+                                  "dashboard is read-only")
+            return
+        client = self.request.remote_ip or "-"
+        wait = auth.throttle.wait_seconds(client)
+        if wait > 0:
+            self.set_header("Retry-After", str(math.ceil(wait)))
+            self.render_page(429, f"too many failed logins; try again in {math.ceil(wait)} s")
+            return
+        made = auth.login(self.get_body_argument("token", ""))
+        if made is None:
+            auth.throttle.failed(client)
+            self.render_page(401, "wrong admin token")
+            return
+        auth.throttle.succeeded(client)
+        session_id, _ = made
+        self.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True,
+                        samesite="Strict", max_age=SESSION_SECONDS)
+        self.redirect("/?done=" + quote("logged in"), status=303)
+
+
+class LogoutPage(DashboardHandler):
+    def post(self) -> None:
+        session = self.session
+        if session is not None and self.console.auth.csrf_ok(
+                session, self.get_body_argument("_csrf", None)):
+            self.console.auth.logout(self.get_cookie(SESSION_COOKIE))
+        self.clear_cookie(SESSION_COOKIE, path="/")
+        self.redirect("/", status=303)
+
+
+def dashboard_handlers(console: Console) -> list[tuple[str, type[tornado.web.RequestHandler],
+                                                        dict[str, Any]]]:
+    args = {"console": console}
+    return [
+        (r"/", ConnectionsPage, args),
+        (r"/connections", ConnectionsPage, args),
+        (r"/basic-auth", BasicAuthPage, args),
+        (r"/oauth", OAuthPage, args),
+        (r"/ca-bundles", CaBundlesPage, args),
+        (r"/login", LoginPage, args),
+        (r"/logout", LogoutPage, args),
+        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "static")}),
+    ]

@@ -1,0 +1,119 @@
+"""What the dashboard and the API show of each resource: its settings and its live state.
+
+Built from the live snapshot, the metrics' status board and the token sources' ``status()``.
+Secrets appear only as ``"set"`` / ``"not set"``; no value, token or header is ever included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
+from sidecar.admin.readiness import StatusSources, _iso, _iso_dt
+from sidecar.config.models import TlsSettings
+
+
+class Views:
+    def __init__(self, sources: StatusSources, store: ConfigStore):
+        self.sources = sources
+        self.store = store
+
+    def tls(self, tls: TlsSettings) -> dict[str, Any]:
+        bundle = tls.ca_bundle
+        return {
+            "verify": tls.verify,
+            "ca_bundle": self.store.bundle_name_for(bundle) or (str(bundle) if bundle else None),
+            "client_cert": str(tls.client_cert) if tls.client_cert else None,
+            "client_key": "set" if tls.client_key else None,
+            "server_name": tls.server_name,
+        }
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [self.connection(n) for n in sorted(self.store.config.connections)]
+
+    def connection(self, name: str) -> dict[str, Any]:
+        conn = self.store.config.connections[name]
+        activity = self.sources.metrics.board.connection(name)
+        return {
+            "name": name,
+            "url": conn.url,
+            "listen": conn.listen,
+            "auth": {"basic": conn.auth.basic, "oauth": conn.auth.oauth},
+            "tls": self.tls(conn.tls),
+            "timeout_seconds": conn.timeout_seconds,
+            "rewrite_links": conn.rewrite_links,
+            "status": {
+                "requests_recent": activity.recent.totals(),
+                "in_flight": activity.in_flight,
+                "last_status": activity.last_status,
+                "last_error": None if activity.last_error is None else {
+                    "error": activity.last_error, "at": _iso(activity.last_error_at)},
+                "tls_ok": activity.tls_ok,
+            },
+        }
+
+    def basic_auths(self) -> list[dict[str, Any]]:
+        return [self.basic_auth(n) for n in sorted(self.store.config.basic_auth)]
+
+    def basic_auth(self, name: str) -> dict[str, Any]:
+        definition = self.store.config.basic_auth[name]
+        return {
+            "name": name,
+            "username": definition.username,
+            "password": secret_state(definition.password_file, definition.password_env,
+                                     definition.password),
+            "password_env": definition.password_env,
+            "used_by": sorted(c for c, conn in self.store.config.connections.items()
+                              if conn.auth.basic == name),
+        }
+
+    def oauths(self) -> list[dict[str, Any]]:
+        return [self.oauth(n) for n in sorted(self.store.config.oauth)]
+
+    def oauth(self, name: str) -> dict[str, Any]:
+        d = self.store.config.oauth[name]
+        source = self.sources.live.current.token_sources.get(name)
+        status = source.status() if source is not None else None
+        uses_key = d.client_auth == "private_key_jwt"
+        return {
+            "name": name,
+            "token_url": d.token_url,
+            "discover_from": d.discover_from,
+            "client_id": d.client_id,
+            "client_auth": d.client_auth,
+            "client_secret": "not used" if uses_key else secret_state(
+                d.client_secret_file, d.client_secret_env, d.client_secret),
+            "client_secret_env": d.client_secret_env,
+            "private_key": secret_state(d.private_key_file, None, None) if uses_key
+            else "not used",
+            "key_id": d.key_id,
+            "signing_alg": d.signing_alg,
+            "scopes": list(d.scopes),
+            "audience": d.audience,
+            "resource": d.resource,
+            "extra_params": dict(d.extra_params),
+            "default_expires_in": d.default_expires_in,
+            "tls": self.tls(d.tls),
+            "used_by": sorted(c for c, conn in self.store.config.connections.items()
+                              if conn.auth.oauth == name),
+            "token": {
+                "valid_until": _iso_dt(status.valid_until) if status else None,
+                "last_refresh": _iso_dt(status.last_refresh) if status else None,
+                "last_error": status.last_error if status else None,
+                "scopes": list(status.scopes) if status else [],
+                "last_result": self.sources.metrics.board.token(name).last_result,
+            },
+        }
+
+    def ca_bundles(self) -> list[dict[str, Any]]:
+        return [ca_bundle_view(b) for b in self.store.ca_bundles()]
+
+
+def ca_bundle_view(bundle: CaBundle) -> dict[str, Any]:
+    return {
+        "name": bundle.name,
+        "certificates": [{"subject": c.subject, "not_after": _iso_dt(c.not_after),
+                          "is_ca": c.is_ca} for c in bundle.certificates],
+        "used_by": bundle.used_by,
+        "problem": bundle.problem,
+    }
