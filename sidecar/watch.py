@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from sidecar.config.models import OAuthDefinition, SidecarConfig, TlsSettings
 

@@ -199,10 +199,10 @@ class OAuthPage(DashboardHandler):
         secret = self.get_body_argument("client_secret", "")
         if secret:
             body["client_secret"] = secret
-        key = self.upload("private_key")
-        if key is not None:
+        key_upload = self.upload("private_key")
+        if key_upload is not None:
             try:
-                body["private_key_pem"] = key.decode("utf-8")
+                body["private_key_pem"] = key_upload.decode("utf-8")
             except UnicodeDecodeError:
                 raise ChangeRejected(422, "the private key file is not PEM text") from None
         created, _ = store.put_oauth(name, body)

@@ -203,7 +203,7 @@ def _schemas() -> dict[str, Any]:
 
 def _resource(tag: str, view: str, body: dict[str, Any] | None) -> dict[str, Any]:
     name_param = {"name": "name", "in": "path", "required": True, "schema": NAME}
-    secured = [{"adminToken": []}]
+    secured: list[dict[str, list[str]]] = [{"adminToken": []}]
     put_body = body or {"required": True, "content": {
         "application/x-pem-file": {"schema": {"type": "string"}},
         "text/plain": {"schema": {"type": "string"}}}}
