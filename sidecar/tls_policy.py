@@ -146,13 +146,13 @@ class UpstreamTlsPolicy:
         conn.set_connect_state()
         return conn
 
-    def remember_session(self, conn: SSL.Connection, host: str, port: int) -> None:
-        """Keep ``conn``'s session for the next connection to ``host:port`` under this policy.
+    def remember_session(self, host: str, port: int, session: SSL.Session | None) -> None:
+        """Offer ``session`` to the next connection to ``host:port`` under this policy.
 
-        Call it once data has been read after the handshake: TLS 1.3 servers send their
-        session tickets after the handshake, so a session taken earlier cannot be resumed.
+        Take the session once data has been read after the handshake (TLS 1.3 servers send
+        their tickets after it), and as a copy that the connection's fate cannot spoil:
+        ``sidecar.proxy.mitm_compat.detached_tls_session``.
         """
-        session = conn.get_session()
         if session is not None:
             self.sessions[(self.sni_for(host), host, port)] = session
 

@@ -3,6 +3,7 @@ and sidecar/tls_policy.enable_hostname_verification)."""
 
 from __future__ import annotations
 
+import gc
 import inspect
 import socket
 import ssl
@@ -107,12 +108,15 @@ def test_tls_sessions_resume_only_under_the_policy_that_made_them(pki: DemoPKI) 
             conn = used.new_openssl_connection("127.0.0.1", port=port)
             _pump(conn, sock, conn.do_handshake)
             assert _pump(conn, sock, lambda: conn.recv(1)) == b"x"
-            used.remember_session(conn, "127.0.0.1", port)
+            used.remember_session("127.0.0.1", port, mitm_compat.detached_tls_session(conn))
             return mitm_compat.tls_session_reused(conn)
 
     try:
         assert connect(policy) is False
-        assert connect(policy) is True  # the session remembered from the first connection
+        # The session remembered from the first connection, although that connection (and
+        # the SSL object that made it) is gone without a close_notify.
+        gc.collect()
+        assert connect(policy) is True
         # An identical but separately compiled policy (e.g. after a reload) never gets it.
         assert connect(other_policy) is False
     finally:
@@ -127,3 +131,46 @@ def test_tls_layer_close_handling_shape() -> None:
     assert "RECEIVED_SHUTDOWN" in inspect.getsource(tls_layers.TLSLayer.receive_close)
     mitm_compat.install_tls_close_fix()
     assert inspect.isgeneratorfunction(tls_layers.ServerTLSLayer.receive_data)
+
+
+def test_cached_hook_dispatch_follows_the_addon_chain() -> None:
+    import asyncio
+
+    from mitmproxy import exceptions, options
+    from mitmproxy.addonmanager import AddonManager
+    from mitmproxy.master import Master
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.test import tflow
+
+    calls: list[str] = []
+
+    class First:
+        def request(self, flow: http.HTTPFlow) -> None:
+            calls.append("first")
+
+    class Halting:
+        async def request(self, flow: http.HTTPFlow) -> None:
+            calls.append("halting")
+            raise exceptions.AddonHalt
+
+    class Late:
+        def request(self, flow: http.HTTPFlow) -> None:
+            calls.append("late")
+
+    async def scenario() -> None:
+        master = Master(options.Options())
+        assert type(master.addons) is AddonManager  # the class the cache replaces
+        mitm_compat.cache_hook_dispatch(master.addons)
+        first = First()
+        master.addons.add(first)
+        flow = tflow.tflow()
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first"]
+        master.addons.add(Halting(), Late())  # a changed chain is looked up again
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "first", "halting"]  # AddonHalt still stops the chain
+        master.addons.remove(first)
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "first", "halting", "halting"]
+
+    asyncio.run(scenario())

@@ -291,7 +291,7 @@ class FhirSidecar:
         new_session = self._new_sessions.pop(flow.client_conn.id, None)
         if new_session is not None:
             policy, ssl_conn, host, port = new_session
-            policy.remember_session(ssl_conn, host, port)
+            policy.remember_session(host, port, mitm_compat.detached_tls_session(ssl_conn))
         flow.response.headers[REQUEST_ID] = state.request_id
         self._rewrite_link_headers(flow.response, state)
         if self._may_retry(flow, state):
