@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_src is not None:
             bench.add_sidecar("basic", source=args.baseline_src.resolve())
         bench.check_targets()
+        # Streaming first, on fresh processes: after load, RSS sits at its high-water mark and
+        # a stream would reuse that memory, hiding any growth.
+        streaming = {}
+        for target in bench.targets:
+            if target.key in ("mitmdump", "sidecar-basic"):
+                streaming[target.key] = bench.stream_big(target)
         oauth_started = time.monotonic()
         tokens_at_start = bench.tokens_issued() if "sidecar-oauth" in wanted else 0
         for target in bench.targets:  # warm up: imports, caches, first handshakes
@@ -183,10 +189,6 @@ def main(argv: list[str] | None = None) -> int:
                 "issued_during_load": bench.tokens_issued() - tokens_at_start,
                 "issued_total": bench.tokens_issued(),
                 "load_seconds": round(elapsed, 1), "token_lifetime_s": args.token_lifetime}
-        streaming = {}
-        for target in bench.targets:
-            if target.key in ("mitmdump", "sidecar-basic"):
-                streaming[target.key] = bench.stream_big(target)
         extras["streaming_100mb"] = streaming
         extras["peak_rss_mib"] = {t.key: round(peak_rss_mib(t.proc.pids), 1)
                                   for t in bench.targets if t.proc}
