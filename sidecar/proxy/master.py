@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from pathlib import Path
 
 from mitmproxy import options
@@ -18,6 +20,34 @@ from sidecar.proxy import mitm_compat
 from sidecar.proxy.addon import FhirSidecar
 
 STREAM_THRESHOLD = "1m"
+GC_INTERVAL_SECONDS = 0.5
+
+
+class GcHousekeeping:
+    """Keeps memory bounded under connection churn.
+
+    Every proxied connection leaves reference cycles (pyOpenSSL connections, mitmproxy layer
+    trees) that hold OpenSSL's C memory until a full collection, which CPython runs rarely once
+    the heap is large: with 64 clients opening a connection per request, RSS climbed to ~200
+    MiB instead of ~140 (bench/README.md). Objects alive at start are frozen, never scanned
+    again, so a full collection twice a second costs a few milliseconds.
+    """
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> None:
+        gc.freeze()
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def _collect(self) -> None:
+        while True:
+            await asyncio.sleep(GC_INTERVAL_SECONDS)
+            gc.collect()
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | None = None
@@ -39,6 +69,7 @@ def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | No
         sidecar,
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
+        GcHousekeeping(),  # no per-request hooks: costs nothing on the request path
     )
     opts.update(
         mode=listener_modes(live.current),
