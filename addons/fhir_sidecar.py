@@ -7,4 +7,5 @@ The addon sets the listeners (forward proxy and per-connection reverse ports) fr
 
 from sidecar.proxy.addon import FhirSidecar
 
-addons = [FhirSidecar()]
+_sidecar = FhirSidecar()
+addons = [_sidecar, _sidecar.upstream_tls]

@@ -250,7 +250,7 @@ def test_demo_xml_searchset(links: LinkRewriter) -> None:
 # -- the proxy adapter's use of it -------------------------------------------------------------
 
 def _adapter_state(links: LinkRewriter) -> Any:
-    from sidecar.proxy.addon import FlowState
+    from sidecar.proxy.flow_state import FlowState
 
     return FlowState(snapshot=cast(Any, None), connection=None, request_id="r", links=links)
 
@@ -258,7 +258,7 @@ def _adapter_state(links: LinkRewriter) -> Any:
 def test_adapter_rewrites_a_compressed_body_and_headers(links: LinkRewriter) -> None:
     from mitmproxy import http
 
-    from sidecar.proxy.addon import FhirSidecar
+    from sidecar.proxy.response_links import rewrite_links
 
     body = json.dumps({"resourceType": "Bundle", "link": [{"url": f"{UP}/Patient?p=2"}]})
     response = http.Response.make(200, b"", {"Content-Type": "application/fhir+json",
@@ -266,7 +266,7 @@ def test_adapter_rewrites_a_compressed_body_and_headers(links: LinkRewriter) -> 
                                              "Location": f"{UP}/Patient/1"})
     response.content = body.encode()  # gzip-encodes, as the upstream sent it
     assert response.raw_content != body.encode()
-    FhirSidecar()._rewrite_links(response, _adapter_state(links))
+    rewrite_links(response, _adapter_state(links))
     assert response.headers["Content-Encoding"] == "gzip"
     assert response.headers["Location"] == f"{APP}/Patient/1"
     assert json.loads(response.get_content() or b"")["link"][0]["url"] == f"{APP}/Patient?p=2"
@@ -276,12 +276,12 @@ def test_adapter_rewrites_a_compressed_body_and_headers(links: LinkRewriter) -> 
 def test_adapter_leaves_streamed_bodies_alone(links: LinkRewriter) -> None:
     from mitmproxy import http
 
-    from sidecar.proxy.addon import FhirSidecar
+    from sidecar.proxy.response_links import rewrite_links
 
     raw = json.dumps({"resourceType": "Bundle", "link": [{"url": f"{UP}/x"}]}).encode()
     response = http.Response.make(200, raw, {"Content-Type": "application/fhir+json",
                                              "Content-Location": f"{UP}/x"})
     response.stream = True
-    FhirSidecar()._rewrite_links(response, _adapter_state(links))
+    rewrite_links(response, _adapter_state(links))
     assert response.raw_content is raw
     assert response.headers["Content-Location"] == f"{APP}/x"

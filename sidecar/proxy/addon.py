@@ -1,9 +1,11 @@
 """The mitmproxy addon: a thin adapter from mitmproxy hooks to the sidecar's plain modules.
 
 Request path: ``requestheaders`` routes (``sidecar.routing``) and injects credentials
-(``sidecar.credentials``); ``tls_start_server`` applies the connection's TLS policy
-(``sidecar.tls_policy``); ``error`` turns upstream failures into OperationOutcomes
-(``sidecar.proxy.failures``); ``response`` logs one line per request.
+(``sidecar.credentials``); the companion addon ``UpstreamTls`` (``upstream_tls.py``) applies
+the routed connection's TLS policy (``sidecar.tls_policy``); ``error`` turns upstream failures
+into OperationOutcomes (``failures.py``); ``response`` retries a rejected bearer token once
+(``bearer_retry.py``), points FHIR links back at the sidecar (``response_links.py``) and logs
+one line per request.
 """
 
 from __future__ import annotations
@@ -14,56 +16,25 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
 
-import httpx
-from mitmproxy import certs, connection, ctx, exceptions, http, tls
+from mitmproxy import certs, ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy.mode_specs import ReverseMode
-from OpenSSL import SSL
 
 from sidecar.config.errors import ConfigError
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.intercept import CaExportError, ca_certificate, export_ca_certificate
-from sidecar.links import REWRITTEN_HEADERS, LinkRewriter, app_base_url
+from sidecar.links import LinkRewriter, app_base_url
 from sidecar.listeners import listener_modes
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
 from sidecar.proxy import failures, mitm_compat
+from sidecar.proxy.bearer_retry import may_retry, retried_response
+from sidecar.proxy.flow_state import FLOW_KEY, REQUEST_ID, FlowState, byte_counter
+from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links
+from sidecar.proxy.upstream_tls import UpstreamTls
 from sidecar.snapshot import CompiledConnection, Snapshot
-from sidecar.tls_policy import UpstreamTlsPolicy
-from sidecar.upstream_replay import replay
-
-FLOW_KEY = "fhir_sidecar"
-REQUEST_ID = "X-Request-ID"
-HTTP1_ALPN = [b"http/1.1"]
-
-
-@dataclass
-class FlowState:
-    """What the sidecar remembers about one request while it is in flight."""
-
-    snapshot: Snapshot
-    connection: CompiledConnection | None
-    request_id: str
-    started: float = field(default_factory=time.monotonic)
-    timer: asyncio.TimerHandle | None = None
-    timed_out: bool = False
-    bytes_in: int = 0
-    bytes_out: int = 0
-    error: str | None = None
-    logged: bool = False
-    bearer: str | None = field(default=None, repr=False)
-    links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
-    links_done_for: http.Response | None = field(default=None, repr=False)
-
-
-def _counter(state: FlowState, attr: str):  # type: ignore[no-untyped-def]
-    def count(chunk: bytes) -> bytes:
-        setattr(state, attr, getattr(state, attr) + len(chunk))
-        return chunk
-    return count
 
 
 class FhirSidecar:
@@ -73,14 +44,8 @@ class FhirSidecar:
         mitm_compat.install_tls_close_fix()
         self.live = live
         self.observer: ProxyObserver = observer or NullObserver()
-        # The connection a client's latest request was routed to, so the server TLS hook (which
-        # sees connections, not requests) can apply that connection's policy.
-        self._client_target: dict[str, tuple[Snapshot, CompiledConnection]] = {}
-        # TLS verification outcome of a client's latest failed upstream handshake.
-        self._tls_failures: dict[str, failures.TlsFailure] = {}
-        # A client's new upstream TLS connection whose session is not yet remembered: TLS 1.3
-        # tickets arrive after the handshake, so the session is taken at the first response.
-        self._new_sessions: dict[str, tuple[UpstreamTlsPolicy, SSL.Connection, str, int]] = {}
+        # Its own addon, added right after this one (and before mitmproxy's TlsConfig).
+        self.upstream_tls = UpstreamTls(lambda: self.live.current if self.live else None)
         self.in_flight = 0
         self.listeners_bound = False
         self._own_listeners = False
@@ -158,11 +123,6 @@ class FhirSidecar:
         if modes != listener_modes(old):
             ctx.options.update(mode=modes)
 
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._client_target.pop(client.id, None)
-        self._tls_failures.pop(client.id, None)
-        self._new_sessions.pop(client.id, None)
-
     # -- requests ---------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -190,9 +150,9 @@ class FhirSidecar:
         request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
         request.path = upstream_path
         request.host_header = upstream.host_header
-        self._client_target[flow.client_conn.id] = (snapshot, conn)
+        self.upstream_tls.routed(flow.client_conn, conn)
         if request.stream is True:
-            request.stream = _counter(state, "bytes_in")
+            request.stream = byte_counter(state, "bytes_in")
 
         if conn.basic is not None:
             request.headers["Authorization"] = conn.basic.header()
@@ -288,134 +248,38 @@ class FhirSidecar:
         if state.timer is not None:
             state.timer.cancel()
         assert flow.response is not None
-        new_session = self._new_sessions.pop(flow.client_conn.id, None)
-        if new_session is not None:
-            policy, ssl_conn, host, port = new_session
-            policy.remember_session(host, port, mitm_compat.detached_tls_session(ssl_conn))
         flow.response.headers[REQUEST_ID] = state.request_id
-        self._rewrite_link_headers(flow.response, state)
-        if self._may_retry(flow, state):
+        rewrite_link_headers(flow.response, state)
+        if may_retry(flow, state):
             flow.response.stream = False  # keep the 401 so it can be replaced by the retry
         elif flow.response.stream is True:
-            flow.response.stream = _counter(state, "bytes_out")
+            flow.response.stream = byte_counter(state, "bytes_out")
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         state = flow.metadata.get(FLOW_KEY)
         if state is None:
             return None
-        if self._may_retry(flow, state):
+        if may_retry(flow, state):
             return self._retry_with_new_token(flow, state)
         self._finish(flow, state)
         return None
 
+    async def _retry_with_new_token(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        assert state.connection is not None
+        response = await retried_response(flow, state)
+        if response is not None:
+            self.observer.auth_retry(state.connection.name)
+            flow.response = response
+        self._finish(flow, state)
+
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         assert flow.response is not None
-        self._rewrite_links(flow.response, state)
+        rewrite_links(flow.response, state)
         if flow.response.raw_content is not None:
             state.bytes_out = len(flow.response.raw_content)
         self._log(flow, state)
 
-    @staticmethod
-    def _rewrite_link_headers(response: http.Response, state: FlowState) -> None:
-        links = state.links
-        if links is None or state.links_done_for is response:
-            return
-        state.links_done_for = response
-        for name in REWRITTEN_HEADERS:
-            values = response.headers.get_all(name)
-            if values:
-                response.headers.set_all(name, [links.header(v) for v in values])
-
-    def _rewrite_links(self, response: http.Response, state: FlowState) -> None:
-        """Headers (again, if the response was replaced) and a buffered body; streamed bodies
-        (over ``stream_large_bodies``) pass untouched."""
-        links = state.links
-        if links is None:
-            return
-        self._rewrite_link_headers(response, state)
-        if response.stream or not response.raw_content:
-            return
-        try:
-            body = response.get_content(strict=True)
-        except ValueError:
-            return  # a content encoding we cannot undo: leave the body as it is
-        if body is None:
-            return
-        rewritten = links.body(body, response.headers.get("content-type"))
-        if rewritten is not body:
-            response.content = rewritten
-
-    @staticmethod
-    def _may_retry(flow: http.HTTPFlow, state: FlowState) -> bool:
-        """An upstream 401 to a bearer token, for a request whose body can be sent again."""
-        return (state.bearer is not None and flow.response is not None
-                and flow.response.status_code == 401 and not flow.request.stream
-                and flow.request.raw_content is not None)
-
-    async def _retry_with_new_token(self, flow: http.HTTPFlow, state: FlowState) -> None:
-        from sidecar.credentials.oauth import TokenUnavailable
-
-        conn = state.connection
-        assert conn is not None and conn.oauth is not None and state.bearer is not None
-        source = state.snapshot.token_sources[conn.oauth]
-        source.invalidate(state.bearer)
-        state.bearer = None  # once only
-        try:
-            token = await source.token()
-        except TokenUnavailable:
-            self._finish(flow, state)  # the upstream's 401 stands
-            return
-        self.observer.auth_retry(conn.name)
-        headers = [(k, v) for k, v in flow.request.headers.items(multi=True)
-                   if k.lower() != "authorization"]
-        headers.append(("Authorization", f"Bearer {token}"))
-        try:
-            again = await replay(conn, flow.request.method, flow.request.path, headers,
-                                 flow.request.raw_content or b"")
-        except httpx.HTTPError:
-            self._finish(flow, state)  # keep the first answer rather than invent one
-            return
-        now = time.time()
-        # The body exactly as received (raw: any content-encoding is not applied twice).
-        response = http.Response(
-            http_version=b"HTTP/1.1", status_code=again.status,
-            reason=again.reason.encode("latin-1"),
-            headers=http.Headers([(k.encode("latin-1"), v.encode("latin-1"))
-                                  for k, v in again.headers]),
-            content=again.raw_body, trailers=None, timestamp_start=now, timestamp_end=now)
-        response.headers[REQUEST_ID] = state.request_id
-        flow.response = response
-        self._finish(flow, state)
-
-    # -- upstream TLS and failures -----------------------------------------------------------
-
-    def tls_start_server(self, tls_start: tls.TlsData) -> None:
-        """Where upstream TLS is decided: the routed connection's own policy, never a global."""
-        server = tls_start.conn
-        assert isinstance(server, connection.Server) and server.address is not None
-        target = self._client_target.get(tls_start.context.client.id)
-        conn = target[1] if target else None
-        if conn is None and self.live is not None:
-            # Connected before any request was routed (an eager connection strategy).
-            conn = self.live.current.by_upstream_address(*server.address)
-        if conn is None or conn.tls is None:
-            # Not one of our upstreams: refuse rather than fall back to mitmproxy's defaults.
-            raise ValueError("fhir-sidecar: no TLS policy for this upstream")
-        policy = conn.tls
-        host = server.address[0]
-        server.sni = policy.sni_for(host)
-        server.alpn_offers = HTTP1_ALPN
-        port = server.address[1]
-        # Resuming the session of an earlier connection under this same policy saves most of
-        # the handshake: a client opening a connection per request pays one per request.
-        tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
-        self._new_sessions[tls_start.context.client.id] = (policy, tls_start.ssl_conn, host, port)
-
-    def tls_failed_server(self, tls_start: tls.TlsData) -> None:
-        target = self._client_target.get(tls_start.context.client.id)
-        if target is not None and tls_start.ssl_conn is not None:
-            self._tls_failures[tls_start.context.client.id] = failures.TlsFailure.from_conn(
-                tls_start.ssl_conn, tls_start.conn.error or "")
+    # -- upstream failures ---------------------------------------------------------------------
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(FLOW_KEY)
@@ -424,7 +288,7 @@ class FhirSidecar:
         if state.timer is not None:
             state.timer.cancel()
         if state.connection is not None and flow.response is None:
-            tls_failure = self._tls_failures.pop(flow.client_conn.id, None)
+            tls_failure = self.upstream_tls.pop_failure(flow.client_conn)
             problem = failures.classify(state.connection, flow.error.msg,
                                         timed_out=state.timed_out, tls_failure=tls_failure)
             if problem.kind is ErrorKind.UPSTREAM_TLS:

@@ -60,13 +60,13 @@ def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | No
     # mitmproxy looks every hook up on every addon per event: ~15% of CPU per request.
     mitm_compat.cache_hook_dispatch(master.addons)
     sidecar = FhirSidecar(live, observer=observer)
-    # Order matters: our tls_start_server must run before TlsConfig's default one.
     master.addons.add(
         core.Core(),
         disable_h2c.DisableH2C(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
         sidecar,
+        sidecar.upstream_tls,  # its tls_start_server must run before TlsConfig's default one
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
         GcHousekeeping(),  # no per-request hooks: costs nothing on the request path

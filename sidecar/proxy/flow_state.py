@@ -1,0 +1,46 @@
+"""What the sidecar remembers about one request while it is in flight (``flow.metadata``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from sidecar.links import LinkRewriter
+from sidecar.snapshot import CompiledConnection, Snapshot
+
+FLOW_KEY = "fhir_sidecar"
+REQUEST_ID = "X-Request-ID"
+
+
+@dataclass
+class FlowState:
+    snapshot: Snapshot
+    connection: CompiledConnection | None
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    logged: bool = False
+    bearer: str | None = field(default=None, repr=False)
+    links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
+    links_done_for: http.Response | None = field(default=None, repr=False)
+
+
+def state_of(flow: http.HTTPFlow) -> FlowState | None:
+    state = flow.metadata.get(FLOW_KEY)
+    return state if isinstance(state, FlowState) else None
+
+
+def byte_counter(state: FlowState, attr: str) -> Callable[[bytes], bytes]:
+    """A mitmproxy stream callable that counts what passes into ``state.<attr>``."""
+    def count(chunk: bytes) -> bytes:
+        setattr(state, attr, getattr(state, attr) + len(chunk))
+        return chunk
+    return count

@@ -1,0 +1,76 @@
+"""The mitmproxy addon where upstream TLS is decided: each routed connection's own policy.
+
+mitmproxy's global options cannot express per-connection verification, so this addon builds
+every upstream TLS connection itself (``tls_start_server``) from the compiled policy of the
+connection the client's request was routed to (``sidecar.tls_policy``). It also remembers TLS
+sessions for resumption and why a handshake failed, for the error answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mitmproxy import connection, http, tls
+from OpenSSL import SSL
+
+from sidecar.proxy import failures, mitm_compat
+from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.tls_policy import UpstreamTlsPolicy
+
+HTTP1_ALPN = [b"http/1.1"]
+
+
+class UpstreamTls:
+    def __init__(self, current_snapshot: Callable[[], Snapshot | None]):
+        self._current_snapshot = current_snapshot
+        # The connection a client's latest request was routed to: this hook sees connections,
+        # not requests.
+        self._routed: dict[str, CompiledConnection] = {}
+        # Why a client's latest upstream handshake failed.
+        self._failures: dict[str, failures.TlsFailure] = {}
+        # A client's new upstream TLS connection whose session is not yet remembered: TLS 1.3
+        # tickets arrive after the handshake, so the session is taken at the first response.
+        self._new_sessions: dict[str, tuple[UpstreamTlsPolicy, SSL.Connection, str, int]] = {}
+
+    def routed(self, client: connection.Client, conn: CompiledConnection) -> None:
+        self._routed[client.id] = conn
+
+    def pop_failure(self, client: connection.Client) -> failures.TlsFailure | None:
+        return self._failures.pop(client.id, None)
+
+    def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        server = tls_start.conn
+        assert isinstance(server, connection.Server) and server.address is not None
+        conn = self._routed.get(tls_start.context.client.id)
+        snapshot = self._current_snapshot()
+        if conn is None and snapshot is not None:
+            # Connected before any request was routed (an eager connection strategy).
+            conn = snapshot.by_upstream_address(*server.address)
+        if conn is None or conn.tls is None:
+            # Not one of our upstreams: refuse rather than fall back to mitmproxy's defaults.
+            raise ValueError("fhir-sidecar: no TLS policy for this upstream")
+        policy = conn.tls
+        host, port = server.address
+        server.sni = policy.sni_for(host)
+        server.alpn_offers = HTTP1_ALPN
+        # Resuming the session of an earlier connection under this same policy saves most of
+        # the handshake: a client opening a connection per request pays one per request.
+        tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
+        self._new_sessions[tls_start.context.client.id] = (policy, tls_start.ssl_conn, host, port)
+
+    def tls_failed_server(self, tls_start: tls.TlsData) -> None:
+        client_id = tls_start.context.client.id
+        if client_id in self._routed and tls_start.ssl_conn is not None:
+            self._failures[client_id] = failures.TlsFailure.from_conn(
+                tls_start.ssl_conn, tls_start.conn.error or "")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        new_session = self._new_sessions.pop(flow.client_conn.id, None)
+        if new_session is not None:
+            policy, ssl_conn, host, port = new_session
+            policy.remember_session(host, port, mitm_compat.detached_tls_session(ssl_conn))
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._routed.pop(client.id, None)
+        self._failures.pop(client.id, None)
+        self._new_sessions.pop(client.id, None)
