@@ -228,3 +228,17 @@ def test_slow_request_survives_a_reload(setup: Setup) -> None:
                message="the reload")
     slow.join(30)
     assert results and results[0].status_code == 200
+
+
+def test_secret_deleted_then_renamed_into_place(setup: Setup) -> None:
+    setup.auth_becomes(basic("svc", "first-password"))
+    secret = setup.tmp / "secrets" / "pw"
+    secret.unlink()
+    setup.sidecar.wait_for_event(
+        "config_rejected", lambda r: "secrets/pw" in r["message"], timeout=LIVE_DEADLINE)
+    setup.auth_becomes(basic("svc", "first-password"))  # the last good config keeps serving
+
+    staged = setup.tmp / "secrets" / ".pw.new"
+    staged.write_text("renamed-in\n")
+    os.replace(staged, secret)  # how most tools write a file atomically
+    setup.auth_becomes(basic("svc", "renamed-in"))
