@@ -96,28 +96,6 @@ class Proc:
     def pids(self) -> list[int]:
         return [self.popen.pid, *_children(self.popen.pid)]
 
-    def stream_big(self, target: Target) -> dict[str, float]:
-        """Download the 100 MB Binary through ``target``; sample its RSS while it streams."""
-        assert target.proc is not None
-        pids = target.proc.pids
-        before = rss_mib(pids)
-        peak = before
-        url = target.url.replace(PATIENT_PATH, BIG_PATH)
-        host, port = url.split("/")[2].split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        started = time.monotonic()
-        conn.request("GET", BIG_PATH)
-        answer = conn.getresponse()
-        received = 0
-        while chunk := answer.read(1 << 20):
-            received += len(chunk)
-            peak = max(peak, rss_mib(pids))
-        conn.close()
-        seconds = time.monotonic() - started
-        if answer.status != 200 or received != BIG_BYTES:
-            raise RuntimeError(f"{target.label}: streaming got {answer.status}, {received} B")
-        return {"rss_before_mib": before, "rss_growth_mib": peak - before, "seconds": seconds}
-
     def stop(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
