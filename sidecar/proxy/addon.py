@@ -351,7 +351,3 @@ class FhirSidecar:
 
 def _name(state: FlowState) -> str:
     return state.connection.name if state.connection else NO_CONNECTION
-
-
-def log_startup_problem(message: str) -> None:
-    log_event("startup_failed", logging.ERROR, message)
