@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import Awaitable
 
 from mitmproxy import certs, ctx, exceptions, http
@@ -31,7 +30,13 @@ from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
 from sidecar.proxy import failures, mitm_compat
 from sidecar.proxy.bearer_retry import may_retry, retried_response
-from sidecar.proxy.flow_state import FLOW_KEY, REQUEST_ID, FlowState, byte_counter
+from sidecar.proxy.flow_state import (
+    FLOW_KEY,
+    REQUEST_ID,
+    FlowState,
+    byte_counter,
+    new_request_id,
+)
 from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links
 from sidecar.proxy.upstream_tls import UpstreamTls
 from sidecar.snapshot import CompiledConnection, Snapshot
@@ -130,7 +135,7 @@ class FhirSidecar:
             return None
         snapshot = self.live.current
         request = flow.request
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID) or new_request_id()
         conn, upstream_path = self._route(flow, snapshot)
         state = FlowState(snapshot, conn, request_id)
         flow.metadata[FLOW_KEY] = state
@@ -314,7 +319,7 @@ class FhirSidecar:
         state = flow.metadata.get(FLOW_KEY)
         if state is None:  # CONNECT requests skip requestheaders
             assert self.live is not None
-            state = FlowState(self.live.current, None, uuid.uuid4().hex)
+            state = FlowState(self.live.current, None, new_request_id())
             flow.metadata[FLOW_KEY] = state
             self._started(state)
         state.error = problem.kind.value
