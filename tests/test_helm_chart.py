@@ -224,6 +224,11 @@ BAD_VALUES = [
     ),
     ("misspelt top-level key", {"replicas": 3}, "additional properties 'replicas' not allowed"),
     (
+        "rewrite_links not a boolean",
+        {"config": {"connections": {"epic": {"url": "https://x", "rewrite_links": "yes"}}}},
+        "rewrite_links': got string, want boolean",
+    ),
+    (
         "misspelt config section",
         {"config": {"conections": {}}},
         "additional properties 'conections' not allowed",
