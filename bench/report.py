@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 LABELS = {"direct": "direct HTTPS", "nginx": "nginx proxy", "mitmdump": "mitmdump",
           "sidecar-basic": "sidecar Basic", "sidecar-oauth": "sidecar OAuth",
@@ -16,7 +17,10 @@ LABELS = {"direct": "direct HTTPS", "nginx": "nginx proxy", "mitmdump": "mitmdum
 PRODUCT = ("sidecar-basic", "sidecar-oauth")
 
 
-class Row(Protocol):
+@dataclass
+class Sample:
+    """One target's numbers in one scenario (a single load run, or the median of several)."""
+
     target: str
     scenario: str
     rps: float
@@ -35,18 +39,18 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _find(rows: Sequence[Row], target: str, scenario: str) -> Row | None:
+def _find(rows: Sequence[Sample], target: str, scenario: str) -> Sample | None:
     return next((r for r in rows if r.target == target and r.scenario == scenario), None)
 
 
-def _ratio(rows: Sequence[Row], a: str, b: str, scenario: str) -> float | None:
+def _ratio(rows: Sequence[Sample], a: str, b: str, scenario: str) -> float | None:
     ra, rb = _find(rows, a, scenario), _find(rows, b, scenario)
     if ra is None or rb is None or not rb.rps:
         return None
     return ra.rps / rb.rps
 
 
-def markdown(rows: Sequence[Row], meta: dict[str, Any], order: list[str]) -> str:
+def markdown(rows: Sequence[Sample], meta: dict[str, Any], order: list[str]) -> str:
     out = [f"Run {meta['started']}: `{meta['command']}` — {meta['seconds_per_run']} s per run, "
            f"median of {meta['repeats']} interleaved repeats.", "",
            "| scenario | target | req/s | p50 ms | p99 ms | CPU ms/req | peak RSS MiB | "
@@ -83,7 +87,7 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], order: list[str]) -> str
     return "\n".join(out) + "\n"
 
 
-def verdicts(rows: Sequence[Row], meta: dict[str, Any]) -> list[str]:
+def verdicts(rows: Sequence[Sample], meta: dict[str, Any]) -> list[str]:
     lines = []
 
     def check(name: str, value: float | None, ok: bool | None, shown: str) -> None:
@@ -136,7 +140,7 @@ def verdicts(rows: Sequence[Row], meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-def chart(rows: Sequence[Row], order: list[str], path: Path) -> None:
+def chart(rows: Sequence[Sample], order: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

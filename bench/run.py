@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
+from report import Sample
 from targets import BENCH_DIR, Bench, Target, cpu_seconds, peak_rss_mib
 
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
@@ -39,22 +40,6 @@ class Scenario:
     @property
     def name(self) -> str:
         return f"{'keep-alive' if self.keepalive else 'new-conn'} c{self.concurrency}"
-
-
-@dataclass
-class Sample:
-    target: str
-    scenario: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    cpu_ms_per_req: float | None
-    peak_rss_mib: float | None
-    token_requests: int | None
-    errors: int
-    requests: int
-    upstream_full: int
-    upstream_resumed: int
 
 
 def run_wrk(target: Target, scenario: Scenario, seconds: float) -> dict[str, float]:
