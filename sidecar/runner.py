@@ -105,6 +105,8 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
             return 1
         await asyncio.sleep(0.02)
     if run_task.done():
+        error = run_task.exception() if not run_task.cancelled() else None
+        log_event("startup_failed", message=f"the proxy stopped while starting: {error!r}")
         return 1
     sidecar.listeners_bound = True
     log_event("ready", listeners=sorted(f"{h}:{p}" for h, p in expected),

@@ -146,13 +146,14 @@ class UpstreamTlsPolicy:
         conn.set_connect_state()
         return conn
 
-    def remember_session(self, host: str, port: int, session: SSL.Session | None) -> None:
-        """Offer ``session`` to the next connection to ``host:port`` under this policy.
+    def remember_session(self, host: str, port: int, conn: SSL.Connection) -> None:
+        """Offer ``conn``'s current session to the next connection to ``host:port``.
 
-        Take the session once data has been read after the handshake (TLS 1.3 servers send
-        their tickets after it), and as a copy that the connection's fate cannot spoil:
-        ``sidecar.proxy.mitm_compat.detached_tls_session``.
+        Call it once data has been read after the handshake (TLS 1.3 servers send their tickets
+        after it), and :func:`retire_connection` when ``conn`` closes: the session object is
+        shared with ``conn``, and OpenSSL would otherwise void it when ``conn`` is freed.
         """
+        session = conn.get_session()
         if session is not None:
             self.sessions[(self.sni_for(host), host, port)] = session
 
@@ -178,6 +179,18 @@ def _is_ip(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def retire_connection(conn: SSL.Connection) -> None:
+    """Keep the sessions of a closed upstream connection resumable.
+
+    OpenSSL voids the session of a connection that is freed without having sent a close_notify
+    (``ssl_clear_bad_session``). mitmproxy never sends one, so without this every remembered
+    session would be dead by the time the next connection offers it. Since TLS 1.1 an unclean
+    close no longer forbids resumption (RFC 5246, section 7.2.1), so the close_notify is only
+    recorded as sent: the socket is already closed and nothing is written.
+    """
+    conn.set_shutdown(conn.get_shutdown() | SSL.SENT_SHUTDOWN)
 
 
 def enable_hostname_verification(conn: SSL.Connection, name: str) -> None:

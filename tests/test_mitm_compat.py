@@ -19,7 +19,12 @@ from OpenSSL import SSL
 from sidecar.config.models import TlsSettings
 from sidecar.demo.pki import DemoPKI
 from sidecar.proxy import mitm_compat
-from sidecar.tls_policy import UpstreamTlsPolicy, compile_tls_policy, enable_hostname_verification
+from sidecar.tls_policy import (
+    UpstreamTlsPolicy,
+    compile_tls_policy,
+    enable_hostname_verification,
+    retire_connection,
+)
 
 
 def test_mitmproxy_error_page_renderer_shape() -> None:
@@ -92,7 +97,7 @@ def test_tls_sessions_resume_only_under_the_policy_that_made_them(pki: DemoPKI) 
     port = listener.getsockname()[1]
 
     def serve() -> None:
-        for _ in range(3):
+        for _ in range(4):
             raw, _ = listener.accept()
             with server_ctx.wrap_socket(raw, server_side=True) as tls_sock:
                 tls_sock.sendall(b"x")  # after the TLS 1.3 session tickets
@@ -103,22 +108,32 @@ def test_tls_sessions_resume_only_under_the_policy_that_made_them(pki: DemoPKI) 
     settings = TlsSettings(verify="custom", ca_bundle=pki.ca_bundle_path)
     policy, other_policy = compile_tls_policy(settings), compile_tls_policy(settings)
 
-    def connect(used: UpstreamTlsPolicy) -> bool:
+    def connect(used: UpstreamTlsPolicy, *, retire: bool = True) -> bool:
         with socket.create_connection(("127.0.0.1", port)) as sock:
             conn = used.new_openssl_connection("127.0.0.1", port=port)
             _pump(conn, sock, conn.do_handshake)
             assert _pump(conn, sock, lambda: conn.recv(1)) == b"x"
-            used.remember_session("127.0.0.1", port, mitm_compat.detached_tls_session(conn))
-            return mitm_compat.tls_session_reused(conn)
+            used.remember_session("127.0.0.1", port, conn)
+            reused = mitm_compat.tls_session_reused(conn)
+            if retire:
+                retire_connection(conn)
+        return reused
+
+    def connect_and_free(used: UpstreamTlsPolicy, *, retire: bool = True) -> bool:
+        reused = connect(used, retire=retire)
+        gc.collect()  # frees the SSL object, as happens to every closed upstream connection
+        return reused
 
     try:
-        assert connect(policy) is False
-        # The session remembered from the first connection, although that connection (and
-        # the SSL object that made it) is gone without a close_notify.
-        gc.collect()
-        assert connect(policy) is True
+        assert connect_and_free(policy, retire=False) is False
+        # OpenSSL voided that session when its connection was freed without a close_notify:
+        # this is what retire_connection prevents.
+        assert connect_and_free(policy) is False
+        # The session remembered from the retired connection is resumed, although that
+        # connection and its SSL object are gone.
+        assert connect_and_free(policy) is True
         # An identical but separately compiled policy (e.g. after a reload) never gets it.
-        assert connect(other_policy) is False
+        assert connect_and_free(other_policy) is False
     finally:
         listener.close()
         thread.join(timeout=5)

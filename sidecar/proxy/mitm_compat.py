@@ -130,33 +130,6 @@ def install_tls_close_fix() -> None:
     tls_layers.ServerTLSLayer.receive_data = receive_data  # type: ignore[method-assign,assignment]
 
 
-def detached_tls_session(conn: SSL.Connection) -> SSL.Session | None:
-    """A copy of ``conn``'s current TLS session that stays resumable whatever ``conn`` does.
-
-    ``Connection.get_session()`` shares OpenSSL's session object with the connection, and
-    OpenSSL marks that object non-resumable when a connection is freed without having sent
-    a close_notify (``ssl_clear_bad_session``), which is how upstream connections usually
-    end here. A serialised copy (``i2d``/``d2i_SSL_SESSION``) is independent of that.
-    """
-    ffi, lib = SSL._ffi, SSL._lib  # type: ignore[attr-defined]
-    raw = lib.SSL_get_session(conn._ssl)  # type: ignore[attr-defined]
-    if raw == ffi.NULL:
-        return None
-    length = lib.i2d_SSL_SESSION(raw, ffi.NULL)
-    if length <= 0:
-        return None
-    buffer = ffi.new("unsigned char[]", length)
-    lib.i2d_SSL_SESSION(raw, ffi.new("unsigned char **", buffer))
-    copy = lib.d2i_SSL_SESSION(ffi.NULL, ffi.new("unsigned char **", buffer), length)
-    if copy == ffi.NULL:
-        return None
-    session = SSL.Session.__new__(SSL.Session)
-    session._session = ffi.gc(copy, lib.SSL_SESSION_free)  # type: ignore[attr-defined]
-    # set_session() accepts only sessions made under the same Context, as this one was.
-    session._context = conn._context  # type: ignore[attr-defined]
-    return session
-
-
 def cache_hook_dispatch(addons: AddonManager) -> None:
     """Dispatch each hook only to the addons that implement it, looked up once per hook name.
 

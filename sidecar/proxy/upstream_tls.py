@@ -9,13 +9,15 @@ sessions for resumption and why a handshake failed, for the error answer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mitmproxy import connection, http, tls
+from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
-from sidecar.proxy import failures, mitm_compat
+from sidecar.proxy import failures
 from sidecar.snapshot import CompiledConnection, Snapshot
-from sidecar.tls_policy import UpstreamTlsPolicy
+from sidecar.tls_policy import UpstreamTlsPolicy, retire_connection
 
 HTTP1_ALPN = [b"http/1.1"]
 
@@ -28,9 +30,10 @@ class UpstreamTls:
         self._routed: dict[str, CompiledConnection] = {}
         # Why a client's latest upstream handshake failed.
         self._failures: dict[str, failures.TlsFailure] = {}
-        # A client's new upstream TLS connection whose session is not yet remembered: TLS 1.3
-        # tickets arrive after the handshake, so the session is taken at the first response.
-        self._new_sessions: dict[str, tuple[UpstreamTlsPolicy, SSL.Connection, str, int]] = {}
+        # Open upstream TLS connections by server connection id. A session is remembered at
+        # the connection's first response (TLS 1.3 tickets arrive after the handshake) and
+        # kept resumable when the connection closes.
+        self._open: dict[str, _UpstreamConnection] = {}
 
     def routed(self, client: connection.Client, conn: CompiledConnection) -> None:
         self._routed[client.id] = conn
@@ -56,7 +59,7 @@ class UpstreamTls:
         # Resuming the session of an earlier connection under this same policy saves most of
         # the handshake: a client opening a connection per request pays one per request.
         tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
-        self._new_sessions[tls_start.context.client.id] = (policy, tls_start.ssl_conn, host, port)
+        self._open[server.id] = _UpstreamConnection(policy, tls_start.ssl_conn, host, port)
 
     def tls_failed_server(self, tls_start: tls.TlsData) -> None:
         client_id = tls_start.context.client.id
@@ -65,12 +68,25 @@ class UpstreamTls:
                 tls_start.ssl_conn, tls_start.conn.error or "")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        new_session = self._new_sessions.pop(flow.client_conn.id, None)
-        if new_session is not None:
-            policy, ssl_conn, host, port = new_session
-            policy.remember_session(host, port, mitm_compat.detached_tls_session(ssl_conn))
+        upstream = self._open.get(flow.server_conn.id)
+        if upstream is not None and not upstream.session_remembered:
+            upstream.session_remembered = True
+            upstream.policy.remember_session(upstream.host, upstream.port, upstream.ssl_conn)
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        upstream = self._open.pop(data.server.id, None)
+        if upstream is not None:
+            retire_connection(upstream.ssl_conn)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._routed.pop(client.id, None)
         self._failures.pop(client.id, None)
-        self._new_sessions.pop(client.id, None)
+
+
+@dataclass
+class _UpstreamConnection:
+    policy: UpstreamTlsPolicy
+    ssl_conn: SSL.Connection
+    host: str
+    port: int
+    session_remembered: bool = False
