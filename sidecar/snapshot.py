@@ -54,12 +54,18 @@ class Snapshot:
     router: Router
     warnings: tuple[str, ...] = ()
     generation: int = field(default_factory=lambda: next(_generations))
+    # Looked up on every request to a per-connection listener.
+    _by_listen_port: dict[int, CompiledConnection] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_port: dict[int, CompiledConnection] = {}
+        for conn in self.connections.values():
+            if conn.listen is not None:
+                by_port.setdefault(conn.listen[1], conn)
+        object.__setattr__(self, "_by_listen_port", by_port)
 
     def by_listen_port(self, port: int) -> CompiledConnection | None:
-        for conn in self.connections.values():
-            if conn.listen is not None and conn.listen[1] == port:
-                return conn
-        return None
+        return self._by_listen_port.get(port)
 
 
     def by_upstream_address(self, host: str, port: int) -> CompiledConnection | None:
