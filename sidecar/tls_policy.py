@@ -100,6 +100,12 @@ def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
 
 
 @dataclass(frozen=True)
+class Resumption:
+    session: SSL.Session
+    group: str | None  # the key exchange group the server chose, e.g. "x25519"
+
+
+@dataclass(frozen=True)
 class UpstreamTlsPolicy:
     """A compiled TLS policy; build it with :func:`compile_tls_policy`."""
 
@@ -111,10 +117,10 @@ class UpstreamTlsPolicy:
     client_key_pem: bytes | None = field(repr=False)
     server_name: str | None
     openssl_context: SSL.Context = field(repr=False, compare=False)
-    # TLS sessions to resume, by (SNI, host, port). They live on the policy object so that a
-    # session is only ever offered under the policy (trusted CAs, client identity, SNI) that
-    # verified it; a reload compiles new policies, which start without sessions.
-    sessions: dict[tuple[str, str, int], SSL.Session] = field(
+    # What the last connection to each (SNI, host, port) left for the next one. It lives on
+    # the policy object so that a session is only ever offered under the policy (trusted CAs,
+    # client identity, SNI) that verified it; a reload compiles new policies, which start empty.
+    resumption: dict[tuple[str, str, int], Resumption] = field(
         default_factory=dict, repr=False, compare=False)
 
     def sni_for(self, host: str) -> str:
@@ -127,13 +133,16 @@ class UpstreamTlsPolicy:
         With ``port``, a session remembered for the same address under this policy is offered
         for resumption: the server then skips sending and proving its certificate, and the
         handshake costs both sides far less (the certificate was verified when the session
-        was made; a server that declines simply gets a full, fully verified handshake).
+        was made; a server that declines simply gets a full, fully verified handshake). The
+        key share is then sent only for the group that server chose last time.
         """
         conn = SSL.Connection(self.openssl_context)
         if port is not None:
-            session = self.sessions.get((self.sni_for(host), host, port))
-            if session is not None:
-                conn.set_session(session)
+            earlier = self.resumption.get((self.sni_for(host), host, port))
+            if earlier is not None:
+                conn.set_session(earlier.session)
+                if earlier.group is not None:
+                    offer_key_share_first(conn, earlier.group)
         outcome = VerifyOutcome()
         conn.set_app_data(outcome)
         name = self.sni_for(host)
@@ -155,7 +164,8 @@ class UpstreamTlsPolicy:
         """
         session = conn.get_session()
         if session is not None:
-            self.sessions[(self.sni_for(host), host, port)] = session
+            self.resumption[(self.sni_for(host), host, port)] = Resumption(
+                session, conn.get_group_name())
 
     def stdlib_context(self) -> ssl.SSLContext:
         """The same policy as a stdlib context (token endpoint, ``check --online``)."""
@@ -191,6 +201,36 @@ def retire_connection(conn: SSL.Connection) -> None:
     recorded as sent: the socket is already closed and nothing is written.
     """
     conn.set_shutdown(conn.get_shutdown() | SSL.SENT_SHUTDOWN)
+
+
+# OpenSSL's default groups (3.5 and later), most preferred first. By default it sends key
+# shares for the first two, a post-quantum hybrid (~1.2 KB) and X25519.
+_DEFAULT_GROUPS = ("X25519MLKEM768", "X25519", "secp256r1", "X448", "secp384r1", "secp521r1",
+                   "ffdhe2048", "ffdhe3072")
+
+
+def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
+    """Send a TLS 1.3 key share only for ``group``, still offering every default group.
+
+    A resumed handshake still runs the key exchange, and by default the client computes two
+    key shares of which the server uses one: for a server that chose X25519 last time, the
+    unused post-quantum share is most of the client's handshake cost and of its ClientHello.
+    This is a hint, not a restriction: a server that prefers another offered group asks for
+    it with a HelloRetryRequest, so nothing is downgraded (the choice being hinted came from
+    an authenticated handshake). Returns False, changing nothing, for a group not in the
+    default list.
+
+    pyOpenSSL has no public API for groups, hence the private binding, kept in this function
+    so that ``tests/test_tls_policy.py`` fails loudly if it changes.
+    """
+    first = next((g for g in _DEFAULT_GROUPS if g.lower() == group.lower()), None)
+    if first is None:
+        return False
+    groups = ":".join([f"?*{first}", *(f"?{g}" for g in _DEFAULT_GROUPS if g != first)])
+    lib = SSL._lib  # type: ignore[attr-defined]
+    if lib.SSL_set1_curves_list(conn._ssl, groups.encode()) != 1:  # type: ignore[attr-defined]
+        raise RuntimeError(f"OpenSSL refused the group list {groups!r}")
+    return True
 
 
 def enable_hostname_verification(conn: SSL.Connection, name: str) -> None:

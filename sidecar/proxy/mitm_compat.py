@@ -95,11 +95,6 @@ def _no_type_check(self: object) -> None:
     return None
 
 
-def tls_session_reused(conn: SSL.Connection) -> bool:
-    """Whether ``conn``'s handshake resumed an earlier session (pyOpenSSL has no public API)."""
-    return bool(SSL._lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
-
-
 _tls_close_fixed = False
 
 
