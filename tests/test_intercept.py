@@ -1,6 +1,6 @@
 """Apps with an ``https://`` base URL behind ``HTTPS_PROXY``: refused with advice by default;
 with ``proxy.intercept_https`` the sidecar terminates their TLS with its own CA (exported for
-them to trust) and injects credentials -- for configured connections only."""
+them to trust) and injects credentials, Basic or OAuth -- for configured connections only."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.bearer import BearerValidator
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.oauth_provider import OAuthTestProvider
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.upstreams import Upstreams
 
@@ -162,3 +164,44 @@ def test_without_opt_in_the_refusal_explains_what_to_do(refusing: Proxy) -> None
     with refusing.client(False) as client, pytest.raises(httpx.ProxyError):
         client.get(f"{refusing.upstream_base}/metadata")
     assert refusing.server.requests_seen == []
+
+
+def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: DemoPKI,
+                                               oauth_provider: OAuthTestProvider,
+                                               bearer_validator: BearerValidator) -> None:
+    client = oauth_provider.clients["basic"]
+    (tmp_path / "client-secret").write_text(str(client.secret) + "\n")
+    port = free_port()
+    with FhirTestServer(pki.server(name="intercept-oauth"), auth=bearer_validator) as server:
+        config = write_config(tmp_path, {
+            "proxy": {"listen": f"127.0.0.1:{port}", "intercept_https": True,
+                      "ca_cert_export": "sidecar-ca.pem"},
+            "admin": {"listen": None},
+            "oauth": {"smart": {
+                "token_url": oauth_provider.token_url, "client_id": client.client_id,
+                "client_secret_file": "client-secret", "scopes": list(oauth_provider.scopes),
+                "tls": {"verify": "custom", "ca_bundle": str(oauth_provider.ca_bundle)}}},
+            "connections": {"ehr": {
+                "url": server.base_url, "auth": {"oauth": "smart"},
+                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+        })
+        sidecar = SidecarProcess(config, tmp_path / "state").start()
+        try:
+            ca_export = tmp_path / "sidecar-ca.pem"
+            wait_until(ca_export.exists, message="the exported CA certificate")
+            proxy = Proxy(sidecar, port, server, ca_export)
+            with proxy.client(_trusting(ca_export)) as app:
+                first = app.get(f"{server.base_url}/Patient/example",
+                                headers={"Authorization": "Basic dGhlLWFwcDpvd24="})
+                second = app.get(f"{server.base_url}/metadata")
+        finally:
+            assert sidecar.stop() == 0
+    assert first.status_code == 200, first.text
+    assert second.status_code == 200, second.text
+    seen = [r.headers["authorization"] for r in server.requests_seen]
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0].startswith("Bearer ")
+    assert bearer_validator.validate(seen[0].removeprefix("Bearer ")) is None
+    # One token for both requests; the app's own credential never reached the upstream.
+    assert sum(1 for r in oauth_provider.recent_requests()
+               if r.get("client_id") == client.client_id) == 1
+    assert "dGhlLWFwcDpvd24=" not in sidecar.output
