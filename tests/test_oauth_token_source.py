@@ -447,6 +447,18 @@ async def test_invalidate_drops_only_the_current_token(oauth_provider: OAuthTest
 
 
 @async_test
+async def test_cached_token_answers_without_fetching(oauth_provider: OAuthTestProvider) -> None:
+    async with opened(make_source(oauth_provider, "basic")) as source:
+        assert source.cached_token() is None  # nothing fetched yet, and nothing started
+        assert oauth_provider.stats()["token_requests"] == 0
+        token = await source.token()
+        assert source.cached_token() == token
+        source.invalidate(token)
+        assert source.cached_token() is None
+    assert oauth_provider.stats()["token_requests"] == 1
+
+
+@async_test
 async def test_invalidate_with_a_running_refresher_fetches_one_replacement(
         oauth_provider: OAuthTestProvider) -> None:
     async with opened(make_source(oauth_provider, "basic"), start=True) as source:

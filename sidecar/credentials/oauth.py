@@ -202,16 +202,27 @@ class TokenSource:
         assert self.definition.discover_from is not None
         return smart_configuration_url(self.definition.discover_from)
 
-    async def token(self) -> str:
-        """A usable access token, from the cache when possible; raises TokenUnavailable."""
+    def cached_token(self) -> str | None:
+        """The cached token while it is usable, without waiting; None when one must be fetched.
+
+        The request path asks this first, so a request that finds a token never suspends.
+        """
         now = time.monotonic()
         current = self._current
-        if current is not None and now < current.usable_until:
-            if now >= current.refresh_at:
-                # Normally the refresher has done this already; this keeps a source that was
-                # never start()ed (or whose refresher is between wake-ups) refreshing too.
-                self._refresh_in_background(now)
-            return current.value
+        if current is None or now >= current.usable_until:
+            return None
+        if now >= current.refresh_at:
+            # Normally the refresher has done this already; this keeps a source that was
+            # never start()ed (or whose refresher is between wake-ups) refreshing too.
+            self._refresh_in_background(now)
+        return current.value
+
+    async def token(self) -> str:
+        """A usable access token, from the cache when possible; raises TokenUnavailable."""
+        cached = self.cached_token()
+        if cached is not None:
+            return cached
+        now = time.monotonic()
         if self._closed:
             raise TokenUnavailable(self.name, self.token_url, "the token source is closed",
                                    "closed")

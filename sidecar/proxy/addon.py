@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from mitmproxy import certs, ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
@@ -40,6 +41,9 @@ from sidecar.proxy.flow_state import (
 from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links
 from sidecar.proxy.upstream_tls import UpstreamTls
 from sidecar.snapshot import CompiledConnection, Snapshot
+
+if TYPE_CHECKING:
+    from sidecar.credentials.oauth import TokenSource
 
 
 class FhirSidecar:
@@ -162,20 +166,26 @@ class FhirSidecar:
         if conn.basic is not None:
             request.headers["Authorization"] = conn.basic.header()
         elif conn.oauth is not None:
-            return self._add_bearer(flow, state, conn)
+            source = state.snapshot.token_sources[conn.oauth]
+            token = source.cached_token()
+            if token is None:
+                return self._add_fetched_bearer(flow, state, conn, source)
+            self._set_bearer(flow, state, token)
         return None
 
-    async def _add_bearer(self, flow: http.HTTPFlow, state: FlowState,
-                          conn: CompiledConnection) -> None:
+    async def _add_fetched_bearer(self, flow: http.HTTPFlow, state: FlowState,
+                                  conn: CompiledConnection, source: TokenSource) -> None:
         from sidecar.credentials.oauth import TokenUnavailable
 
-        assert conn.oauth is not None
-        source = state.snapshot.token_sources[conn.oauth]
         try:
             token = await source.token()
         except TokenUnavailable as exc:
             self._answer(flow, failures.token_unavailable(conn.name, exc))
             return
+        self._set_bearer(flow, state, token)
+
+    @staticmethod
+    def _set_bearer(flow: http.HTTPFlow, state: FlowState, token: str) -> None:
         flow.request.headers["Authorization"] = f"Bearer {token}"
         state.bearer = token
 
