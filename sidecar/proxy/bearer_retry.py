@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import time
 
-import httpx
 from mitmproxy import http
 
-from sidecar.credentials.oauth import TokenUnavailable
 from sidecar.proxy.flow_state import REQUEST_ID, FlowState
-from sidecar.upstream_replay import replay
 
 
 def may_retry(flow: http.HTTPFlow, state: FlowState) -> bool:
@@ -24,6 +21,13 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
 
     ``None`` when no new token can be had or the retry fails: the upstream's 401 then stands.
     """
+    # Imported here: only OAuth connections get here, and a Basic-only sidecar never loads
+    # httpx (~16 MiB of RSS).
+    import httpx
+
+    from sidecar.credentials.oauth import TokenUnavailable
+    from sidecar.upstream_replay import replay
+
     conn = state.connection
     assert conn is not None and conn.oauth is not None and state.bearer is not None
     source = state.snapshot.token_sources[conn.oauth]
