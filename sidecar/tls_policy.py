@@ -209,6 +209,9 @@ _DEFAULT_GROUPS = ("X25519MLKEM768", "X25519", "secp256r1", "X448", "secp384r1",
                    "ffdhe2048", "ffdhe3072")
 
 
+_key_share_syntax_known = True  # cleared when OpenSSL refuses the 3.5 group-list syntax
+
+
 def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
     """Send a TLS 1.3 key share only for ``group``, still offering every default group.
 
@@ -218,18 +221,23 @@ def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
     This is a hint, not a restriction: a server that prefers another offered group asks for
     it with a HelloRetryRequest, so nothing is downgraded (the choice being hinted came from
     an authenticated handshake). Returns False, changing nothing, for a group not in the
-    default list.
+    default list or an OpenSSL older than 3.5.
 
     pyOpenSSL has no public API for groups, hence the private binding, kept in this function
     so that ``tests/test_tls_policy.py`` fails loudly if it changes.
     """
+    global _key_share_syntax_known
     first = next((g for g in _DEFAULT_GROUPS if g.lower() == group.lower()), None)
-    if first is None:
+    if first is None or not _key_share_syntax_known:
         return False
     groups = ":".join([f"?*{first}", *(f"?{g}" for g in _DEFAULT_GROUPS if g != first)])
     lib = SSL._lib  # type: ignore[attr-defined]
     if lib.SSL_set1_curves_list(conn._ssl, groups.encode()) != 1:  # type: ignore[attr-defined]
-        raise RuntimeError(f"OpenSSL refused the group list {groups!r}")
+        # OpenSSL before 3.5 knows neither the "?"/"*" markers nor the hybrid group, and its
+        # default already sends a single key share: nothing to improve there.
+        lib.ERR_clear_error()
+        _key_share_syntax_known = False
+        return False
     return True
 
 
