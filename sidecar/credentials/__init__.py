@@ -1,6 +1,6 @@
 """Credentials the sidecar injects: Basic headers and OAuth token sources (design §4).
 
-The OAuth names are loaded on first use: they bring in httpx and authlib (~20 MiB of RSS),
+The OAuth names are loaded on first use: they bring in httpx and authlib (~7 MiB of RSS),
 which a sidecar with only Basic definitions never needs.
 """
 
