@@ -215,6 +215,19 @@ def test_request_id_is_kept_or_generated(running: Running) -> None:
 
 # -- TLS modes -----------------------------------------------------------------------------
 
+def test_new_client_connections_resume_the_upstream_tls_session(running: Running) -> None:
+    server = running.servers["good"]
+    before = len(server.requests_seen)
+    for _ in range(4):
+        with running.client() as client:  # a new client connection, so a new upstream one
+            response = client.get(f"{running.base('good')}/metadata")
+        assert response.status_code == 200, response.text
+    seen = server.requests_seen[before:]
+    assert len(seen) == 4
+    # The first may already resume a session left by an earlier test; every later one must.
+    assert all(r.tls_resumed for r in seen[1:]), [r.tls_resumed for r in seen]
+
+
 def test_skip_accepts_any_certificate(running: Running) -> None:
     with running.client() as client:
         assert client.get(f"{running.base('other-ca-skip')}/metadata").status_code == 200

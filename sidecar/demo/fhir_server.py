@@ -55,6 +55,7 @@ class RecordedRequest:
     path: str  # the request target: path and query
     headers: Headers  # case-insensitive; ``headers.fields`` keeps repeats and spelling
     body_length: int
+    tls_resumed: bool = False  # the request's connection resumed an earlier TLS session
 
 
 class _RequestLog:
@@ -141,7 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
     def _record(self, headers: Headers, body_length: int) -> None:
-        self.server.requests.append(RecordedRequest(self.command, self.path, headers, body_length))
+        resumed = isinstance(self.connection, ssl.SSLSocket) and self.connection.session_reused
+        self.server.requests.append(RecordedRequest(self.command, self.path, headers, body_length,
+                                                    bool(resumed)))
 
     def _send(self, reply: Reply, *, close: bool = False) -> None:
         bodiless = reply.status in (204, 304) or self.command == "HEAD"
