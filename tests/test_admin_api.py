@@ -4,7 +4,6 @@ configs, and real requests through the sidecar that carry what the API just set.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import socket
@@ -19,6 +18,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from support.constants import basic_header
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
@@ -30,10 +30,6 @@ NEW_PASSWORD = "new-pw-Rt55"
 ROTATED_PASSWORD = "rotated-pw-Qq17"
 CLIENT_SECRET = "client-secret-Jd64"
 SECRETS = (ADMIN_TOKEN, FIRST_PASSWORD, NEW_PASSWORD, ROTATED_PASSWORD, CLIENT_SECRET)
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def disk_state(directory: Path) -> dict[str, bytes]:
@@ -162,7 +158,7 @@ def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) ->
     assert assigned.json()["auth"]["basic"] == "second"
     # The reload happened before the answer: the very next request uses the new credentials.
     assert sidecar.through().status_code == 200
-    assert sidecar.last_auth() == basic("svc2", NEW_PASSWORD)
+    assert sidecar.last_auth() == basic_header("svc2", NEW_PASSWORD)
 
     # Persisted: the config names a 0600 file in dashboard-secrets; no secret in the config.
     text = sidecar.path.read_text()
@@ -179,11 +175,11 @@ def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) ->
     assert rotated.status_code == 200
     assert not secret_file.exists()
     sidecar.through()
-    assert sidecar.last_auth() == basic("svc2", ROTATED_PASSWORD)
+    assert sidecar.last_auth() == basic_header("svc2", ROTATED_PASSWORD)
     # A PUT without a password keeps the current one.
     assert sidecar.put("/api/basic-auth/second", {"username": "svc3"}).status_code == 200
     sidecar.through()
-    assert sidecar.last_auth() == basic("svc3", ROTATED_PASSWORD)
+    assert sidecar.last_auth() == basic_header("svc3", ROTATED_PASSWORD)
 
     # Back to the first definition, then the second can go.
     body["auth"] = {"basic": "first"}
@@ -193,7 +189,7 @@ def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) ->
     assert not [p for p in (sidecar.tmp / "dashboard-secrets").iterdir()
                 if p.name.startswith("basic-second")]
     sidecar.through()
-    assert sidecar.last_auth() == basic("svc", FIRST_PASSWORD)
+    assert sidecar.last_auth() == basic_header("svc", FIRST_PASSWORD)
 
 
 def test_connection_created_and_deleted(sidecar: Sidecar) -> None:

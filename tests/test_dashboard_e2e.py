@@ -4,12 +4,12 @@ switch the connection to ``custom``; real requests through the sidecar show each
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from support.constants import basic_header
 from support.sidecar_process import SidecarProcess, free_port, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
@@ -24,10 +24,6 @@ SECOND_PASSWORD = "e2e-second-Kc40"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="/usr/bin/chromium is missing (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api")
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +116,7 @@ def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: DemoPKI,
         expect_done("connection main saved")
         sync_api.expect(page.locator("#connection-main")).to_contain_text("Basic: web")
         assert through().status_code == 200
-        assert last_auth() == basic("websvc", SECOND_PASSWORD)
+        assert last_auth() == basic_header("websvc", SECOND_PASSWORD)
         shot("3-connection-assigned")
 
         # Upload two CA bundles: the upstream's CA, and one that did not sign it.
@@ -156,7 +152,7 @@ def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: DemoPKI,
         assert refused.headers.get("X-Sidecar-Error") == "upstream-tls"
         switch_to("corp-ca")
         assert through().status_code == 200  # verified against the uploaded bundle
-        assert last_auth() == basic("websvc", SECOND_PASSWORD)
+        assert last_auth() == basic_header("websvc", SECOND_PASSWORD)
         page.goto(f"{base}/")
         sync_api.expect(page.locator("#connection-main")).to_contain_text("custom (corp-ca)")
         sync_api.expect(page.locator("#connection-main")).to_contain_text("upstream-tls")

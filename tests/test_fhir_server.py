@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.tls import (
     CERT_EXPIRED,
     HOSTNAME_MISMATCH,
@@ -29,13 +28,6 @@ from sidecar.demo.pki import ClientIdentity, DemoPKI
 
 FHIR_JSON = "application/fhir+json"
 GOOD_AUTH = httpx.BasicAuth(UPSTREAM_USER, UPSTREAM_PASSWORD)
-
-
-def basic_authorization(username: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-
-
-GOOD_AUTHORIZATION = basic_authorization(UPSTREAM_USER, UPSTREAM_PASSWORD)
 
 
 def client(
@@ -63,7 +55,7 @@ def test_good_upstream_answers_with_the_right_credentials(
     assert response.json()["resourceType"] == "CapabilityStatement"
     [seen] = upstream_good.requests_seen
     assert (seen.method, seen.path, seen.body_length) == ("GET", "/fhir/metadata", 0)
-    assert seen.headers["Authorization"] == GOOD_AUTHORIZATION
+    assert seen.headers["Authorization"] == EXPECTED_BASIC
 
 
 @pytest.mark.parametrize(
@@ -236,7 +228,7 @@ def test_keep_alive_survives_a_request_body_the_route_ignores(
     connection = http.client.HTTPSConnection(
         "localhost", upstream_good.port, context=client_context(pki.ca_bundle_path), timeout=5
     )
-    headers = {"Authorization": GOOD_AUTHORIZATION, "Content-Type": FHIR_JSON}
+    headers = {"Authorization": EXPECTED_BASIC, "Content-Type": FHIR_JSON}
     try:
         # The status route never reads the body; the server must drain it all the same.
         connection.request("POST", "/fhir/status/200", body=b"{}" * 50_000, headers=headers)
@@ -262,7 +254,7 @@ def test_ambiguous_body_framing_is_refused(upstream_good: FhirTestServer, pki: D
         "localhost", upstream_good.port, context=client_context(pki.ca_bundle_path), timeout=5
     )
     headers = {
-        "Authorization": GOOD_AUTHORIZATION,
+        "Authorization": EXPECTED_BASIC,
         "Content-Length": "5",
         "Transfer-Encoding": "chunked",
     }

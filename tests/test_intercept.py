@@ -4,7 +4,6 @@ them to trust) and injects credentials, Basic or OAuth -- for configured connect
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import ssl
@@ -15,16 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from support.bearer import BearerValidator
-from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.oauth_provider import OAuthTestProvider
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.upstreams import Upstreams
 
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
-
-EXPECTED_BASIC = "Basic " + base64.b64encode(
-    f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}".encode()).decode()
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import threading
@@ -12,16 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from support.constants import basic_header
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
 
 LIVE_DEADLINE = 5.0  # the promise is 2 s; allow for a loaded CI machine
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +77,9 @@ def setup(tmp_path: Path, pki: DemoPKI, open_upstream: FhirTestServer) -> Iterat
 
 
 def test_password_rewritten_in_place(setup: Setup) -> None:
-    setup.auth_becomes(basic("svc", "first-password"))
+    setup.auth_becomes(basic_header("svc", "first-password"))
     setup.write_secret("pw", "second-password")
-    setup.auth_becomes(basic("svc", "second-password"))
+    setup.auth_becomes(basic_header("svc", "second-password"))
 
 
 def test_kubernetes_symlink_swap(tmp_path: Path, pki: DemoPKI,
@@ -107,9 +103,9 @@ def test_kubernetes_symlink_swap(tmp_path: Path, pki: DemoPKI,
     s.config["basic_auth"]["b"]["password_file"] = "k8s/password"
     s.save()
     with s.sidecar:
-        s.auth_becomes(basic("svc", "k8s-one"))
+        s.auth_becomes(basic_header("svc", "k8s-one"))
         publish("2026_11_26_v2", "k8s-two")
-        s.auth_becomes(basic("svc", "k8s-two"))
+        s.auth_becomes(basic_header("svc", "k8s-two"))
 
 
 def test_ca_bundle_replaced_at_same_path(setup: Setup) -> None:
@@ -148,13 +144,13 @@ def test_connections_and_listeners_added_and_removed(setup: Setup) -> None:
 
 
 def test_assignment_switched_to_none_and_back(setup: Setup) -> None:
-    setup.auth_becomes(basic("svc", "first-password"))
+    setup.auth_becomes(basic_header("svc", "first-password"))
     setup.config["connections"]["main"]["auth"] = {}
     setup.save()
     setup.auth_becomes(None)  # type: ignore[arg-type]
     setup.config["connections"]["main"]["auth"] = {"basic": "b"}
     setup.save()
-    setup.auth_becomes(basic("svc", "first-password"))
+    setup.auth_becomes(basic_header("svc", "first-password"))
 
 
 def test_invalid_change_keeps_last_good_and_recovers(setup: Setup) -> None:
@@ -170,7 +166,7 @@ def test_invalid_change_keeps_last_good_and_recovers(setup: Setup) -> None:
         "config_rejected", lambda r: "secrets/later" in r["message"], timeout=LIVE_DEADLINE)
     assert setup.get().status_code == 200
     setup.write_secret("later", "arrived")
-    setup.auth_becomes(basic("svc", "arrived"))
+    setup.auth_becomes(basic_header("svc", "arrived"))
 
 
 def test_sighup_reloads_immediately(setup: Setup) -> None:
@@ -213,7 +209,7 @@ def test_ten_reloads_under_traffic_fail_no_request(setup: Setup) -> None:
             thread.join(30)
     assert failures == []
     assert sum(counts) > 40
-    setup.auth_becomes(basic("svc", "rotated-9"))
+    setup.auth_becomes(basic_header("svc", "rotated-9"))
 
 
 def test_slow_request_survives_a_reload(setup: Setup) -> None:
@@ -231,14 +227,14 @@ def test_slow_request_survives_a_reload(setup: Setup) -> None:
 
 
 def test_secret_deleted_then_renamed_into_place(setup: Setup) -> None:
-    setup.auth_becomes(basic("svc", "first-password"))
+    setup.auth_becomes(basic_header("svc", "first-password"))
     secret = setup.tmp / "secrets" / "pw"
     secret.unlink()
     setup.sidecar.wait_for_event(
         "config_rejected", lambda r: "secrets/pw" in r["message"], timeout=LIVE_DEADLINE)
-    setup.auth_becomes(basic("svc", "first-password"))  # the last good config keeps serving
+    setup.auth_becomes(basic_header("svc", "first-password"))  # the last good config keeps serving
 
     staged = setup.tmp / "secrets" / ".pw.new"
     staged.write_text("renamed-in\n")
     os.replace(staged, secret)  # how most tools write a file atomically
-    setup.auth_becomes(basic("svc", "renamed-in"))
+    setup.auth_becomes(basic_header("svc", "renamed-in"))

@@ -4,7 +4,6 @@ create, XML bundles, and a large bundle that streams untouched. Real TLS upstrea
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import uuid
 import xml.etree.ElementTree as ET
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import requests
 from fhirpy import SyncFHIRClient
-from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
@@ -25,8 +24,6 @@ from sidecar.demo.fhir_resources import large_bundle_chunks
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
 
-EXPECTED_BASIC = "Basic " + base64.b64encode(
-    f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}".encode()).decode()
 PATIENTS = 7
 PAGE = 2
 PAGES = -(-PATIENTS // PAGE)

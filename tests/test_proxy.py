@@ -3,7 +3,6 @@ real clients (httpx, requests, fhirpy) on its listening ports, forward and rever
 
 from __future__ import annotations
 
-import base64
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,15 +13,12 @@ import httpx
 import pytest
 import requests
 from fhirpy import SyncFHIRClient
-from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
-
-EXPECTED_BASIC = "Basic " + base64.b64encode(
-    f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}".encode()).decode()
 
 
 @dataclass
