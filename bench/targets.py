@@ -31,6 +31,8 @@ PATIENT_PATH = "/fhir/Patient/example"
 BIG_PATH = "/fhir/Binary/big"
 BIG_BYTES = 100 * 1024 * 1024
 BASIC_USER, BASIC_PASSWORD = "bench-user", "bench-password"
+BASIC_AUTHORIZATION = "Basic " + base64.b64encode(
+    f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
 READY_TIMEOUT = 20.0
 
 
@@ -259,13 +261,12 @@ class Bench:
         (docs / "patient.json").write_bytes(patient_json())
         with (docs / "big.bin").open("wb") as big:
             big.truncate(BIG_BYTES)
-        # Log the first request of every upstream connection with whether TLS was resumed:
-        # counts upstream handshakes per target without costing keep-alive requests anything.
-        basic = base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
         # The upstream refuses requests without the injected credential, so a target that
-        # forgot to add it cannot look fast by answering 401s.
+        # forgot to add it cannot look fast by answering 401s. It logs the first request of
+        # every upstream connection with whether TLS was resumed: that counts upstream
+        # handshakes per target without costing keep-alive requests anything.
         block = f"""
-  map $http_authorization $authorized {{ "Basic {basic}" 1; "~^Bearer bench-token-" 1;
+  map $http_authorization $authorized {{ "{BASIC_AUTHORIZATION}" 1; "~^Bearer bench-token-" 1;
                                          default 0; }}
   log_format conn '$ssl_session_reused $ssl_protocol';
   map $connection_requests $first_request {{ 1 1; default 0; }}
@@ -294,13 +295,11 @@ class Bench:
         return len(lines) - resumed, resumed
 
     def add_direct(self) -> None:
-        auth = base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
         self.targets.append(Target("direct", "direct HTTPS", self.base + PATIENT_PATH, None,
-                                   headers={"Authorization": f"Basic {auth}"}))
+                                   headers={"Authorization": BASIC_AUTHORIZATION}))
 
     def add_nginx_proxy(self) -> None:
         port = free_port()
-        auth = base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
         block = f"""
   upstream fhir {{ server 127.0.0.1:{self.upstream_port}; keepalive 64; }}
   server {{
@@ -310,7 +309,7 @@ class Bench:
       proxy_pass https://fhir;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header Authorization "Basic {auth}";
+      proxy_set_header Authorization "{BASIC_AUTHORIZATION}";
       proxy_ssl_verify on;
       proxy_ssl_trusted_certificate {self.pki.ca_bundle_path};
       proxy_ssl_name localhost;
