@@ -13,6 +13,7 @@ place is picked up by the next snapshot and never by a stale cache keyed on its 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import ssl
 from dataclasses import dataclass, field
@@ -137,15 +138,15 @@ class UpstreamTlsPolicy:
         key share is then sent only for the group that server chose last time.
         """
         conn = SSL.Connection(self.openssl_context)
+        name = self.sni_for(host)
         if port is not None:
-            earlier = self.resumption.get((self.sni_for(host), host, port))
+            earlier = self.resumption.get((name, host, port))
             if earlier is not None:
                 conn.set_session(earlier.session)
                 if earlier.group is not None:
                     offer_key_share_first(conn, earlier.group)
         outcome = VerifyOutcome()
         conn.set_app_data(outcome)
-        name = self.sni_for(host)
         if not _is_ip(name):
             conn.set_tlsext_host_name(name.encode("idna"))
         if self.verify != "skip":
@@ -227,18 +228,26 @@ def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
     so that ``tests/test_tls_policy.py`` fails loudly if it changes.
     """
     global _key_share_syntax_known
-    first = next((g for g in _DEFAULT_GROUPS if g.lower() == group.lower()), None)
-    if first is None or not _key_share_syntax_known:
+    groups = _groups_sharing_first(group.lower())
+    if groups is None or not _key_share_syntax_known:
         return False
-    groups = ":".join([f"?*{first}", *(f"?{g}" for g in _DEFAULT_GROUPS if g != first)])
     lib = SSL._lib  # type: ignore[attr-defined]
-    if lib.SSL_set1_curves_list(conn._ssl, groups.encode()) != 1:  # type: ignore[attr-defined]
+    if lib.SSL_set1_curves_list(conn._ssl, groups) != 1:  # type: ignore[attr-defined]
         # OpenSSL before 3.5 knows neither the "?"/"*" markers nor the hybrid group, and its
         # default already sends a single key share: nothing to improve there.
         lib.ERR_clear_error()
         _key_share_syntax_known = False
         return False
     return True
+
+
+@functools.cache
+def _groups_sharing_first(group: str) -> bytes | None:
+    """The default group list with a key share for ``group`` only (built once per group)."""
+    first = next((g for g in _DEFAULT_GROUPS if g.lower() == group), None)
+    if first is None:
+        return None
+    return ":".join([f"?*{first}", *(f"?{g}" for g in _DEFAULT_GROUPS if g != first)]).encode()
 
 
 def enable_hostname_verification(conn: SSL.Connection, name: str) -> None:
