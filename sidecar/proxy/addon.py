@@ -117,12 +117,14 @@ class FhirSidecar:
 
     def _snapshot_swapped(self, old: Snapshot, new: Snapshot) -> None:
         """Start what the new snapshot added, retire what it dropped, move listeners."""
-        kept = {id(s) for s in new.token_sources.values()}
+        # A reload reuses the token sources of unchanged definitions (same objects).
+        before = {id(s) for s in old.token_sources.values()}
+        after = {id(s) for s in new.token_sources.values()}
         for source in new.token_sources.values():
-            if source not in old.token_sources.values():
+            if id(source) not in before:
                 source.start()
         for source in old.token_sources.values():
-            if id(source) not in kept:
+            if id(source) not in after:
                 task = asyncio.get_running_loop().create_task(source.aclose())
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
