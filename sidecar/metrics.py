@@ -31,7 +31,7 @@ from prometheus_client import (
 
 from sidecar import __version__
 from sidecar.observe import NO_CONNECTION
-from sidecar.tls_policy import earliest_expiry
+from sidecar.tls.policy import earliest_expiry
 
 if TYPE_CHECKING:
     from sidecar.live import LiveConfig, ReloadOutcome

@@ -18,7 +18,8 @@ from sidecar.config.models import ConnectionSettings, SidecarConfig, TlsSettings
 from sidecar.credentials.basic import BasicCredentials
 from sidecar.routing import Router, Upstream
 from sidecar.secrets import SecretError, read_secret, read_secret_file
-from sidecar.tls_policy import TlsMaterialError, UpstreamTlsPolicy, compile_tls_policy
+from sidecar.tls.material import TlsMaterialError
+from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy
 
 if TYPE_CHECKING:
     from sidecar.credentials.oauth import TokenObserver, TokenSource

@@ -1,5 +1,5 @@
 """Fails loudly when a mitmproxy internal we rely on changes (see sidecar/proxy/mitm_compat.py;
-the OpenSSL bindings of sidecar/tls_policy.py are covered by tests/test_tls_policy.py)."""
+the OpenSSL bindings of sidecar/tls/openssl_bindings.py are covered by tests/test_tls_policy.py)."""
 
 from __future__ import annotations
 

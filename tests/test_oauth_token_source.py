@@ -37,7 +37,7 @@ from sidecar.credentials import (
 from sidecar.credentials.client_auth import ASSERTION_TYPE, basic_authorization
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
-from sidecar.tls_policy import compile_tls_policy
+from sidecar.tls.policy import compile_tls_policy
 
 TEST_DEADLINE = 30.0
 # Real lifetimes are minutes; these backoffs let an outage and its recovery play out in seconds.

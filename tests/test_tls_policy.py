@@ -1,6 +1,6 @@
 """Upstream TLS policy against real TLS servers on loopback: session resumption, the key share
-hint, and the private OpenSSL bindings ``sidecar/tls_policy.py`` relies on (these tests fail
-loudly when pyOpenSSL or cryptography change them)."""
+hint, and the private OpenSSL bindings of ``sidecar/tls/openssl_bindings.py`` (these tests
+fail loudly when pyOpenSSL or cryptography change them)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,8 @@ from OpenSSL import SSL
 
 from sidecar.config.models import TlsSettings
 from sidecar.demo.pki import DemoPKI
-from sidecar.tls_policy import (
-    UpstreamTlsPolicy,
-    compile_tls_policy,
-    enable_hostname_verification,
-    offer_key_share_first,
-    retire_connection,
-)
+from sidecar.tls.openssl_bindings import enable_hostname_verification, offer_key_share_first
+from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy, retire_connection
 
 PQ_HYBRID = "X25519MLKEM768"
 

@@ -33,7 +33,7 @@ from sidecar.config.models import NAME_PATTERN, SidecarConfig
 from sidecar.live import LiveConfig, ReloadOutcome
 from sidecar.secrets import SecretError, read_secret_file
 from sidecar.snapshot import compile_snapshot
-from sidecar.tls_policy import CertificateInfo, TlsMaterialError, parse_ca_bundle
+from sidecar.tls.material import CertificateInfo, TlsMaterialError, parse_ca_bundle
 
 SECRETS_DIR_NAME = "dashboard-secrets"
 MAX_UPLOAD_BYTES = 256 * 1024  # a CA bundle or private key; far above any real one

@@ -18,7 +18,7 @@ from typing import Any
 
 from sidecar.live import LiveConfig
 from sidecar.metrics import SidecarMetrics, TlsFailureRecord
-from sidecar.tls_policy import earliest_expiry
+from sidecar.tls.policy import earliest_expiry
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from sidecar.credentials.token_endpoint import (
     TokenEndpoint,
     TokenRequest,
 )
-from sidecar.tls_policy import UpstreamTlsPolicy
+from sidecar.tls.policy import UpstreamTlsPolicy
 
 log = logging.getLogger(__name__)
 

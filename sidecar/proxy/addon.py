@@ -2,7 +2,7 @@
 
 Request path: ``requestheaders`` routes (``sidecar.routing``) and injects credentials
 (``sidecar.credentials``); the companion addon ``UpstreamTls`` (``upstream_tls.py``) applies
-the routed connection's TLS policy (``sidecar.tls_policy``); ``error`` turns upstream failures
+the routed connection's TLS policy (``sidecar.tls.policy``); ``error`` turns upstream failures
 into OperationOutcomes (``failures.py``); ``response`` retries a rejected bearer token once
 (``bearer_retry.py``), points FHIR links back at the sidecar (``response_links.py``) and logs
 one line per request.

@@ -8,7 +8,7 @@ from OpenSSL import SSL
 
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.snapshot import CompiledConnection
-from sidecar.tls_policy import TlsFailureReason, VerifyOutcome
+from sidecar.tls.policy import TlsFailureReason, VerifyOutcome
 
 
 @dataclass(frozen=True)

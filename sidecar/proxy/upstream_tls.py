@@ -2,7 +2,7 @@
 
 mitmproxy's global options cannot express per-connection verification, so this addon builds
 every upstream TLS connection itself (``tls_start_server``) from the compiled policy of the
-connection the client's request was routed to (``sidecar.tls_policy``). It also remembers TLS
+connection the client's request was routed to (``sidecar.tls.policy``). It also remembers TLS
 sessions for resumption and why a handshake failed, for the error answer.
 """
 
@@ -17,7 +17,7 @@ from OpenSSL import SSL
 
 from sidecar.proxy import failures
 from sidecar.snapshot import CompiledConnection, Snapshot
-from sidecar.tls_policy import UpstreamTlsPolicy, retire_connection
+from sidecar.tls.policy import UpstreamTlsPolicy, retire_connection
 
 HTTP1_ALPN = [b"http/1.1"]
 

@@ -1,8 +1,7 @@
 """Where upstream TLS is decided: one compiled policy per connection (and per token endpoint).
 
-A policy is built from :class:`TlsSettings` once per config snapshot. Every file it needs (CA
-bundle, client certificate and key) is read into memory at that moment, so a file replaced in
-place is picked up by the next snapshot and never by a stale cache keyed on its path.
+A policy is built from :class:`TlsSettings` once per config snapshot; every file it needs is
+read into memory at that moment (``sidecar.tls.material``).
 
 ``skip``    no verification at all (hostname neither).
 ``default`` certifi's public bundle and nothing else: environment variables such as
@@ -13,7 +12,6 @@ place is picked up by the next snapshot and never by a stale cache keyed on its 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import ipaddress
 import ssl
 from dataclasses import dataclass, field
@@ -26,6 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
 from sidecar.config.models import TlsSettings
+from sidecar.tls.material import (
+    CertificateInfo,
+    TlsMaterialError,
+    read_ca_bundle,
+    read_client_identity,
+)
+from sidecar.tls.openssl_bindings import enable_hostname_verification, offer_key_share_first
 
 TlsFailureReason = Literal["unknown_ca", "hostname_mismatch", "expired", "handshake"]
 
@@ -41,17 +46,6 @@ _EXPIRED_CODES = {
     SSL.X509VerificationCodes.ERR_CERT_HAS_EXPIRED,
     SSL.X509VerificationCodes.ERR_CERT_NOT_YET_VALID,
 }
-
-
-class TlsMaterialError(ValueError):
-    """A CA bundle, certificate or key that cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class CertificateInfo:
-    subject: str
-    not_after: dt.datetime
-    is_ca: bool
 
 
 @dataclass
@@ -71,33 +65,6 @@ class VerifyOutcome:
         if self.code in _UNKNOWN_CA_CODES:
             return "unknown_ca"
         return "handshake"
-
-
-def read_ca_bundle(path: Path) -> tuple[bytes, list[CertificateInfo]]:
-    """Read and parse a PEM bundle; raise :class:`TlsMaterialError` when it is unusable."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TlsMaterialError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return data, parse_ca_bundle(data, str(path))
-
-
-def parse_ca_bundle(data: bytes, where: str) -> list[CertificateInfo]:
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise TlsMaterialError(f"{where} contains no PEM certificate")
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise TlsMaterialError(f"{where} is not a valid PEM certificate bundle: {exc}") from None
-    return [describe_certificate(c) for c in certs]
-
-
-def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    return CertificateInfo(cert.subject.rfc4514_string(), cert.not_valid_after_utc, is_ca)
 
 
 @dataclass(frozen=True)
@@ -204,73 +171,6 @@ def retire_connection(conn: SSL.Connection) -> None:
     conn.set_shutdown(conn.get_shutdown() | SSL.SENT_SHUTDOWN)
 
 
-# OpenSSL's default groups (3.5 and later), most preferred first. By default it sends key
-# shares for the first two, a post-quantum hybrid (~1.2 KB) and X25519.
-_DEFAULT_GROUPS = ("X25519MLKEM768", "X25519", "secp256r1", "X448", "secp384r1", "secp521r1",
-                   "ffdhe2048", "ffdhe3072")
-
-
-_key_share_syntax_known = True  # cleared when OpenSSL refuses the 3.5 group-list syntax
-
-
-def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
-    """Send a TLS 1.3 key share only for ``group``, still offering every default group.
-
-    A resumed handshake still runs the key exchange, and by default the client computes two
-    key shares of which the server uses one: for a server that chose X25519 last time, the
-    unused post-quantum share is most of the client's handshake cost and of its ClientHello.
-    This is a hint, not a restriction: a server that prefers another offered group asks for
-    it with a HelloRetryRequest, so nothing is downgraded (the choice being hinted came from
-    an authenticated handshake). Returns False, changing nothing, for a group not in the
-    default list or an OpenSSL older than 3.5.
-
-    pyOpenSSL has no public API for groups, hence the private binding, kept in this function
-    so that ``tests/test_tls_policy.py`` fails loudly if it changes.
-    """
-    global _key_share_syntax_known
-    groups = _groups_sharing_first(group.lower())
-    if groups is None or not _key_share_syntax_known:
-        return False
-    lib = SSL._lib  # type: ignore[attr-defined]
-    if lib.SSL_set1_curves_list(conn._ssl, groups) != 1:  # type: ignore[attr-defined]
-        # OpenSSL before 3.5 knows neither the "?"/"*" markers nor the hybrid group, and its
-        # default already sends a single key share: nothing to improve there.
-        lib.ERR_clear_error()
-        _key_share_syntax_known = False
-        return False
-    return True
-
-
-@functools.cache
-def _groups_sharing_first(group: str) -> bytes | None:
-    """The default group list with a key share for ``group`` only (built once per group)."""
-    first = next((g for g in _DEFAULT_GROUPS if g.lower() == group), None)
-    if first is None:
-        return None
-    return ":".join([f"?*{first}", *(f"?{g}" for g in _DEFAULT_GROUPS if g != first)]).encode()
-
-
-def enable_hostname_verification(conn: SSL.Connection, name: str) -> None:
-    """Make OpenSSL check the peer certificate's name during the handshake.
-
-    pyOpenSSL has no public API for this; mitmproxy itself uses the same private bindings.
-    Kept in this one function so that ``tests/test_tls_policy.py`` fails loudly if they change.
-    """
-    lib = SSL._lib  # type: ignore[attr-defined]
-    param = lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
-    # No partial wildcards, and never fall back to the subject CN (browsers dropped it too).
-    lib.X509_VERIFY_PARAM_set_hostflags(param, lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS |
-                                        lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT)
-    if _is_ip(name):
-        packed = ipaddress.ip_address(name).packed
-        ok = lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
-    else:
-        encoded = name.encode("idna")
-        ok = lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded))
-    if ok != 1:
-        raise RuntimeError(f"OpenSSL refused to enable hostname verification for {name!r}")
-
-
 def _record_verify_result(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int,
                           ok: int) -> bool:
     outcome = conn.get_app_data()
@@ -296,7 +196,7 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
 
     cert_pem = key_pem = None
     if settings.client_cert is not None:
-        cert_pem, key_pem = _read_client_identity(settings.client_cert, settings.client_key)
+        cert_pem, key_pem = read_client_identity(settings.client_cert, settings.client_key)
 
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -318,24 +218,6 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
         ca_certificates=tuple(infos), client_cert_pem=cert_pem, client_key_pem=key_pem,
         server_name=settings.server_name, openssl_context=ctx,
     )
-
-
-def _read_client_identity(cert_path: Path, key_path: Path | None) -> tuple[bytes, bytes]:
-    try:
-        cert_pem = cert_path.read_bytes()
-        key_pem = key_path.read_bytes() if key_path is not None else cert_pem
-    except OSError as exc:
-        raise TlsMaterialError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
-    try:
-        x509.load_pem_x509_certificates(cert_pem)
-    except ValueError:
-        raise TlsMaterialError(f"{cert_path} is not a PEM certificate") from None
-    try:
-        serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        where = key_path or cert_path
-        raise TlsMaterialError(f"{where} holds no unencrypted PEM private key") from None
-    return cert_pem, key_pem
 
 
 def _load_openssl_client_cert(ctx: SSL.Context, cert_pem: bytes, key_pem: bytes | None) -> None:

@@ -1,0 +1,70 @@
+"""The PEM material of a TLS policy: CA bundles, client certificates and keys, read and checked.
+
+Every file is read into memory when a policy is compiled, so a file replaced in place is
+picked up by the next snapshot and never by a stale cache keyed on its path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+class TlsMaterialError(ValueError):
+    """A CA bundle, certificate or key that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    subject: str
+    not_after: dt.datetime
+    is_ca: bool
+
+
+def read_ca_bundle(path: Path) -> tuple[bytes, list[CertificateInfo]]:
+    """Read and parse a PEM bundle; raise :class:`TlsMaterialError` when it is unusable."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TlsMaterialError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return data, parse_ca_bundle(data, str(path))
+
+
+def parse_ca_bundle(data: bytes, where: str) -> list[CertificateInfo]:
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TlsMaterialError(f"{where} contains no PEM certificate")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise TlsMaterialError(f"{where} is not a valid PEM certificate bundle: {exc}") from None
+    return [describe_certificate(c) for c in certs]
+
+
+def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return CertificateInfo(cert.subject.rfc4514_string(), cert.not_valid_after_utc, is_ca)
+
+
+def read_client_identity(cert_path: Path, key_path: Path | None) -> tuple[bytes, bytes]:
+    try:
+        cert_pem = cert_path.read_bytes()
+        key_pem = key_path.read_bytes() if key_path is not None else cert_pem
+    except OSError as exc:
+        raise TlsMaterialError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    try:
+        x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise TlsMaterialError(f"{cert_path} is not a PEM certificate") from None
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        where = key_path or cert_path
+        raise TlsMaterialError(f"{where} holds no unencrypted PEM private key") from None
+    return cert_pem, key_pem
