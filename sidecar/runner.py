@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import time
@@ -18,7 +19,9 @@ from sidecar.live import LiveConfig
 from sidecar.logs import log_event
 from sidecar.metrics import SidecarMetrics
 from sidecar.proxy.addon import FhirSidecar
+from sidecar.proxy.draining import start_draining
 from sidecar.proxy.master import build_master
+from sidecar.shutdown import GracefulStop, shutdown_timings
 from sidecar.snapshot import Snapshot
 from sidecar.watch import FileWatcher
 
@@ -74,7 +77,12 @@ def listener_state(live: LiveConfig, sidecar: FhirSidecar, proxyserver: Any) -> 
     return ListenerState(sidecar.listeners_bound and not missing, missing)
 
 
-async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0) -> int:
+async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | None = None
+                ) -> int:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (``sidecar.shutdown``).
+
+    ``env_drain_seconds``: the deprecated ``FHIR_SIDECAR_DRAIN_SECONDS``, when set.
+    """
     metrics = SidecarMetrics()
     live = LiveConfig(config_path, token_observer=metrics)
     check_ports_free(live.current)
@@ -113,15 +121,29 @@ async def serve(config_path: Path, state_dir: Path, drain_seconds: float = 10.0)
               connections=sorted(live.current.connections),
               admin=admin.address if admin is not None else None)
 
+    _, deprecation = shutdown_timings(live.current.config, env_drain_seconds)
+    if deprecation is not None:
+        log_event("deprecated_setting", logging.WARNING, deprecation)
+
     watcher = asyncio.create_task(FileWatcher(live.watched_files, live.reload).run())
     await stop.wait()
+    stop.clear()  # from now on, another signal cuts the delay short
     watcher.cancel()
-    sidecar.listeners_bound = False  # /readyz answers 503 while draining
-    log_event("draining", in_flight=sidecar.in_flight)
-    master.options.update(mode=[])  # stop accepting new connections
-    deadline = time.monotonic() + drain_seconds
-    while sidecar.in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    # A reload now could open listeners again; the config in force decides the timings.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    timings, _ = shutdown_timings(live.current.config, env_drain_seconds)
+
+    def begin_draining() -> None:
+        sidecar.listeners_bound = False  # /readyz answers 503 from now on
+        start_draining(master)
+
+    stopping = GracefulStop(
+        begin_draining=begin_draining,
+        close_listeners=lambda: master.options.update(mode=[]),
+        listening=lambda: bool(proxyserver.listen_addrs()),
+        in_flight=lambda: sidecar.in_flight,
+    )
+    await stopping.run(timings, cut_short=stop)
     master.shutdown()
     with contextlib.suppress(asyncio.CancelledError):
         await run_task

@@ -22,4 +22,5 @@ class RuntimeSettings(BaseSettings):
     state_dir: Path = _default_state_dir()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
-    drain_seconds: float = 10.0
+    # Deprecated: the config file's shutdown.drain_seconds (sidecar.shutdown.shutdown_timings).
+    drain_seconds: float | None = None

@@ -183,6 +183,23 @@ def test_native_sidecar_is_an_always_restarting_init_container() -> None:
     assert "startupProbe" in spec["initContainers"][0]  # gates the app's start on /readyz
 
 
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_grace_period_covers_the_shutdown_delay_and_drain(example: str) -> None:
+    docs = rendered(example)
+    shutdown = config_of(docs)["shutdown"]
+    # The chart's default: keep serving 5 s after SIGTERM while endpoints are removed.
+    assert shutdown == {"delay_seconds": 5, "drain_seconds": 30}
+    assert chart.pod_spec(docs)["terminationGracePeriodSeconds"] == 5 + 30 + 5
+
+
+def test_grace_period_follows_config_shutdown() -> None:
+    values = chart.load_values(EXAMPLES["gateway"])
+    values["config"]["shutdown"] = {"delay_seconds": 2.5, "drain_seconds": 60}
+    assert chart.pod_spec(chart.render(values))["terminationGracePeriodSeconds"] == 68
+    values["terminationGracePeriodSeconds"] = 120  # more is allowed
+    assert chart.pod_spec(chart.render(values))["terminationGracePeriodSeconds"] == 120
+
+
 def test_image_tag_and_user_match_chart_and_dockerfile() -> None:
     chart_meta = yaml.safe_load((chart.CHART_DIR / "Chart.yaml").read_text())
     defaults = yaml.safe_load((chart.CHART_DIR / "values.yaml").read_text())
@@ -276,6 +293,17 @@ BAD_VALUES = [
         "listener on the admin port",
         {"config": {"connections": {"epic": {"listen": "0.0.0.0:9901"}}}},
         "uses port 9901, which is admin.port",
+    ),
+    (
+        "grace period shorter than the drain",
+        {"terminationGracePeriodSeconds": 20},
+        "terminationGracePeriodSeconds is 20, less than config.shutdown.delay_seconds + "
+        "drain_seconds + 5 = 40",
+    ),
+    (
+        "negative shutdown delay",
+        {"config": {"shutdown": {"delay_seconds": -1}}},
+        "/config/shutdown/delay_seconds",
     ),
     ("open network policy", {"networkPolicy": {"clients": []}}, "networkPolicy.clients is empty"),
     (

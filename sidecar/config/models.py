@@ -96,6 +96,16 @@ class ProxySettings(_Model):
         return self
 
 
+class ShutdownSettings(_Model):
+    """What SIGTERM does: keep serving while the load balancer's endpoint removal
+    propagates, then stop accepting and let requests in flight finish."""
+
+    # /readyz answers 503 at once, but the listeners keep accepting for this long.
+    delay_seconds: float = Field(default=0, ge=0, le=3600)
+    # Then the listeners close; requests in flight get at most this long to finish.
+    drain_seconds: float = Field(default=30, ge=0, le=3600)
+
+
 class AdminSettings(_Model):
     listen: ListenAddress | None = DEFAULT_ADMIN_LISTEN
     token_file: ConfigPath | None = None
@@ -222,6 +232,7 @@ def _check_names(mapping: dict[str, object]) -> dict[str, object]:
 class SidecarConfig(_Model):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     basic_auth: Annotated[dict[str, BasicAuthDefinition], AfterValidator(_check_names)] = Field(
         default_factory=dict
     )

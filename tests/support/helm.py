@@ -64,6 +64,8 @@ spec:
         app: {{ .Release.Name }}-app
     spec:
       automountServiceAccountToken: false
+      terminationGracePeriodSeconds: {{ include "fhir-sidecar.terminationGracePeriodSeconds"
+                                        $sidecar }}
       securityContext:
         runAsNonRoot: true
         seccompProfile:

@@ -106,6 +106,27 @@ when it is one, else "fhir-<port>".
 {{- end -}}
 
 {{/*
+Seconds Kubernetes waits after SIGTERM before it kills the sidecar: config.shutdown's delay and
+drain plus 5 s, or terminationGracePeriodSeconds when set (never less). Public: a parent chart
+uses it in its own pod spec.
+*/}}
+{{- define "fhir-sidecar.terminationGracePeriodSeconds" -}}
+{{- $shutdown := .Values.config.shutdown | default dict -}}
+{{- $delay := $shutdown.delay_seconds | default 0 | float64 -}}
+{{- $drain := 30.0 -}}
+{{- if hasKey $shutdown "drain_seconds" -}}{{- $drain = $shutdown.drain_seconds | float64 -}}{{- end -}}
+{{- $needed := addf $delay $drain 5 | ceil | int -}}
+{{- $given := .Values.terminationGracePeriodSeconds -}}
+{{- if kindIs "invalid" $given -}}
+{{- $needed -}}
+{{- else if lt (int $given) $needed -}}
+{{- fail (printf "fhir-sidecar: terminationGracePeriodSeconds is %d, less than config.shutdown.delay_seconds + drain_seconds + 5 = %d: Kubernetes would kill requests still draining (remove it to get %d)" (int $given) $needed $needed) -}}
+{{- else -}}
+{{- int $given -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Cross-field checks the schema cannot express clearly. Called by the ConfigMap template (always
 rendered unless existingConfigMap is used) and by the container template.
 */}}
