@@ -15,6 +15,7 @@ ERROR_HEADER = "X-Sidecar-Error"
 
 
 class ErrorKind(StrEnum):
+    BAD_REQUEST = "bad-request"
     NO_ROUTE = "no-route"
     TOKEN_UNAVAILABLE = "token-unavailable"
     UPSTREAM_TLS = "upstream-tls"
@@ -32,6 +33,7 @@ class ErrorKind(StrEnum):
 
 
 _STATUS = {
+    ErrorKind.BAD_REQUEST: 400,
     ErrorKind.NO_ROUTE: 403,
     ErrorKind.TOKEN_UNAVAILABLE: 503,
     ErrorKind.UPSTREAM_TLS: 502,
@@ -39,6 +41,7 @@ _STATUS = {
     ErrorKind.UPSTREAM_TIMEOUT: 504,
 }
 _ISSUE_CODE = {
+    ErrorKind.BAD_REQUEST: "invalid",
     ErrorKind.NO_ROUTE: "forbidden",
     ErrorKind.TOKEN_UNAVAILABLE: "security",
     ErrorKind.UPSTREAM_TLS: "security",
@@ -51,10 +54,12 @@ _ISSUE_CODE = {
 class SidecarError:
     kind: ErrorKind
     diagnostics: str
+    # Only for answers whose status someone else chose (mitmproxy's own protocol errors).
+    status_code: int | None = None
 
     @property
     def status(self) -> int:
-        return self.kind.status
+        return self.status_code or self.kind.status
 
     def body(self) -> bytes:
         outcome = {

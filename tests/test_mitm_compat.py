@@ -14,19 +14,66 @@ from sidecar.proxy import mitm_compat
 
 
 def test_mitmproxy_error_page_renderer_shape() -> None:
-    params = list(inspect.signature(_http1.make_error_response).parameters)
+    # (``inspect.unwrap``: the originals, should install_error_pages have run already.)
+    params = list(inspect.signature(inspect.unwrap(_http1.make_error_response)).parameters)
     assert params[:2] == ["status_code", "message"]
-    assert b"502" in _http1.make_error_response(502, "x")
+    # install_error_pages repeats what Http1Server.send does with a ResponseProtocolError.
+    source = inspect.getsource(inspect.unwrap(_http1.Http1Server.send))
+    for expected in ("isinstance(event, ResponseProtocolError)", "ConnectionState.CAN_WRITE",
+                     "event.code.http_status_code()", "if not self.response and status",
+                     "make_error_response(status, event.message)",
+                     "commands.CloseConnection(self.conn)"):
+        assert expected in source, expected
+    read_headers = inspect.getsource(_http1.Http1Server.read_headers)
+    assert "make_error_response(400, str(e))" in read_headers
 
 
-def test_replaced_error_page_is_used_once_for_that_message_only() -> None:
-    text = "Connect call failed ('127.0.0.1', 1)"
-    message = "".join(list(text))  # equal text, but its own object (as mitmproxy's would be)
+def _server_layer() -> tuple[_http1.Http1Server, http.HTTPFlow]:
+    from mitmproxy import options
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.test import tflow
+
+    flow = tflow.tflow()
+    layer = _http1.Http1Server(Context(flow.client_conn, options.Options()))
+    layer.request = flow.request
+    return layer, flow
+
+
+def _page(layer: _http1.Http1Server, message: str) -> bytes:
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import ErrorCode, ResponseProtocolError
+
+    sent = [c for c in layer.send(ResponseProtocolError(1, message, ErrorCode.CONNECT_FAILED))
+            if isinstance(c, commands.SendData)]
+    assert len(sent) == 1
+    return sent[0].data
+
+
+def _fallback(status: int, message: str) -> http.Response:
+    return http.Response.make(status, b"{}", {"X-Sidecar-Error": "fallback"})
+
+
+def test_every_mitmproxy_error_page_is_replaced() -> None:
+    mitm_compat.install_error_pages(_fallback)
+    page = _http1.make_error_response(400, "Bad HTTP request line: b'x'")
+    assert page.startswith(b"HTTP/1.1 400 ") and b"X-Sidecar-Error: fallback" in page
+    assert b"html" not in page.lower()
+    layer, _ = _server_layer()
+    assert b"X-Sidecar-Error: fallback" in _page(layer, "Connect call failed")
+
+
+def test_a_flows_own_error_page_is_used_once_for_that_request_only() -> None:
+    mitm_compat.install_error_pages(_fallback)
+    layer, flow = _server_layer()
     response = http.Response.make(502, b"{}", {"X-Sidecar-Error": "upstream-unreachable"})
-    mitm_compat.replace_error_page(message, response)
-    assert b"X-Sidecar-Error" not in _http1.make_error_response(502, text)
-    assert b"X-Sidecar-Error" in _http1.make_error_response(502, message)
-    assert b"X-Sidecar-Error" not in _http1.make_error_response(502, message)
+    mitm_compat.replace_error_page(flow, response)
+    assert b"X-Sidecar-Error: upstream-unreachable" in _page(layer, "Connect call failed")
+    assert b"X-Sidecar-Error: fallback" in _page(layer, "Connect call failed")
+    # A page registered for an earlier request on the connection is not used for a later one.
+    mitm_compat.replace_error_page(flow, response)
+    later, _ = _server_layer()
+    later.conn = layer.conn
+    assert b"X-Sidecar-Error: fallback" in _page(later, "Connect call failed")
 
 
 def test_proxyserver_connection_registry_shape() -> None:

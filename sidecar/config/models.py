@@ -195,6 +195,10 @@ class ConnectionAuth(_Model):
 
 def _require_http_url(value: str) -> None:
     parts = urlsplit(value)
+    if "@" in parts.netloc:
+        # Checked first, and the URL is not quoted: its userinfo may hold a password.
+        raise ValueError("must not contain a user name or password (user:password@host): "
+                         "credentials belong in basic_auth or oauth definitions")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an absolute http(s) URL")
     if parts.query or parts.fragment:

@@ -8,6 +8,7 @@ refresh and backoff live in :mod:`sidecar.credentials.oauth`.
 from __future__ import annotations
 
 import math
+import re
 import ssl
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ with warnings.catch_warnings():
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+
+# RFC 6750 §2.1 b64token (RFC 9110 token68): what may follow "Bearer " in a header.
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 # Parameters the sidecar sets itself; extra_params may not override them.
 RESERVED_PARAMS = frozenset({
@@ -124,6 +128,12 @@ class TokenEndpoint:
         token = raw.get("access_token")
         if not isinstance(token, str) or not token:
             raise EndpointFailure("invalid_response", "the token response has no access_token")
+        if not _TOKEN68.fullmatch(token):
+            # It goes into an upstream request's header: a CR/LF in it would add headers or
+            # requests of the endpoint's choosing. Its characters are not quoted (a secret).
+            raise EndpointFailure("invalid_response",
+                                  "the access_token is not a valid bearer token (RFC 6750 "
+                                  "allows letters, digits and -._~+/ followed by '=' only)")
         token_type = raw.get("token_type")
         # RFC 6749 makes token_type required, but some servers omit it; anything other than
         # Bearer (DPoP, MAC, ...) cannot be sent as "Authorization: Bearer".

@@ -29,7 +29,7 @@ from sidecar.listeners import listener_modes
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
-from sidecar.proxy import failures, mitm_compat
+from sidecar.proxy import failures, mitm_compat, request_checks
 from sidecar.proxy.bearer_retry import may_retry, retried_response
 from sidecar.proxy.flow_state import (
     FLOW_KEY,
@@ -37,9 +37,11 @@ from sidecar.proxy.flow_state import (
     FlowState,
     byte_counter,
     new_request_id,
+    request_id_from,
 )
 from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links
 from sidecar.proxy.upstream_tls import UpstreamTls
+from sidecar.request_path import UnsafePath, confine, resolve
 from sidecar.snapshot import CompiledConnection, Snapshot
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ class FhirSidecar:
 
     def __init__(self, live: LiveConfig | None = None, observer: ProxyObserver | None = None):
         mitm_compat.install_tls_close_fix()
+        mitm_compat.install_error_pages(self._protocol_error_page)
         self.live = live
         self.observer: ProxyObserver = observer or NullObserver()
         # Its own addon, added right after this one (and before mitmproxy's TlsConfig).
@@ -141,8 +144,11 @@ class FhirSidecar:
             return None
         snapshot = self.live.current
         request = flow.request
-        request_id = request.headers.get(REQUEST_ID) or new_request_id()
-        conn, upstream_path = self._route(flow, snapshot)
+        request_id = request_id_from(request.headers.get(REQUEST_ID))
+        refused = request_checks.refusal(request)
+        conn, upstream_path = None, None
+        if refused is None:
+            conn, upstream_path, refused = self._route(flow, snapshot)
         state = FlowState(snapshot, conn, request_id)
         flow.metadata[FLOW_KEY] = state
         self._started(state)
@@ -151,6 +157,9 @@ class FhirSidecar:
         request.headers.pop("Authorization", None)
         request.headers.pop("Proxy-Authorization", None)
         request.headers[REQUEST_ID] = request_id
+        if refused is not None:
+            self._answer(flow, refused, close=True)
+            return None
         if conn is None or upstream_path is None:
             self._answer(flow, failures.no_route(flow.request.pretty_host, flow.request.path))
             return None
@@ -192,19 +201,29 @@ class FhirSidecar:
         state.bearer = token
 
     def _route(self, flow: http.HTTPFlow, snapshot: Snapshot
-               ) -> tuple[CompiledConnection | None, str | None]:
+               ) -> tuple[CompiledConnection | None, str | None, SidecarError | None]:
+        """The connection, the upstream path (dot-segments resolved), or why it is refused."""
         client = flow.client_conn
-        if isinstance(client.proxy_mode, ReverseMode):
-            conn = snapshot.by_listen_port(client.sockname[1])
-            if conn is None:
-                return None, None
-            route = snapshot.router.reverse(conn.name, conn.upstream, flow.request.path)
-        else:
-            found = snapshot.router.forward(flow.request.host, flow.request.path)
-            if found is None:
-                return None, None
-            route = found
-        return snapshot.connections[route.connection], route.upstream_path
+        path = flow.request.path
+        try:
+            if isinstance(client.proxy_mode, ReverseMode):
+                conn = snapshot.by_listen_port(client.sockname[1])
+                if conn is None:
+                    return None, None, None
+                route = snapshot.router.reverse(conn.name, conn.upstream, path)
+                target = route.upstream_path  # the base path joined first: '..' may not undo it
+            else:
+                found = snapshot.router.forward(flow.request.host, resolve(path).target)
+                if found is None:
+                    return None, None, None
+                route, target = found, path
+        except UnsafePath as exc:
+            return None, None, failures.bad_request(str(exc))
+        conn = snapshot.connections[route.connection]
+        try:
+            return conn, confine(target, conn.upstream.base_path), None
+        except UnsafePath as exc:
+            return conn, None, failures.bad_request(f"connection '{conn.name}': {exc}")
 
     @staticmethod
     def _app_base(flow: http.HTTPFlow, conn: CompiledConnection) -> str:
@@ -304,7 +323,11 @@ class FhirSidecar:
             return
         if state.timer is not None:
             state.timer.cancel()
-        if state.connection is not None and flow.response is None:
+        if state.error == ErrorKind.BAD_REQUEST and flow.response is not None:
+            # mitmproxy refused the request as well, and writes its own page instead of ours.
+            mitm_compat.replace_error_page(flow, flow.response)
+            self._log(flow, state)
+        elif state.connection is not None and flow.response is None:
             tls_failure = self.upstream_tls.pop_failure(flow.client_conn)
             problem = failures.classify(state.connection, flow.error.msg,
                                         timed_out=state.timed_out, tls_failure=tls_failure)
@@ -312,7 +335,7 @@ class FhirSidecar:
                 self.observer.upstream_tls_failure(
                     state.connection.name, tls_failure.reason if tls_failure else "handshake")
             state.error = problem.kind.value
-            mitm_compat.replace_error_page(flow.error.msg, self._error_response(problem, state))
+            mitm_compat.replace_error_page(flow, self._error_response(problem, state))
             self._log(flow, state, status=problem.status)
         else:
             state.error = "client-disconnected" if flow.response is None else "stream-aborted"
@@ -327,7 +350,20 @@ class FhirSidecar:
             headers["Connection"] = "close"
         return http.Response.make(problem.status, problem.body(), headers)
 
-    def _answer(self, flow: http.HTTPFlow, problem: SidecarError) -> None:
+    def _protocol_error_page(self, status: int, message: str) -> http.Response:
+        """The answer to what mitmproxy refuses by itself, before the addon sees a flow."""
+        problem = failures.protocol_error(status, message)
+        request_id = new_request_id()
+        if problem.kind is ErrorKind.BAD_REQUEST:
+            self.observer.request_started(NO_CONNECTION)
+            self.observer.request_finished(NO_CONNECTION, "", problem.status, 0.0,
+                                           problem.kind.value)
+            log_request(request_id=request_id, connection=NO_CONNECTION, status=problem.status,
+                        error=problem.kind.value)
+        headers = {**problem.headers(), REQUEST_ID: request_id, "Connection": "close"}
+        return http.Response.make(problem.status, problem.body(), headers)
+
+    def _answer(self, flow: http.HTTPFlow, problem: SidecarError, close: bool = False) -> None:
         state = flow.metadata.get(FLOW_KEY)
         if state is None:  # CONNECT requests skip requestheaders
             assert self.live is not None
@@ -335,7 +371,8 @@ class FhirSidecar:
             flow.metadata[FLOW_KEY] = state
             self._started(state)
         state.error = problem.kind.value
-        flow.response = self._error_response(problem, state, close=False)
+        # A refused request may have framed its body in a way the sidecar cannot trust.
+        flow.response = self._error_response(problem, state, close=close)
 
     def _started(self, state: FlowState) -> None:
         self.in_flight += 1

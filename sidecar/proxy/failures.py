@@ -33,6 +33,42 @@ def no_route(host: str, path: str) -> SidecarError:
     )
 
 
+def bad_request(reason: str) -> SidecarError:
+    return SidecarError(ErrorKind.BAD_REQUEST,
+                        f"the request was refused and not forwarded: {reason}")
+
+
+# What mitmproxy's own messages mean, by a word each contains; mitmproxy quotes the offending
+# bytes (a request line with its query string, a header line with its value), so its text is
+# never passed on.
+_PROTOCOL_WORDS = (
+    ("request line", "the request line is malformed (expected: METHOD /path HTTP/1.1)"),
+    ("header line", "a header line is malformed (expected: Name: value)"),
+    ("invalid headers", "a header line is malformed (expected: Name: value)"),
+    ("header name", "a header name is not a valid HTTP token"),
+    ("transfer-encoding", "the Transfer-Encoding header is invalid, repeated or combined "
+                          "with Content-Length"),
+    ("content-length", "the Content-Length header is invalid or repeated"),
+    ("host header", "the request has no Host header, so its destination is unknown"),
+    ("body_size_limit", "the request body is too large"),
+    ("scheme", "the request's URL scheme is not http"),
+)
+
+
+def protocol_error(status: int, message: str) -> SidecarError:
+    """An error mitmproxy answers by itself, before or without the sidecar's addon."""
+    lowered = message.lower()
+    if status >= 500:
+        return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
+                            "the upstream connection failed before an answer arrived",
+                            status_code=status)
+    words = next((text for word, text in _PROTOCOL_WORDS if word in lowered),
+                 "the request is not valid HTTP/1.1")
+    return SidecarError(ErrorKind.BAD_REQUEST,
+                        f"the request was refused and not forwarded: {words}",
+                        status_code=status)
+
+
 def connect_refused(host: str, known: bool) -> SidecarError:
     if known:
         text = (f"HTTPS tunnels (CONNECT) to {host} are not supported: configure the app with a "

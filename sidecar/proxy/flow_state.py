@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +35,21 @@ class FlowState:
     links_done_for: http.Response | None = field(default=None, repr=False)
 
 
+REQUEST_ID_MAX_CHARS = 128
+# Visible ASCII only: the ID is copied into upstream requests and every log line.
+_VISIBLE_ASCII = re.compile(rf"[\x21-\x7e]{{1,{REQUEST_ID_MAX_CHARS}}}")
+
+
 def new_request_id() -> str:
     """128 random bits, hex: as unique as a UUID4 without building one per request."""
     return os.urandom(16).hex()
+
+
+def request_id_from(given: str | None) -> str:
+    """The app's ``X-Request-ID`` if it is 1-128 visible ASCII characters, else a new one."""
+    if given is not None and _VISIBLE_ASCII.fullmatch(given):
+        return given
+    return new_request_id()
 
 
 def state_of(flow: http.HTTPFlow) -> FlowState | None:

@@ -6,53 +6,81 @@ shape, so a mitmproxy upgrade that changes them fails loudly instead of silently
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, flow, hooks, http
 from mitmproxy.addonmanager import AddonManager, safecall
 from mitmproxy.net.http.http1 import assemble_response
-from mitmproxy.proxy import events
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import tls as tls_layers
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import HttpEvent, ResponseProtocolError, _http1
 from OpenSSL import SSL
 
-# Error bodies waiting to replace mitmproxy's HTML error page, keyed by the identity of the
-# error message string that mitmproxy passes from the flow's error to the page renderer.
-_pending: OrderedDict[int, tuple[str, http.Response]] = OrderedDict()
+# Answers waiting to replace mitmproxy's HTML error page for one request, by the id (a UUID
+# string) of the client connection it came on: an HTTP/1 connection carries one request at a
+# time. Bounded, in case a page is never written (the client went away first).
+_pending: OrderedDict[str, tuple[http.Request, http.Response]] = OrderedDict()
 _PENDING_LIMIT = 1024
-_original_make_error_response: Callable[..., bytes] | None = None
+ErrorPage = Callable[[int, str], http.Response]
+_fallback: ErrorPage | None = None
 
 
-def replace_error_page(message: str, response: http.Response) -> None:
-    """Answer the client with ``response`` instead of mitmproxy's HTML page for ``message``.
+def install_error_pages(fallback: ErrorPage) -> None:
+    """Answer with ``fallback(status, message)`` wherever mitmproxy would write an HTML page.
 
-    mitmproxy renders upstream failures itself (``_http1.make_error_response``) after the
-    ``error`` hook, ignoring any response an addon sets there. The message object is the one
-    stored in ``flow.error.msg``, so its identity ties the page to the flow.
+    mitmproxy answers some requests by itself with ``text/html`` pages
+    (``_http1.make_error_response``): a malformed request line or header (400, before any
+    addon sees a flow), a request that fails its own header validation, an upstream that
+    cannot be reached (502). An addon cannot set a response for these, so the page renderer is
+    replaced; ``replace_error_page`` gives one request its own, more specific answer.
     """
-    _install_error_renderer()
-    _pending[id(message)] = (message, response)
-    while len(_pending) > _PENDING_LIMIT:
-        _pending.popitem(last=False)
-
-
-def _install_error_renderer() -> None:
-    global _original_make_error_response
-    if _original_make_error_response is not None:
+    global _fallback
+    first = _fallback is None
+    _fallback = fallback
+    if not first:
         return
-    original = _http1.make_error_response
-    _original_make_error_response = original
 
+    @functools.wraps(_http1.make_error_response)
     def make_error_response(status_code: int, message: str = "") -> bytes:
-        entry = _pending.pop(id(message), None)
-        if entry is not None and entry[0] is message:
-            return bytes(assemble_response(entry[1]))
-        return original(status_code, message)
+        assert _fallback is not None
+        return bytes(assemble_response(_fallback(status_code, message)))
 
     _http1.make_error_response = make_error_response
+    original_send = _http1.Http1Server.send
+
+    @functools.wraps(original_send)
+    def send(self: _http1.Http1Server, event: HttpEvent
+             ) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, ResponseProtocolError):
+            entry = _pending.pop(self.conn.id, None)
+            if entry is not None and entry[0] is self.request:
+                # mitmproxy's own handling of this event, with the flow's answer as the page.
+                if not self.conn.state & connection.ConnectionState.CAN_WRITE:
+                    return
+                if not self.response and event.code.http_status_code() is not None:
+                    yield commands.SendData(self.conn, bytes(assemble_response(entry[1])))
+                yield commands.CloseConnection(self.conn)
+                return
+        yield from original_send(self, event)
+
+    _http1.Http1Server.send = send  # type: ignore[method-assign,assignment]
+
+
+def replace_error_page(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer the flow's client with ``response`` where mitmproxy would write its own page.
+
+    For failures mitmproxy reports through the ``error`` hook: it renders their page after
+    the hook, ignoring any response an addon sets there. Needs ``install_error_pages``.
+    """
+    _pending[flow.client_conn.id] = (flow.request, response)
+    _pending.move_to_end(flow.client_conn.id)
+    while len(_pending) > _PENDING_LIMIT:
+        _pending.popitem(last=False)
 
 
 def close_upstream(client: connection.Client, address: tuple[str, int]) -> bool:

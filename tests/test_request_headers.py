@@ -1,0 +1,74 @@
+"""Header bytes that split or smuggle requests (sidecar/request_headers.py), without a proxy."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.proxy.flow_state import request_id_from
+from sidecar.request_headers import header_problem
+
+OK = [(b"Host", b"localhost"), (b"Accept", b"application/fhir+json"),
+      (b"X-Tab", b"a\tb"), (b"X-Latin", "café".encode()), (b"X-Empty", b"")]
+
+
+def test_ordinary_headers_pass() -> None:
+    assert header_problem(OK) is None
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (b"a\rAuthorization: Bearer APP", "carriage return (CR)"),
+    (b"a\nContent-Length: 0", "line feed (LF)"),
+    (b"a\x00b", "NUL"),
+    (b"a\x0bb", "control character 0x0b"),
+    (b"a\x7fb", "control character 0x7f"),
+    (b"first\r\n second", "obs-fold"),
+    (b"first\r\n\tsecond", "obs-fold"),
+])
+def test_control_characters_and_folds_are_refused(value: bytes, words: str) -> None:
+    problem = header_problem([*OK, (b"X-N", value)])
+    assert problem is not None and words in problem and "X-N" in problem
+    assert "Bearer" not in problem and "APP" not in problem  # the value is never quoted
+
+
+@pytest.mark.parametrize("name", [b"X N", b"X-N ", b"", b"X:N", b"X\rN", b"X\x00", b"(X)",
+                                  "Ü".encode(), b"X " * 100])
+def test_names_that_are_not_tokens_are_refused(name: bytes) -> None:
+    problem = header_problem([(name, b"v")])
+    assert problem is not None and "not a valid HTTP token" in problem
+    assert "\r" not in problem and "\x00" not in problem and len(problem) < 160
+
+
+_TCHAR = st.sampled_from(list("!#$%&'*+-.^_`|~0123456789abcXYZ"))
+_NAME = st.lists(_TCHAR, min_size=1, max_size=20).map("".join).map(str.encode)
+_VISIBLE = st.binary(max_size=30).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7f))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NAME, _VISIBLE, st.integers(0, 30), st.sampled_from([0, 0x0A, 0x0D, 0x01, 0x1F, 0x7F]))
+def test_any_control_character_anywhere_is_refused(name: bytes, value: bytes, at: int,
+                                                   control: int) -> None:
+    assert header_problem([(name, value)]) is None
+    at = min(at, len(value))
+    hostile = value[:at] + bytes([control]) + value[at:]
+    assert header_problem([(name, hostile)]) is not None
+
+
+@pytest.mark.parametrize(("given_id", "kept"), [
+    ("abc-1", True),
+    ("x" * 128, True),
+    ("!~" * 64, True),
+    ("x" * 129, False),
+    ("", False),
+    ("has space", False),
+    ("tab\there", False),
+    ("caf\u00e9", False),
+    ("a\x7f", False),
+    (None, False),
+])
+def test_request_id_is_kept_only_when_short_and_visible_ascii(given_id: str | None,
+                                                              kept: bool) -> None:
+    result = request_id_from(given_id)
+    assert (result == given_id) is kept
+    assert 1 <= len(result) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in result)

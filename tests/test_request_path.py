@@ -1,0 +1,235 @@
+"""Dot-segments and hidden separators in request paths (sidecar/request_path.py), without a proxy.
+
+The property tests compare with an independent model: RFC 3986 §5.2.4 ``remove_dot_segments``
+written out as the RFC states it (string buffers, not segment lists), and a model upstream that
+decodes the path and splits it again, as a permissive server would.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.request_path import ResolvedPath, UnsafePath, confine, resolve
+
+
+def rfc3986_remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4, step by step, on an input whose dot-segments are literal dots."""
+    source, output = path, ""
+    while source:
+        if source.startswith("../"):
+            source = source[3:]
+        elif source.startswith("./"):
+            source = source[2:]
+        elif source.startswith("/./"):
+            source = "/" + source[3:]
+        elif source == "/.":
+            source = "/"
+        elif source.startswith("/../"):
+            source = "/" + source[4:]
+            output = output[:output.rfind("/")] if "/" in output else ""
+        elif source == "/..":
+            source = "/"
+            output = output[:output.rfind("/")] if "/" in output else ""
+        elif source in (".", ".."):
+            source = ""
+        else:
+            start = 1 if source.startswith("/") else 0
+            end = source.find("/", start)
+            end = len(source) if end == -1 else end
+            output += source[:end]
+            source = source[end:]
+    return output
+
+
+def climbs_above_root(path: str) -> bool:
+    depth = 0
+    for segment in path[1:].split("/"):
+        if segment == "..":
+            if depth == 0:
+                return True
+            depth -= 1
+        elif segment != ".":
+            depth += 1
+    return False
+
+
+def upstream_view(path: str) -> list[str]:
+    """How a permissive upstream could see a path: fully decoded, split at / \\ and ;,
+    dot-segments resolved (clamped at the root, as servers do)."""
+    decoded = path
+    for _ in range(4):
+        decoded = unquote(decoded)
+    stack: list[str] = []
+    for piece in re.split(r"[/\\]", decoded)[1:]:
+        piece = piece.split(";", 1)[0]
+        if piece == "..":
+            if stack:
+                stack.pop()
+        elif piece != ".":
+            stack.append(piece)
+    return stack
+
+
+# -- examples ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("/fhir/Patient", "/fhir/Patient"),
+    ("/fhir/Patient/", "/fhir/Patient/"),
+    ("/", "/"),
+    ("/fhir/./Patient", "/fhir/Patient"),
+    ("/fhir/x/../Patient", "/fhir/Patient"),
+    ("/fhir/x/%2e%2E/Patient", "/fhir/Patient"),
+    ("/fhir/x/.%2e/Patient", "/fhir/Patient"),
+    ("/fhir/%2E/Patient", "/fhir/Patient"),
+    ("/fhir/Patient/..", "/fhir/"),
+    ("/fhir/Patient/.", "/fhir/Patient/"),
+    ("/fhir//Patient", "/fhir//Patient"),
+    ("/fhir/Patient/1.2.3", "/fhir/Patient/1.2.3"),
+    ("/fhir/Patient/...", "/fhir/Patient/..."),
+    ("/fhir/Patient/a%2Fb", "/fhir/Patient/a%2Fb"),  # no dot-segment behind the slash
+    ("/fhir/Patient;v=1", "/fhir/Patient;v=1"),
+])
+def test_dot_segments_are_resolved(target: str, expected: str) -> None:
+    assert resolve(target).path == expected
+
+
+@pytest.mark.parametrize("query", ["", "?", "?name=../../admin", "?a=%2e%2e%2f&b=/../x#f",
+                                   "?q=%ZZ\\;"])
+def test_the_query_string_is_passed_on_untouched(query: str) -> None:
+    assert resolve("/fhir/x/../Patient" + query).target == "/fhir/Patient" + query
+    assert confine("/fhir/Patient" + query, "/fhir") == "/fhir/Patient" + query
+
+
+@pytest.mark.parametrize("target", [
+    "/..", "/../admin", "/%2e%2e/admin", "/%2E%2E/admin", "/.%2E/admin", "/a/../../admin",
+    "/./../admin",
+])
+def test_climbing_above_the_root_is_refused(target: str) -> None:
+    with pytest.raises(UnsafePath, match="above '/'"):
+        resolve(target)
+
+
+@pytest.mark.parametrize("target", [
+    "/fhir/Patient/..%2f..%2fadmin",
+    "/fhir/Patient/..%2F..%2Fadmin",
+    "/fhir/Patient/%2e%2e%2fadmin",
+    "/fhir/Patient/..%5cadmin",
+    "/fhir/Patient/..%5Cadmin",
+    "/fhir/Patient/..\\admin",
+    "/fhir/Patient/x\\..\\..\\admin",
+    "/fhir/Patient/%252e%252e",
+    "/fhir/Patient/%25252e%25252e%25252fadmin",
+    "/fhir/Patient/..;/admin",
+    "/fhir/Patient/.%2e;x",
+])
+def test_segments_that_hide_a_dot_segment_are_refused(target: str) -> None:
+    with pytest.raises(UnsafePath, match="hides"):
+        resolve(target)
+
+
+@pytest.mark.parametrize(("target", "base"), [
+    ("/fhir/../admin", "/fhir"),
+    ("/fhir/%2e%2e/admin", "/fhir"),
+    ("/fhir/../fhir/Patient", "/fhir"),  # steps out and back in: refused all the same
+    ("/api/FHIR/R4/../../other", "/api/FHIR/R4"),
+    ("/other/../skip/Patient", "/skip"),
+    ("/fhir-other/Patient", "/fhir"),
+])
+def test_leaving_the_base_path_is_refused(target: str, base: str) -> None:
+    with pytest.raises(UnsafePath, match="leaves the connection's base path"):
+        confine(target, base)
+
+
+@pytest.mark.parametrize(("target", "base", "expected"), [
+    ("/fhir/Patient/x/../y", "/fhir", "/fhir/Patient/y"),
+    ("/fhir/x/..", "/fhir", "/fhir/"),
+    ("/fhir", "/fhir", "/fhir"),
+    ("/fhir/.", "/fhir", "/fhir/"),
+    ("/x/../Patient", "", "/Patient"),
+])
+def test_dot_segments_below_the_base_path_are_fine(target: str, base: str, expected: str
+                                                   ) -> None:
+    assert confine(target, base) == expected
+
+
+def test_a_target_must_be_an_absolute_path() -> None:
+    with pytest.raises(UnsafePath, match="must start with '/'"):
+        resolve("*")
+    with pytest.raises(UnsafePath):
+        resolve("fhir/Patient")
+
+
+def test_resolved_path_records_the_lowest_depth() -> None:
+    assert resolve("/a/b/../../c") == ResolvedPath("/c", "", 0)
+    assert resolve("/a/b/c") == ResolvedPath("/a/b/c", "", None)
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+# Segments built from the characters that matter (dots, percent escapes of dots, slashes and
+# backslashes, ';') and ordinary ones.
+_PIECES = st.sampled_from([".", "..", "%2e", "%2E", "%2f", "%5c", "\\", ";", "%25", "a", "Patient",
+                           "1", "-", "%41", "%"])
+_SEGMENT = st.lists(_PIECES, min_size=0, max_size=4).map("".join)
+_PATH = st.lists(_SEGMENT, min_size=1, max_size=8).map(lambda s: "/" + "/".join(s))
+_BASE = st.sampled_from(["", "/fhir", "/api/FHIR/R4"])
+_QUERY = st.sampled_from(["", "?x=../..", "?%2e%2e=%2f"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(_PATH, _QUERY)
+def test_resolution_matches_rfc3986(path: str, query: str) -> None:
+    literal = _decode_dot_segments(path)
+    try:
+        resolved = resolve(path + query)
+    except UnsafePath:
+        return
+    assert not climbs_above_root(literal)
+    # Dot-segments written with %2e resolve as if written with dots.
+    expected = rfc3986_remove_dot_segments(_decode_dot_segments(path))
+    assert _decode_dot_segments(resolved.path) == _decode_dot_segments(expected)
+    assert resolved.query == query
+
+
+def _decode_dot_segments(path: str) -> str:
+    return "/".join(
+        re.sub(r"(?i)%2e", ".", s) if re.sub(r"(?i)%2e", ".", s) in (".", "..") else s
+        for s in path.split("/"))
+
+
+@settings(max_examples=600, deadline=None)
+@given(_PATH, _BASE, _QUERY)
+def test_what_is_forwarded_never_leaves_the_base_path(path: str, base: str, query: str
+                                                      ) -> None:
+    """Whatever an upstream makes of a forwarded path, it stays under the base path."""
+    try:
+        forwarded = confine(base + path + query, base)
+    except UnsafePath:
+        return
+    assert forwarded.endswith(query)
+    forwarded_path = forwarded[: len(forwarded) - len(query)] if query else forwarded
+    seen = upstream_view(forwarded_path)
+    base_segments = base.split("/")[1:] if base else []
+    assert seen[: len(base_segments)] == base_segments, (forwarded_path, seen)
+    # and nothing the upstream could resolve is left in it
+    assert ".." not in upstream_view_unclamped(forwarded_path)
+
+
+def upstream_view_unclamped(path: str) -> list[str]:
+    decoded = path
+    for _ in range(4):
+        decoded = unquote(decoded)
+    return [piece.split(";", 1)[0] for piece in re.split(r"[/\\]", decoded)[1:]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_PATH)
+def test_a_path_without_dots_or_escapes_is_forwarded_unchanged(path: str) -> None:
+    if any(c in path for c in ".%\\;"):
+        return
+    assert resolve(path).path == path
