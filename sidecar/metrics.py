@@ -31,7 +31,7 @@ from prometheus_client import (
 
 from sidecar import __version__
 from sidecar.observe import NO_CONNECTION
-from sidecar.tls.policy import earliest_expiry
+from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
 if TYPE_CHECKING:
     from sidecar.live import LiveConfig, ReloadOutcome
@@ -235,6 +235,10 @@ class SidecarMetrics:
                                "Earliest expiry among the certificates of the connection's CA "
                                "bundle (epoch seconds; verify: custom only).",
                                ["connection"], registry=r)
+        self.client_cert_expiry = Gauge(f"{PREFIX}_client_cert_expiry_timestamp_seconds",
+                                        "When the connection's TLS client certificate expires "
+                                        "(epoch seconds; connections with client_cert only).",
+                                        ["connection"], registry=r)
         self.reloads = Counter(f"{PREFIX}_config_reloads", "Config reloads, by result.",
                                ["result"], registry=r)
         self.last_reload_success = Gauge(
@@ -247,6 +251,7 @@ class SidecarMetrics:
         for result in ("success", "failure"):  # so that a first failure is a visible change
             self.reloads.labels(result)
         self._ca_connections: set[str] = set()
+        self._client_cert_connections: set[str] = set()
         self._token_definitions: set[str] = set()
 
     def exposition(self) -> bytes:
@@ -293,7 +298,7 @@ class SidecarMetrics:
             self.last_reload_success.set(outcome.at)
 
     def snapshot_loaded(self, snapshot: Snapshot) -> None:
-        """Refresh what depends on the config: CA bundle expiry, and forget removed names."""
+        """Refresh what depends on the config: certificate expiries, and forget removed names."""
         with_bundle: set[str] = set()
         for name, conn in snapshot.connections.items():
             expires = earliest_expiry(conn.tls) if conn.tls is not None else None
@@ -303,6 +308,15 @@ class SidecarMetrics:
         for gone in self._ca_connections - with_bundle:
             self.ca_expiry.remove(gone)
         self._ca_connections = with_bundle
+        with_client_cert: set[str] = set()
+        for name, conn in snapshot.connections.items():
+            expires = client_cert_expiry(conn.tls) if conn.tls is not None else None
+            if expires is not None:
+                self.client_cert_expiry.labels(name).set(expires.timestamp())
+                with_client_cert.add(name)
+        for gone in self._client_cert_connections - with_client_cert:
+            self.client_cert_expiry.remove(gone)
+        self._client_cert_connections = with_client_cert
         definitions = set(snapshot.token_sources)
         for gone in self._token_definitions - definitions:
             with contextlib.suppress(KeyError):  # KeyError: no token was ever fetched for it

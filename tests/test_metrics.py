@@ -27,6 +27,7 @@ CONTRACT = {
     "fhir_sidecar_auth_retries_total": {"connection"},
     "fhir_sidecar_upstream_tls_failures_total": {"connection", "reason"},
     "fhir_sidecar_ca_bundle_expiry_timestamp_seconds": {"connection"},
+    "fhir_sidecar_client_cert_expiry_timestamp_seconds": {"connection"},
     "fhir_sidecar_config_reloads_total": {"result"},
     "fhir_sidecar_config_last_reload_success_timestamp_seconds": set(),
     "fhir_sidecar_build_info": {"version"},
@@ -57,6 +58,7 @@ def exercise(metrics: SidecarMetrics) -> None:
     metrics.token_requested("cerner", "success")
     metrics.token_expiry("cerner", 2_000_000_000.0)
     metrics.ca_expiry.labels("good").set(1.0)
+    metrics.client_cert_expiry.labels("good").set(1.0)
 
 
 def test_names_and_labels_are_exactly_the_contract() -> None:
@@ -162,6 +164,34 @@ def test_ca_bundle_expiry_and_reloads_follow_the_live_config(tmp_path: Path,
         pytest.approx(success_at)
     assert value(found, "fhir_sidecar_ca_bundle_expiry_timestamp_seconds", connection="a") \
         is not None  # the old snapshot still serves
+
+
+def test_client_certificate_expiry_follows_the_live_config(tmp_path: Path,
+                                                            pki: DemoPKI) -> None:
+    identity = pki.client_identity(name="metrics-client")
+    mtls = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path),
+            "client_cert": str(identity.cert), "client_key": str(identity.key)}
+    path = _config(tmp_path, pki, {
+        "lab": {"url": "https://lab.example/fhir", "tls": mtls},
+        "plain": {"url": "https://plain.example/fhir"},
+    })
+    live = LiveConfig(path)
+    metrics = SidecarMetrics()
+    metrics.attach(live)
+    # The leaf's expiry (the first certificate of the PEM), not the issuing CA's.
+    leaf, *_ = x509.load_pem_x509_certificates(identity.cert.read_bytes())
+    found = samples(metrics)
+    assert value(found, "fhir_sidecar_client_cert_expiry_timestamp_seconds", connection="lab") \
+        == pytest.approx(leaf.not_valid_after_utc.timestamp())
+    assert value(found, "fhir_sidecar_client_cert_expiry_timestamp_seconds",
+                 connection="plain") is None
+
+    _config(tmp_path, pki, {"lab": {"url": "https://lab.example/fhir",
+                                    "tls": {"verify": "custom",
+                                            "ca_bundle": str(pki.ca_bundle_path)}}})
+    assert live.reload().ok
+    assert value(samples(metrics), "fhir_sidecar_client_cert_expiry_timestamp_seconds",
+                 connection="lab") is None  # the certificate was removed from the connection
 
 
 def test_token_sources_report_to_the_observer(tmp_path: Path, pki: DemoPKI) -> None:

@@ -251,3 +251,11 @@ def _load_stdlib_client_cert(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: byte
 
 def earliest_expiry(policy: UpstreamTlsPolicy) -> dt.datetime | None:
     return min((c.not_after for c in policy.ca_certificates), default=None)
+
+
+def client_cert_expiry(policy: UpstreamTlsPolicy) -> dt.datetime | None:
+    """When the client certificate (the first one in its PEM: the leaf) expires."""
+    if policy.client_cert_pem is None:
+        return None
+    leaf = x509.load_pem_x509_certificates(policy.client_cert_pem)[0]
+    return leaf.not_valid_after_utc
