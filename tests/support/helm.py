@@ -193,7 +193,10 @@ def sidecar_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def config_text(docs: list[dict[str, Any]]) -> str:
-    text: str = one(docs, "ConfigMap")["data"]["config.yaml"]
+    """The rendered config.yaml (other ConfigMaps, such as the Grafana dashboard, aside)."""
+    found = [d for d in docs if d.get("kind") == "ConfigMap" and "config.yaml" in d["data"]]
+    assert len(found) == 1, f"expected one ConfigMap with config.yaml, got {len(found)}"
+    text: str = found[0]["data"]["config.yaml"]
     return text
 
 
