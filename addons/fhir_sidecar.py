@@ -8,4 +8,4 @@ The addon sets the listeners (forward proxy and per-connection reverse ports) fr
 from sidecar.proxy.addon import FhirSidecar
 
 _sidecar = FhirSidecar()
-addons = [_sidecar, _sidecar.upstream_tls]
+addons = [_sidecar, _sidecar.upstream_tls, _sidecar.client_limits, _sidecar.read_timeout]

@@ -21,6 +21,7 @@ class ErrorKind(StrEnum):
     UPSTREAM_TLS = "upstream-tls"
     UPSTREAM_UNREACHABLE = "upstream-unreachable"
     UPSTREAM_TIMEOUT = "upstream-timeout"
+    HEADER_TOO_LARGE = "header-too-large"
 
     @property
     def status(self) -> int:
@@ -39,6 +40,7 @@ _STATUS = {
     ErrorKind.UPSTREAM_TLS: 502,
     ErrorKind.UPSTREAM_UNREACHABLE: 502,
     ErrorKind.UPSTREAM_TIMEOUT: 504,
+    ErrorKind.HEADER_TOO_LARGE: 431,
 }
 _ISSUE_CODE = {
     ErrorKind.BAD_REQUEST: "invalid",
@@ -47,6 +49,7 @@ _ISSUE_CODE = {
     ErrorKind.UPSTREAM_TLS: "security",
     ErrorKind.UPSTREAM_UNREACHABLE: "transient",
     ErrorKind.UPSTREAM_TIMEOUT: "timeout",
+    ErrorKind.HEADER_TOO_LARGE: "too-long",
 }
 
 

@@ -31,6 +31,9 @@ class JsonFormatter(logging.Formatter):
         line.update({k: v for k, v in fields.items() if v is not None})
         if getattr(record, "event", None) and record.getMessage() != record.event:  # type: ignore[attr-defined]
             line.setdefault("message", record.getMessage())
+        if record.exc_info:  # an exception (ours, or one mitmproxy caught in our hooks)
+            line["logger"] = record.name
+            line["traceback"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -42,7 +45,10 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         text = event if message == event else f"{event}: {message}"
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        return f"{stamp} {record.levelname.lower():7} {text} {extra}".rstrip()
+        line = f"{stamp} {record.levelname.lower():7} {text} {extra}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:

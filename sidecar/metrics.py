@@ -28,6 +28,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.observe import NO_CONNECTION
@@ -168,11 +170,17 @@ class StatusBoard:
     def keep_only(self, connections: Iterable[str], definitions: Iterable[str]) -> None:
         """Forget what was removed from the config ("-" counts unrouted requests: kept)."""
         keep = {*connections, NO_CONNECTION}
-        self._connections = {k: v for k, v in self._connections.items() if k in keep}
+        # A removed connection's requests still in flight keep their count until they finish.
+        self._connections = {k: v for k, v in self._connections.items()
+                             if k in keep or v.in_flight}
         wanted = set(definitions)
         self._tokens = {k: v for k, v in self._tokens.items() if k in wanted}
 
     # -- recording (called by SidecarMetrics) --
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests being handled now, per connection: the one count of them in the process."""
+        return {name: a.in_flight for name, a in self._connections.items()}
 
     def started(self, connection: str) -> None:
         self.connection(connection).in_flight += 1
@@ -180,7 +188,7 @@ class StatusBoard:
     def finished(self, connection: str, status: int | None, error: str | None) -> None:
         now = self._clock()
         activity = self.connection(connection)
-        activity.in_flight = max(0, activity.in_flight - 1)
+        activity.in_flight -= 1
         activity.requests += 1
         activity.recent.add(status_class(status))
         activity.last_request_at = now
@@ -205,6 +213,20 @@ class StatusBoard:
 
 # -- Prometheus ------------------------------------------------------------------------------
 
+class _InFlightCollector(Collector):
+    """``requests_in_flight``, read from the status board at scrape time (no second count)."""
+
+    def __init__(self, board: StatusBoard):
+        self._board = board
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(f"{PREFIX}_requests_in_flight", "Requests being handled now.",
+                                   labels=["connection"])
+        for connection, count in sorted(self._board.in_flight().items()):
+            family.add_metric([connection], count)
+        yield family
+
+
 class SidecarMetrics:
     """The sidecar's metrics (design §7) on a private registry, plus its :class:`StatusBoard`."""
 
@@ -218,8 +240,11 @@ class SidecarMetrics:
         self.duration = Histogram(f"{PREFIX}_request_duration_seconds",
                                   "Time from request headers to the end of the response.",
                                   ["connection"], buckets=DURATION_BUCKETS, registry=r)
-        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being handled now.",
-                               ["connection"], registry=r)
+        r.register(_InFlightCollector(self.board))
+        self.errors = Counter(f"{PREFIX}_request_errors", "Requests that ended in an error, "
+                              "by connection and error word (an X-Sidecar-Error value, "
+                              "'client-disconnected' or 'stream-aborted').",
+                              ["connection", "error"], registry=r)
         self.token_requests = Counter(f"{PREFIX}_token_requests", "Token endpoint requests, "
                                       "by OAuth definition and result.",
                                       ["definition", "result"], registry=r)
@@ -259,13 +284,16 @@ class SidecarMetrics:
 
     # -- ProxyObserver --
 
+    def in_flight_total(self) -> int:
+        return sum(self.board.in_flight().values())
+
     def request_started(self, connection: str) -> None:
-        self.in_flight.labels(connection).inc()
         self.board.started(connection)
 
     def request_finished(self, connection: str, method: str, status: int | None,
                          duration_seconds: float, error: str | None) -> None:
-        self.in_flight.labels(connection).dec()
+        if error is not None:
+            self.errors.labels(connection, error).inc()
         self.requests.labels(connection, method_label(method), status_class(status)).inc()
         self.duration.labels(connection).observe(duration_seconds)
         self.board.finished(connection, status, error)

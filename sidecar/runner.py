@@ -141,7 +141,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
         begin_draining=begin_draining,
         close_listeners=lambda: master.options.update(mode=[]),
         listening=lambda: bool(proxyserver.listen_addrs()),
-        in_flight=lambda: sidecar.in_flight,
+        in_flight=metrics.in_flight_total,
     )
     await stopping.run(timings, cut_short=stop)
     master.shutdown()

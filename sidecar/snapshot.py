@@ -42,6 +42,10 @@ class CompiledConnection:
         return self.settings.timeout_seconds
 
     @property
+    def read_timeout_seconds(self) -> float:
+        return self.settings.read_timeout_seconds
+
+    @property
     def auth_kind(self) -> str:
         return "basic" if self.basic else "oauth" if self.oauth else "none"
 

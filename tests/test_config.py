@@ -129,3 +129,26 @@ connections:
     snapshot = load_snapshot(path)
     assert any("basic_auth.b.password: inline secret" in w for w in snapshot.warnings)
     assert "dev-only" not in repr(snapshot)
+
+
+def test_limits_and_read_timeout_defaults_and_errors(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, 'connections:\n  a: {url: "https://a.example"}\n'))
+    assert config.limits.max_request_header_bytes == 65536
+    assert config.limits.client_header_timeout_seconds == 30
+    assert config.limits.client_idle_timeout_seconds == 300
+    assert config.connections["a"].read_timeout_seconds == 60
+
+    path = write(tmp_path, """
+limits:
+  max_request_header_bytes: 100
+  client_header_timeout_seconds: 0
+  client_idle_timeout_seconds: -1
+  max_body: 5
+connections:
+  a: {url: "https://a.example", read_timeout_seconds: 0}
+""")
+    found = problems(path)
+    for field in ("limits.max_request_header_bytes", "limits.client_header_timeout_seconds",
+                  "limits.client_idle_timeout_seconds", "connections.a.read_timeout_seconds"):
+        assert any(p.startswith(f"{path}: {field}: ") for p in found), (field, found)
+    assert f"{path}: limits.max_body: unknown key" in found

@@ -22,6 +22,7 @@ CONTRACT = {
     "fhir_sidecar_requests_total": {"connection", "method", "status_class"},
     "fhir_sidecar_request_duration_seconds": {"connection"},
     "fhir_sidecar_requests_in_flight": {"connection"},
+    "fhir_sidecar_request_errors_total": {"connection", "error"},
     "fhir_sidecar_token_requests_total": {"definition", "result"},
     "fhir_sidecar_token_expiry_timestamp_seconds": {"definition"},
     "fhir_sidecar_auth_retries_total": {"connection"},
@@ -53,6 +54,8 @@ def exercise(metrics: SidecarMetrics) -> None:
     """One call of every observer method, so that every metric has a sample."""
     metrics.request_started("good")
     metrics.request_finished("good", "GET", 200, 0.02, None)
+    metrics.request_started("good")
+    metrics.request_finished("good", "GET", 504, 0.02, "upstream-timeout")
     metrics.auth_retry("good")
     metrics.upstream_tls_failure("good", "unknown_ca")
     metrics.token_requested("cerner", "success")
@@ -92,6 +95,10 @@ def test_request_counting_and_in_flight() -> None:
                  status_class="4xx") == 1
     assert value(found, "fhir_sidecar_requests_total", connection="-", method="GET",
                  status_class="4xx") == 1
+    assert value(found, "fhir_sidecar_request_errors_total", connection="-",
+                 error="no-route") == 1
+    assert value(found, "fhir_sidecar_request_errors_total", connection="good",
+                 error="no-route") is None
     assert value(found, "fhir_sidecar_request_duration_seconds_count", connection="good") == 2
     assert value(found, "fhir_sidecar_request_duration_seconds_bucket", connection="good",
                  le="0.025") == 1
@@ -239,6 +246,7 @@ def test_status_board_tracks_each_connection() -> None:
     assert board.connection("good").tls_ok is True
     now[0] += 1
     board.tls_failed("good", "expired")
+    board.started("good")
     board.finished("good", 502, "upstream-tls")
     activity = board.connection("good")
     assert activity.tls_ok is False
@@ -246,6 +254,7 @@ def test_status_board_tracks_each_connection() -> None:
     assert board.last_tls_failure is not None and board.last_tls_failure.reason == "expired"
     assert activity.recent.totals() == {"2xx": 1, "5xx": 1}
     now[0] += 1
+    board.started("good")
     board.finished("good", 200, None)
     assert board.connection("good").tls_ok is True  # recovered
     assert board.connection("good").in_flight == 0
@@ -268,3 +277,14 @@ def test_recent_counts_forget_old_buckets() -> None:
     assert recent.totals() == {"2xx": 1, "5xx": 1}
     now[0] = 1000
     assert recent.totals() == {}
+
+
+def test_in_flight_of_a_removed_connection_is_kept_until_it_finishes() -> None:
+    metrics = SidecarMetrics()
+    metrics.request_started("gone")
+    metrics.board.keep_only(["good"], [])
+    assert value(samples(metrics), "fhir_sidecar_requests_in_flight", connection="gone") == 1
+    assert metrics.in_flight_total() == 1
+    metrics.request_finished("gone", "GET", 200, 0.01, None)
+    assert value(samples(metrics), "fhir_sidecar_requests_in_flight", connection="gone") == 0
+    assert metrics.in_flight_total() == 0

@@ -143,3 +143,85 @@ def test_cached_hook_dispatch_follows_the_addon_chain() -> None:
         assert calls == ["first", "first", "halting", "halting"]
 
     asyncio.run(scenario())
+
+
+# -- limits (guard_request_heads, drop_http1_trailers, close_client, last_activity) -------------
+
+def _http1_server() -> tuple[object, object]:
+    from mitmproxy import connection, options
+    from mitmproxy.proxy import context, events
+
+    client = connection.Client(peername=("127.0.0.1", 40000), sockname=("127.0.0.1", 8080),
+                               timestamp_start=0.0)
+    server = _http1.Http1Server(context.Context(client, options.Options()))
+    list(server.handle_event(events.Start()))
+    return server, client
+
+
+class _Guard:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.arrivals = 0
+
+    def max_head_bytes(self) -> int:
+        return self.limit
+
+    def head_bytes_arrived(self, client: object) -> None:
+        self.arrivals += 1
+
+    def head_too_large(self, client: object, limit: int) -> bytes:
+        return b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n"
+
+
+def _feed(server: object, client: object, data: bytes) -> list[object]:
+    from mitmproxy.proxy import events
+
+    return list(server.handle_event(events.DataReceived(client, data)))  # type: ignore[attr-defined]
+
+
+def test_request_head_guard_bounds_heads_and_reports_arrivals() -> None:
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import ReceiveHttp, RequestHeaders
+
+    guard = _Guard(limit=1024)
+    mitm_compat.guard_request_heads(guard)
+    server, client = _http1_server()
+    produced = _feed(server, client, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert guard.arrivals == 1
+    assert any(isinstance(c, ReceiveHttp) and isinstance(c.event, RequestHeaders)
+               for c in produced), produced
+
+    server, client = _http1_server()
+    assert _feed(server, client, b"GET /a HTTP/1.1\r\nX: " + b"a" * 1000) == []
+    refused = _feed(server, client, b"a" * 100)  # over the limit, still unterminated
+    assert [type(c) for c in refused] == [commands.SendData, commands.CloseTcpConnection]
+    assert refused[0].data.startswith(b"HTTP/1.1 431")  # type: ignore[attr-defined]
+    assert _feed(server, client, b"a" * 100_000 + b"\r\n\r\n") == []  # discarded from now on
+    assert len(server.buf) == 0  # type: ignore[attr-defined]
+
+
+def test_chunked_trailers_are_dropped_instead_of_crashing() -> None:
+    from mitmproxy.proxy.layers.http import ReceiveHttp, RequestData, RequestEndOfMessage
+
+    mitm_compat.guard_request_heads(_Guard(limit=65536))
+    mitm_compat.drop_http1_trailers()
+    server, client = _http1_server()
+    produced = _feed(server, client, b"POST /a HTTP/1.1\r\nHost: x\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n"
+                                     b"2\r\nhi\r\n0\r\nX-Checksum: 1\r\n\r\n")
+    events_ = [c.event for c in produced if isinstance(c, ReceiveHttp)]
+    assert [bytes(e.data) for e in events_ if isinstance(e, RequestData)] == [b"hi"]
+    assert isinstance(events_[-1], RequestEndOfMessage)
+
+
+def test_connection_handler_activity_and_transport_shape() -> None:
+    from mitmproxy.proxy import server
+
+    # last_activity reads the inactivity watchdog, which every event refreshes.
+    assert "register_activity" in inspect.getsource(ConnectionHandler.server_event)
+    assert "timeout_watchdog" in inspect.getsource(ConnectionHandler.__init__)
+    watchdog = server.TimeoutWatchdog(10, lambda: None)  # type: ignore[arg-type,return-value]
+    watchdog.register_activity()
+    assert isinstance(watchdog.last_activity, float)
+    # close_client aborts through the client's StreamWriter.
+    assert {"handler", "reader", "writer"} <= set(server.ConnectionIO.__dataclass_fields__)

@@ -146,8 +146,9 @@ class ConnectionsPage(DashboardHandler):
                 raise ChangeRejected(422, "timeout_seconds must be a number") from None
             if not math.isfinite(body["timeout_seconds"]):
                 raise ChangeRejected(422, "timeout_seconds must be a finite number")
-        if existing is not None:
+        if existing is not None:  # settings the form does not show are kept
             body["rewrite_links"] = existing.rewrite_links
+            body["read_timeout_seconds"] = existing.read_timeout_seconds
         created, _ = store.put_connection(name, body)
         return f"connection {name} {'created' if created else 'saved'}"
 

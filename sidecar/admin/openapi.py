@@ -75,6 +75,7 @@ def _schemas() -> dict[str, Any]:
             "auth": auth,
             "tls": _ref("TlsInput"),
             "timeout_seconds": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+            "read_timeout_seconds": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
             "rewrite_links": {"type": "boolean"},
         },
     }
@@ -82,12 +83,13 @@ def _schemas() -> dict[str, Any]:
     connection = {
         "type": "object",
         "required": ["name", "url", "listen", "auth", "tls", "timeout_seconds",
-                     "rewrite_links", "status"],
+                     "read_timeout_seconds", "rewrite_links", "status"],
         "properties": {
             "name": NAME, "url": {"type": "string"}, "listen": _nullable({"type": "string"}),
             "auth": {"type": "object", "required": ["basic", "oauth"],
                      "properties": {"basic": _nullable(NAME), "oauth": _nullable(NAME)}},
             "tls": _ref("TlsView"), "timeout_seconds": {"type": "number"},
+            "read_timeout_seconds": {"type": "number"},
             "rewrite_links": {"type": "boolean"},
             "status": {"type": "object", "required": ["requests_recent", "in_flight",
                                                       "last_status", "last_error", "tls_ok"],

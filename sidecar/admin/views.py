@@ -41,6 +41,7 @@ class Views:
             "auth": {"basic": conn.auth.basic, "oauth": conn.auth.oauth},
             "tls": self.tls(conn.tls),
             "timeout_seconds": conn.timeout_seconds,
+            "read_timeout_seconds": conn.read_timeout_seconds,
             "rewrite_links": conn.rewrite_links,
             "status": {
                 "requests_recent": activity.recent.totals(),

@@ -111,6 +111,15 @@ class AdminSettings(_Model):
     token_file: ConfigPath | None = None
 
 
+class LimitsSettings(_Model):
+    """Bounds on what one app connection may cost the sidecar (memory, sockets, time)."""
+
+    # The request line and headers, up to and including the blank line that ends them.
+    max_request_header_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    client_header_timeout_seconds: float = Field(default=30, gt=0)
+    client_idle_timeout_seconds: float = Field(default=300, gt=0)
+
+
 def _exactly_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
     given = [f for f in fields if getattr(model, f) is not None]
     if len(given) != 1:
@@ -211,6 +220,8 @@ class ConnectionSettings(_Model):
     auth: ConnectionAuth = Field(default_factory=ConnectionAuth)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     timeout_seconds: float = Field(default=60, gt=0)
+    # The longest silence from the upstream while a response body streams (after its headers).
+    read_timeout_seconds: float = Field(default=60, gt=0)
     # Point the upstream's absolute URLs (Location, Content-Location, Bundle.link[].url) back
     # at the sidecar, so apps following them keep getting credentials.
     rewrite_links: bool = True
@@ -237,6 +248,7 @@ class SidecarConfig(_Model):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     basic_auth: Annotated[dict[str, BasicAuthDefinition], AfterValidator(_check_names)] = Field(
         default_factory=dict
     )

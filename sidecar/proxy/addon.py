@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from mitmproxy import certs, ctx, exceptions, http
+from mitmproxy import certs, connection, ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
@@ -39,6 +39,7 @@ from sidecar.proxy.flow_state import (
     new_request_id,
     request_id_from,
 )
+from sidecar.proxy.limits import ClientLimits, UpstreamReadTimeout
 from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links
 from sidecar.proxy.upstream_tls import UpstreamTls
 from sidecar.request_path import UnsafePath, confine, resolve
@@ -54,11 +55,17 @@ class FhirSidecar:
     def __init__(self, live: LiveConfig | None = None, observer: ProxyObserver | None = None):
         mitm_compat.install_tls_close_fix()
         mitm_compat.install_error_pages(self._protocol_error_page)
+        mitm_compat.drop_http1_trailers()
         self.live = live
         self.observer: ProxyObserver = observer or NullObserver()
         # Its own addon, added right after this one (and before mitmproxy's TlsConfig).
         self.upstream_tls = UpstreamTls(lambda: self.live.current if self.live else None)
-        self.in_flight = 0
+        # Companion addons, added after this one: see limits.py.
+        self.client_limits = ClientLimits(lambda: self.live.current if self.live else None)
+        self.read_timeout = UpstreamReadTimeout()
+        # Requests started and not yet finished, per app connection: whatever way a
+        # connection ends, each of them is finished (logged, counted) exactly once.
+        self._unfinished: dict[str, dict[int, http.HTTPFlow]] = {}
         self.listeners_bound = False
         self._own_listeners = False
         self._background: set[asyncio.Task[None]] = set()
@@ -151,7 +158,7 @@ class FhirSidecar:
             conn, upstream_path, refused = self._route(flow, snapshot)
         state = FlowState(snapshot, conn, request_id)
         flow.metadata[FLOW_KEY] = state
-        self._started(state)
+        self._started(flow, state)
 
         # The app's own credentials never leave the sidecar, whatever happens next.
         request.headers.pop("Authorization", None)
@@ -323,11 +330,13 @@ class FhirSidecar:
             return
         if state.timer is not None:
             state.timer.cancel()
+        # An app that went away (mitmproxy treats even a half-close so) is no upstream failure.
+        app_left = not flow.client_conn.connected
         if state.error == ErrorKind.BAD_REQUEST and flow.response is not None:
             # mitmproxy refused the request as well, and writes its own page instead of ours.
             mitm_compat.replace_error_page(flow, flow.response)
             self._log(flow, state)
-        elif state.connection is not None and flow.response is None:
+        elif state.connection is not None and flow.response is None and not app_left:
             tls_failure = self.upstream_tls.pop_failure(flow.client_conn)
             problem = failures.classify(state.connection, flow.error.msg,
                                         timed_out=state.timed_out, tls_failure=tls_failure)
@@ -338,7 +347,17 @@ class FhirSidecar:
             mitm_compat.replace_error_page(flow, self._error_response(problem, state))
             self._log(flow, state, status=problem.status)
         else:
-            state.error = "client-disconnected" if flow.response is None else "stream-aborted"
+            # An error already decided (a stalled upstream body) outranks how it surfaced.
+            state.error = state.error or (
+                "client-disconnected" if flow.response is None else "stream-aborted")
+            self._log(flow, state)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        # The one place every connection passes at its end, also after mitmproxy failed to
+        # finish a request (which then never reaches ``response`` or ``error``).
+        for flow in list(self._unfinished.pop(client.id, {}).values()):
+            state = flow.metadata[FLOW_KEY]
+            state.error = state.error or "client-disconnected"
             self._log(flow, state)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -369,20 +388,24 @@ class FhirSidecar:
             assert self.live is not None
             state = FlowState(self.live.current, None, new_request_id())
             flow.metadata[FLOW_KEY] = state
-            self._started(state)
+            self._started(flow, state)
         state.error = problem.kind.value
         # A refused request may have framed its body in a way the sidecar cannot trust.
         flow.response = self._error_response(problem, state, close=close)
 
-    def _started(self, state: FlowState) -> None:
-        self.in_flight += 1
+    def _started(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        self._unfinished.setdefault(flow.client_conn.id, {})[id(flow)] = flow
         self.observer.request_started(_name(state))
 
     def _log(self, flow: http.HTTPFlow, state: FlowState, status: int | None = None) -> None:
         if state.logged:
             return
         state.logged = True
-        self.in_flight -= 1
+        open_flows = self._unfinished.get(flow.client_conn.id)
+        if open_flows is not None:
+            open_flows.pop(id(flow), None)
+            if not open_flows:
+                del self._unfinished[flow.client_conn.id]
         response = flow.response
         upstream_status = None
         if response is not None and state.error is None:

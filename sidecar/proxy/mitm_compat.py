@@ -6,13 +6,18 @@ shape, so a mitmproxy upgrade that changes them fails loudly instead of silently
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import re
+import socket
+import struct
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, Protocol
 
+import h11
 from mitmproxy import connection, ctx, exceptions, flow, hooks, http
 from mitmproxy.addonmanager import AddonManager, safecall
 from mitmproxy.net.http.http1 import assemble_response
@@ -209,3 +214,147 @@ class _CachingAddonManager(AddonManager):
             message = event.args()[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
+
+
+# -- limits on app connections -----------------------------------------------------------------
+
+# How h11 (and so mitmproxy) recognises the blank line that ends a message head.
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+class RequestHeadGuard(Protocol):
+    """What :func:`guard_request_heads` asks while a request head is arriving."""
+
+    def max_head_bytes(self) -> int: ...
+
+    def head_bytes_arrived(self, client: connection.Client) -> None: ...
+
+    def head_too_large(self, client: connection.Client, limit: int) -> bytes: ...
+
+
+_head_guard: RequestHeadGuard | None = None
+
+
+def guard_request_heads(guard: RequestHeadGuard) -> None:
+    """Bound the request head mitmproxy buffers, and report when bytes of one arrive.
+
+    mitmproxy's HTTP/1 server (``_http1.Http1Server.read_headers``) buffers a request head
+    until its blank line with no size limit, and no addon hook runs before the head is
+    complete. The wrapper below runs on every read while a head is awaited: it reports the
+    arrival (so a header deadline can start), and a head larger than the limit, terminated or
+    not, is answered with ``guard.head_too_large(...)`` (a complete response), never parsed
+    and never forwarded. The buffer is dropped and later bytes are discarded, so memory stays
+    bounded while the write side is half-closed to let the client read the answer.
+    """
+    global _head_guard
+    first = _head_guard is None
+    _head_guard = guard
+    if not first:
+        return
+    original = _http1.Http1Server.read_headers
+
+    def read_headers(self: _http1.Http1Server, event: events.ConnectionEvent
+                     ) -> Generator[commands.Command, Any, None]:
+        current = _head_guard
+        if current is not None and isinstance(event, events.DataReceived) and self.buf:
+            current.head_bytes_arrived(self.context.client)
+            limit = current.max_head_bytes()
+            if len(self.buf) > limit and _HEAD_END.search(bytes(self.buf), 0, limit) is None:
+                answer = current.head_too_large(self.context.client, limit)
+                yield from _refuse_head(self, answer)
+                return
+        yield from original(self, event)
+
+    _http1.Http1Server.read_headers = read_headers  # type: ignore[method-assign]
+
+
+def _refuse_head(server: _http1.Http1Server, answer: bytes
+                 ) -> Generator[commands.Command, Any, None]:
+    server.buf = type(server.buf)()
+
+    def discard(event: events.Event) -> Generator[commands.Command, Any, None]:
+        server.buf = type(server.buf)()
+        if isinstance(event, events.ConnectionClosed):
+            yield commands.CloseConnection(server.conn)
+
+    server.state = discard
+    yield commands.SendData(server.conn, answer)
+    yield commands.CloseTcpConnection(server.conn, half_close=True)
+
+
+def _connection_handler(client: connection.Client) -> Any:
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(client.id) if proxyserver else None
+
+
+def close_client(client: connection.Client, *, reset: bool = False) -> bool:
+    """Close an app's connection; ``reset`` aborts it (TCP RST), dropping unsent bytes.
+
+    An app must not mistake a response cut short for a complete one: a response framed by
+    the end of the connection would look complete after an orderly close, a reset never does.
+    Returns whether the connection was still open.
+    """
+    handler = _connection_handler(client)
+    io = handler.transports.get(client) if handler is not None else None
+    if io is None:
+        return False
+    if reset and isinstance(io.writer, asyncio.StreamWriter):
+        sock = io.writer.get_extra_info("socket")
+        if sock is not None:  # closing with a zero linger time sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        io.writer.transport.abort()
+    else:
+        handler.close_connection(client)
+    return True
+
+
+def last_activity(client: connection.Client) -> float | None:
+    """When (``time.time()``) anything last happened on the app's connection or its upstreams.
+
+    mitmproxy's inactivity watchdog records every read, from the app or from an upstream, and
+    the end of every hook; while a response body is being received, that is the upstream's
+    last sign of life. None when the connection is gone.
+    """
+    handler = _connection_handler(client)
+    if handler is None:
+        return None
+    return float(handler.timeout_watchdog.last_activity)
+
+
+class _WithoutTrailers:
+    """An h11 body reader whose end of message never carries trailer fields."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, buf: Any) -> Any:
+        event = self._inner(buf)
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            return h11.EndOfMessage()
+        return event
+
+    def read_eof(self) -> Any:
+        return self._inner.read_eof()
+
+
+_trailers_dropped = False
+
+
+def drop_http1_trailers() -> None:
+    """Drop the trailer fields of chunked HTTP/1 messages instead of crashing on them.
+
+    mitmproxy's HTTP/1 layer raises ``NotImplementedError`` when a chunked body ends with
+    trailers, which leaves the connection hanging without an answer. Its body readers come
+    from ``_http1.make_body_reader``; wrapped, the message ends as if it had no trailers, and
+    it is forwarded (with a plain chunked ending) like any other.
+    """
+    global _trailers_dropped
+    if _trailers_dropped:
+        return
+    _trailers_dropped = True
+    original = _http1.make_body_reader
+
+    def make_body_reader(expected_size: int | None) -> Any:
+        return _WithoutTrailers(original(expected_size))
+
+    _http1.make_body_reader = make_body_reader

@@ -1,0 +1,192 @@
+"""Bounds on what an app connection and a slow upstream may cost: two small addons.
+
+``ClientLimits`` applies the config's ``limits``: a request head larger than
+``max_request_header_bytes`` is answered with 431 and never forwarded; a head must be complete
+within ``client_header_timeout_seconds`` of its first byte; a connection that carries no request
+for ``client_idle_timeout_seconds`` is closed. ``UpstreamReadTimeout`` aborts the app's
+connection when an upstream falls silent for ``read_timeout_seconds`` while sending a response
+body. Each timer reads the settings of the snapshot current when it starts, so a reload applies
+from the next request (or the next idle period) on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from mitmproxy import connection, http
+from mitmproxy.net.http.http1 import assemble_response
+
+from sidecar.config.models import LimitsSettings
+from sidecar.errors import ErrorKind, SidecarError
+from sidecar.logs import log_event
+from sidecar.proxy import mitm_compat
+from sidecar.proxy.flow_state import REQUEST_ID, new_request_id, state_of
+from sidecar.snapshot import Snapshot
+
+DEFAULT_LIMITS = LimitsSettings()
+
+
+class _Phase(Enum):
+    IDLE = "idle"  # waiting for the first byte of a request
+    HEAD = "head"  # a request head has begun and must be completed
+
+
+@dataclass
+class _Deadline:
+    phase: _Phase
+    handle: asyncio.TimerHandle
+
+
+class ClientLimits:
+    """Header size and header/idle deadlines for app connections (``limits`` in the config)."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot | None]):
+        self._snapshot = snapshot
+        self._deadlines: dict[str, _Deadline] = {}
+        mitm_compat.guard_request_heads(self)
+
+    def _limits(self) -> LimitsSettings:
+        current = self._snapshot()
+        return current.config.limits if current is not None else DEFAULT_LIMITS
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        self._arm(client, _Phase.IDLE)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        deadline = self._deadlines.pop(client.id, None)
+        if deadline is not None:
+            deadline.handle.cancel()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A request is being handled: its own timeouts apply until it is answered.
+        self._disarm(flow.client_conn)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # A CONNECT head never reaches ``requestheaders``; the tunnel's first request must
+        # begin within the idle timeout.
+        self._arm(flow.client_conn, _Phase.IDLE)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.status_code == 101:
+            return  # a protocol switch: no more HTTP requests on this connection
+        self._arm(flow.client_conn, _Phase.IDLE)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._arm(flow.client_conn, _Phase.IDLE)
+
+    # -- mitm_compat.RequestHeadGuard --------------------------------------------------------
+
+    def max_head_bytes(self) -> int:
+        return self._limits().max_request_header_bytes
+
+    def head_bytes_arrived(self, client: connection.Client) -> None:
+        deadline = self._deadlines.get(client.id)
+        if deadline is None or deadline.phase is _Phase.IDLE:
+            self._arm(client, _Phase.HEAD)
+
+    def head_too_large(self, client: connection.Client, limit: int) -> bytes:
+        log_event("request_header_too_large", logging.WARNING,
+                  f"a request head from {_peer(client)} exceeded {limit} bytes "
+                  "(limits.max_request_header_bytes): answered 431, nothing sent upstream")
+        problem = SidecarError(
+            ErrorKind.HEADER_TOO_LARGE,
+            f"the request line and headers exceed {limit} bytes "
+            "(limits.max_request_header_bytes); nothing was sent upstream")
+        headers = {**problem.headers(), REQUEST_ID: new_request_id(), "Connection": "close"}
+        return bytes(assemble_response(http.Response.make(problem.status, problem.body(),
+                                                          headers)))
+
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def _arm(self, client: connection.Client, phase: _Phase) -> None:
+        self._disarm(client)
+        limits = self._limits()
+        seconds = (limits.client_idle_timeout_seconds if phase is _Phase.IDLE
+                   else limits.client_header_timeout_seconds)
+        handle = asyncio.get_running_loop().call_later(seconds, self._expired, client, phase,
+                                                      seconds)
+        self._deadlines[client.id] = _Deadline(phase, handle)
+
+    def _disarm(self, client: connection.Client) -> None:
+        deadline = self._deadlines.pop(client.id, None)
+        if deadline is not None:
+            deadline.handle.cancel()
+
+    def _expired(self, client: connection.Client, phase: _Phase, seconds: float) -> None:
+        self._deadlines.pop(client.id, None)
+        if not mitm_compat.close_client(client):
+            return
+        if phase is _Phase.HEAD:
+            log_event("client_header_timeout", logging.INFO,
+                      f"closed the connection from {_peer(client)}: its request head was not "
+                      f"complete within {seconds:g} s (limits.client_header_timeout_seconds)")
+        else:
+            log_event("client_idle_timeout", logging.DEBUG,
+                      f"closed the connection from {_peer(client)}: no request for "
+                      f"{seconds:g} s (limits.client_idle_timeout_seconds)")
+
+
+class UpstreamReadTimeout:
+    """Aborts the app's connection when the upstream stalls in the middle of a response body.
+
+    ``timeout_seconds`` ends when the response headers arrive; from then on the body must keep
+    coming: at most ``read_timeout_seconds`` of silence. A response cut short must not look
+    complete to the app, so its connection is reset, and the request is logged and counted
+    as ``upstream-timeout``.
+    """
+
+    def __init__(self) -> None:
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or state.connection is None or state.error is not None:
+            return
+        self._schedule(flow, state.connection.read_timeout_seconds)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._cancel(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._cancel(flow)
+
+    def _schedule(self, flow: http.HTTPFlow, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[id(flow)] = loop.call_later(delay, self._check, flow)
+
+    def _cancel(self, flow: http.HTTPFlow) -> None:
+        timer = self._timers.pop(id(flow), None)
+        if timer is not None:
+            timer.cancel()
+
+    def _check(self, flow: http.HTTPFlow) -> None:
+        self._timers.pop(id(flow), None)
+        state = state_of(flow)
+        last = mitm_compat.last_activity(flow.client_conn)
+        if state is None or state.connection is None or last is None:
+            return
+        limit = state.connection.read_timeout_seconds
+        silent = time.time() - last
+        if silent < limit:
+            self._schedule(flow, limit - silent)
+            return
+        state.error = ErrorKind.UPSTREAM_TIMEOUT.value
+        name = state.connection.name
+        log_event("upstream_stalled", logging.WARNING,
+                  f"connection '{name}': {state.connection.upstream.host_header} sent no part "
+                  f"of the response body for {limit:g} s (read_timeout_seconds); the app's "
+                  "connection was aborted", connection=name, request_id=state.request_id,
+                  error=state.error)
+        mitm_compat.close_client(flow.client_conn, reset=True)
+
+
+def _peer(client: connection.Client) -> str:
+    host, port, *_ = client.peername or ("?", 0)
+    return f"{host}:{port}"
