@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.observe import NO_CONNECTION
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
+from sidecar.tls.verdict import TLS_FAILURE_REASONS
 
 if TYPE_CHECKING:
     from sidecar.live import LiveConfig, ReloadOutcome
@@ -47,7 +48,7 @@ PREFIX = "fhir_sidecar"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
                      "CONNECT"})
 TOKEN_RESULTS = frozenset({"success", "http_error", "invalid_response", "network"})
-TLS_REASONS = frozenset({"unknown_ca", "hostname_mismatch", "expired", "handshake"})
+TLS_REASONS = TLS_FAILURE_REASONS
 NO_STATUS = "none"  # status_class of a request that ended without any response
 # FHIR searches can take tens of seconds; the default buckets stop at 10 s.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

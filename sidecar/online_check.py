@@ -1,16 +1,26 @@
-"""``check --online``: a real TLS handshake with every upstream, summarised as a table."""
+"""``check --online``: a real TLS handshake with every upstream, summarised as a table.
+
+The handshake uses the connection's policy as the stdlib legs do, and its failures are told in
+the proxy leg's words (``sidecar.tls.verdict``): a certificate that ``check`` accepts is one the
+proxy accepts.
+"""
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# How long a TLS 1.3 server may take to say whether it accepts the client (see _server_verdict).
+POST_HANDSHAKE_WAIT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,7 @@ class HandshakeResult:
     result: str
     subject: str = ""
     not_after: str = ""
+    reason: str = ""  # why it failed, as sidecar.tls.verdict.TlsFailureReason; "" when ok
 
 
 def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECONDS
@@ -34,13 +45,16 @@ def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECON
     context = conn.tls.stdlib_context()
     try:
         with socket.create_connection((upstream.host, upstream.port), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname=conn.tls.sni_for(upstream.host)) as tls:
+                context.wrap_socket(raw, server_hostname=upstream.host) as tls:
             der = tls.getpeercert(binary_form=True)
             version = tls.version() or "TLS"
-    except ssl.SSLCertVerificationError as exc:
-        return HandshakeResult(**base, ok=False, result=f"certificate rejected: "
-                               f"{exc.verify_message or exc.reason}")
-    except (OSError, ssl.SSLError) as exc:
+            if version == "TLSv1.3":
+                _server_verdict(tls, min(timeout, POST_HANDSHAKE_WAIT_SECONDS))
+    except ssl.SSLError as exc:
+        reason = reason_of_stdlib_error(exc) or "handshake"
+        words = describe(reason, conn.tls, upstream.host, stdlib_error_detail(exc))
+        return HandshakeResult(**base, ok=False, result=f"failed: {words}", reason=reason)
+    except OSError as exc:
         return HandshakeResult(**base, ok=False, result=f"failed: {exc.strerror or exc}")
     subject = not_after = ""
     if der:
@@ -49,6 +63,33 @@ def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECON
         not_after = cert.not_valid_after_utc.strftime("%Y-%m-%d")
     return HandshakeResult(**base, ok=True, result=f"ok ({version})", subject=subject,
                            not_after=not_after)
+
+
+def _server_verdict(tls: ssl.SSLSocket, wait: float) -> None:
+    """Wait for the server's first flight after a TLS 1.3 handshake; raise if it is an alert.
+
+    In TLS 1.3 the client's handshake is complete before the server has checked the client's
+    certificate: a server that requires one and got none (or an untrusted one) says so in an
+    alert right after, where a satisfied server sends its session tickets. The proxy leg sees
+    that alert on its first read; ``check`` reads until a ticket has arrived, or ``wait`` has
+    passed (servers that issue no tickets), without sending a request.
+    """
+    deadline = time.monotonic() + wait
+    tls.setblocking(False)
+    while True:
+        try:
+            tls.recv(1)
+        except ssl.SSLWantReadError:
+            pass
+        else:
+            return  # application data or a clean close: the server did not refuse us
+        session = tls.session
+        if session is not None and session.has_ticket:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        select.select([tls], [], [], remaining)
 
 
 def check_connections(snapshot: Snapshot) -> list[HandshakeResult]:

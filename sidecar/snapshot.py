@@ -125,7 +125,7 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
         upstream = Upstream.from_url(settings.url)
         tls = None
         if upstream.scheme == "https":
-            tls = _compile_tls(settings.tls, f"{path}.tls", problems)
+            tls = _compile_tls(settings.tls, f"{path}.tls", problems, warnings)
             if tls is None:
                 continue
         else:
@@ -148,8 +148,12 @@ def _secret_field(file: Path | None, stem: str) -> str:
     return f"{stem}_file" if file is not None else f"{stem}_env"
 
 
-def _compile_tls(settings: TlsSettings, path: str, problems: _Problems
+def _compile_tls(settings: TlsSettings, path: str, problems: _Problems, warnings: list[str]
                  ) -> UpstreamTlsPolicy | None:
+    if settings.verify == "skip":
+        warnings.append(f"{problems.file}: {path}.verify: skip: the server's certificate and "
+                        "name are not checked, so anyone on the network path can read the "
+                        "credentials sent there; use default or custom outside development")
     try:
         return compile_tls_policy(settings)
     except TlsMaterialError as exc:
@@ -192,7 +196,7 @@ def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
                           _secret_field(definition.client_secret_file, "client_secret"))
             problems.add(f"{path}.{field_name}", str(exc))
             continue
-        tls = _compile_tls(definition.tls, f"{path}.tls", problems)
+        tls = _compile_tls(definition.tls, f"{path}.tls", problems, warnings)
         if tls is None:
             continue
         try:

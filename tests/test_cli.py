@@ -84,7 +84,7 @@ def test_check_online_table(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) 
     }, name="bad.yaml")
     failed = sidecar_cmd("check", "--online", "-c", str(bad))
     assert failed.returncode == 1
-    assert "certificate rejected" in failed.stdout
+    assert f"is not signed by a CA in {pki.ca_bundle_path}" in failed.stdout
 
 
 def test_run_refuses_a_taken_port(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:

@@ -550,7 +550,7 @@ async def test_token_endpoint_tls_ignores_the_environments_ca_settings(
     async with opened(source):
         with pytest.raises(TokenUnavailable) as caught:
             await source.token()
-    assert "TLS certificate verification failed" in caught.value.reason
+    assert "is not signed by a CA in the default public CA bundle" in caught.value.reason
     assert caught.value.result == "network"
 
 

@@ -21,6 +21,7 @@ from sidecar.credentials.endpoint_errors import (
     describe_http_error,
     describe_transport_error,
 )
+from sidecar.tls.policy import UpstreamTlsPolicy
 
 WELL_KNOWN_PATH = "/.well-known/smart-configuration"
 
@@ -37,17 +38,18 @@ def smart_configuration_url(fhir_base: str) -> str:
     return fhir_base.rstrip("/") + WELL_KNOWN_PATH
 
 
-async def fetch_smart_configuration(fhir_base: str, *, ssl_context: ssl.SSLContext,
+async def fetch_smart_configuration(fhir_base: str, *, tls: UpstreamTlsPolicy,
                                     timeout: float) -> SmartConfiguration:
     """Read and parse the document; raise :class:`EndpointFailure` when that is not possible."""
     url = smart_configuration_url(fhir_base)
     # trust_env=False: neither proxy nor CA settings from the environment apply here.
-    async with httpx.AsyncClient(verify=ssl_context, trust_env=False, timeout=timeout,
+    async with httpx.AsyncClient(verify=tls.stdlib_context(), trust_env=False, timeout=timeout,
                                  follow_redirects=True) as client:
         try:
             response = await client.get(url, headers={"Accept": "application/json"})
-        except httpx.TransportError as exc:
-            raise EndpointFailure("network", describe_transport_error(exc, timeout)) from None
+        except (httpx.TransportError, ssl.SSLError) as exc:  # see TokenEndpoint.request_token
+            raise EndpointFailure(
+                "network", describe_transport_error(exc, timeout, tls, url)) from None
     if response.status_code != 200:
         raise EndpointFailure("http_error", describe_http_error(response))
     return parse_smart_configuration(url, response.content)

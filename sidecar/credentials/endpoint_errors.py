@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 from collections.abc import Iterable
 from typing import Literal
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
 
 import httpx
+
+from sidecar.tls.policy import UpstreamTlsPolicy
+from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
 FailureResult = Literal["http_error", "invalid_response", "network"]
 
@@ -84,17 +86,17 @@ def _printable(text: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
-def describe_transport_error(exc: httpx.TransportError, timeout: float) -> str:
+def describe_transport_error(exc: Exception, timeout: float,
+                             tls: UpstreamTlsPolicy, url: str) -> str:
     """Why no HTTP answer arrived: refused, timed out, TLS verification, ..."""
     if isinstance(exc, httpx.ConnectTimeout):
         return f"could not connect within {timeout:g} s"
     if isinstance(exc, httpx.TimeoutException):
         return f"no answer within {timeout:g} s"
+    tls_reason = reason_of_stdlib_error(exc)
+    if tls_reason is not None:  # the same words as the proxy leg's upstream-tls answers
+        return describe(tls_reason, tls, urlsplit(url).hostname or url, stdlib_error_detail(exc))
     for cause in _chain(exc):
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"TLS certificate verification failed: {cause.verify_message or cause.reason}"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake failed: {cause.reason or cause}"
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         if isinstance(cause, OSError) and cause.strerror:

@@ -25,7 +25,6 @@ import hmac
 import logging
 import random
 import secrets
-import ssl
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -164,7 +163,6 @@ class TokenSource:
         self._policy = policy or RefreshPolicy()
         self._check_setup()
         self._tls = tls
-        self._ssl_context_cache: ssl.SSLContext | None = None
         self._request = TokenRequest(
             scopes=tuple(definition.scopes), audience=definition.audience,
             resource=definition.resource,
@@ -339,18 +337,11 @@ class TokenSource:
             self._endpoint = self._make_endpoint(token_url)
         return self._endpoint
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        # Built on first use: a reload compiles a source for every definition just to compare
-        # settings, and keeps the old one when nothing changed.
-        if self._ssl_context_cache is None:
-            self._ssl_context_cache = self._tls.stdlib_context()
-        return self._ssl_context_cache
-
     async def _discover(self) -> str:
         d = self.definition
         assert d.discover_from is not None
         config = await fetch_smart_configuration(
-            d.discover_from, ssl_context=self._ssl_context(),
+            d.discover_from, tls=self._tls,
             timeout=self._policy.request_timeout)
         signing_alg = d.signing_alg if d.client_auth == "private_key_jwt" else None
         check_client_support(config, d.client_auth, signing_alg)
@@ -366,7 +357,7 @@ class TokenSource:
         return TokenEndpoint(
             token_url, client_id=d.client_id, client_auth=d.client_auth,
             client_secret=self._secret, assertion_signer=signer, request=self._request,
-            ssl_context=self._ssl_context(), timeout=self._policy.request_timeout,
+            tls=self._tls, timeout=self._policy.request_timeout,
         )
 
     def _lifetime(self, issued: IssuedToken) -> tuple[float, bool]:

@@ -25,6 +25,7 @@ from sidecar.credentials.endpoint_errors import (
     describe_transport_error,
     redact,
 )
+from sidecar.tls.policy import UpstreamTlsPolicy
 
 with warnings.catch_warnings():
     # authlib ≥ 1.7 prefers the "httpx2" package and warns once at import when it falls back to
@@ -77,16 +78,17 @@ class TokenEndpoint:
 
     def __init__(self, token_url: str, *, client_id: str, client_auth: ClientAuthMethod,
                  client_secret: str | None, assertion_signer: PrivateKeyJwt | None,
-                 request: TokenRequest, ssl_context: ssl.SSLContext, timeout: float):
+                 request: TokenRequest, tls: UpstreamTlsPolicy, timeout: float):
         self.token_url = token_url
         self._secret = client_secret
         self._request = request
         self._timeout = timeout
+        self._tls = tls
         self._client = AsyncOAuth2Client(
             client_id=client_id,
             client_secret=client_secret,
             token_endpoint_auth_method=client_auth,
-            verify=ssl_context,
+            verify=tls.stdlib_context(),
             trust_env=False,  # no proxy or CA settings from the environment
             timeout=timeout,
             follow_redirects=False,
@@ -110,8 +112,10 @@ class TokenEndpoint:
                 self.token_url, grant_type="client_credentials", body=self._request.form())
         except EndpointFailure:
             raise
-        except httpx.TransportError as exc:
-            reason = describe_transport_error(exc, self._timeout)
+        # A TLS alert after the handshake (a TLS 1.3 server refusing the client certificate)
+        # reaches us as a bare ssl.SSLError: httpx does not wrap it.
+        except (httpx.TransportError, ssl.SSLError) as exc:
+            reason = describe_transport_error(exc, self._timeout, self._tls, self.token_url)
             raise EndpointFailure("network", self._redact(reason)) from None
         except OAuthError as exc:  # a 2xx answer that carries an OAuth error anyway
             answer = f"{exc.error}: {exc.description}" if exc.description else str(exc.error)

@@ -7,13 +7,19 @@ exactly as it would read an operator's files (paths in a config), never from mem
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 _PUBLIC_MODE = 0o644
 # Private keys must not be readable by other users, also on shared demo machines.
@@ -112,6 +118,55 @@ class DemoPKI:
         key = self._write(f"{name}.key", leaf.private_key_pem.bytes(), _SECRET_MODE)
         return ClientIdentity(cert=cert, key=key)
 
+    def server_exactly(
+        self,
+        name: str,
+        *,
+        common_name: str,
+        san: Sequence[str] = (),
+        other_ca: bool = False,
+        key_type: Literal["ec", "rsa"] = "ec",
+        not_after: dt.datetime | None = None,
+    ) -> ServerIdentity:
+        """A server certificate with exactly this subject CN and these subjectAltName entries.
+
+        ``san`` may be empty (a certificate named only by its CN, which clients must refuse);
+        IP literals become IP entries. ``key_type="rsa"`` suits servers restricted to suites
+        with RSA key exchange.
+        """
+        issuer = self.other_ca if other_ca else self.ca
+        issuer_cert = x509.load_pem_x509_certificate(issuer.cert_pem.bytes())
+        issuer_key = serialization.load_pem_private_key(issuer.private_key_pem.bytes(),
+                                                        password=None)
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(65537, 2048) if key_type == "rsa"
+            else ec.generate_private_key(ec.SECP256R1()))
+        not_after = not_after or dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(issuer_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_after - dt.timedelta(days=60))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+        )
+        if san:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([_general_name(n) for n in san]), critical=False)
+        cert = builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+        chain = cert.public_bytes(serialization.Encoding.PEM) + issuer.cert_pem.bytes()
+        key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        cert_chain = self._write(f"{name}.pem", chain, _PUBLIC_MODE)
+        key_path = self._write(f"{name}.key", key_pem, _SECRET_MODE)
+        bundle = self._other_ca_bundle if other_ca else self._ca_bundle
+        return ServerIdentity(cert_chain=cert_chain, key=key_path, ca_bundle=bundle)
+
     def _issue_server(
         self,
         issuer: trustme.CA,
@@ -143,6 +198,13 @@ class DemoPKI:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         return target
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def _chain_bytes(leaf: trustme.LeafCert) -> bytes:

@@ -337,7 +337,7 @@ class FhirSidecar:
             mitm_compat.replace_error_page(flow, flow.response)
             self._log(flow, state)
         elif state.connection is not None and flow.response is None and not app_left:
-            tls_failure = self.upstream_tls.pop_failure(flow.client_conn)
+            tls_failure = self.upstream_tls.pop_failure(flow.client_conn, flow.server_conn)
             problem = failures.classify(state.connection, flow.error.msg,
                                         timed_out=state.timed_out, tls_failure=tls_failure)
             if problem.kind is ErrorKind.UPSTREAM_TLS:

@@ -8,7 +8,7 @@ from OpenSSL import SSL
 
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.snapshot import CompiledConnection
-from sidecar.tls.policy import TlsFailureReason, VerifyOutcome
+from sidecar.tls.verdict import HandshakeOutcome, TlsFailureReason, describe
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,17 @@ class TlsFailure:
     @classmethod
     def from_conn(cls, ssl_conn: SSL.Connection, message: str) -> TlsFailure:
         outcome = ssl_conn.get_app_data()
-        if isinstance(outcome, VerifyOutcome) and outcome.code:
+        if isinstance(outcome, HandshakeOutcome) and outcome.failed:
             return cls(outcome.reason, message)
         return cls("handshake", message)
+
+    @classmethod
+    def after_handshake(cls, ssl_conn: SSL.Connection) -> TlsFailure | None:
+        """The refusal a server sent after a completed handshake (a fatal alert), if any."""
+        outcome = ssl_conn.get_app_data()
+        if isinstance(outcome, HandshakeOutcome) and outcome.alert:
+            return cls(outcome.reason, "")
+        return None
 
 
 def no_route(host: str, path: str) -> SidecarError:
@@ -102,18 +110,8 @@ def classify(conn: CompiledConnection, message: str, *, timed_out: bool,
 
 
 def _tls_words(conn: CompiledConnection, failure: TlsFailure | None, message: str) -> str:
-    host = conn.upstream.host
-    tls = conn.tls
-    name = tls.sni_for(host) if tls else host
-    source = tls.ca_source if tls else "the trusted CAs"
-    reason = failure.reason if failure else "handshake"
-    if reason == "unknown_ca":
-        return f"the certificate of {host} is not signed by a CA in {source}"
-    if reason == "hostname_mismatch":
-        return f"the certificate of {host} is not valid for the name {name}"
-    if reason == "expired":
-        return f"the certificate of {host} has expired or is not yet valid"
-    return f"TLS handshake with {host} failed: {message}"
+    return describe(failure.reason if failure else "handshake", conn.tls, conn.upstream.host,
+                    message)
 
 
 def _connect_words(message: str) -> str:

@@ -38,8 +38,15 @@ class UpstreamTls:
     def routed(self, client: connection.Client, conn: CompiledConnection) -> None:
         self._routed[client.id] = conn
 
-    def pop_failure(self, client: connection.Client) -> failures.TlsFailure | None:
-        return self._failures.pop(client.id, None)
+    def pop_failure(self, client: connection.Client, server: connection.Server
+                    ) -> failures.TlsFailure | None:
+        failure = self._failures.pop(client.id, None)
+        upstream = self._open.get(server.id)
+        if failure is None and upstream is not None:
+            # A TLS 1.3 server judges the client's certificate after the client's handshake
+            # has completed: its refusal is an alert on the first read.
+            failure = failures.TlsFailure.after_handshake(upstream.ssl_conn)
+        return failure
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn

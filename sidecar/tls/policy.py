@@ -1,7 +1,18 @@
 """Where upstream TLS is decided: one compiled policy per connection (and per token endpoint).
 
 A policy is built from :class:`TlsSettings` once per config snapshot; every file it needs is
-read into memory at that moment (``sidecar.tls.material``).
+read into memory at that moment (``sidecar.tls.material``). Every leg uses it: the proxy leg
+as the pyOpenSSL context built here, the token endpoint, SMART discovery, the 401 replay and
+``check --online`` as :meth:`UpstreamTlsPolicy.stdlib_context` (``sidecar.tls.stdlib_context``).
+Both are built from the decisions below, and ``tests/test_tls_conformance.py`` runs one
+certificate matrix through every leg to keep them agreeing:
+
+- verification: ``verify`` (below); the peer's name is matched against its subjectAltName DNS
+  or IP entries only, never the subject CN, and never a partial wildcard (``f*.example``);
+- the name is ``server_name`` if set, else the URL's host, for SNI and verification alike;
+- TLS 1.2 at least (:data:`MINIMUM_VERSION`); on TLS 1.2 only forward-secret AEAD suites
+  (:data:`TLS12_CIPHERS`); TLS 1.3's suites are all AEAD with ephemeral keys;
+- the client certificate, if any, is offered to every server that asks.
 
 ``skip``    no verification at all (hostname neither).
 ``default`` certifi's public bundle and nothing else: environment variables such as
@@ -12,10 +23,10 @@ read into memory at that moment (``sidecar.tls.material``).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import ssl
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import certifi
@@ -31,41 +42,17 @@ from sidecar.tls.material import (
     read_client_identity,
 )
 from sidecar.tls.openssl_bindings import enable_hostname_verification, offer_key_share_first
+from sidecar.tls.verdict import HandshakeOutcome, record_alert, record_verify_result
 
-TlsFailureReason = Literal["unknown_ca", "hostname_mismatch", "expired", "handshake"]
-
-_UNKNOWN_CA_CODES = {
-    SSL.X509VerificationCodes.ERR_UNABLE_TO_GET_ISSUER_CERT,
-    SSL.X509VerificationCodes.ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
-    SSL.X509VerificationCodes.ERR_DEPTH_ZERO_SELF_SIGNED_CERT,
-    SSL.X509VerificationCodes.ERR_SELF_SIGNED_CERT_IN_CHAIN,
-    SSL.X509VerificationCodes.ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE,
-    SSL.X509VerificationCodes.ERR_CERT_UNTRUSTED,
-}
-_EXPIRED_CODES = {
-    SSL.X509VerificationCodes.ERR_CERT_HAS_EXPIRED,
-    SSL.X509VerificationCodes.ERR_CERT_NOT_YET_VALID,
-}
-
-
-@dataclass
-class VerifyOutcome:
-    """What the verify callback saw during one handshake (kept on the SSL connection)."""
-
-    code: int = 0
-    depth: int = 0
-    subject: str = ""
-
-    @property
-    def reason(self) -> TlsFailureReason:
-        if self.code == SSL.X509VerificationCodes.ERR_HOSTNAME_MISMATCH:
-            return "hostname_mismatch"
-        if self.code in _EXPIRED_CODES:
-            return "expired"
-        if self.code in _UNKNOWN_CA_CODES:
-            return "unknown_ca"
-        return "handshake"
-
+MINIMUM_VERSION = "TLSv1.2"
+# ECDHE key exchange (forward secrecy) and AEAD encryption only, in OpenSSL's names; a server
+# that offers only CBC or static-RSA suites (AES128-SHA, ...) is refused.
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+_OPENSSL_VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
 @dataclass(frozen=True)
 class Resumption:
@@ -112,7 +99,7 @@ class UpstreamTlsPolicy:
                 conn.set_session(earlier.session)
                 if earlier.group is not None:
                     offer_key_share_first(conn, earlier.group)
-        outcome = VerifyOutcome()
+        outcome = HandshakeOutcome()
         conn.set_app_data(outcome)
         if not _is_ip(name):
             conn.set_tlsext_host_name(name.encode("idna"))
@@ -136,19 +123,14 @@ class UpstreamTlsPolicy:
                 session, conn.get_group_name())
 
     def stdlib_context(self) -> ssl.SSLContext:
-        """The same policy as a stdlib context (token endpoint, ``check --online``)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.verify == "skip":
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        elif self.ca_pem is None:  # default: certifi's bundle, never SSL_CERT_FILE & co.
-            ctx.load_verify_locations(cafile=certifi.where())
-        else:
-            ctx.load_verify_locations(cadata=self.ca_pem.decode("ascii", "replace"))
-        if self.client_cert_pem is not None:
-            _load_stdlib_client_cert(ctx, self.client_cert_pem, self.client_key_pem)
-        return ctx
+        """The same policy as a stdlib context, built on first use and then shared."""
+        return self._stdlib_context
+
+    @functools.cached_property
+    def _stdlib_context(self) -> ssl.SSLContext:
+        from sidecar.tls.stdlib_context import build_stdlib_context
+
+        return build_stdlib_context(self)
 
 
 def _is_ip(name: str) -> bool:
@@ -171,15 +153,6 @@ def retire_connection(conn: SSL.Connection) -> None:
     conn.set_shutdown(conn.get_shutdown() | SSL.SENT_SHUTDOWN)
 
 
-def _record_verify_result(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int,
-                          ok: int) -> bool:
-    outcome = conn.get_app_data()
-    if not ok and isinstance(outcome, VerifyOutcome) and outcome.code == 0:
-        outcome.code, outcome.depth = code, depth
-        outcome.subject = cert.to_cryptography().subject.rfc4514_string()
-    return bool(ok)
-
-
 def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
     """Read every file the policy names and build its contexts; raise TlsMaterialError."""
     ca_pem: bytes | None
@@ -199,7 +172,11 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
         cert_pem, key_pem = read_client_identity(settings.client_cert, settings.client_key)
 
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_min_proto_version(_OPENSSL_VERSIONS[MINIMUM_VERSION])
+    ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    # Fatal alerts say why a server refused the handshake (no shared cipher or version, a
+    # client certificate it wanted); hostname flags are set per connection.
+    ctx.set_info_callback(record_alert)
     if settings.verify == "skip":
         ctx.set_verify(SSL.VERIFY_NONE)
     else:
@@ -210,7 +187,7 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
             assert store is not None
             for cert in x509.load_pem_x509_certificates(ca_pem):
                 store.add_cert(crypto.X509.from_cryptography(cert))
-        ctx.set_verify(SSL.VERIFY_PEER, _record_verify_result)
+        ctx.set_verify(SSL.VERIFY_PEER, record_verify_result)
     if cert_pem is not None:
         _load_openssl_client_cert(ctx, cert_pem, key_pem)
     return UpstreamTlsPolicy(
@@ -222,31 +199,15 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
 
 def _load_openssl_client_cert(ctx: SSL.Context, cert_pem: bytes, key_pem: bytes | None) -> None:
     certs = x509.load_pem_x509_certificates(cert_pem)
-    ctx.use_certificate(crypto.X509.from_cryptography(certs[0]))
+    ctx.use_certificate(certs[0])
     for extra in certs[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.add_extra_chain_cert(extra)
     key = serialization.load_pem_private_key(key_pem or cert_pem, password=None)
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+    ctx.use_privatekey(key)  # type: ignore[arg-type]  # unusable key types fail here
     try:
         ctx.check_privatekey()
     except SSL.Error:
         raise TlsMaterialError("client_key does not match client_cert") from None
-
-
-def _load_stdlib_client_cert(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes | None
-                             ) -> None:
-    # The stdlib only loads client identities from files; use a private temp directory.
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cert_file = Path(tmp, "cert.pem")
-        cert_file.write_bytes(cert_pem)
-        key_file = None
-        if key_pem is not None:
-            key_file = Path(tmp, "key.pem")
-            key_file.touch(mode=0o600)
-            key_file.write_bytes(key_pem)
-        ctx.load_cert_chain(cert_file, key_file)
 
 
 def earliest_expiry(policy: UpstreamTlsPolicy) -> dt.datetime | None:
