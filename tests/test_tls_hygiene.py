@@ -15,8 +15,9 @@ import pytest
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.tls_matrix import MatrixServer, server_context
 
+from sidecar.config.models import TlsSettings
 from sidecar.demo.pki import DemoPKI
-from sidecar.tls.policy import TLS12_CIPHERS
+from sidecar.tls.policy import compile_tls_policy
 
 LIVE_DEADLINE = 15.0
 
@@ -77,15 +78,25 @@ def test_an_upstream_without_forward_secret_aead_suites_is_refused_saying_why(
         assert cipher_servers[name].paths == []  # nothing reached the server
 
 
-def test_the_cipher_list_is_forward_secret_aead_only() -> None:
-    # Every TLS 1.2 suite OpenSSL expands the list to has ECDHE key exchange and AEAD.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.set_ciphers(TLS12_CIPHERS)
-    tls12 = [c for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+def test_both_legs_offer_forward_secret_aead_suites_only(pki: DemoPKI) -> None:
+    policy = compile_tls_policy(TlsSettings(verify="custom", ca_bundle=pki.ca_bundle_path))
+    # The stdlib legs: every TLS 1.2 suite has ECDHE key exchange and AEAD encryption.
+    stdlib = policy.stdlib_context().get_ciphers()
+    tls12 = [c for c in stdlib if c["protocol"] == "TLSv1.2"]
     assert tls12
     for suite in tls12:
         assert suite["kea"] == "kx-ecdhe", suite["name"]
         assert suite["aead"] is True, suite["name"]
+    # The proxy leg (pyOpenSSL, possibly another OpenSSL build) offers the same TLS 1.2
+    # suites; the rest are TLS 1.3's, which are all AEAD.
+    offered = policy.new_openssl_connection("localhost").get_cipher_list()
+    assert {name for name in offered if not name.startswith("TLS_")} == {
+        c["name"] for c in tls12}
+    assert all(name in _TLS13_AEAD_SUITES for name in offered if name.startswith("TLS_"))
+
+
+_TLS13_AEAD_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
+                      "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_CCM_SHA256"}
 
 
 def skip_config(tmp_path: Path, listen_port: int, base: str = "/fhir") -> Path:
