@@ -26,6 +26,7 @@ from support.scripted_upstream import BODY, ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.pki import DemoPKI
+from sidecar.snapshot import Snapshot
 
 HEADER_TIMEOUT = 1.0
 IDLE_TIMEOUT = 3.0
@@ -375,6 +376,28 @@ def test_limits_reload_live(fresh: Running) -> None:
     assert fresh.upstream.connections == 1
 
 
+def test_mitmproxy_inactivity_backstop_stays_above_every_configured_wait(tmp_path: Path) -> None:
+    from mitmproxy.test import taddons
+
+    from sidecar.live import load_snapshot
+    from sidecar.proxy.limits import ClientLimits, tcp_timeout_for
+
+    def snapshot(timeout: float) -> Snapshot:
+        return load_snapshot(write_config(tmp_path, {"connections": {"long": {
+            "url": "https://fhir.example", "timeout_seconds": timeout}}}))
+
+    assert tcp_timeout_for(snapshot(60)) == 600  # mitmproxy's default is long enough
+    current = snapshot(900)
+    assert tcp_timeout_for(current) == 930
+    limits = ClientLimits(lambda: current)
+    with taddons.context(limits) as context:
+        limits.running()
+        assert context.options.tcp_timeout == 930
+        current = snapshot(1200)  # a reload: the next connection's backstop follows it
+        limits._update_backstop()
+        assert context.options.tcp_timeout == 1230
+
+
 # Last: stops the module's sidecar.
 def test_sigterm_does_not_wait_for_leaked_requests(running: Running) -> None:
     wait_until(lambda: in_flight(running.admin) == 0, message="in-flight to return to 0")
@@ -385,3 +408,5 @@ def test_sigterm_does_not_wait_for_leaked_requests(running: Running) -> None:
     stopped = running.sidecar.events("draining")
     assert stopped and stopped[-1]["in_flight"] == 0
     assert not running.sidecar.events("drain_timeout")
+    # Nothing of all the above reached stderr: problems are JSON log lines.
+    assert running.sidecar.stderr_lines == []

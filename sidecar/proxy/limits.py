@@ -7,18 +7,23 @@ for ``client_idle_timeout_seconds`` is closed. ``UpstreamReadTimeout`` aborts th
 connection when an upstream falls silent for ``read_timeout_seconds`` while sending a response
 body. Each timer reads the settings of the snapshot current when it starts, so a reload applies
 from the next request (or the next idle period) on.
+
+mitmproxy's own ``tcp_timeout`` is no substitute: it counts any silence on a connection (also a
+request waiting for its upstream), is read once when a connection is accepted, and never sees
+a head dribbled byte by byte. It is kept as a backstop above every timeout of the config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from mitmproxy import connection, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.net.http.http1 import assemble_response
 
 from sidecar.config.models import LimitsSettings
@@ -29,6 +34,21 @@ from sidecar.proxy.flow_state import REQUEST_ID, new_request_id, state_of
 from sidecar.snapshot import Snapshot
 
 DEFAULT_LIMITS = LimitsSettings()
+MITMPROXY_TCP_TIMEOUT = 600  # mitmproxy's default, kept as the least backstop
+BACKSTOP_MARGIN_SECONDS = 30
+
+
+def tcp_timeout_for(snapshot: Snapshot) -> int:
+    """mitmproxy's ``tcp_timeout`` for ``snapshot``: longer than any wait the config allows.
+
+    mitmproxy closes a connection on which nothing at all happened for that long, without an
+    answer, even while a request is waiting for its upstream.
+    """
+    limits = snapshot.config.limits
+    longest = max([limits.client_header_timeout_seconds, limits.client_idle_timeout_seconds,
+                   *(c.timeout_seconds for c in snapshot.connections.values()),
+                   *(c.read_timeout_seconds for c in snapshot.connections.values())])
+    return max(MITMPROXY_TCP_TIMEOUT, math.ceil(longest) + BACKSTOP_MARGIN_SECONDS)
 
 
 class _Phase(Enum):
@@ -48,6 +68,7 @@ class ClientLimits:
     def __init__(self, snapshot: Callable[[], Snapshot | None]):
         self._snapshot = snapshot
         self._deadlines: dict[str, _Deadline] = {}
+        self._backstop_for: Snapshot | None = None
         mitm_compat.guard_request_heads(self)
 
     def _limits(self) -> LimitsSettings:
@@ -56,7 +77,12 @@ class ClientLimits:
 
     # -- hooks -------------------------------------------------------------------------------
 
+    def running(self) -> None:
+        self._update_backstop()
+
     def client_connected(self, client: connection.Client) -> None:
+        # The connection after a reload gets the new backstop; this one has read it already.
+        self._update_backstop()
         self._arm(client, _Phase.IDLE)
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -104,6 +130,15 @@ class ClientLimits:
                                                           headers)))
 
     # -- deadlines ---------------------------------------------------------------------------
+
+    def _update_backstop(self) -> None:
+        current = self._snapshot()
+        if current is None or current is self._backstop_for:
+            return
+        self._backstop_for = current
+        wanted = tcp_timeout_for(current)
+        if ctx.options.tcp_timeout != wanted:
+            ctx.options.update(tcp_timeout=wanted)
 
     def _arm(self, client: connection.Client, phase: _Phase) -> None:
         self._disarm(client)
