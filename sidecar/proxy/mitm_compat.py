@@ -253,6 +253,7 @@ def guard_request_heads(guard: RequestHeadGuard) -> None:
         return
     original = _http1.Http1Server.read_headers
 
+    @functools.wraps(original)
     def read_headers(self: _http1.Http1Server, event: events.ConnectionEvent
                      ) -> Generator[commands.Command, Any, None]:
         current = _head_guard
@@ -354,6 +355,7 @@ def drop_http1_trailers() -> None:
     _trailers_dropped = True
     original = _http1.make_body_reader
 
+    @functools.wraps(original)
     def make_body_reader(expected_size: int | None) -> Any:
         return _WithoutTrailers(original(expected_size))
 
