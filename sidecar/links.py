@@ -29,6 +29,7 @@ from typing import Literal
 from xml.sax.saxutils import escape as xml_escape
 from xml.sax.saxutils import unescape as xml_unescape
 
+from sidecar.bundle_scan import json_entries_end, xml_entries_end
 from sidecar.routing import Upstream
 
 REWRITTEN_HEADERS = ("Location", "Content-Location")
@@ -36,6 +37,7 @@ REWRITTEN_HEADERS = ("Location", "Content-Location")
 BodyKind = Literal["json", "xml"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_FIRST_BYTE = re.compile(rb"\s*(\S)")
 
 
 def app_base_url(scheme: str, host_header: str, base_path: str = "") -> str:
@@ -54,8 +56,9 @@ def body_kind(content_type: str | None, body: bytes = b"") -> BodyKind | None:
                 or media == "application/xml+fhir":
             return "xml"
         return None
-    start = body.lstrip()[:1]
-    return "json" if start == b"{" else "xml" if start == b"<" else None
+    start = _FIRST_BYTE.match(body)
+    first = start.group(1) if start else b""
+    return "json" if first == b"{" else "xml" if first == b"<" else None
 
 
 def _prefix_pattern(upstream: Upstream) -> str:
@@ -117,8 +120,6 @@ class LinkRewriter:
 
         Anything that is not well-formed enough to be sure of its structure is left alone.
         """
-        if self._host not in content.lower():
-            return content
         kind = body_kind(content_type, content)
         if kind == "json":
             return self.json_body(content)
@@ -127,9 +128,11 @@ class LinkRewriter:
         return content
 
     def json_body(self, content: bytes) -> bytes:
-        if b'"link"' not in content and b"\\u" not in content:
+        if b'"link"' not in content and b"\\" not in content:
             return content  # no ``link`` key, not even an escaped one
-        spans = _json_bundle_link_urls(content)
+        spans = _json_bundle_link_urls(content, skip_entries=True)
+        if spans is None:
+            spans = _json_bundle_link_urls(content)
         if not spans:
             return content
         return self._splice(content, spans, self._json_string)
@@ -137,26 +140,29 @@ class LinkRewriter:
     def xml_body(self, content: bytes) -> bytes:
         if b"link" not in content:
             return content
-        spans = _xml_bundle_link_urls(content)
+        spans = _xml_bundle_link_urls(content, skip_entries=True)
+        if spans is None:
+            spans = _xml_bundle_link_urls(content)
         if not spans:
             return content
         return self._splice(content, spans, self._xml_attribute)
 
     def _splice(self, content: bytes, spans: list[tuple[int, int]],
                 rewrite: Callable[[bytes], bytes | None]) -> bytes:
-        out: list[bytes] = []
+        view = memoryview(content)  # slices of it are not copies: the join copies once
+        out: list[bytes | memoryview] = []
         last = 0
         changed = False
         for start, end in spans:
             new = rewrite(content[start:end])
             if new is None:
                 continue
-            out += (content[last:start], new)
+            out += (view[last:start], new)
             last = end
             changed = True
         if not changed:
             return content
-        out.append(content[last:])
+        out.append(view[last:])
         return b"".join(out)
 
     def _raw(self, raw: bytes) -> bytes | None:
@@ -204,6 +210,7 @@ class LinkRewriter:
 
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', re.DOTALL)
 _K_LINK = "link"
+_K_ENTRY = "entry"
 _K_URL = "url"
 _K_RESOURCE_TYPE = "resourceType"
 
@@ -239,72 +246,92 @@ def _json_key(token: bytes) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def _json_bundle_link_urls(content: bytes) -> list[tuple[int, int]]:
+def _json_bundle_link_urls(content: bytes, skip_entries: bool = False
+                           ) -> list[tuple[int, int]] | None:
     """Spans of the string tokens that are ``link[].url`` of a Bundle (at any depth).
 
     A tokenizer, not a parser: it tracks just enough structure to know where each string sits,
     and gives up (returns nothing) on anything inconsistent.
+
+    With ``skip_entries`` the top-level ``entry`` array is jumped over rather than tokenized
+    when :func:`sidecar.bundle_scan.json_entries_end` finds that safe; that is what keeps a
+    large page cheap. ``None``: it was not safe, scan again without ``skip_entries``.
     """
     stack: list[_JsonObject | _JsonArray] = []
     found: list[tuple[int, int]] = []
     done = False
-    for match in _JSON_TOKEN.finditer(content):
-        if done:
-            return []  # something after the top-level value: not one JSON document
-        token = match.group()
-        first = token[:1]
-        top = stack[-1] if stack else None
-        if first == b'"':
-            if isinstance(top, _JsonObject):
-                if top.expect_key:
-                    top.key = _json_key(token)
-                    continue
-                if top.key == _K_URL and top.link_owner is not None:
-                    top.link_owner.candidates.append(match.span())
-                elif top.key == _K_RESOURCE_TYPE:
-                    top.resource_type = _json_key(token)
-            elif top is None:
-                done = True
-        elif first == b"{":
-            owner = None
-            if isinstance(top, _JsonArray):
-                owner = top.link_owner
-            elif isinstance(top, _JsonObject) and top.expect_key:
-                return []
-            stack.append(_JsonObject(owner))
-        elif first == b"[":
-            owner = None
-            if isinstance(top, _JsonObject):
-                if top.expect_key:
+    top_link_seen = False
+    resume: int | None = 0
+    while resume is not None:
+        tokens = _JSON_TOKEN.finditer(content, resume)
+        resume = None
+        for match in tokens:
+            if done:
+                return []  # something after the top-level value: not one JSON document
+            token = match.group()
+            first = token[:1]
+            top = stack[-1] if stack else None
+            if first == b'"':
+                if isinstance(top, _JsonObject):
+                    if top.expect_key:
+                        top.key = _json_key(token)
+                        continue
+                    if top.key == _K_URL and top.link_owner is not None:
+                        top.link_owner.candidates.append(match.span())
+                    elif top.key == _K_RESOURCE_TYPE:
+                        top.resource_type = _json_key(token)
+                elif top is None:
+                    done = True
+            elif first == b"{":
+                owner = None
+                if isinstance(top, _JsonArray):
+                    owner = top.link_owner
+                elif isinstance(top, _JsonObject) and top.expect_key:
                     return []
-                if top.key == _K_LINK:
-                    owner = top
-            stack.append(_JsonArray(owner))
-        elif first == b"}":
-            if not isinstance(top, _JsonObject):
-                return []
-            stack.pop()
-            if top.resource_type == "Bundle":  # other resources' links are not paging links
-                found += top.candidates
-            if not stack:
-                done = True
-        elif first == b"]":
-            if not isinstance(top, _JsonArray):
-                return []
-            stack.pop()
-            if not stack:
-                done = True
-        elif first == b":":
-            if not isinstance(top, _JsonObject) or not top.expect_key:
-                return []
-            top.expect_key = False
-        elif first == b",":
-            if isinstance(top, _JsonObject):
-                top.expect_key = True
+                stack.append(_JsonObject(owner))
+            elif first == b"[":
+                owner = None
+                if isinstance(top, _JsonObject):
+                    if top.expect_key:
+                        return []
+                    if top.key == _K_LINK:
+                        owner = top
+                        top_link_seen = top_link_seen or len(stack) == 1
+                    elif skip_entries and top.key == _K_ENTRY and len(stack) == 1:
+                        skip_entries = False
+                        if not top_link_seen or top.resource_type is None:
+                            return None  # link or resourceType may follow: scan it all
+                        resume = json_entries_end(content, match.start())
+                        if resume is None:
+                            return None
+                        stack.append(_JsonArray(None))  # closed by the ] we resume at
+                        break
+                stack.append(_JsonArray(owner))
+            elif first == b"}":
+                if not isinstance(top, _JsonObject):
+                    return []
+                stack.pop()
+                if top.resource_type == "Bundle":  # other resources' links are not paging links
+                    found += top.candidates
+                if not stack:
+                    done = True
+            elif first == b"]":
+                if not isinstance(top, _JsonArray):
+                    return []
+                stack.pop()
+                if not stack:
+                    done = True
+            elif first == b":":
+                if not isinstance(top, _JsonObject) or not top.expect_key:
+                    return []
+                top.expect_key = False
+            elif first == b",":
+                if isinstance(top, _JsonObject):
+                    top.expect_key = True
+                elif top is None:
+                    return []
             elif top is None:
-                return []
-        elif top is None:
-            done = True  # a bare literal as the whole document
+                done = True  # a bare literal as the whole document
     if stack:
         return []  # truncated
     found.sort()
@@ -330,31 +357,62 @@ def _local(name: bytes) -> bytes:
     return name.rsplit(b":", 1)[-1]
 
 
-def _xml_bundle_link_urls(content: bytes) -> list[tuple[int, int]]:
-    """Spans of the ``value`` attributes of ``<url>`` in ``<link>`` directly in a ``<Bundle>``."""
+def xml_url_value_span(match: re.Match[bytes]) -> tuple[int, int] | None:
+    """Where the ``value`` attribute of a ``<url ...>`` tag matched by ``_XML_MARKUP`` sits."""
+    attrs_start = match.start("attrs")
+    value = _XML_VALUE_ATTR.search(match.group("attrs"))
+    if value is None:
+        return None
+    group = 1 if value.group(1) is not None else 2
+    start, end = value.span(group)
+    return attrs_start + start, attrs_start + end
+
+
+def _xml_bundle_link_urls(content: bytes, skip_entries: bool = False
+                          ) -> list[tuple[int, int]] | None:
+    """Spans of the ``value`` attributes of ``<url>`` in ``<link>`` directly in a ``<Bundle>``.
+
+    ``skip_entries`` and ``None`` as for :func:`_json_bundle_link_urls`
+    (:func:`sidecar.bundle_scan.xml_entries_end`).
+    """
     stack: list[bytes] = []
     found: list[tuple[int, int]] = []
-    for match in _XML_MARKUP.finditer(content):
-        name = match.group("name")
-        if name is None:
-            if match.group() == b"<":
-                return []
-            continue
-        local = _local(name)
-        if match.group("close"):
-            if not stack or stack[-1] != local:
-                return []
-            stack.pop()
-            continue
-        if local == b"url" and len(stack) >= 2 and stack[-1] == b"link" \
-                and stack[-2] == b"Bundle":
-            attrs_start = match.start("attrs")
-            value = _XML_VALUE_ATTR.search(match.group("attrs"))
-            if value is not None:
-                group = 1 if value.group(1) is not None else 2
-                start, end = value.span(group)
-                found.append((attrs_start + start, attrs_start + end))
-        if not match.group("empty"):
+    root_link_seen = False
+    resume: int | None = 0
+    while resume is not None:
+        markup = _XML_MARKUP.finditer(content, resume)
+        resume = None
+        for match in markup:
+            name = match.group("name")
+            if name is None:
+                if match.group() == b"<":
+                    return []
+                continue
+            local = _local(name)
+            if match.group("close"):
+                if not stack or stack[-1] != local:
+                    return []
+                stack.pop()
+                continue
+            if local == b"url" and len(stack) >= 2 and stack[-1] == b"link" \
+                    and stack[-2] == b"Bundle":
+                span = xml_url_value_span(match)
+                if span is not None:
+                    found.append(span)
+            if match.group("empty"):
+                continue
+            if len(stack) == 1 and stack[0] == b"Bundle":
+                if local == b"link":
+                    root_link_seen = True
+                elif local == b"entry" and skip_entries:
+                    skip_entries = False
+                    if not root_link_seen:
+                        return None
+                    resume = xml_entries_end(content, match.end())
+                    if resume is None:
+                        return None
+                    stack.append(local)  # closed by the </entry> we resume at
+                    break
             stack.append(local)
     if stack:
         return []

@@ -18,6 +18,7 @@ from sidecar.demo.auth_checks import AuthCheck
 from sidecar.demo.fhir_resources import (
     PatientStore,
     capability_statement,
+    gzip_chunks,
     issue_code_for_status,
     large_bundle_chunks,
     operation_outcome,
@@ -122,7 +123,7 @@ class FhirApp:
             case ["Patient"] if method == "GET":
                 return self._search_patients(query, wants_xml(request, query))
             case ["Bundle", "large"] if method == "GET":
-                return self._large_bundle(query)
+                return self._large_bundle(query, wants_xml(request, query))
             case ["Patient"] if method == "POST":
                 return self._create_patient(request)
             case ["Binary", "large"] if method == "GET":
@@ -165,10 +166,16 @@ class FhirApp:
             return Reply(200, {"Content-Type": FHIR_XML}, to_xml(bundle))
         return fhir_reply(200, bundle)
 
-    def _large_bundle(self, query: dict[str, list[str]]) -> Reply:
+    def _large_bundle(self, query: dict[str, list[str]], xml: bool) -> Reply:
+        """``size`` bytes of searchset; ``chunked=1`` without a Content-Length, ``gzip=1``
+        gzip-coded (and chunked)."""
         size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 1024, MAX_LARGE_SIZE)
-        return Reply(200, {"Content-Type": FHIR_JSON},
-                     stream=large_bundle_chunks(self.base_url, size), length=size)
+        chunks = large_bundle_chunks(self.base_url, size, xml=xml)
+        headers = {"Content-Type": FHIR_XML if xml else FHIR_JSON}
+        if _flag(query, "gzip"):
+            headers["Content-Encoding"] = "gzip"
+            return Reply(200, headers, stream=gzip_chunks(chunks))
+        return Reply(200, headers, stream=chunks, length=None if _flag(query, "chunked") else size)
 
     def _create_patient(self, request: IncomingRequest) -> Reply:
         try:
@@ -188,7 +195,7 @@ class FhirApp:
 
     def _large(self, query: dict[str, list[str]]) -> Reply:
         size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 0, MAX_LARGE_SIZE)
-        chunked = (_single(query, "chunked") or "").lower() in {"1", "true", "yes"}
+        chunked = _flag(query, "chunked")
         return Reply(
             200,
             {"Content-Type": "application/octet-stream"},
@@ -243,6 +250,10 @@ def wants_xml(request: IncomingRequest, query: dict[str, list[str]]) -> bool:
         return fmt == "xml" or fmt.endswith("xml")
     accept = request.headers.get("accept", "").lower()
     return "xml" in accept and "json" not in accept
+
+
+def _flag(query: dict[str, list[str]], name: str) -> bool:
+    return (_single(query, name) or "").lower() in {"1", "true", "yes"}
 
 
 def _single(query: dict[str, list[str]], name: str) -> str | None:

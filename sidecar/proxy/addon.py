@@ -40,7 +40,7 @@ from sidecar.proxy.flow_state import (
     request_id_from,
 )
 from sidecar.proxy.limits import ClientLimits, UpstreamReadTimeout
-from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links
+from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links, stream_body
 from sidecar.proxy.upstream_tls import UpstreamTls
 from sidecar.request_path import UnsafePath, confine, resolve
 from sidecar.snapshot import CompiledConnection, Snapshot
@@ -295,8 +295,8 @@ class FhirSidecar:
         rewrite_link_headers(flow.response, state)
         if may_retry(flow, state):
             flow.response.stream = False  # keep the 401 so it can be replaced by the retry
-        elif flow.response.stream is True:
-            flow.response.stream = byte_counter(state, "bytes_out")
+        else:
+            stream_body(flow, state)  # counts bytes out; rewrites links of large bodies
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         state = flow.metadata.get(FLOW_KEY)

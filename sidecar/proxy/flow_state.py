@@ -57,9 +57,20 @@ def state_of(flow: http.HTTPFlow) -> FlowState | None:
     return state if isinstance(state, FlowState) else None
 
 
-def byte_counter(state: FlowState, attr: str) -> Callable[[bytes], bytes]:
-    """A mitmproxy stream callable that counts what passes into ``state.<attr>``."""
-    def count(chunk: bytes) -> bytes:
-        setattr(state, attr, getattr(state, attr) + len(chunk))
-        return chunk
-    return count
+def byte_counter(state: FlowState, attr: str,
+                 inner: Callable[[bytes], bytes] | None = None
+                 ) -> Callable[[bytes], bytes | list[bytes]]:
+    """A mitmproxy stream callable that counts what passes into ``state.<attr>``; with
+    ``inner``, what ``inner`` makes of each chunk is passed (and counted) instead."""
+    if inner is None:
+        def count(chunk: bytes) -> bytes | list[bytes]:
+            setattr(state, attr, getattr(state, attr) + len(chunk))
+            return chunk
+        return count
+
+    def count_inner(chunk: bytes) -> bytes | list[bytes]:
+        out = inner(chunk)
+        setattr(state, attr, getattr(state, attr) + len(out))
+        # Nothing to send yet is no chunk at all: an empty one would end a chunked body.
+        return out if out else []
+    return count_inner

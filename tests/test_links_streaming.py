@@ -1,0 +1,146 @@
+"""Bundles of any size keep their links pointing at the sidecar: bodies over the buffering
+threshold are rewritten while they stream (sized and chunked, JSON and XML, gzip-coded), byte
+for byte otherwise, with flat memory. Real TLS upstream, the real ``fhir-sidecar run``."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.upstreams import Upstreams
+from test_streaming import MAX_RSS_GROWTH, rss_bytes
+
+from sidecar.demo.fhir_resources import large_bundle_chunks
+from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.demo.pki import DemoPKI
+
+THRESHOLD = 1024 * 1024  # stream_large_bodies
+
+
+class Setup:
+    def __init__(self, sidecar: SidecarProcess, server: FhirTestServer, port: int) -> None:
+        self.sidecar = sidecar
+        self.server = server
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+
+    def expected(self, size: int, xml: bool = False) -> Iterator[bytes]:
+        """The generated Bundle with its one ``next`` link (in the first chunk) rewritten."""
+        chunks = large_bundle_chunks(self.server.base_url, size, xml=xml)
+        yield next(chunks).replace(f"{self.server.base_url}/Bundle/large".encode(),
+                                   f"{self.base}/Bundle/large".encode(), 1)
+        yield from chunks
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+          upstreams: Upstreams) -> Iterator[Setup]:
+    tmp = Path(tmp_path_factory.mktemp("links-stream"))
+    server = upstreams.get("good")
+    port = free_port()
+    config = write_config(tmp, {
+        "admin": {"listen": None},
+        "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
+        "connections": {"big": {
+            "url": f"https://localhost:{server.port}/fhir", "listen": f"127.0.0.1:{port}",
+            "auth": {"basic": "b"},
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+    })
+    with SidecarProcess(config, tmp / "state") as sidecar:
+        yield Setup(sidecar, server, port)
+
+
+def test_a_100_mb_bundle_is_rewritten_while_it_streams(setup: Setup) -> None:
+    size = 100 * 1024 * 1024
+    expected = hashlib.sha256()
+    expected_length = 0
+    for chunk in setup.expected(size):
+        expected.update(chunk)
+        expected_length += len(chunk)
+    assert expected_length != size  # the rewritten link has another length
+    assert setup.sidecar.proc is not None
+    pid = setup.sidecar.proc.pid
+    digest = hashlib.sha256()
+    received = 0
+    head = b""
+    with httpx.Client(timeout=120, trust_env=False) as client:
+        client.get(f"{setup.base}/metadata").raise_for_status()  # warm up
+        baseline = rss_bytes(pid, "VmRSS")
+        with client.stream("GET", f"{setup.base}/Bundle/large",
+                           params={"size": size}) as response:
+            assert response.status_code == 200
+            # The upstream sent a Content-Length; the rewritten body is sent chunked.
+            assert "content-length" not in response.headers
+            assert response.headers["transfer-encoding"] == "chunked"
+            for chunk in response.iter_raw():
+                if len(head) < 4096:
+                    head += chunk[:4096]
+                digest.update(chunk)
+                received += len(chunk)
+    peak = rss_bytes(pid, "VmHWM")
+    assert received == expected_length
+    assert digest.hexdigest() == expected.hexdigest()
+    assert f'"url":"{setup.base}/Bundle/large?size={size}&page=2"'.encode() in head
+    assert f'"fullUrl":"{setup.server.base_url}/Patient/big-0"'.encode() in head
+    assert peak - baseline < MAX_RSS_GROWTH, f"RSS grew by {(peak - baseline) >> 20} MiB"
+    record = setup.sidecar.wait_for_event(
+        "request", lambda r: r.get("path") == "/fhir/Bundle/large"
+        and r.get("bytes_out") == expected_length)
+    assert record["status"] == 200
+
+
+@pytest.mark.parametrize(("size", "params", "xml"), [
+    (3 * THRESHOLD, {}, True),                    # sized XML over the threshold
+    (3 * THRESHOLD, {"chunked": "1"}, False),     # chunked JSON over it
+    (3 * THRESHOLD, {"chunked": "1"}, True),      # chunked XML over it
+    (THRESHOLD // 4, {"chunked": "1"}, False),    # chunked under it: collected, rewritten whole
+    (3 * THRESHOLD, {"gzip": "1"}, False),        # gzip-coded, decoded and re-encoded
+    (3 * THRESHOLD, {"gzip": "1"}, True),
+    (THRESHOLD // 4, {"gzip": "1"}, True),
+], ids=["xml-sized", "json-chunked", "xml-chunked", "json-chunked-small", "json-gzip",
+        "xml-gzip", "xml-gzip-small"])
+def test_every_framing_and_format_is_rewritten(setup: Setup, size: int, params: dict[str, str],
+                                               xml: bool) -> None:
+    query = {"size": str(size), **params}
+    if xml:
+        query["_format"] = "xml"
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        response = client.get(f"{setup.base}/Bundle/large", params=query)
+    assert response.status_code == 200
+    if "gzip" in params:
+        assert response.headers["content-encoding"] == "gzip"
+        # httpx decoded it: what went over the wire is gzip of the rewritten body.
+        assert gzip.decompress(b"".join(_raw_again(setup, query))) == response.content
+    assert response.content == b"".join(setup.expected(size, xml))
+    if size > THRESHOLD or "chunked" in params or "gzip" in params:
+        assert "content-length" not in response.headers
+
+
+def _raw_again(setup: Setup, query: dict[str, str]) -> Iterator[bytes]:
+    with httpx.Client(timeout=60, trust_env=False) as client, client.stream(
+            "GET", f"{setup.base}/Bundle/large", params=query) as response:
+        yield from response.iter_raw()
+
+
+def test_an_http_1_0_client_gets_the_body_delimited_by_the_connection_close(
+        setup: Setup) -> None:
+    size = 2 * THRESHOLD
+    with socket.create_connection(("127.0.0.1", setup.port), timeout=60) as sock:
+        sock.sendall(f"GET /Bundle/large?size={size} HTTP/1.0\r\n"
+                     f"Host: 127.0.0.1:{setup.port}\r\n\r\n".encode())
+        received = bytearray()
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    lines = head.decode().lower().split("\r\n")
+    assert lines[0].endswith(" 200 ok")
+    assert not any(line.startswith(("content-length:", "transfer-encoding:"))
+                   for line in lines)
+    assert body == b"".join(setup.expected(size))
