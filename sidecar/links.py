@@ -1,4 +1,4 @@
-"""FHIR navigation links kept pointing at the sidecar (design §9 "Link rewriting").
+"""FHIR navigation links kept pointing at the sidecar (README "FHIR links and https base URLs").
 
 A FHIR server answers with absolute URLs under its own base: ``Location`` and
 ``Content-Location`` after a create or update, ``Bundle.link[].url`` (``self``, ``next``, ...)
@@ -15,7 +15,8 @@ there:
 
 The scheme and host of the prefix are compared case-insensitively and the default port may be
 spelled out (``https://h:443/fhir``); the path is compared exactly. This module never imports
-mitmproxy: the proxy adapter decides *when* to rewrite (buffered bodies only), this decides
+mitmproxy: the proxy adapter decides *when* to rewrite (a buffered body here, a streaming one in
+:mod:`sidecar.links_stream`), this decides
 *what*.
 """
 
