@@ -24,6 +24,7 @@ touched.
 
 from __future__ import annotations
 
+import json
 import re
 
 _JSON_BLANKS = b" \t\r\n"
@@ -51,12 +52,142 @@ def json_entries_end(content: bytes, start: int) -> int | None:
     close_list = _last_non_blank(content, close_object)
     if close_list <= start or content[close_list] != ord("]"):
         return None
-    if contains(content, b'"Bundle"', start, close_list):
-        return None
-    if content.find(b"\\", start, close_list) >= 0 \
-            and _ESCAPED_BUNDLE_LETTER.search(content, start, close_list) is not None:
+    if may_hold_json_bundle(content, start, close_list):
         return None
     return close_list
+
+
+def may_hold_json_bundle(content: bytes, start: int, end: int) -> bool:
+    """Whether ``content[start:end]`` may contain the string ``"Bundle"`` (also escaped)."""
+    if contains(content, b'"Bundle"', start, end):
+        return True
+    return content.find(b"\\", start, end) >= 0 \
+        and _ESCAPED_BUNDLE_LETTER.search(content, start, end) is not None
+
+
+def json_top_level_link_urls(content: bytes) -> list[tuple[int, int]] | None:
+    """Spans of the string tokens of the top-level Bundle's ``link[].url``, found with
+    CPython's C JSON scanner: members other than ``link`` are skipped by parsing them in C,
+    ``entry`` by :func:`json_entries_end`.
+
+    ``None`` when that is not certain to agree with the full tokenizer of
+    :mod:`sidecar.links`: anything that is not strict JSON, a member that may hold a Bundle
+    of its own, duplicate-looking shapes. The caller then tokenizes.
+    """
+    entry = _JSON_ENTRY_KEY.search(content)
+    head_end = entry.end() if entry is not None else len(content)
+    # latin-1: one character per byte, so indexes into ``text`` are byte offsets.
+    text = content[:head_end].decode("latin-1")
+    try:
+        return _top_level_link_urls(content, text)
+    except (_NotCertain, ValueError, StopIteration, IndexError):
+        return None
+
+
+_JSON_ENTRY_KEY = re.compile(rb'"entry"[ \t\r\n]*:[ \t\r\n]*\[')
+# One C call per member: blanks, the key, the colon, blanks. Then one for what follows it.
+_MEMBER = re.compile(r'[ \t\r\n]*"((?:[^"\\]|\\.)*)"[ \t\r\n]*:[ \t\r\n]*', re.DOTALL)
+_AFTER_VALUE = re.compile(r"[ \t\r\n]*([,}\]])")
+_OPEN = re.compile(r"[ \t\r\n]*([{\[])[ \t\r\n]*")
+_EMPTY_ARRAY_END = re.compile(r"[ \t\r\n]*\]")
+_SCAN_VALUE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+class _NotCertain(Exception):
+    pass
+
+
+def _key(match: re.Match[str]) -> str:
+    key = match.group(1)
+    return key if "\\" not in key else str(json.loads(f'"{key}"'))
+
+
+def _after_value(text: str, index: int) -> tuple[str, int]:
+    match = _AFTER_VALUE.match(text, index)
+    if match is None:
+        raise _NotCertain
+    return match.group(1), match.end()
+
+
+def _top_level_link_urls(content: bytes, text: str) -> list[tuple[int, int]] | None:
+    opened = _OPEN.match(text, 0)
+    if opened is None or opened.group(1) != "{":
+        return None
+    index = opened.end()
+    resource_type = None
+    link_seen = False
+    found: list[tuple[int, int]] = []
+    closer, after = _after_value(text, index) if text[index:index + 1] == "}" else ("", 0)
+    while closer != "}":
+        member = _MEMBER.match(text, index)
+        if member is None:
+            return None
+        key, index = _key(member), member.end()
+        first = text[index]
+        if key == "link" and first == "[":
+            index = _link_array(content, text, index + 1, found)
+            link_seen = True
+        elif key == "entry" and first == "[" and index == len(text) - 1:
+            if not link_seen or resource_type is None:
+                return None  # they may follow the entries
+            if json_entries_end(content, index) is None:
+                return None
+            return found if resource_type == "Bundle" else []  # only "] }" follows
+        else:
+            value, end = _SCAN_VALUE(text, index)
+            if key == "resourceType":
+                resource_type = value
+            elif may_hold_json_bundle(content, index, end):
+                return None
+            index = end
+        closer, after = _after_value(text, index)
+        if closer == "]":
+            return None
+        index = after
+    if _last_non_blank(content, len(content)) != after - 1:
+        return None  # more after the top-level object: not one JSON document
+    return found if resource_type == "Bundle" else []
+
+
+def _link_array(content: bytes, text: str, index: int, found: list[tuple[int, int]]) -> int:
+    """Parse the ``link`` array from just past its ``[``; add its elements' ``url`` spans."""
+    empty = _EMPTY_ARRAY_END.match(text, index)
+    if empty is not None:
+        return empty.end()
+    while True:
+        opened = _OPEN.match(text, index)
+        if opened is not None and opened.group(1) == "{":
+            index = _link_object(content, text, opened.end(), found)
+        else:
+            start = index
+            _, index = _SCAN_VALUE(text, index)
+            if may_hold_json_bundle(content, start, index):
+                raise _NotCertain
+        closer, index = _after_value(text, index)
+        if closer == "]":
+            return index
+        if closer != ",":
+            raise _NotCertain
+
+
+def _link_object(content: bytes, text: str, index: int, found: list[tuple[int, int]]) -> int:
+    if text[index] == "}":
+        return index + 1
+    while True:
+        member = _MEMBER.match(text, index)
+        if member is None:
+            raise _NotCertain
+        key, start = _key(member), member.end()
+        _, index = _SCAN_VALUE(text, start)
+        if key == "url" and text[start] == '"':
+            found.append((start, index))
+        elif may_hold_json_bundle(content, start, index):
+            raise _NotCertain
+        closer, index = _after_value(text, index)
+        if closer == "}":
+            return index
+        if closer != ",":
+            raise _NotCertain
 
 
 def xml_entries_end(content: bytes, start: int) -> int | None:
@@ -91,6 +222,8 @@ def contains(content: bytes, needle: bytes, start: int, end: int, rare: bytes = 
 
     Falls back to a plain substring search when ``rare`` turns out not to be rare here.
     """
+    if end - start < 4096:  # small: one plain search costs less than the detour
+        return content.find(needle, start, end) >= 0
     offset = needle.index(rare)
     index = content.find(rare, start + offset, end)
     for _ in range(tries):

@@ -30,7 +30,7 @@ from typing import Literal
 from xml.sax.saxutils import escape as xml_escape
 from xml.sax.saxutils import unescape as xml_unescape
 
-from sidecar.bundle_scan import json_entries_end, xml_entries_end
+from sidecar.bundle_scan import json_entries_end, json_top_level_link_urls, xml_entries_end
 from sidecar.routing import Upstream
 
 REWRITTEN_HEADERS = ("Location", "Content-Location")
@@ -131,7 +131,9 @@ class LinkRewriter:
     def json_body(self, content: bytes) -> bytes:
         if b'"link"' not in content and b"\\" not in content:
             return content  # no ``link`` key, not even an escaped one
-        spans = _json_bundle_link_urls(content, skip_entries=True)
+        spans = json_top_level_link_urls(content)
+        if spans is None:
+            spans = _json_bundle_link_urls(content, skip_entries=True)
         if spans is None:
             spans = _json_bundle_link_urls(content)
         if not spans:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.bundle_scan import json_top_level_link_urls
 from sidecar.links import LinkRewriter, _json_bundle_link_urls, _xml_bundle_link_urls
 
 UP = "https://fhir.example.com/r4"
@@ -150,9 +151,13 @@ def test_json_fast_path_equals_the_full_scan(bundle: dict[str, Any], seed: int) 
     raw = _json_bundle(bundle, seed)
     assert json.loads(raw) == bundle  # the writer's variations are valid JSON
     assert LINKS.body(raw, "application/fhir+json") == reference(raw, "json")
+    full = _json_bundle_link_urls(raw)
     fast = _json_bundle_link_urls(raw, skip_entries=True)
     if fast is not None:
-        assert fast == _json_bundle_link_urls(raw)
+        assert fast == full
+    fastest = json_top_level_link_urls(raw)
+    if fastest is not None:
+        assert fastest == full
 
 
 @SETTINGS
@@ -193,6 +198,7 @@ def test_the_usual_page_takes_the_fast_path(seed: int) -> None:
     raw = _json_bundle(_usual_page(50), seed, letter_escapes=False)
     fast = _json_bundle_link_urls(raw, skip_entries=True)
     assert fast is not None and len(fast) == 2
+    assert json_top_level_link_urls(raw) == fast
     xml = xml_dump(_usual_page(50), random.Random(seed), "").encode()
     fast_xml = _xml_bundle_link_urls(xml, skip_entries=True)
     assert fast_xml is not None and len(fast_xml) == 2
@@ -203,6 +209,7 @@ def test_link_after_entry_falls_back_to_the_full_scan() -> None:
     page["link"] = page.pop("link")
     raw = json.dumps(page).encode()
     assert _json_bundle_link_urls(raw, skip_entries=True) is None
+    assert json_top_level_link_urls(raw) is None
     assert json.loads(LINKS.body(raw, "application/json"))["link"][1]["url"] == \
         f"{APP}/Observation?_count=3&p=2"
 
@@ -212,7 +219,9 @@ def test_a_nested_bundle_in_the_entries_falls_back_to_the_full_scan() -> None:
     page["entry"][1]["resource"] = {"resourceType": "Bundle", "link": [{"url": f"{UP}/n"}]}
     raw = json.dumps(page).encode()
     assert _json_bundle_link_urls(raw, skip_entries=True) is None
+    assert json_top_level_link_urls(raw) is None
     out = json.loads(LINKS.body(raw, "application/json"))
     assert out["entry"][1]["resource"]["link"][0]["url"] == f"{APP}/n"
     escaped = raw.replace(b'"Bundle"}', b'"B\\u0075ndle"}')
     assert _json_bundle_link_urls(escaped, skip_entries=True) is None
+    assert json_top_level_link_urls(escaped) is None
