@@ -137,6 +137,8 @@ VBIN=$WORK/root/opt/fhir-sidecar/bin
 step "installed fhir-sidecar"
 "$VBIN/fhir-sidecar" --help >/dev/null
 echo "fhir-sidecar --help: ok"
+# The shipped example config, shape only: its secrets are not in the repository.
+"$VBIN/fhir-sidecar" check --no-files -c config/example.yaml
 # materialize prints "CONFIG ADMIN_URL": the rendered config.yaml written where the pod would
 # see it, with placeholder secrets, keys and CA bundles at the mounted paths.
 for f in "$WORK"/rendered/*.yaml; do
