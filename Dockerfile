@@ -1,5 +1,6 @@
 # fhir-sidecar container image.
-#   docker build -t fhir-sidecar:0.1.0 .
+#   docker build -t fhir-sidecar:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" \
+#     --build-arg SOURCE=https://git.example.org/you/fhir-sidecar .
 #   docker run --read-only -v "$PWD/config:/etc/fhir-sidecar/config:ro" -p 8081:8081 fhir-sidecar:0.1.0
 # Python 3.13 because mitmproxy 12.x needs >= 3.12. Both stages use the same base image so the
 # virtual environment's interpreter path (/usr/local/bin/python3.13) exists in the final stage.
@@ -15,11 +16,13 @@ RUN python -m venv /opt/fhir-sidecar
 WORKDIR /src
 
 # Dependencies first, in their own layer: code changes do not reinstall them. --no-deps makes the
-# lock the whole truth; --only-binary keeps compilers out of the picture (every pin has a wheel).
+# lock the whole truth; --require-hashes refuses any file whose sha256 the lock does not list;
+# --only-binary keeps compilers out of the picture (every pin has a wheel).
 COPY requirements.lock ./
-RUN /opt/fhir-sidecar/bin/pip install --no-deps --only-binary=:all: -r requirements.lock
+RUN /opt/fhir-sidecar/bin/pip install --require-hashes --no-deps --only-binary=:all: \
+      -r requirements.lock
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY sidecar ./sidecar
 # `pip check` fails the build if the lock no longer covers pyproject.toml's dependencies.
 RUN /opt/fhir-sidecar/bin/pip install --no-deps . \
@@ -28,8 +31,16 @@ RUN /opt/fhir-sidecar/bin/pip install --no-deps . \
 # ---- runtime: the venv on a slim base; no compilers, no build files ----
 FROM python:3.13-slim
 
+# Set at build time: --build-arg REVISION="$(git rev-parse HEAD)" --build-arg SOURCE=<repo URL>.
+# VERSION stays equal to pyproject.toml's version (tests/test_packaging.py checks).
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
 LABEL org.opencontainers.image.title="fhir-sidecar" \
       org.opencontainers.image.description="Injects FHIR credentials and per-connection TLS into plain HTTP calls" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # A numeric non-root user: Kubernetes can only verify runAsNonRoot against a numeric USER.

@@ -137,6 +137,14 @@ VBIN=$WORK/root/opt/fhir-sidecar/bin
 step "installed fhir-sidecar"
 "$VBIN/fhir-sidecar" --help >/dev/null
 echo "fhir-sidecar --help: ok"
+# The package metadata the image carries (PEP 639): license expression and file.
+"$VBIN/python" -I - <<'EOF' # -I: not the checkout's own egg-info
+import importlib.metadata as m
+meta = m.metadata("fhir-sidecar")
+assert meta["License-Expression"] == "Apache-2.0", meta["License-Expression"]
+assert any(f.name == "LICENSE" for f in m.files("fhir-sidecar") or ()), "LICENSE not installed"
+print("package metadata: License-Expression Apache-2.0, LICENSE installed")
+EOF
 # The shipped example config, shape only: its secrets are not in the repository.
 "$VBIN/fhir-sidecar" check --no-files -c config/example.yaml
 # materialize prints "CONFIG ADMIN_URL": the rendered config.yaml written where the pod would
