@@ -22,6 +22,7 @@ class ErrorKind(StrEnum):
     UPSTREAM_UNREACHABLE = "upstream-unreachable"
     UPSTREAM_TIMEOUT = "upstream-timeout"
     HEADER_TOO_LARGE = "header-too-large"
+    INTERNAL = "internal-error"
 
     @property
     def status(self) -> int:
@@ -41,6 +42,7 @@ _STATUS = {
     ErrorKind.UPSTREAM_UNREACHABLE: 502,
     ErrorKind.UPSTREAM_TIMEOUT: 504,
     ErrorKind.HEADER_TOO_LARGE: 431,
+    ErrorKind.INTERNAL: 500,
 }
 _ISSUE_CODE = {
     ErrorKind.BAD_REQUEST: "invalid",
@@ -50,6 +52,7 @@ _ISSUE_CODE = {
     ErrorKind.UPSTREAM_UNREACHABLE: "transient",
     ErrorKind.UPSTREAM_TIMEOUT: "timeout",
     ErrorKind.HEADER_TOO_LARGE: "too-long",
+    ErrorKind.INTERNAL: "exception",
 }
 
 

@@ -149,6 +149,24 @@ class FhirSidecar:
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if self.live is None:
             return None
+        try:
+            return self._route_and_authorize(flow)
+        except Exception:
+            # Fail closed. mitmproxy logs a hook's exception and carries on with the flow as
+            # it is: unrouted, a forward-proxy request would go wherever the app asked.
+            self._refuse_after_failure(flow, "routing the request")
+            return None
+
+    def _refuse_after_failure(self, flow: http.HTTPFlow, doing: str) -> None:
+        logging.getLogger(__name__).exception("fhir-sidecar failed while %s", doing)
+        flow.request.headers.pop("Authorization", None)
+        flow.request.headers.pop("Proxy-Authorization", None)
+        problem = SidecarError(ErrorKind.INTERNAL,
+                               f"The sidecar failed while {doing}; nothing was sent upstream.")
+        self._answer(flow, problem, close=True)
+
+    def _route_and_authorize(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        assert self.live is not None
         snapshot = self.live.current
         request = flow.request
         request_id = request_id_from(request.headers.get(REQUEST_ID))
@@ -199,6 +217,9 @@ class FhirSidecar:
             token = await source.token()
         except TokenUnavailable as exc:
             self._answer(flow, failures.token_unavailable(conn.name, exc))
+            return
+        except Exception:
+            self._refuse_after_failure(flow, "fetching an access token")
             return
         self._set_bearer(flow, state, token)
 
