@@ -9,7 +9,8 @@ either case, counts as a dot) and what the upstream receives is the resolved pat
 - a segment that only becomes a dot-segment on a second look -- behind an encoded slash or
   backslash, a raw backslash, a ``;`` parameter, or a second round of percent-decoding -- is
   refused too: some servers decode and split once more, and the sidecar cannot know which;
-- the query string is passed on byte for byte; it is never examined here.
+- a target with a raw control byte (NUL, CR, ...) anywhere, query included, is refused;
+- otherwise the query string is passed on byte for byte.
 
 This module has no mitmproxy import: it works on the request target as text.
 """
@@ -28,6 +29,9 @@ _HIDDEN_BOUNDARY = re.compile(r"[/\\;]")
 # Percent-decoding rounds tried when looking for a hidden dot-segment (``%252e`` is ``%2e``
 # after one round, ``.`` after two).
 _DECODING_ROUNDS = 4
+# Raw control bytes (and space) are never valid in a request target; C servers may stop
+# reading at a NUL, others split at a CR.
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 # Without any of these a path has no dot-segment to resolve and nothing hidden in it.
 _NEEDS_A_LOOK = re.compile(r"[.%\\;]")
 
@@ -69,6 +73,8 @@ def resolve(target: str) -> ResolvedPath:
     Raises :class:`UnsafePath` when a ``..`` climbs above ``/`` or a segment hides a
     dot-segment (see the module docstring).
     """
+    if _CONTROL.search(target):
+        raise UnsafePath("the request target contains a control character or a space")
     path, sep, query = target.partition("?")
     if not path.startswith("/"):
         raise UnsafePath("the request path must start with '/'")

@@ -90,6 +90,7 @@ class Setup:
     upstream: RawRecordingUpstream
     reverse_port: int
     proxy_port: int
+    admin_port: int
 
     @property
     def authority(self) -> str:
@@ -120,6 +121,12 @@ class Setup:
         heads = self.upstream.wait_for_heads(1)
         assert [h.split(b"\r\n")[0] for _, h in heads] == [b"GET /fhir/sentinel HTTP/1.1"], heads
         self.upstream.clear()
+        # Log lines come in order: once the sentinel's is read, so is every earlier one.
+        sentinel_id = sentinel.headers["x-request-id"]
+        self.sidecar.wait_for_event("request", lambda r: r["request_id"] == sentinel_id)
+
+    def refusals_logged(self) -> int:
+        return sum(1 for r in self.sidecar.events("request") if r.get("error") == "bad-request")
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +134,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI) -> Iterator[Se
     tmp = Path(tmp_path_factory.mktemp("hygiene"))
     with RawRecordingUpstream(pki.server(name="raw-hygiene")) as upstream:
         custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
-        reverse_port, proxy_port = free_port(), free_port()
+        reverse_port, proxy_port, admin_port = free_port(), free_port(), free_port()
         base = f"https://localhost:{upstream.port}"
         config = write_config(tmp, {
             "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
-            "admin": {"listen": None},
+            "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "basic_auth": {name: {"username": f"user-{name}", "password": f"pw-{name}"}
                            for name in BASIC},
             "connections": {
@@ -143,7 +150,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI) -> Iterator[Se
         })
         sidecar = SidecarProcess(config, tmp / "state").start()
         try:
-            yield Setup(sidecar, upstream, reverse_port, proxy_port)
+            yield Setup(sidecar, upstream, reverse_port, proxy_port, admin_port)
         finally:
             assert sidecar.stop() == 0
 
@@ -176,6 +183,16 @@ def test_reverse_listener_refuses_paths_that_leave_the_base(hygiene: Setup, targ
     response = hygiene.send("reverse", target)
     assert_bad_request(response, "not forwarded")
     assert "Basic" not in response.body.decode()
+    hygiene.assert_nothing_reached_upstream()
+
+
+@pytest.mark.parametrize("listener", ["reverse", "forward"])
+@pytest.mark.parametrize("target", ["/Patient\x00/admin", "/Patient?name=a\x00b",
+                                    "/Patient?name=a\x01b", "/Patient\x7f"])
+def test_raw_control_bytes_in_the_target_are_refused(hygiene: Setup, listener: str,
+                                                     target: str) -> None:
+    response = hygiene.send(listener, target)
+    assert_bad_request(response, "control character")
     hygiene.assert_nothing_reached_upstream()
 
 
@@ -272,12 +289,18 @@ MALFORMED = {
 def test_mitmproxys_own_400s_are_operation_outcomes(hygiene: Setup, listener: str,
                                                     case: str) -> None:
     data, words = MALFORMED[case]
+    refusals_before = hygiene.refusals_logged()
     port = hygiene.reverse_port if listener == "reverse" else hygiene.proxy_port
     response = exchange(port, data)
     diagnostics = assert_bad_request(response, words)
     assert "secret" not in diagnostics  # mitmproxy's message quotes the line; ours does not
     assert "text/html" not in response.head.decode("latin-1").lower()
+    request_id = response.headers["x-request-id"]
+    line = hygiene.sidecar.wait_for_event("request", lambda r: r["request_id"] == request_id)
+    assert line["status"] == 400 and line["error"] == "bad-request"
     hygiene.assert_nothing_reached_upstream()
+    # Logged (and counted) once, though mitmproxy may also hand the request to the addon.
+    assert hygiene.refusals_logged() == refusals_before + 1
 
 
 def test_forward_request_without_a_destination_is_an_operation_outcome(hygiene: Setup) -> None:
@@ -313,6 +336,27 @@ def test_refused_requests_are_logged_without_their_path_or_query(hygiene: Setup)
         "request", lambda r: r.get("request_id") == request_id)
     assert line["status"] == 400 and line["error"] == "bad-request"
     assert "querysecret" not in hygiene.sidecar.output
+    hygiene.assert_nothing_reached_upstream()
+
+
+def _refused_count(setup: Setup, connection: str) -> float:
+    metrics = exchange(setup.admin_port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    prefix = f'fhir_sidecar_requests_total{{connection="{connection}",method="GET",' \
+             'status_class="4xx"} '
+    for line in metrics.body.decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.removeprefix(prefix))
+    return 0.0
+
+
+def test_refused_requests_are_counted(hygiene: Setup) -> None:
+    header_before = _refused_count(hygiene, "-")
+    path_before = _refused_count(hygiene, "fhir")
+    assert hygiene.send("reverse", "/Patient", b"X-N: a\rb\r\n").status == 400
+    assert hygiene.send("reverse", "/../admin").status == 400
+    wait_until(lambda: _refused_count(hygiene, "-") == header_before + 1
+               and _refused_count(hygiene, "fhir") == path_before + 1,
+               message="both refusals counted")
     hygiene.assert_nothing_reached_upstream()
 
 

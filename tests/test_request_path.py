@@ -157,6 +157,13 @@ def test_dot_segments_below_the_base_path_are_fine(target: str, base: str, expec
     assert confine(target, base) == expected
 
 
+@pytest.mark.parametrize("target", ["/fhir/Patient\x00", "/fhir/Pa\rtient", "/fhir/x?q=\x01",
+                                    "/fhir/x?q=a\nb", "/fhir/\x7f", "/fhir/a b"])
+def test_raw_control_bytes_anywhere_in_the_target_are_refused(target: str) -> None:
+    with pytest.raises(UnsafePath, match="control character"):
+        resolve(target)
+
+
 def test_a_target_must_be_an_absolute_path() -> None:
     with pytest.raises(UnsafePath, match="must start with '/'"):
         resolve("*")

@@ -176,7 +176,12 @@ class FhirSidecar:
             conn, upstream_path, refused = self._route(flow, snapshot)
         state = FlowState(snapshot, conn, request_id)
         flow.metadata[FLOW_KEY] = state
-        self._started(flow, state)
+        if flow.client_conn.state is connection.ConnectionState.CLOSED:
+            # mitmproxy answered this request itself (a malformed Content-Length, say) and
+            # closed the connection; that answer was logged and counted as it was written.
+            state.logged = True
+        else:
+            self._started(flow, state)
 
         # The app's own credentials never leave the sidecar, whatever happens next.
         request.headers.pop("Authorization", None)
