@@ -132,13 +132,11 @@ def _top_level_link_urls(content: bytes, text: str) -> list[tuple[int, int]] | N
                 return None  # they may follow the entries
             if json_entries_end(content, index) is None:
                 return None
-            return found if resource_type == "Bundle" else []  # only "] }" follows
+            return _checked(content, index, resource_type, found)  # only "] }" follows
         else:
             value, end = _SCAN_VALUE(text, index)
             if key == "resourceType":
                 resource_type = value
-            elif may_hold_json_bundle(content, index, end):
-                return None
             index = end
         closer, after = _after_value(text, index)
         if closer == "]":
@@ -146,7 +144,20 @@ def _top_level_link_urls(content: bytes, text: str) -> list[tuple[int, int]] | N
         index = after
     if _last_non_blank(content, len(content)) != after - 1:
         return None  # more after the top-level object: not one JSON document
-    return found if resource_type == "Bundle" else []
+    return _checked(content, after, resource_type, found)
+
+
+def _checked(content: bytes, end: int, resource_type: object,
+             found: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """``found``, if nothing in ``content[:end]`` but the top-level ``resourceType`` may be a
+    Bundle (the full tokenizer would rewrite a nested Bundle's links too); else ``None``."""
+    own = 1 if resource_type == "Bundle" else 0
+    if content.count(b'"Bundle"', 0, end) > own:
+        return None
+    if content.find(b"\\", 0, end) >= 0 \
+            and _ESCAPED_BUNDLE_LETTER.search(content, 0, end) is not None:
+        return None
+    return found if own else []
 
 
 def _link_array(content: bytes, text: str, index: int, found: list[tuple[int, int]]) -> int:
@@ -159,10 +170,7 @@ def _link_array(content: bytes, text: str, index: int, found: list[tuple[int, in
         if opened is not None and opened.group(1) == "{":
             index = _link_object(content, text, opened.end(), found)
         else:
-            start = index
             _, index = _SCAN_VALUE(text, index)
-            if may_hold_json_bundle(content, start, index):
-                raise _NotCertain
         closer, index = _after_value(text, index)
         if closer == "]":
             return index
@@ -181,8 +189,6 @@ def _link_object(content: bytes, text: str, index: int, found: list[tuple[int, i
         _, index = _SCAN_VALUE(text, start)
         if key == "url" and text[start] == '"':
             found.append((start, index))
-        elif may_hold_json_bundle(content, start, index):
-            raise _NotCertain
         closer, index = _after_value(text, index)
         if closer == "}":
             return index

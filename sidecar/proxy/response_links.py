@@ -20,6 +20,7 @@ from sidecar.links_stream import STREAMABLE_CODINGS, StreamingBody
 from sidecar.proxy.flow_state import FlowState, byte_counter
 
 StreamCallable = Callable[[bytes], bytes]
+_REWRITTEN_RAW = frozenset(name.lower().encode() for name in REWRITTEN_HEADERS)
 
 
 def rewrite_link_headers(response: http.Response, state: FlowState) -> None:
@@ -27,6 +28,10 @@ def rewrite_link_headers(response: http.Response, state: FlowState) -> None:
     if links is None or state.links_done_for is response:
         return
     state.links_done_for = response
+    # One pass over the raw fields: most responses have neither header, and asking the
+    # header multidict for each name costs more than looking.
+    if not any(name.lower() in _REWRITTEN_RAW for name, _ in response.headers.fields):
+        return
     for name in REWRITTEN_HEADERS:
         values = response.headers.get_all(name)
         if values:
