@@ -22,6 +22,7 @@ mitmproxy: the proxy adapter decides *when* to rewrite (a buffered body here, a 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -94,7 +95,9 @@ class LinkRewriter:
         app_base = app_base.rstrip("/")
         if app_base == upstream.base_url:
             return None
-        return cls(upstream.base_url, app_base)
+        if cls is not LinkRewriter:
+            return cls(upstream.base_url, app_base)
+        return _shared_rewriter(upstream.base_url, app_base)
 
     # -- single values --------------------------------------------------------------------
 
@@ -207,6 +210,13 @@ class LinkRewriter:
         if rewritten is value:
             return None
         return xml_escape(rewritten, {'"': "&quot;", "'": "&apos;"}).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_rewriter(upstream_base: str, app_base: str) -> LinkRewriter:
+    # Every request needs one; building it parses the base URL and compiles its patterns,
+    # which cost more than rewriting a page. It is immutable, so requests share it.
+    return LinkRewriter(upstream_base, app_base)
 
 
 # -- JSON: where are the Bundle.link[].url strings? -------------------------------------------

@@ -225,3 +225,16 @@ def test_a_nested_bundle_in_the_entries_falls_back_to_the_full_scan() -> None:
     escaped = raw.replace(b'"Bundle"}', b'"B\\u0075ndle"}')
     assert _json_bundle_link_urls(escaped, skip_entries=True) is None
     assert json_top_level_link_urls(escaped) is None
+
+
+def test_requests_share_one_rewriter_per_base_pair() -> None:
+    """Built per request it would cost more than rewriting a page: it is immutable and
+    shared, and a different app base (Host) gets its own."""
+    from sidecar.routing import Upstream
+
+    upstream = Upstream.from_url(UP)
+    first = LinkRewriter.between(upstream, APP)
+    assert first is LinkRewriter.between(upstream, APP + "/")
+    other = LinkRewriter.between(upstream, "http://localhost:8081")
+    assert other is not None and other is not first
+    assert other.url(f"{UP}/x") == "http://localhost:8081/x"
