@@ -2,6 +2,7 @@
 
     /work/venv/bin/python bench/profile.py                 # keep-alive and new-conn, c16
     /work/venv/bin/python bench/profile.py --target mitmdump
+    .venv/bin/python bench/profile.py --page json-400k [--baseline-src DIR]  # a searchset page
 
 Writes, per scenario, a flame graph (``profile-<target>-<scenario>.svg``) and a text summary of
 the functions with the most self and inclusive samples (``profile-<target>-<scenario>.txt``)
@@ -20,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pages import PAGES
 from run import Scenario, run_wrk
+from run_pages import page_target
 from targets import BENCH_DIR, Bench
 
 
@@ -53,25 +56,39 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--page", choices=[p.key for p in PAGES],
+                        help="load a searchset page (bench/pages.py) with wrk -c4 keep-alive "
+                             "instead of the Patient read")
+    parser.add_argument("--baseline-src", type=Path,
+                        help="profile the sidecar package in this directory instead")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fhir-sidecar-profile-"))
     bench = Bench(workdir)
     try:
-        bench.start_upstream()
+        page = next((p for p in PAGES if p.key == args.page), None)
+        bench.start_upstream([page] if page else [])
         if args.target == "mitmdump":
             bench.add_mitmdump()
         else:
             if args.target == "sidecar-oauth":
                 bench.start_token_server()
-            bench.add_sidecar(args.target.removeprefix("sidecar-"))
+            source = args.baseline_src.resolve() if args.baseline_src else None
+            bench.add_sidecar(args.target.removeprefix("sidecar-"), source=source)
         bench.check_targets()
         target = bench.targets[0]
+        if page is not None:
+            target = page_target(target, page)
         assert target.proc is not None
         run_wrk(target, Scenario(True, 4), 1.0)
-        for scenario in (Scenario(True, args.concurrency), Scenario(False, args.concurrency)):
+        scenarios = [Scenario(True, args.concurrency), Scenario(False, args.concurrency)]
+        if page is not None:
+            scenarios = [Scenario(True, 4)]
+        for scenario in scenarios:
             stem = f"profile-{args.target}-{scenario.name.replace(' ', '-')}"
+            if page is not None:
+                stem += f"-{page.key}" + ("-before" if args.baseline_src else "")
             collapsed = workdir / f"{stem}.collapsed"
             base = [py_spy, "record", "--pid", str(target.proc.popen.pid), "--rate", "250",
                     "--duration", str(args.seconds), "--nonblocking"]

@@ -19,9 +19,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pages import Page
+from pages import body as page_body
 
 from sidecar.demo.pki import DemoPKI
 
@@ -29,6 +32,7 @@ VENV_BIN = Path(sys.executable).parent
 BENCH_DIR = Path(__file__).resolve().parent
 PATIENT_PATH = "/fhir/Patient/example"
 BIG_PATH = "/fhir/Binary/big"
+PAGES_PATH = "/fhir/pages/"
 BIG_BYTES = 100 * 1024 * 1024
 BASIC_USER, BASIC_PASSWORD = "bench-user", "bench-password"
 BASIC_AUTHORIZATION = "Basic " + base64.b64encode(
@@ -235,6 +239,7 @@ class Bench:
         self.server = self.pki.server(("localhost", "127.0.0.1"))
         self.upstream_port = free_port()
         self.base = f"https://127.0.0.1:{self.upstream_port}"
+        self.fhir_base = f"{self.base}/fhir"  # the FHIR base URL every proxy target uses
 
     # nginx needs a user to run workers as when started as root; the files are ours.
     def _nginx_user(self) -> str:
@@ -254,11 +259,15 @@ class Bench:
         _wait_port(port, proc)
         return proc
 
-    def start_upstream(self) -> None:
-        """nginx serving the fixed Patient (and a 100 MB Binary) over HTTPS."""
+    def start_upstream(self, pages: Sequence[Page] = ()) -> None:
+        """nginx serving the fixed Patient (and a 100 MB Binary) over HTTPS, and ``pages``
+        (searchset Bundles, bench/pages.py) under ``PAGES_PATH``."""
         docs = self.workdir / "docs"
         docs.mkdir(exist_ok=True)
         (docs / "patient.json").write_bytes(patient_json())
+        (docs / "pages").mkdir(exist_ok=True)
+        for page in pages:
+            (docs / "pages" / page.file_name).write_bytes(page_body(self.fhir_base, page))
         with (docs / "big.bin").open("wb") as big:
             big.truncate(BIG_BYTES)
         # The upstream refuses requests without the injected credential, so a target that
@@ -282,6 +291,9 @@ class Bench:
                                   alias {docs}/patient.json; }}
     location = {BIG_PATH} {{ if ($authorized = 0) {{ return 401; }}
                               default_type application/octet-stream; alias {docs}/big.bin; }}
+    location {PAGES_PATH} {{ if ($authorized = 0) {{ return 401; }}
+                             types {{ application/fhir+json json; application/fhir+xml xml; }}
+                             alias {docs}/pages/; }}
   }}"""
         self.upstream = self._start_nginx("upstream", block, self.upstream_port)
 
@@ -350,7 +362,8 @@ class Bench:
         with _opener(self.token_ssl).open(url, timeout=5) as answer:
             return int(json.load(answer)["issued"])
 
-    def add_sidecar(self, auth: str, source: Path | None = None) -> None:
+    def add_sidecar(self, auth: str, source: Path | None = None, rewrite_links: bool = True,
+                    key: str | None = None) -> None:
         """fhir-sidecar with ``auth`` (basic or oauth) credentials.
 
         ``source``: a directory holding another ``sidecar`` package (e.g. the code before a
@@ -369,7 +382,9 @@ class Bench:
         lines += ["connections:", "  upstream:", f"    url: {self.base}/fhir",
                   f"    listen: 127.0.0.1:{port}", f"    auth: {{{auth}: bench}}",
                   f"    tls: {{verify: custom, ca_bundle: {ca}}}"]
-        key = f"sidecar-{auth}" if source is None else "sidecar-before"
+        if not rewrite_links:
+            lines.append("    rewrite_links: false")
+        key = key or (f"sidecar-{auth}" if source is None else "sidecar-before")
         config = self.workdir / f"{key}.yaml"
         config.write_text("\n".join(lines) + "\n")
         run = ["run", "-c", str(config), "--state-dir", str(self.workdir / f"state-{key}")]

@@ -40,6 +40,8 @@ BodyKind = Literal["json", "xml"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FIRST_BYTE = re.compile(rb"\s*(\S)")
+# Up to this size a lowered copy is cheaper than looking for links in a body without them.
+_SMALL_BODY = 64 * 1024
 
 
 def app_base_url(scheme: str, host_header: str, base_path: str = "") -> str:
@@ -124,6 +126,8 @@ class LinkRewriter:
 
         Anything that is not well-formed enough to be sure of its structure is left alone.
         """
+        if len(content) <= _SMALL_BODY and self._host not in content.lower():
+            return content  # a small body never naming the upstream host (a resource read)
         kind = body_kind(content_type, content)
         if kind == "json":
             return self.json_body(content)

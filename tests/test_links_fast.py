@@ -132,8 +132,12 @@ def xml_dump(bundle: dict[str, Any], rnd: random.Random, prefix: str) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + comment() + body + comment()
 
 
-def reference(raw: bytes, kind: str) -> bytes:
-    """What the full scanner (the behaviour before the fast path) makes of ``raw``."""
+def reference(raw: bytes, kind: str, host_check: bool = True) -> bytes:
+    """What the full scanner (the behaviour before the fast path) makes of ``raw``: like
+    before, a body that does not name the upstream host as written is left alone (only a
+    body over 64 KB now skips that check, and may then rewrite a host spelled with escapes)."""
+    if host_check and LINKS._host not in raw.lower():
+        return raw
     if kind == "json":
         spans = _json_bundle_link_urls(raw) or []
         return LINKS._splice(raw, spans, LINKS._json_string)

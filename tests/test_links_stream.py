@@ -54,7 +54,7 @@ cuts = st.lists(st.integers(0, 4000), max_size=12)
 def test_streamed_json_equals_the_full_scan(bundle: dict[str, Any], seed: int,
                                             cut: list[int]) -> None:
     raw = JsonWriter(random.Random(seed)).dump(_flat(bundle)).encode()
-    assert _stream(raw, "json", cut) == reference(raw, "json")
+    assert _stream(raw, "json", cut) == reference(raw, "json", host_check=False)
 
 
 @SETTINGS
@@ -62,7 +62,7 @@ def test_streamed_json_equals_the_full_scan(bundle: dict[str, Any], seed: int,
 def test_streamed_xml_equals_the_full_scan(bundle: dict[str, Any], seed: int, cut: list[int],
                                            prefix: str) -> None:
     raw = xml_dump(_flat(bundle), random.Random(seed), prefix).encode()
-    assert _stream(raw, "xml", cut) == reference(raw, "xml")
+    assert _stream(raw, "xml", cut) == reference(raw, "xml", host_check=False)
 
 
 @SETTINGS
@@ -74,7 +74,7 @@ def test_coded_streams_are_decoded_rewritten_and_reencoded(
     out = _stream(coded, "json", [c // 4 for c in cut], coding)
     decoded = {"gzip": gzip.decompress, "deflate": zlib.decompress,
                "br": brotli.decompress}[coding](out)
-    assert decoded == reference(raw, "json")
+    assert decoded == reference(raw, "json", host_check=False)
 
 
 def test_raw_deflate_is_understood_too() -> None:

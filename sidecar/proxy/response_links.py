@@ -68,6 +68,8 @@ def stream_body(flow: http.HTTPFlow, state: FlowState) -> None:
     response = flow.response
     assert response is not None
     counted = response.stream is True
+    if not counted and "content-length" in response.headers:
+        return  # sized and small enough for mitmproxy to buffer: the usual response
     links = state.links
     kind = _streamable_kind(flow, response) if links is not None else None
     if links is not None and kind is not None:
@@ -77,7 +79,7 @@ def stream_body(flow: http.HTTPFlow, state: FlowState) -> None:
             response.stream = byte_counter(state, "bytes_out", _callable(rewriter))
             return
         threshold = _threshold()
-        if "content-length" not in response.headers and threshold is not None:
+        if threshold is not None:  # chunked (or close-delimited): no size yet
             response.stream = byte_counter(
                 state, "bytes_out", _CollectThenStream(links, kind, response, threshold))
             return
