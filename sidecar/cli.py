@@ -1,4 +1,4 @@
-"""The ``fhir-sidecar`` command: run, check, demo."""
+"""The ``fhir-sidecar`` command: run, check, jwks, demo."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--no-files", action="store_true",
                        help="check the config's shape only: read no secret, key or CA bundle "
                             "file and no environment variable (for CI without the secrets)")
+
+    jwks = sub.add_parser("jwks", help="print the public signing keys (JWK Set) that "
+                                       "/.well-known/jwks.json serves")
+    config_arg(jwks)
 
     demo = sub.add_parser("demo", help="run a self-contained demo on loopback")
     demo.add_argument("--once", action="store_true", help="exit after the sample calls")
@@ -119,6 +123,24 @@ def _check_shape(path: Path, online: bool) -> int:
     return EXIT_OK
 
 
+def cmd_jwks(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    import json
+
+    from sidecar.credentials.jwks import key_set
+    from sidecar.live import load_snapshot
+
+    path = _config_path(args, settings)
+    if path is None:
+        return EXIT_INVALID
+    try:
+        snapshot = load_snapshot(path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_INVALID
+    print(json.dumps(key_set(snapshot.signing_keys), indent=2))
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     from sidecar.runner import serve
 
@@ -152,7 +174,8 @@ def cmd_demo(args: argparse.Namespace, settings: RuntimeSettings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = RuntimeSettings()
-    commands = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    commands = {"run": cmd_run, "check": cmd_check, "jwks": cmd_jwks,
+                "demo": cmd_demo}
     return commands[args.command](args, settings)
 
 

@@ -265,6 +265,11 @@ class SidecarMetrics:
                                         "When the connection's TLS client certificate expires "
                                         "(epoch seconds; connections with client_cert only).",
                                         ["connection"], registry=r)
+        self.signing_key_created = Gauge(
+            f"{PREFIX}_signing_key_created_timestamp_seconds",
+            "When each published private_key_jwt signing key was created (epoch seconds; the "
+            "key file's modification time), by definition, kid and slot.",
+            ["definition", "kid", "slot"], registry=r)
         self.reloads = Counter(f"{PREFIX}_config_reloads", "Config reloads, by result.",
                                ["result"], registry=r)
         self.last_reload_success = Gauge(
@@ -279,6 +284,7 @@ class SidecarMetrics:
         self._ca_connections: set[str] = set()
         self._client_cert_connections: set[str] = set()
         self._token_definitions: set[str] = set()
+        self._signing_keys: set[tuple[str, str, str]] = set()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -346,12 +352,23 @@ class SidecarMetrics:
         for gone in self._client_cert_connections - with_client_cert:
             self.client_cert_expiry.remove(gone)
         self._client_cert_connections = with_client_cert
+        self._signing_keys_loaded(snapshot)
         definitions = set(snapshot.token_sources)
         for gone in self._token_definitions - definitions:
             with contextlib.suppress(KeyError):  # KeyError: no token was ever fetched for it
                 self.token_expiry_at.remove(gone)
         self._token_definitions = definitions
         self.board.keep_only(snapshot.connections, definitions)
+
+    def _signing_keys_loaded(self, snapshot: Snapshot) -> None:
+        labels: set[tuple[str, str, str]] = set()
+        for key in snapshot.signing_keys:
+            label = (key.definition, key.kid, key.slot)
+            self.signing_key_created.labels(*label).set(key.created)
+            labels.add(label)
+        for gone in self._signing_keys - labels:
+            self.signing_key_created.remove(*gone)
+        self._signing_keys = labels
 
     def attach(self, live: LiveConfig) -> None:
         """Follow ``live``: count its reloads and refresh from every new snapshot."""

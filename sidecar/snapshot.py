@@ -22,6 +22,7 @@ from sidecar.tls.material import TlsMaterialError
 from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy
 
 if TYPE_CHECKING:
+    from sidecar.credentials.jwks import PublishedKey
     from sidecar.credentials.oauth import TokenObserver, TokenSource
 
 _generations = itertools.count(1)
@@ -58,6 +59,8 @@ class Snapshot:
     token_sources: Mapping[str, TokenSource]
     router: Router
     warnings: tuple[str, ...] = ()
+    # The public keys of every private_key_jwt definition, served as the JWK Set.
+    signing_keys: tuple[PublishedKey, ...] = ()
     generation: int = field(default_factory=lambda: next(_generations))
     # Looked up on every request to a per-connection listener.
     _by_listen_port: dict[int, CompiledConnection] = field(init=False, repr=False, compare=False)
@@ -118,6 +121,7 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
 
     token_sources = _compile_token_sources(config, previous, problems, warnings,
                                            token_observer)
+    signing_keys = _compile_signing_keys(config, problems, warnings)
 
     connections: dict[str, CompiledConnection] = {}
     for name, settings in config.connections.items():
@@ -141,7 +145,29 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
         raise ConfigError(problems.items)
     router = Router((name, conn.upstream) for name, conn in connections.items())
     return Snapshot(source=file, config=config, connections=connections,
-                    token_sources=token_sources, router=router, warnings=tuple(warnings))
+                    token_sources=token_sources, router=router, warnings=tuple(warnings),
+                    signing_keys=signing_keys)
+
+
+def _compile_signing_keys(config: SidecarConfig, problems: _Problems, warnings: list[str]
+                          ) -> tuple[PublishedKey, ...]:
+    from sidecar.credentials.jwks import published_keys
+
+    keys, found = published_keys(config)
+    reported = {p.path for p in problems.items}
+    for path, message in found:
+        definition_path = path.rpartition(".")[0]
+        # The current key's problems were already reported when its token source was built.
+        if path.endswith(".private_key_file") and (path in reported
+                                                   or definition_path in reported):
+            continue
+        problems.add(path, message)
+    for name, definition in config.oauth.items():
+        if definition.key_id is not None and definition.next_private_key_file is not None:
+            warnings.append(f"{problems.file}: oauth.{name}.key_id: names the current key only; "
+                            "the next key is published under its RFC 7638 thumbprint, so remove "
+                            "key_id when it is promoted, or servers will not find its kid")
+    return keys
 
 
 def _secret_field(file: Path | None, stem: str) -> str:

@@ -34,7 +34,8 @@ def referenced_files(config: SidecarConfig) -> set[Path]:
 
 
 def _oauth_files(oauth: OAuthDefinition) -> set[Path | None]:
-    return {oauth.client_secret_file, oauth.private_key_file} | _tls_files(oauth.tls)
+    return {oauth.client_secret_file, oauth.private_key_file, oauth.next_private_key_file,
+            oauth.previous_private_key_file} | _tls_files(oauth.tls)
 
 
 def _tls_files(tls: TlsSettings) -> set[Path | None]:

@@ -19,6 +19,7 @@ from tornado.netutil import bind_sockets
 from sidecar.admin.readiness import StatusSources, is_ready, readiness_report
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import split_listen
+from sidecar.credentials.jwks import JWKS_CACHE_SECONDS, key_set
 from sidecar.logs import log_event
 from sidecar.snapshot import Snapshot
 
@@ -62,6 +63,16 @@ class MetricsHandler(_AdminHandler):
         self.finish(encoder(self.sources.metrics.registry))
 
 
+class JwksHandler(_AdminHandler):
+    """The public signing keys; open like /healthz, since vendors fetch it without credentials."""
+
+    def get(self) -> None:
+        # Servers cache the set; a next key is published ahead so that caching never hurts.
+        self.set_header("Cache-Control", f"max-age={JWKS_CACHE_SECONDS}")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(key_set(self.sources.live.current.signing_keys)) + "\n")
+
+
 def _no_access_log(handler: tornado.web.RequestHandler) -> None:
     # Probes every few seconds would drown the request log; tornado's default would also print
     # query strings to stderr.
@@ -76,6 +87,7 @@ def build_app(sources: StatusSources,
         (r"/healthz", HealthHandler, args),
         (r"/readyz", ReadyHandler, args),
         (r"/metrics", MetricsHandler, args),
+        (r"/\.well-known/jwks\.json", JwksHandler, args),
         *(extra_handlers or []),
     ]
     return tornado.web.Application(handlers, log_function=_no_access_log)

@@ -155,6 +155,10 @@ class OAuthDefinition(_Model):
     client_secret_env: str | None = None
     client_secret: str | None = Field(default=None, repr=False)
     private_key_file: ConfigPath | None = None
+    # Published in the JWK Set, never used to sign: the next key ahead of a rotation, the
+    # previous one after it (docs in README "Publishing your public keys and rotating them").
+    next_private_key_file: ConfigPath | None = None
+    previous_private_key_file: ConfigPath | None = None
     key_id: str | None = None
     signing_alg: Literal["RS384", "ES384"] = "RS384"
     scopes: list[str] = Field(default_factory=list)
@@ -183,9 +187,11 @@ class OAuthDefinition(_Model):
                 raise ValueError(f"client_auth: private_key_jwt does not use {given[0]}")
         else:
             _exactly_one(self, secret_fields, "client secret")
-            if self.private_key_file is not None:
-                raise ValueError(f"private_key_file is only used with private_key_jwt, "
-                                 f"not {self.client_auth}")
+            for key_field in ("private_key_file", "next_private_key_file",
+                              "previous_private_key_file"):
+                if getattr(self, key_field) is not None:
+                    raise ValueError(f"{key_field} is only used with private_key_jwt, "
+                                     f"not {self.client_auth}")
         return self
 
 

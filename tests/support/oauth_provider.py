@@ -18,6 +18,7 @@ import signal
 import ssl
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,10 @@ class OAuthTestProvider:
     # --- starting and stopping ---------------------------------------------------------
 
     @classmethod
-    def start(cls, workdir: Path, *, ttl_seconds: int = 300) -> OAuthTestProvider:
+    def start(cls, workdir: Path, *, ttl_seconds: int = 300,
+              extra_clients: Sequence[dict[str, Any]] = ()) -> OAuthTestProvider:
+        """Start the server; ``extra_clients`` are registered as given, besides the usual ones
+        (for a client whose ``jwks_uri`` is known only when a test starts)."""
         node = shutil.which("node")
         if node is None:
             raise ProviderNotReady("node is not on PATH; the OAuth tests need Node.js 20")
@@ -102,7 +106,7 @@ class OAuthTestProvider:
             "default_resource": DEFAULT_RESOURCE,
             "resources": [DEFAULT_RESOURCE, OTHER_RESOURCE],
             "signing_jwk": _private_jwk(_rsa_key(), kid="provider-signing-1", alg="RS256"),
-            "clients": client_metadata,
+            "clients": [*client_metadata, *extra_clients],
         }
         config_file = workdir / "oauth-provider.json"
         config_file.touch(mode=0o600)
