@@ -326,3 +326,25 @@ def _rotate_and_check(sidecar: SidecarProcess, provider: OAuthTestProvider,
     third = token_requests()[len(first) + len(second):]
     assert third and all(r["status"] == 401 for r in third)
     assert assertion_kid(third[0]) == thumbprint(keys["c"])
+
+
+def test_admin_api_shows_kids_and_slots_read_only(published: PublishedSetup) -> None:
+    s = published
+    view = s.admin("/api/oauth/epic").json()
+    assert view["signing_keys"] == [
+        {"slot": slot, "kid": thumbprint(s.epic[slot]), "alg": alg}
+        for slot, alg in (("current", "RS384"), ("next", "ES384"), ("previous", "RS384"))]
+    assert s.admin("/api/oauth/secret").json()["signing_keys"] == []
+
+
+def test_check_warns_that_key_id_names_the_current_key_only(tmp_path: Path) -> None:
+    write_key(tmp_path / "current.pem")
+    write_key(tmp_path / "next.pem")
+    config = write_config(tmp_path, {"oauth": {"epic": {
+        "token_url": "https://127.0.0.1:9/token", "client_id": "epic-app",
+        "client_auth": "private_key_jwt", "private_key_file": "current.pem", "key_id": "k1",
+        "next_private_key_file": "next.pem"}}})
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {config}: oauth.epic.key_id: names the current key only" in result.stderr

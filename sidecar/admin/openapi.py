@@ -159,6 +159,12 @@ def _schemas() -> dict[str, Any]:
             "client_secret": used_state, "client_secret_env": _nullable({"type": "string"}),
             "private_key": used_state, "key_id": _nullable({"type": "string"}),
             "signing_alg": {"type": "string"},
+            "signing_keys": {
+                "type": "array", "description": "The published public keys of a "
+                "private_key_jwt definition (read-only; served in /.well-known/jwks.json)",
+                "items": {"type": "object", "required": ["slot", "kid", "alg"], "properties": {
+                    "slot": {"type": "string", "enum": ["current", "next", "previous"]},
+                    "kid": {"type": "string"}, "alg": {"type": "string"}}}},
             "scopes": {"type": "array", "items": {"type": "string"}},
             "audience": _nullable({"type": "string"}),
             "resource": _nullable({"type": "string"}),

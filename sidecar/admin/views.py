@@ -89,6 +89,9 @@ class Views:
             else "not used",
             "key_id": d.key_id,
             "signing_alg": d.signing_alg,
+            "signing_keys": [{"slot": k.slot, "kid": k.kid, "alg": k.alg}
+                             for k in self.sources.live.current.signing_keys
+                             if k.definition == name],
             "scopes": list(d.scopes),
             "audience": d.audience,
             "resource": d.resource,

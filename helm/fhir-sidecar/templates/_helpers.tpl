@@ -217,7 +217,7 @@ file contract (admin token, passwords, client secrets, keys, TLS files).
 {{- end -}}
 {{- end -}}
 {{- range $name, $def := .oauth -}}
-{{- range $key := list "client_secret_file" "private_key_file" -}}
+{{- range $key := list "client_secret_file" "private_key_file" "next_private_key_file" "previous_private_key_file" -}}
 {{- with get $def $key -}}
 {{- $refs = append $refs (dict "field" (printf "config.oauth.%s.%s" $name $key) "path" .) -}}
 {{- end -}}
