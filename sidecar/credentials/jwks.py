@@ -12,14 +12,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from sidecar.config.models import OAuthDefinition, SidecarConfig
-from sidecar.credentials.client_auth import OAuthSetupError, SigningAlg, load_signing_key
 from sidecar.secrets import SecretError, read_secret_file
+
+if TYPE_CHECKING:
+    from sidecar.credentials.client_auth import SigningAlg
 
 Slot = Literal["current", "next", "previous"]
 SLOT_FIELDS: tuple[tuple[Slot, str], ...] = (
@@ -49,6 +51,8 @@ class PublishedKey:
 def public_key(definition: str, slot: Slot, private_key_pem: bytes, alg: SigningAlg,
                key_id: str | None, created: float) -> PublishedKey:
     """The public part of one private key; ``kid`` is ``key_id`` or the RFC 7638 thumbprint."""
+    from sidecar.credentials.client_auth import load_signing_key
+
     key = load_signing_key(private_key_pem, alg)
     full = key.as_dict(private=False)
     members = tuple((name, str(full[name])) for name in _PUBLIC_MEMBERS[str(full["kty"])])
@@ -57,6 +61,8 @@ def public_key(definition: str, slot: Slot, private_key_pem: bytes, alg: Signing
 
 def alg_for_key(private_key_pem: bytes) -> SigningAlg:
     """The signing algorithm a key of this type is published for (RS384 or ES384)."""
+    from sidecar.credentials.client_auth import OAuthSetupError
+
     try:
         key = load_pem_private_key(private_key_pem, password=None)
     except (ValueError, TypeError):
@@ -77,6 +83,9 @@ def definition_keys(name: str, definition: OAuthDefinition
     problems: list[tuple[str, str]] = []
     if definition.client_auth != "private_key_jwt":
         return keys, problems
+    # Imported here: a sidecar without private_key_jwt never loads the OAuth client stack.
+    from sidecar.credentials.client_auth import OAuthSetupError
+
     for slot, field_name in SLOT_FIELDS:
         path: Path | None = getattr(definition, field_name)
         if path is None:
