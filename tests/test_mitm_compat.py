@@ -4,11 +4,14 @@ the OpenSSL bindings of sidecar/tls/openssl_bindings.py are covered by tests/tes
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from typing import Any
 
 from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.server import ConnectionHandler
+from mitmproxy.test import tflow
 
 from sidecar.proxy import mitm_compat
 
@@ -225,3 +228,77 @@ def test_connection_handler_activity_and_transport_shape() -> None:
     assert isinstance(watchdog.last_activity, float)
     # close_client aborts through the client's StreamWriter.
     assert {"handler", "reader", "writer"} <= set(server.ConnectionIO.__dataclass_fields__)
+
+
+def test_upstream_connection_reuse_shape() -> None:
+    from mitmproxy.proxy.layers import http as http_layers
+
+    original = inspect.unwrap(http_layers.HttpLayer.get_connection)
+    assert list(inspect.signature(original).parameters) == ["self", "event", "reuse"]
+    source = inspect.getsource(original)
+    # Both places that may hand out an existing connection ask the command whether it fits,
+    # and a new connection is registered in ``self.connections``.
+    assert "event.connection_spec_matches(connection)" in source
+    assert "event.connection_spec_matches(self.context.server)" in source
+    assert "self.connections[context.server]" in source
+    assert "self.command_sources.pop(event)" in source
+    assert "flow" in http_layers.HttpStream.__annotations__
+    assert "connection_spec_matches" in vars(http_layers.GetHttpConnection)
+    assert "__slots__" not in vars(http_layers.GetHttpConnection)
+
+
+class _Stream:
+    """Stands in for mitmproxy's HttpStream: the flow, and the replies it is given."""
+
+    def __init__(self, flow: http.HTTPFlow) -> None:
+        self.flow = flow
+        self.replies: list[object] = []
+
+    def handle_event(self, event: object) -> Iterator[object]:
+        self.replies.append(event)
+        return iter(())
+
+
+def _ask_for_connection(layer: Any, owner: object) -> tuple[_Stream, Any]:
+    from mitmproxy.proxy.layers import http as http_layers
+
+    flow = tflow.tflow()
+    flow.metadata["owner"] = owner
+    stream = _Stream(flow)
+    command = http_layers.GetHttpConnection(("upstream.example", 443), True, None)
+    layer.command_sources[command] = stream
+    list(layer.get_connection(command))
+    return stream, command
+
+
+def test_upstream_connections_are_reused_only_by_the_owner_that_opened_them() -> None:
+    from mitmproxy import connection, options
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.proxy.layers import http as http_layers
+
+    mitm_compat.bind_upstream_connections(lambda flow: flow.metadata.get("owner"))
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2),
+                               timestamp_start=0)
+    layer = http_layers.HttpLayer(Context(client, options.Options()),
+                                  http_layers.HTTPMode.regular)
+    first, second = object(), object()
+
+    _ask_for_connection(layer, first)
+    opened = [c for c in layer.connections if isinstance(c, connection.Server)]
+    assert len(opened) == 1 and mitm_compat.opened_for(opened[0]) is first
+    server = opened[0]
+    layer.waiting_for_establishment.pop(server)
+    server.state = connection.ConnectionState.OPEN  # as if connected
+
+    stream, _ = _ask_for_connection(layer, first)  # same owner: reused at once
+    assert [type(r).__name__ for r in stream.replies] == ["GetHttpConnectionCompleted"]
+    assert stream.replies[0].reply == (server, None)  # type: ignore[attr-defined]
+
+    stream, _ = _ask_for_connection(layer, second)  # another owner: a connection of its own
+    assert stream.replies == []
+    servers = [c for c in layer.connections if isinstance(c, connection.Server)]
+    assert len(servers) == 2 and mitm_compat.opened_for(servers[1]) is second
+
+    stream, _ = _ask_for_connection(layer, None)  # no owner: never reuses
+    assert stream.replies == []
+    assert len([c for c in layer.connections if isinstance(c, connection.Server)]) == 3

@@ -38,6 +38,7 @@ from sidecar.proxy.flow_state import (
     byte_counter,
     new_request_id,
     request_id_from,
+    upstream_owner,
 )
 from sidecar.proxy.limits import ClientLimits, UpstreamReadTimeout
 from sidecar.proxy.response_links import rewrite_link_headers, rewrite_links, stream_body
@@ -56,10 +57,13 @@ class FhirSidecar:
         mitm_compat.install_tls_close_fix()
         mitm_compat.install_error_pages(self._protocol_error_page)
         mitm_compat.drop_http1_trailers()
+        # An upstream connection carries only requests of the compiled connection (TLS
+        # policy, client certificate, credentials, snapshot) that opened it.
+        mitm_compat.bind_upstream_connections(upstream_owner)
         self.live = live
         self.observer: ProxyObserver = observer or NullObserver()
         # Its own addon, added right after this one (and before mitmproxy's TlsConfig).
-        self.upstream_tls = UpstreamTls(lambda: self.live.current if self.live else None)
+        self.upstream_tls = UpstreamTls()
         # Companion addons, added after this one: see limits.py.
         self.client_limits = ClientLimits(lambda: self.live.current if self.live else None)
         self.read_timeout = UpstreamReadTimeout()
@@ -200,7 +204,6 @@ class FhirSidecar:
         request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
         request.path = upstream_path
         request.host_header = upstream.host_header
-        self.upstream_tls.routed(flow.client_conn, conn)
         if request.stream is True:
             request.stream = byte_counter(state, "bytes_in")
 
@@ -308,7 +311,8 @@ class FhirSidecar:
         state.timed_out = True
         assert state.connection is not None
         upstream = state.connection.upstream
-        mitm_compat.close_upstream(flow.client_conn, (upstream.host, upstream.port))
+        mitm_compat.close_upstream(flow.client_conn, (upstream.host, upstream.port),
+                                   state.connection)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(FLOW_KEY)

@@ -57,6 +57,17 @@ def state_of(flow: http.HTTPFlow) -> FlowState | None:
     return state if isinstance(state, FlowState) else None
 
 
+def upstream_owner(flow: http.HTTPFlow) -> CompiledConnection | None:
+    """What an upstream connection carrying ``flow`` must have been opened for.
+
+    A compiled connection stands for one snapshot's TLS policy, client certificate and
+    credentials of one named connection: a reload compiles new ones, so requests after a
+    reload never ride an upstream connection opened under the old TLS or credentials.
+    """
+    state = state_of(flow)
+    return state.connection if state is not None else None
+
+
 def byte_counter(state: FlowState, attr: str,
                  inner: Callable[[bytes], bytes] | None = None
                  ) -> Callable[[bytes], bytes | list[bytes]]:

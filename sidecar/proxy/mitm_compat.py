@@ -13,6 +13,7 @@ import re
 import socket
 import struct
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from mitmproxy import connection, ctx, exceptions, flow, hooks, http
 from mitmproxy.addonmanager import AddonManager, safecall
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import HttpEvent, ResponseProtocolError, _http1
 from OpenSSL import SSL
@@ -88,8 +90,9 @@ def replace_error_page(flow: http.HTTPFlow, response: http.Response) -> None:
         _pending.popitem(last=False)
 
 
-def close_upstream(client: connection.Client, address: tuple[str, int]) -> bool:
-    """Close (or abort connecting) the client's server connections to ``address``.
+def close_upstream(client: connection.Client, address: tuple[str, int], owner: object) -> bool:
+    """Close (or abort connecting) the client's server connections to ``address`` that
+    ``owner`` opened (see :func:`bind_upstream_connections`).
 
     mitmproxy has no per-request upstream timeout; closing the server connection makes the
     pending request fail through the normal error path. Returns whether one was found.
@@ -100,10 +103,64 @@ def close_upstream(client: connection.Client, address: tuple[str, int]) -> bool:
         return False
     found = False
     for conn in list(handler.transports):
-        if isinstance(conn, connection.Server) and conn.address == address:
+        if (isinstance(conn, connection.Server) and conn.address == address
+                and _opened_by.get(conn) is owner):
             handler.close_connection(conn)
             found = True
     return found
+
+
+# Who each upstream (server) connection was opened for; see bind_upstream_connections.
+_opened_by: weakref.WeakKeyDictionary[connection.Server, object] = weakref.WeakKeyDictionary()
+_owner_of: Callable[[http.HTTPFlow], object | None] | None = None
+
+
+def bind_upstream_connections(owner_of: Callable[[http.HTTPFlow], object | None]) -> None:
+    """Reuse an upstream connection only for requests of the owner it was opened for.
+
+    Within one client connection mitmproxy reuses any open server connection to the same
+    address (``HttpLayer.get_connection`` → ``GetHttpConnection.connection_spec_matches``),
+    whatever the TLS it was opened with and whoever's credentials it carried. Here each new
+    server connection is tagged with ``owner_of(flow)`` of the request that opened it, and a
+    request reuses a connection only when its own owner is the same object (``is``). A
+    request whose owner is ``None`` never reuses one. :func:`opened_for` reads the tag.
+    """
+    global _owner_of
+    _owner_of = owner_of
+    if getattr(http_layers.HttpLayer.get_connection, "_sidecar_bound", False):
+        return
+    original = http_layers.HttpLayer.get_connection
+
+    def get_connection(self: http_layers.HttpLayer, event: http_layers.GetHttpConnection, *,
+                       reuse: bool = True) -> Generator[commands.Command, object, None]:
+        stream = self.command_sources.get(event)
+        flow_ = getattr(stream, "flow", None)
+        owner = _owner_of(flow_) if _owner_of is not None and flow_ is not None else None
+        spec_matches = event.connection_spec_matches
+
+        def owned_and_matching(conn: connection.Connection) -> bool:
+            return (owner is not None and isinstance(conn, connection.Server)
+                    and _opened_by.get(conn) is owner and spec_matches(conn))
+
+        # An instance attribute shadows the method for this one command: both the reuse scan
+        # and the check of the layer's initial server connection go through it.
+        event.connection_spec_matches = owned_and_matching  # type: ignore[method-assign,assignment]
+        before = set(self.connections)
+        yield from original(self, event, reuse=reuse)
+        # mitmproxy opens the new connection in a task, so the tag is in place before its
+        # TLS hook (tls_start_server) can run; an untagged connection gets no TLS policy.
+        for conn in self.connections.keys() - before:
+            if isinstance(conn, connection.Server):
+                _opened_by[conn] = owner
+
+    get_connection._sidecar_bound = True  # type: ignore[attr-defined]
+    get_connection.__wrapped__ = original  # type: ignore[attr-defined]
+    http_layers.HttpLayer.get_connection = get_connection  # type: ignore[method-assign]
+
+
+def opened_for(server: connection.Server) -> object | None:
+    """The owner the upstream connection ``server`` was opened for, if any."""
+    return _opened_by.get(server)
 
 
 def skip_message_type_checks() -> bool:

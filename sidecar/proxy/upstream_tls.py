@@ -2,41 +2,36 @@
 
 mitmproxy's global options cannot express per-connection verification, so this addon builds
 every upstream TLS connection itself (``tls_start_server``) from the compiled policy of the
-connection the client's request was routed to (``sidecar.tls.policy``). It also remembers TLS
-sessions for resumption and why a handshake failed, for the error answer.
+connection the server connection was opened for (``sidecar.tls.policy``). Each upstream
+connection belongs to the one compiled connection whose request opened it, and only that
+connection's requests reuse it (``mitm_compat.bind_upstream_connections``), so the handshake's
+policy holds for every request it carries. It also remembers TLS sessions for resumption and
+why a handshake failed, for the error answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
-from sidecar.proxy import failures
-from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.proxy import failures, mitm_compat
+from sidecar.snapshot import CompiledConnection
 from sidecar.tls.policy import UpstreamTlsPolicy, retire_connection
 
 HTTP1_ALPN = [b"http/1.1"]
 
 
 class UpstreamTls:
-    def __init__(self, current_snapshot: Callable[[], Snapshot | None]):
-        self._current_snapshot = current_snapshot
-        # The connection a client's latest request was routed to: this hook sees connections,
-        # not requests.
-        self._routed: dict[str, CompiledConnection] = {}
+    def __init__(self) -> None:
         # Why a client's latest upstream handshake failed.
         self._failures: dict[str, failures.TlsFailure] = {}
         # Open upstream TLS connections by server connection id. A session is remembered at
         # the connection's first response (TLS 1.3 tickets arrive after the handshake) and
         # kept resumable when the connection closes.
         self._open: dict[str, _UpstreamConnection] = {}
-
-    def routed(self, client: connection.Client, conn: CompiledConnection) -> None:
-        self._routed[client.id] = conn
 
     def pop_failure(self, client: connection.Client, server: connection.Server
                     ) -> failures.TlsFailure | None:
@@ -51,13 +46,10 @@ class UpstreamTls:
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn
         assert isinstance(server, connection.Server) and server.address is not None
-        conn = self._routed.get(tls_start.context.client.id)
-        snapshot = self._current_snapshot()
-        if conn is None and snapshot is not None:
-            # Connected before any request was routed (an eager connection strategy).
-            conn = snapshot.by_upstream_address(*server.address)
-        if conn is None or conn.tls is None:
-            # Not one of our upstreams: refuse rather than fall back to mitmproxy's defaults.
+        conn = mitm_compat.opened_for(server)
+        if not isinstance(conn, CompiledConnection) or conn.tls is None:
+            # Not opened for one of our upstreams: refuse rather than fall back to
+            # mitmproxy's defaults.
             raise ValueError("fhir-sidecar: no TLS policy for this upstream")
         policy = conn.tls
         host, port = server.address
@@ -69,9 +61,8 @@ class UpstreamTls:
         self._open[server.id] = _UpstreamConnection(policy, tls_start.ssl_conn, host, port)
 
     def tls_failed_server(self, tls_start: tls.TlsData) -> None:
-        client_id = tls_start.context.client.id
-        if client_id in self._routed and tls_start.ssl_conn is not None:
-            self._failures[client_id] = failures.TlsFailure.from_conn(
+        if tls_start.ssl_conn is not None:
+            self._failures[tls_start.context.client.id] = failures.TlsFailure.from_conn(
                 tls_start.ssl_conn, tls_start.conn.error or "")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -86,7 +77,6 @@ class UpstreamTls:
             retire_connection(upstream.ssl_conn)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self._routed.pop(client.id, None)
         self._failures.pop(client.id, None)
 
 

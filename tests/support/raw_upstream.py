@@ -1,4 +1,5 @@
-"""A hostile-minded TLS upstream for security tests: it records the raw bytes it received.
+"""A hostile-minded TLS (or plain HTTP) upstream for security tests: it records the raw bytes
+it received.
 
 The FHIR test server parses what arrives, so a smuggled second request or a header split by a
 bare CR could look harmless there. This server keeps every byte of every connection exactly as
@@ -38,14 +39,16 @@ class RawConnection:
 class RawRecordingUpstream:
     """``with RawRecordingUpstream(identity) as up:`` then ``up.port``, ``up.all_bytes()``."""
 
-    def __init__(self, identity: ServerIdentity, *,
-                 body: bytes = b'{"resourceType":"Patient","id":"raw"}') -> None:
-        self._tls = server_tls_context(identity, None)
+    def __init__(self, identity: ServerIdentity | None, *,
+                 body: bytes = b'{"resourceType":"Patient","id":"raw"}',
+                 host: str = LOOPBACK) -> None:
+        # No identity: a plain-HTTP upstream (for http:// connection URLs).
+        self._tls = server_tls_context(identity, None) if identity is not None else None
         self._body = body
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.connections: list[RawConnection] = []
-        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener = socket.create_server((host, 0))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
         self._stopping = threading.Event()
@@ -96,7 +99,8 @@ class RawRecordingUpstream:
     def _serve(self, raw: socket.socket, record: RawConnection) -> None:
         raw.settimeout(_READ_TIMEOUT_SECONDS)
         try:
-            with self._tls.wrap_socket(raw, server_side=True) as sock:
+            wrapped = self._tls.wrap_socket(raw, server_side=True) if self._tls else raw
+            with wrapped as sock:
                 pending = b""
                 while not self._stopping.is_set():
                     chunk = sock.recv(65536)
@@ -109,7 +113,7 @@ class RawRecordingUpstream:
         except (OSError, ssl.SSLError):
             return
 
-    def _answer_complete(self, sock: ssl.SSLSocket, record: RawConnection, pending: bytes
+    def _answer_complete(self, sock: socket.socket, record: RawConnection, pending: bytes
                          ) -> bytes:
         while b"\r\n\r\n" in pending:
             head, rest = pending.split(b"\r\n\r\n", 1)
