@@ -9,6 +9,7 @@ one client connection alive across its requests and asserts what reached a raw u
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,9 @@ def _start(tmp: Path, config: dict[str, Any]) -> SidecarProcess:
 
 def _reload(sidecar: SidecarProcess, tmp: Path, config: dict[str, Any]) -> None:
     before = len(sidecar.events("config_reloaded"))
-    write_config(tmp, {"admin": {"listen": None}, **config})
+    # Replaced in one rename: the file watcher must never read a half-written config.
+    staged = write_config(tmp, {"admin": {"listen": None}, **config}, name="staged.yaml")
+    os.replace(staged, tmp / "sidecar.yaml")
     sidecar.signal(signal.SIGHUP)
     wait_until(lambda: len(sidecar.events("config_reloaded")) > before, RELOAD_DEADLINE,
                message="the reload")
