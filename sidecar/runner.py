@@ -14,7 +14,7 @@ from typing import Any
 from sidecar.admin import ListenerState, StatusSources, start_admin
 from sidecar.admin.console import mount_console
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import split_listen
+from sidecar.config.models import Listener
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event
 from sidecar.metrics import SidecarMetrics
@@ -28,16 +28,9 @@ from sidecar.watch import FileWatcher
 BIND_DEADLINE_SECONDS = 10.0
 
 
-def listen_addresses(snapshot: Snapshot) -> list[tuple[str, tuple[str, int]]]:
-    """Every (field path, address) the sidecar binds for ``snapshot``."""
-    config = snapshot.config
-    found = []
-    if config.proxy.listen:
-        found.append(("proxy.listen", split_listen(config.proxy.listen)))
-    for name, conn in config.connections.items():
-        if conn.listen:
-            found.append((f"connections.{name}.listen", split_listen(conn.listen)))
-    return found
+def proxy_listeners(snapshot: Snapshot) -> list[Listener]:
+    """The listeners mitmproxy binds for ``snapshot`` (all but the admin listener)."""
+    return [listener for listener in snapshot.config.listeners() if listener.kind != "admin"]
 
 
 def check_ports_free(snapshot: Snapshot, already_bound: Snapshot | None = None) -> None:
@@ -46,10 +39,12 @@ def check_ports_free(snapshot: Snapshot, already_bound: Snapshot | None = None) 
     ``already_bound``: the running snapshot, whose own addresses are not checked again.
     """
     problems = []
-    ours = {addr for _, addr in listen_addresses(already_bound)} if already_bound else set()
-    for path, (host, port) in listen_addresses(snapshot):
-        if (host, port) in ours:
+    ours = {listener.address for listener in proxy_listeners(already_bound)
+            } if already_bound else set()
+    for listener in proxy_listeners(snapshot):
+        if listener.address in ours:
             continue
+        host, port, path = listener.address.host, listener.address.port, listener.path
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -63,17 +58,25 @@ def check_ports_free(snapshot: Snapshot, already_bound: Snapshot | None = None) 
         raise ConfigError(problems)
 
 
-def unbound(snapshot: Snapshot, proxyserver: Any) -> list[tuple[str, tuple[str, int]]]:
-    """Configured listen addresses not bound yet. Ports are compared, not hosts: a host name
-    such as ``localhost`` is bound under the address it resolves to."""
-    bound_ports = {p for _, p, *_ in proxyserver.listen_addrs()}
-    return [(path, addr) for path, addr in listen_addresses(snapshot)
-            if addr[1] not in bound_ports]
+def unbound(snapshot: Snapshot, proxyserver: Any) -> list[Listener]:
+    """Configured listeners not bound yet. A host name such as ``localhost`` is bound under
+    the addresses it resolves to, so for it only the port is compared."""
+    bound = {(host, port) for host, port, *_ in proxyserver.listen_addrs()}
+    bound_ports = {port for _, port in bound}
+    return [listener for listener in proxy_listeners(snapshot)
+            if not _is_bound(listener, bound, bound_ports)]
+
+
+def _is_bound(listener: Listener, bound: set[tuple[str, int]], bound_ports: set[int]) -> bool:
+    address = listener.address
+    if address.is_ip:
+        return (address.host, address.port) in bound
+    return address.port in bound_ports
 
 
 def listener_state(live: LiveConfig, sidecar: FhirSidecar, proxyserver: Any) -> ListenerState:
     """For /readyz: every listener of the *current* snapshot bound (a reload may add some)."""
-    missing = tuple(f"{h}:{p}" for _, (h, p) in unbound(live.current, proxyserver))
+    missing = tuple(str(listener.address) for listener in unbound(live.current, proxyserver))
     return ListenerState(sidecar.listeners_bound and not missing, missing)
 
 
@@ -102,7 +105,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     loop.add_signal_handler(signal.SIGHUP, live.reload)
 
     run_task = asyncio.create_task(master.run())
-    expected = {addr for _, addr in listen_addresses(live.current)}
+    expected = {str(listener.address) for listener in proxy_listeners(live.current)}
     deadline = time.monotonic() + BIND_DEADLINE_SECONDS
     while True:
         if not unbound(live.current, proxyserver) or run_task.done():
@@ -117,7 +120,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
         log_event("startup_failed", message=f"the proxy stopped while starting: {error!r}")
         return 1
     sidecar.listeners_bound = True
-    log_event("ready", listeners=sorted(f"{h}:{p}" for h, p in expected),
+    log_event("ready", listeners=sorted(expected),
               connections=sorted(live.current.connections),
               admin=admin.address if admin is not None else None)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import ConnectionSettings, SidecarConfig, TlsSettings, split_listen
+from sidecar.config.models import ConnectionSettings, ListenAddress, SidecarConfig, TlsSettings
 from sidecar.credentials.basic import BasicCredentials
 from sidecar.routing import Router, Upstream
 from sidecar.secrets import SecretError, read_secret, read_secret_file
@@ -36,7 +36,7 @@ class CompiledConnection:
     tls: UpstreamTlsPolicy | None  # None for a plain http:// upstream
     basic: BasicCredentials | None
     oauth: str | None  # name of the OAuth definition (its token source lives in the snapshot)
-    listen: tuple[str, int] | None
+    listen: ListenAddress | None
 
     @property
     def timeout_seconds(self) -> float:
@@ -63,24 +63,20 @@ class Snapshot:
     signing_keys: tuple[PublishedKey, ...] = ()
     generation: int = field(default_factory=lambda: next(_generations))
     # Looked up on every request to a per-connection listener.
-    _by_listen_port: dict[int, CompiledConnection] = field(init=False, repr=False, compare=False)
+    _by_listener: dict[ListenAddress, CompiledConnection] = field(init=False, repr=False,
+                                                                  compare=False)
 
     def __post_init__(self) -> None:
-        by_port: dict[int, CompiledConnection] = {}
-        for conn in self.connections.values():
-            if conn.listen is not None:
-                by_port.setdefault(conn.listen[1], conn)
-        object.__setattr__(self, "_by_listen_port", by_port)
+        # Validation refused overlapping listen addresses, so each address has one connection.
+        by_listener = {listener.address: self.connections[listener.connection]
+                       for listener in self.config.listeners()
+                       if listener.connection is not None
+                       and listener.connection in self.connections}
+        object.__setattr__(self, "_by_listener", by_listener)
 
-    def by_listen_port(self, port: int) -> CompiledConnection | None:
-        return self._by_listen_port.get(port)
-
-
-    def by_upstream_address(self, host: str, port: int) -> CompiledConnection | None:
-        for conn in self.connections.values():
-            if (conn.upstream.host, conn.upstream.port) == (host.lower(), port):
-                return conn
-        return None
+    def by_listener(self, address: ListenAddress) -> CompiledConnection | None:
+        """The connection whose own listener is at ``address`` (as configured)."""
+        return self._by_listener.get(address)
 
 
 class _Problems:
@@ -139,7 +135,7 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
             name=name, settings=settings, upstream=upstream, tls=tls,
             basic=basic.get(settings.auth.basic) if settings.auth.basic else None,
             oauth=settings.auth.oauth,
-            listen=split_listen(settings.listen) if settings.listen else None,
+            listen=settings.listen,
         )
     if problems.items:
         raise ConfigError(problems.items)

@@ -18,12 +18,13 @@ def test_longest_base_path_wins_on_segment_boundary() -> None:
     assert r.forward("fhir.example.org", "/fhir").connection == "r4"
 
 
-def test_hostname_is_case_insensitive_and_port_ignored() -> None:
+def test_hostname_is_case_insensitive_and_port_compared() -> None:
     r = router()
-    route = r.forward("EPIC.example.com", "/api/FHIR/R4/Patient?name=x")
+    route = r.forward("EPIC.example.com", "/api/FHIR/R4/Patient?name=x", port=8443)
     assert route is not None
     assert route.connection == "epic"
     assert route.upstream_path == "/api/FHIR/R4/Patient?name=x"
+    assert r.forward("epic.example.com", "/api/FHIR/R4/Patient") is None  # no port given
 
 
 def test_unknown_host_or_path_matches_nothing() -> None:

@@ -18,7 +18,7 @@ from tornado.netutil import bind_sockets
 
 from sidecar.admin.readiness import StatusSources, is_ready, readiness_report
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import split_listen
+from sidecar.config.models import ListenAddress
 from sidecar.credentials.jwks import JWKS_CACHE_SECONDS, key_set
 from sidecar.logs import log_event
 from sidecar.snapshot import Snapshot
@@ -96,15 +96,17 @@ def build_app(sources: StatusSources,
 class AdminServer:
     """Binds ``admin.listen`` and serves ``app`` on the running asyncio loop."""
 
-    def __init__(self, app: tornado.web.Application, listen: str, source: str = ""):
+    def __init__(self, app: tornado.web.Application, listen: ListenAddress | str,
+                 source: str = ""):
         self.app = app
-        self.listen = listen
+        self.listen_address = ListenAddress.parse(listen) if isinstance(listen, str) else listen
+        self.listen = str(self.listen_address)
         self._source = source  # the config file, for error messages
         self._server: HTTPServer | None = None
-        self.address = listen
+        self.address = self.listen
 
     def start(self) -> None:
-        host, port = split_listen(self.listen)
+        host, port = self.listen_address.host, self.listen_address.port
         try:
             sockets = bind_sockets(port, address=host)
         except OSError as exc:

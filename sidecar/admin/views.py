@@ -37,7 +37,7 @@ class Views:
         return {
             "name": name,
             "url": conn.url,
-            "listen": conn.listen,
+            "listen": str(conn.listen) if conn.listen is not None else None,
             "auth": {"basic": conn.auth.basic, "oauth": conn.auth.oauth},
             "tls": self.tls(conn.tls),
             "timeout_seconds": conn.timeout_seconds,

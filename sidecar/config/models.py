@@ -7,9 +7,11 @@ reading secrets, keys and bundles happens when a snapshot is compiled (``sidecar
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -19,7 +21,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -40,19 +45,91 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
-def _check_listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+@dataclass(frozen=True)
+class ListenAddress:
+    """A listener's ``HOST:PORT``, parsed once: every user of a listen address reads this.
+
+    ``host`` has no brackets; IP literals are in their canonical form and names are lower
+    case, so equal addresses compare equal.
+    """
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: str) -> ListenAddress:
+        host, sep, port = value.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8081)")
+        if ":" in host and not bracketed:
+            raise ValueError(f"{value!r}: an IPv6 address is written in brackets, "
+                             "for example [::1]:8081")
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            if ":" in host:
+                raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+            host = host.lower()
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def is_wildcard(self) -> bool:
+        """0.0.0.0 or ::, which listen on every interface."""
+        return self.host in _WILDCARD_HOSTS
+
+    def overlaps(self, other: ListenAddress) -> bool:
+        """Whether both cannot be bound at once: the same port on the same or every interface.
+
+        Port 0 picks a free port when bound, so it overlaps nothing.
+        """
+        if self.port != other.port or self.port == 0:
+            return False
+        return self.host == other.host or self.is_wildcard or other.is_wildcard
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def _parse_listen(value: object) -> ListenAddress:
+    if isinstance(value, ListenAddress):
+        return value
+    if not isinstance(value, str):
         raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8081)")
-    return value
+    return ListenAddress.parse(value)
 
 
-ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+Listen = Annotated[
+    ListenAddress,
+    PlainValidator(_parse_listen),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "description": "HOST:PORT, for example 127.0.0.1:8081"}),
+]
 
 
-def split_listen(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
+@dataclass(frozen=True)
+class Listener:
+    """One address the config binds, and what for (the forward proxy, the admin listener or
+    a connection's own listener)."""
+
+    path: str  # the field path, for messages: "connections.epic.listen"
+    address: ListenAddress
+    kind: Literal["proxy", "admin", "connection"]
+    connection: str | None = None  # the connection a "connection" listener belongs to
 
 
 class _Model(BaseModel):
@@ -81,7 +158,7 @@ class TlsSettings(_Model):
 
 
 class ProxySettings(_Model):
-    listen: ListenAddress | None = None
+    listen: Listen | None = None
     # Opt-in: terminate apps' HTTPS (CONNECT) to configured connections with the sidecar's
     # own CA instead of refusing it; other hosts are still refused.
     intercept_https: bool = False
@@ -107,7 +184,7 @@ class ShutdownSettings(_Model):
 
 
 class AdminSettings(_Model):
-    listen: ListenAddress | None = DEFAULT_ADMIN_LISTEN
+    listen: Listen | None = ListenAddress.parse(DEFAULT_ADMIN_LISTEN)
     token_file: ConfigPath | None = None
 
 
@@ -222,7 +299,7 @@ def _require_http_url(value: str) -> None:
 
 class ConnectionSettings(_Model):
     url: str
-    listen: ListenAddress | None = None
+    listen: Listen | None = None
     auth: ConnectionAuth = Field(default_factory=ConnectionAuth)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     timeout_seconds: float = Field(default=60, gt=0)
@@ -265,6 +342,20 @@ class SidecarConfig(_Model):
         default_factory=dict
     )
 
+    def listeners(self) -> list[Listener]:
+        """Every address this config binds: validation, binding, routing and reload read
+        this one list."""
+        found = []
+        if self.proxy.listen is not None:
+            found.append(Listener("proxy.listen", self.proxy.listen, "proxy"))
+        if self.admin.listen is not None:
+            found.append(Listener("admin.listen", self.admin.listen, "admin"))
+        for name, conn in self.connections.items():
+            if conn.listen is not None:
+                found.append(Listener(f"connections.{name}.listen", conn.listen, "connection",
+                                      name))
+        return found
+
     def reference_problems(self) -> list[tuple[str, str]]:
         """Cross-reference problems as (field path, message); empty when consistent."""
         problems: list[tuple[str, str]] = []
@@ -277,17 +368,29 @@ class SidecarConfig(_Model):
                 problems.append((f"connections.{name}.auth.oauth",
                                  f"no OAuth definition named {conn.auth.oauth!r}"
                                  f"{_known(self.oauth)}"))
-        seen: dict[tuple[str, int], str] = {}
-        listeners = [("proxy.listen", self.proxy.listen), ("admin.listen", self.admin.listen)]
-        listeners += [(f"connections.{n}.listen", c.listen) for n, c in self.connections.items()]
-        for path, listen in listeners:
-            if listen is None:
-                continue
-            addr = split_listen(listen)
-            if addr[1] != 0 and addr in seen:
-                problems.append((path, f"{listen} is already used by {seen[addr]}"))
-            seen.setdefault(addr, path)
+        problems += _listener_overlaps(self.listeners())
         return problems
+
+
+def _listener_overlaps(listeners: list[Listener]) -> list[tuple[str, str]]:
+    problems = []
+    for index, listener in enumerate(listeners):
+        earlier = next((e for e in listeners[:index] if e.address.overlaps(listener.address)),
+                       None)
+        if earlier is None:
+            continue
+        if earlier.address == listener.address:
+            message = f"{listener.address} is already used by {earlier.path}"
+        else:
+            message = (f"{listener.address} overlaps {earlier.address} of {earlier.path}: "
+                       f"{_wildcard_of(listener, earlier)} listens on every interface, that "
+                       "port included")
+        problems.append((listener.path, message))
+    return problems
+
+
+def _wildcard_of(a: Listener, b: Listener) -> str:
+    return str(a.address if a.address.is_wildcard else b.address)
 
 
 def _known(names: Mapping[str, object]) -> str:

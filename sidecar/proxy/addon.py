@@ -25,7 +25,7 @@ from sidecar.config.errors import ConfigError
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.intercept import CaExportError, ca_certificate, export_ca_certificate
 from sidecar.links import LinkRewriter, app_base_url
-from sidecar.listeners import listener_modes
+from sidecar.listeners import listen_address_of, listener_modes
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
@@ -243,13 +243,16 @@ class FhirSidecar:
         path = flow.request.path
         try:
             if isinstance(client.proxy_mode, ReverseMode):
-                conn = snapshot.by_listen_port(client.sockname[1])
+                address = listen_address_of(client.proxy_mode.full_spec)
+                conn = snapshot.by_listener(address) if address is not None else None
                 if conn is None:
                     return None, None, None
                 route = snapshot.router.reverse(conn.name, conn.upstream, path)
                 target = route.upstream_path  # the base path joined first: '..' may not undo it
             else:
-                found = snapshot.router.forward(flow.request.host, resolve(path).target)
+                found = snapshot.router.forward(flow.request.host, resolve(path).target,
+                                                scheme=flow.request.scheme,
+                                                port=flow.request.port)
                 if found is None:
                     return None, None, None
                 route, target = found, path
