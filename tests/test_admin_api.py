@@ -1,6 +1,7 @@
 """The admin API (and the dashboard's login, session and CSRF) against the real ``fhir-sidecar
 run`` process: every operation, bad input rejected with nothing changed on disk, read-only
-configs, and real requests through the sidecar that carry what the API just set."""
+configs and config-file definitions, and real requests through the sidecar that carry what the
+API just set."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ SECRETS = (ADMIN_TOKEN, FIRST_PASSWORD, NEW_PASSWORD, ROTATED_PASSWORD, CLIENT_S
 
 
 def disk_state(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (the config, secrets, bundles) with its bytes."""
+    """Every file under ``directory`` (the config, secrets, the state dir's secrets and
+    bundles) with its bytes; mitmproxy's own CA store aside."""
     return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file() and "state" not in p.parts}
+            for p in sorted(directory.rglob("*")) if p.is_file() and "mitmproxy" not in p.parts}
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,18 @@ class Sidecar:
         admin: dict[str, Any] = {"listen": self.admin}
         if token:
             admin["token_file"] = "secrets/admin-token"
+        # "first" and "fixed" read files the operator named: the API shows them, read-only.
+        # "main" names no file: the API may change it (and assign "first" to it).
         self.path = write_config(tmp, {
             "admin": admin,
             "basic_auth": {"first": {"username": "svc", "password_file": "secrets/pw"}},
-            "connections": {"main": {
-                "url": upstream.base_url, "listen": f"127.0.0.1:{self.port}",
-                "auth": {"basic": "first"},
-                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+            "connections": {
+                "main": {"url": upstream.base_url, "listen": f"127.0.0.1:{self.port}",
+                         "auth": {"basic": "first"}, "tls": {"verify": "skip"}},
+                "fixed": {"url": upstream.base_url,
+                          "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
         })
+        self.secrets_dir = tmp / "state" / "secrets"
         self.process = SidecarProcess(self.path, tmp / "state")
         self.api = httpx.Client(base_url=f"http://{self.admin}", trust_env=False, timeout=30)
         self.auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -127,12 +133,17 @@ def test_reads_list_everything_and_never_a_secret(sidecar: Sidecar) -> None:
         assert response.headers["Cache-Control"] == "no-store"
         assert_no_secret(response)
     first = sidecar.api.get("/api/basic-auth/first").json()
+    read_only = first.pop("read_only")
     assert first == {"name": "first", "username": "svc", "password": "set",
                      "password_env": None, "used_by": ["main"]}
+    assert "config file" in read_only and "password_file" in read_only
     main = sidecar.api.get("/api/connections/main").json()
     assert main["auth"] == {"basic": "first", "oauth": None}
-    assert main["tls"]["verify"] == "custom"
+    assert main["tls"]["verify"] == "skip" and main["read_only"] is None
     assert sum(main["status"]["requests_recent"].values()) >= 1
+    fixed = sidecar.api.get("/api/connections/fixed").json()
+    assert fixed["tls"]["ca_bundle"] == str(sidecar.pki.ca_bundle_path)
+    assert "tls.ca_bundle" in fixed["read_only"]
     unknown = sidecar.api.get("/api/connections/nope")
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
     assert sidecar.api.get("/api/connections/Bad%20Name").status_code == 400
@@ -151,8 +162,7 @@ def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) ->
                                                   "password": NEW_PASSWORD}).status_code == 200
 
     body = {"url": sidecar.upstream.base_url, "listen": f"127.0.0.1:{sidecar.port}",
-            "auth": {"basic": "second"},
-            "tls": {"verify": "custom", "ca_bundle": str(sidecar.pki.ca_bundle_path)}}
+            "auth": {"basic": "second"}, "tls": {"verify": "skip"}}
     assigned = sidecar.put("/api/connections/main", body)
     assert assigned.status_code == 200, assigned.text
     assert assigned.json()["auth"]["basic"] == "second"
@@ -160,14 +170,17 @@ def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) ->
     assert sidecar.through().status_code == 200
     assert sidecar.last_auth() == basic_header("svc2", NEW_PASSWORD)
 
-    # Persisted: the config names a 0600 file in dashboard-secrets; no secret in the config.
+    # Persisted: the config names a 0600 file in the state dir's secrets directory (0700);
+    # no secret in the config.
     text = sidecar.path.read_text()
     assert NEW_PASSWORD not in text
-    ref = sidecar.config()["basic_auth"]["second"]["password_file"]
-    assert ref.startswith("dashboard-secrets/")
-    secret_file = sidecar.tmp / ref
+    secret_file = Path(sidecar.config()["basic_auth"]["second"]["password_file"])
+    assert secret_file.parent == sidecar.secrets_dir
     assert secret_file.read_text() == NEW_PASSWORD + "\n"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sidecar.secrets_dir.stat().st_mode) == 0o700
+    in_use = sidecar.delete("/api/basic-auth/second")
+    assert in_use.status_code == 409 and "used by connection main" in in_use.json()["error"]
 
     # Rotating only the password keeps the username; the old secret file is removed.
     rotated = sidecar.put("/api/basic-auth/second", {"username": "svc2",
@@ -186,8 +199,7 @@ def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) ->
     assert sidecar.put("/api/connections/main", body).status_code == 200
     assert sidecar.delete("/api/basic-auth/second").status_code == 204
     assert sidecar.api.get("/api/basic-auth/second").status_code == 404
-    assert not [p for p in (sidecar.tmp / "dashboard-secrets").iterdir()
-                if p.name.startswith("basic-second")]
+    assert not [p for p in sidecar.secrets_dir.iterdir() if p.name.startswith("basic-second")]
     sidecar.through()
     assert sidecar.last_auth() == basic_header("svc", FIRST_PASSWORD)
 
@@ -228,7 +240,8 @@ def test_oauth_definitions_with_secret_and_private_key(sidecar: Sidecar) -> None
     assert switched.json()["private_key"] == "set"
     assert switched.json()["client_secret"] == "not used"
     assert "PRIVATE KEY" not in switched.text
-    key_file = sidecar.tmp / sidecar.config()["oauth"]["corp"]["private_key_file"]
+    key_file = Path(sidecar.config()["oauth"]["corp"]["private_key_file"])
+    assert key_file.parent == sidecar.secrets_dir
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert sidecar.api.get("/api/oauth").json()["items"][0]["name"] == "corp"
     assert sidecar.delete("/api/oauth/corp").status_code == 204
@@ -258,7 +271,7 @@ def test_ca_bundle_uploaded_and_used_by_a_custom_connection(sidecar: Sidecar) ->
         in_use = sidecar.delete("/api/ca-bundles/corp-ca")
         assert in_use.status_code == 409 and "main" in in_use.json()["error"]
     finally:
-        body["tls"] = {"verify": "custom", "ca_bundle": str(sidecar.pki.ca_bundle_path)}
+        body["tls"] = {"verify": "skip"}
         assert sidecar.put("/api/connections/main", body).status_code == 200
     assert sidecar.delete("/api/ca-bundles/corp-ca").status_code == 204
     assert sidecar.api.get("/api/ca-bundles").json() == {"items": []}
@@ -295,7 +308,34 @@ BAD_WRITES: list[tuple[str, str, str, Any, int, str]] = [
       "private_key_pem": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"},
      422, "not an unencrypted PEM private key"),
     ("delete-unknown", "DELETE", "/api/oauth/nope", None, 404, "no OAuth definition"),
-    ("delete-in-use", "DELETE", "/api/basic-auth/first", None, 409, "used by connection main"),
+    ("delete-config-file-definition", "DELETE", "/api/basic-auth/first", None, 409,
+     "comes from the config file"),
+    ("change-config-file-definition", "PUT", "/api/basic-auth/first",
+     {"username": "u", "password": "p"}, 409, "edit the config file"),
+    ("change-config-file-connection", "PUT", "/api/connections/fixed",
+     {"url": "https://127.0.0.1:1/fhir"}, 409, "reads tls.ca_bundle from the host"),
+    ("password-file", "PUT", "/api/basic-auth/x", {"username": "u", "password_file": "/etc/hosts"},
+     422, "password_file: file paths and environment variable names are not accepted"),
+    ("password-env", "PUT", "/api/basic-auth/x", {"username": "u", "password_env": "HOME"},
+     422, "password_env: file paths"),
+    ("client-secret-file", "PUT", "/api/oauth/z",
+     {"token_url": "https://127.0.0.1:1/t", "client_id": "c",
+      "client_secret_file": "../../etc/hostname"}, 422, "client_secret_file"),
+    ("private-key-file", "PUT", "/api/oauth/z",
+     {"token_url": "https://127.0.0.1:1/t", "client_id": "c", "client_auth": "private_key_jwt",
+      "private_key_file": "/etc/hosts"}, 422, "send the value itself (private_key_pem)"),
+    ("ca-bundle-path", "PUT", "/api/connections/y",
+     {"url": "https://127.0.0.1:1/", "tls": {"verify": "custom", "ca_bundle": "/etc/hosts"}},
+     422, "tls.ca_bundle: give the name of an uploaded CA bundle"),
+    ("client-cert-path", "PUT", "/api/connections/y",
+     {"url": "https://127.0.0.1:1/", "tls": {"client_cert": "/etc/hosts",
+                                             "client_key": "/etc/hosts"}},
+     422, "tls.client_key: file paths are not accepted"),
+    ("newline-name", "PUT", "/api/basic-auth/x%0A", {"username": "u", "password": "p"}, 400,
+     "must match"),
+    ("newline-bundle-name", "PUT", "/api/ca-bundles/x%0A", b"pem", 400, "must match"),
+    ("oversized-json", "PUT", "/api/basic-auth/x",
+     {"username": "u", "password": "p" * (1024 * 1024)}, 413, "larger than 1048576 bytes"),
     ("malformed-pem", "PUT", "/api/ca-bundles/bad", b"-----BEGIN CERTIFICATE-----\nxx\n"
      b"-----END CERTIFICATE-----\n", 422, "not a valid PEM certificate bundle"),
     ("not-pem", "PUT", "/api/ca-bundles/bad", b"hello", 422, "contains no PEM certificate"),

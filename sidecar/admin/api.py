@@ -1,8 +1,10 @@
-"""The JSON API under ``/api`` (design §9 "Admin API"), described at ``/api/openapi.json``.
+"""The JSON API under ``/api``, described at ``/api/openapi.json``.
 
-Reads are open on the admin listener (they never contain a secret). Writes need
-``Authorization: Bearer <admin token>``, or a browser session cookie plus its CSRF token in
-``X-CSRF-Token``; every write goes through :class:`ConfigStore`, the one write path.
+Writes need ``Authorization: Bearer <admin token>``, or a browser session cookie plus its CSRF
+token in ``X-CSRF-Token``; every write goes through :class:`ConfigStore`, the one write path.
+Reads never contain a secret; they are open on a loopback admin listener and need the token (or
+a session) on any other. Who is asking is decided from the headers, before the body is read;
+bodies are capped (:data:`~sidecar.admin.guard.MAX_API_BODY_BYTES`, CA bundles smaller).
 """
 
 from __future__ import annotations
@@ -21,15 +23,25 @@ from sidecar.admin.config_store import (
     check_name,
 )
 from sidecar.admin.console import Console
+from sidecar.admin.guard import BoundedBody, with_body
 from sidecar.admin.openapi import openapi_document
 from sidecar.admin.views import ca_bundle_view
 
-MAX_JSON_BYTES = 2 * MAX_UPLOAD_BYTES  # a body may carry a private key
+READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-class ApiHandler(tornado.web.RequestHandler):
+class ApiHandler(BoundedBody):
     def initialize(self, console: Console) -> None:
         self.console = console
+
+    def admit(self) -> None:
+        reading = self.request.method in READ_METHODS
+        if reading and not self.console.reads_need_token:
+            return
+        self.authorize(write=not reading)
+
+    def refuse_too_large(self) -> None:
+        self.reply_error(413, f"the request body is larger than {self.body_limit} bytes")
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -57,10 +69,14 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(body, indent=2) + "\n")
 
-    def authorize_write(self) -> None:
-        """Raise ChangeRejected unless this request may change the configuration."""
+    def authorize(self, write: bool) -> None:
+        """Raise ChangeRejected unless this request carries the admin token (or a session)."""
         console = self.console
         if not console.auth.token_configured():
+            if not write:
+                raise ChangeRejected(403, "this admin listener is not on loopback, so reading "
+                                          "the API needs the admin token, and no readable "
+                                          "admin.token_file is configured")
             raise ChangeRejected(403, console.read_only_reason() or
                                  "the admin token file cannot be read; changes are disabled")
         client = self.request.remote_ip or "-"
@@ -80,12 +96,13 @@ class ApiHandler(tornado.web.RequestHandler):
             session = console.auth.session(self.get_cookie(SESSION_COOKIE))
             if session is None:
                 self.set_header("WWW-Authenticate", 'Bearer realm="fhir-sidecar"')
-                raise ChangeRejected(401, "changes need the admin token: send "
-                                          "Authorization: Bearer <token>")
-            if not console.auth.csrf_ok(session, self.request.headers.get("X-CSRF-Token")):
+                raise ChangeRejected(401, f"{'changes need' if write else 'reading needs'} "
+                                          "the admin token: send Authorization: Bearer <token>")
+            if write and not console.auth.csrf_ok(session,
+                                                  self.request.headers.get("X-CSRF-Token")):
                 raise ChangeRejected(403, "missing or wrong X-CSRF-Token for this session")
         reason = console.read_only_reason()
-        if reason is not None:
+        if write and reason is not None:
             raise ChangeRejected(403, reason)
 
     def _handle_request_exception(self, e: BaseException) -> None:
@@ -95,10 +112,8 @@ class ApiHandler(tornado.web.RequestHandler):
         super()._handle_request_exception(e)
 
     def json_body(self) -> dict[str, Any]:
-        if len(self.request.body) > MAX_JSON_BYTES:
-            raise ChangeRejected(413, f"the request body is larger than {MAX_JSON_BYTES} bytes")
         try:
-            body = json.loads(self.request.body or b"null")
+            body = json.loads(self.body or b"null")
         except (ValueError, UnicodeDecodeError):
             raise ChangeRejected(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -118,6 +133,7 @@ class _DefinitionHandler(ApiHandler):
     def _put(self, name: str, body: dict[str, Any]) -> bool:
         raise NotImplementedError
 
+    @with_body
     def get(self, name: str | None = None) -> None:
         if name is None:
             self.reply({"items": self._list()})
@@ -125,17 +141,17 @@ class _DefinitionHandler(ApiHandler):
         self._require_known(name)
         self.reply(self._get_one(name))
 
+    @with_body
     def put(self, name: str | None = None) -> None:
         name = _named(name)
         check_name(name, self.kind)
-        self.authorize_write()
         created = self._put(name, self.json_body())
         self.reply(self._get_one(name), 201 if created else 200)
 
+    @with_body
     def delete(self, name: str | None = None) -> None:
         name = _named(name)
         check_name(name, self.kind)
-        self.authorize_write()
         self.console.store.delete(self.kind, name)
         self.set_status(204)
         self.finish()
@@ -186,6 +202,12 @@ class OAuthHandler(_DefinitionHandler):
 
 
 class CaBundlesHandler(ApiHandler):
+    body_limit = MAX_UPLOAD_BYTES
+
+    def refuse_too_large(self) -> None:
+        self.reply_error(413, f"the CA bundle is larger than {MAX_UPLOAD_BYTES} bytes")
+
+    @with_body
     def get(self, name: str | None = None) -> None:
         store = self.console.store
         if name is None:
@@ -197,22 +219,19 @@ class CaBundlesHandler(ApiHandler):
             raise ChangeRejected(404, f"no CA bundle named {name!r}")
         self.reply(ca_bundle_view(bundle))
 
+    @with_body
     def put(self, name: str | None = None) -> None:
         name = _named(name)
         check_name(name, "ca_bundles")
-        self.authorize_write()
-        body = self.request.body
-        if len(body) > MAX_UPLOAD_BYTES:
-            raise ChangeRejected(413, f"the CA bundle is larger than {MAX_UPLOAD_BYTES} bytes")
-        created, _ = self.console.store.put_ca_bundle(name, body)
+        created, _ = self.console.store.put_ca_bundle(name, self.body)
         bundle = self.console.store.ca_bundle(name)
         assert bundle is not None
         self.reply(ca_bundle_view(bundle), 201 if created else 200)
 
+    @with_body
     def delete(self, name: str | None = None) -> None:
         name = _named(name)
         check_name(name, "ca_bundles")
-        self.authorize_write()
         self.console.store.delete_ca_bundle(name)
         self.set_status(204)
         self.finish()
@@ -225,6 +244,7 @@ def _named(name: str | None) -> str:
 
 
 class OpenApiHandler(ApiHandler):
+    @with_body
     def get(self) -> None:
         self.reply(openapi_document())
 

@@ -3,8 +3,10 @@
 API clients send ``Authorization: Bearer <token>``. A browser logs in once with the token and
 gets a random session id in an HttpOnly, SameSite=Strict cookie; each session has its own CSRF
 token that every form must carry. Comparisons are constant-time. Failed attempts (logins and
-bearer tokens) from one client are slowed down: after each failure the client must wait an
-exponentially growing delay before its next attempt is even considered.
+bearer tokens) are slowed down per client address: after each failure that address must wait a
+doubling delay before its next attempt is even considered. The delay is short and bounded
+(at most ``MAX_DELAY_SECONDS``), because every local client shares the address 127.0.0.1: one
+wrong token must not lock the other local admin clients out for long.
 
 The token is re-read on every check, so rotating the token file takes effect at once (and ends
 the sessions made with the old token). Nothing here logs or returns a token.
@@ -25,8 +27,9 @@ from sidecar.secrets import SecretError, read_secret_file
 SESSION_COOKIE = "fhir_sidecar_session"
 SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 1000
-FIRST_DELAY_SECONDS = 1.0
-MAX_DELAY_SECONDS = 60.0
+FIRST_DELAY_SECONDS = 0.5
+MAX_DELAY_SECONDS = 5.0
+FORGET_AFTER_SECONDS = 300.0  # a client quiet this long after its last failure starts afresh
 MAX_TRACKED_CLIENTS = 10_000
 
 
@@ -50,7 +53,10 @@ class Throttle:
         return 0.0 if entry is None else max(0.0, entry[1] - self._clock())
 
     def failed(self, client: str) -> None:
-        count = self._failures.get(client, (0, 0.0))[0] + 1
+        count, allowed_at = self._failures.get(client, (0, 0.0))
+        if self._clock() - allowed_at > FORGET_AFTER_SECONDS:
+            count = 0
+        count += 1
         delay = min(FIRST_DELAY_SECONDS * 2 ** (count - 1), MAX_DELAY_SECONDS)
         if len(self._failures) >= MAX_TRACKED_CLIENTS:
             self._failures.pop(next(iter(self._failures)))

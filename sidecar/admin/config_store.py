@@ -1,11 +1,18 @@
 """The dashboard's and API's write path: change the config file, validate, persist, reload.
 
-Every change follows the same steps (issue 6): read the config file's text; apply the change to
-its data (ruamel.yaml keeps comments and order); write new secrets (passwords, client secrets,
-private keys) as new 0600 files in ``dashboard-secrets/`` beside the config and reference them as
-``*_file`` paths; validate the whole candidate exactly as a reload would (``parse_config`` then
-``compile_snapshot``); only then write the config atomically (temp file, fsync, rename) and call
-:meth:`LiveConfig.reload`, the one reload path. A rejected change leaves every file as it was.
+Every change follows the same steps: read the config file's text; apply the change to its data
+(ruamel.yaml keeps comments and order); write new secrets (passwords, client secrets, private
+keys) as new 0600 files in the sidecar's own secrets directory (``<state dir>/secrets``) and
+reference them as ``*_file`` paths; validate the whole candidate exactly as a reload would
+(``parse_config`` then ``compile_snapshot``); only then write the config atomically (temp file,
+fsync, rename) and call :meth:`LiveConfig.reload`, the one reload path. A rejected change leaves
+every file as it was.
+
+The API and the dashboard take secret *values*, never a file path or an environment variable
+name: anyone holding the admin token could otherwise make the sidecar read any file on the host
+and send it upstream as a password. Definitions whose config-file entry names a file or an
+environment variable this module did not write stay as the operator wrote them: they can be read
+and assigned, not changed or removed here.
 
 Secrets are write-only: the views returned here say ``"set"`` / ``"not set"``, never a value.
 This module knows nothing about HTTP.
@@ -24,27 +31,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import parse_config
-from sidecar.config.models import NAME_PATTERN, SidecarConfig
+from sidecar.config.models import (
+    NAME_MAX_LENGTH,
+    NAME_RULE,
+    SidecarConfig,
+    is_valid_name,
+)
 from sidecar.live import LiveConfig, ReloadOutcome
 from sidecar.secrets import SecretError, read_secret_file
 from sidecar.snapshot import compile_snapshot
 from sidecar.tls.material import CertificateInfo, TlsMaterialError, parse_ca_bundle
 
-SECRETS_DIR_NAME = "dashboard-secrets"
+# Beside the config file: where versions before the state-dir secrets directory wrote. Its
+# files are still recognised as written by the API (so their definitions stay editable).
+LEGACY_SECRETS_DIR_NAME = "dashboard-secrets"
 MAX_UPLOAD_BYTES = 256 * 1024  # a CA bundle or private key; far above any real one
 
 Kind = Literal["connections", "basic_auth", "oauth"]
 KIND_WORDS: dict[str, str] = {"connections": "connection", "basic_auth": "Basic Auth definition",
                               "oauth": "OAuth definition", "ca_bundles": "CA bundle"}
-_CA_FILE = re.compile(r"^ca-([a-z0-9][a-z0-9_-]*)\.pem$")
-# Secret files this module wrote: "<kind>-<name>-<field>-<random>"; older versions are removed
-# once no config references them.
-_MANAGED_SECRET = re.compile(r"^(basic|oauth)-[a-z0-9][a-z0-9_-]*\.[a-z-]+\.[0-9a-f]{16}$")
+_CA_FILE = re.compile(rf"ca-({NAME_RULE})\.pem")
+# Secret files this module wrote: "<kind>-<name>.<field>.<random>"; a version is removed once a
+# change leaves the config no longer naming it.
+_MANAGED_SECRET = re.compile(rf"(basic|oauth)-{NAME_RULE}\.[a-z-]+\.[0-9a-f]{{16}}")
+REFERENCE_SUFFIXES = ("_file", "_env")
+TLS_PATH_FIELDS = ("client_cert", "client_key")
 
 
 class ChangeRejected(Exception):
@@ -76,14 +93,43 @@ class _Plan:
 
 
 def check_name(name: str, kind: str) -> None:
-    if not NAME_PATTERN.match(name) or len(name) > 63:
+    if not is_valid_name(name):
         raise ChangeRejected(400, f"{KIND_WORDS.get(kind, kind)} name {name!r} must match "
-                                  "[a-z0-9][a-z0-9_-]* (at most 63 characters)")
+                                  f"{NAME_RULE} (at most {NAME_MAX_LENGTH} characters)")
+
+
+def check_no_references(body: dict[str, Any]) -> None:
+    """Refuse file paths and environment variable names in an API body or dashboard form.
+
+    Decided on the field names alone, before anything touches the file system, so the answer
+    is the same whether or not a named file exists.
+    """
+    problems = [f"{key}: file paths and environment variable names are not accepted here; "
+                f"send the value itself ({_value_field(key)})"
+                for key in body if key.endswith(REFERENCE_SUFFIXES)]
+    tls = body.get("tls")
+    if isinstance(tls, dict):
+        problems += [f"tls.{key}: file paths are not accepted here; set it in the config file"
+                     for key in tls if key.endswith(REFERENCE_SUFFIXES) or key in TLS_PATH_FIELDS]
+        bundle = tls.get("ca_bundle")
+        if bundle is not None and not (isinstance(bundle, str) and is_valid_name(bundle)):
+            problems.append("tls.ca_bundle: give the name of an uploaded CA bundle (upload its "
+                            "PEM with PUT /api/ca-bundles/<name>), not a path")
+    if problems:
+        raise ChangeRejected(422, "the API and the dashboard take secret values and uploaded "
+                                  "CA bundle names, never file paths or environment variable "
+                                  "names; nothing was changed", problems)
+
+
+def _value_field(key: str) -> str:
+    stem = key.rsplit("_", 1)[0]
+    return {"private_key": "private_key_pem"}.get(stem, stem)
 
 
 class ConfigStore:
-    def __init__(self, live: LiveConfig):
+    def __init__(self, live: LiveConfig, secrets_dir: Path):
         self.live = live
+        self._secrets_dir = Path(os.path.abspath(secrets_dir))
 
     # -- where things are ------------------------------------------------------------------
 
@@ -98,10 +144,53 @@ class ConfigStore:
 
     @property
     def secrets_dir(self) -> Path:
-        return self.base_dir / SECRETS_DIR_NAME
+        """Where new secrets and uploaded CA bundles are written (``<state dir>/secrets``)."""
+        return self._secrets_dir
+
+    @property
+    def managed_dirs(self) -> tuple[Path, ...]:
+        return self._secrets_dir, self.base_dir / LEGACY_SECRETS_DIR_NAME
 
     def ca_bundle_path(self, name: str) -> Path:
         return self.secrets_dir / f"ca-{name}.pem"
+
+    def is_managed(self, path: Path) -> bool:
+        """Whether ``path`` is a secret file or CA bundle that this module wrote."""
+        path = Path(os.path.normpath(path))
+        return path.parent in self.managed_dirs and (
+            _MANAGED_SECRET.fullmatch(path.name) is not None
+            or _CA_FILE.fullmatch(path.name) is not None)
+
+    def external_references(self, definition: BaseModel, prefix: str = "") -> list[str]:
+        """Fields of a definition that name a file or environment variable the operator chose
+        (not one this module wrote): such a definition is the config file's to change."""
+        found: list[str] = []
+        for field_name, value in definition:
+            if value is None:
+                continue
+            if isinstance(value, BaseModel):
+                found += self.external_references(value, f"{prefix}{field_name}.")
+            elif field_name.endswith("_env") or (isinstance(value, Path)
+                                                 and not self.is_managed(value)):
+                found.append(prefix + field_name)
+        return found
+
+    def read_only_definition(self, kind: Kind, name: str) -> str | None:
+        """Why the API must not change this definition; None when it may."""
+        definition = getattr(self.config, kind).get(name)
+        if definition is None:
+            return None
+        references = self.external_references(definition)
+        if not references:
+            return None
+        return (f"{KIND_WORDS[kind]} {name!r} comes from the config file and reads "
+                f"{', '.join(references)} from the host; the API and the dashboard do not "
+                "change or remove it: edit the config file")
+
+    def _require_editable(self, kind: Kind, name: str) -> None:
+        reason = self.read_only_definition(kind, name)
+        if reason is not None:
+            raise ChangeRejected(409, reason)
 
     # -- may we write at all -----------------------------------------------------------------
 
@@ -128,25 +217,30 @@ class ConfigStore:
     def bundle_name_for(self, path: Path | None) -> str | None:
         if path is None:
             return None
-        if Path(os.path.normpath(path)).parent == self.secrets_dir:
-            found = _CA_FILE.match(path.name)
+        path = Path(os.path.normpath(path))
+        if path.parent in self.managed_dirs:
+            found = _CA_FILE.fullmatch(path.name)
             if found:
                 return found.group(1)
         return None
 
-    def ca_bundles(self) -> list[CaBundle]:
-        if not self.secrets_dir.is_dir():
-            return []
-        found = []
-        for path in sorted(self.secrets_dir.iterdir()):
-            match = _CA_FILE.match(path.name)
-            if match:
-                found.append(self._describe_bundle(match.group(1), path))
+    def _bundle_files(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for directory in reversed(self.managed_dirs):  # the current directory wins
+            if directory.is_dir():
+                for path in directory.iterdir():
+                    match = _CA_FILE.fullmatch(path.name)
+                    if match and path.is_file():
+                        found[match.group(1)] = path
         return found
 
+    def ca_bundles(self) -> list[CaBundle]:
+        return [self._describe_bundle(name, path)
+                for name, path in sorted(self._bundle_files().items())]
+
     def ca_bundle(self, name: str) -> CaBundle | None:
-        path = self.ca_bundle_path(name)
-        return self._describe_bundle(name, path) if path.is_file() else None
+        path = self._bundle_files().get(name)
+        return self._describe_bundle(name, path) if path is not None else None
 
     def _describe_bundle(self, name: str, path: Path) -> CaBundle:
         used_by = [c for c, conn in self.config.connections.items()
@@ -163,6 +257,8 @@ class ConfigStore:
 
     def put_basic(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
         check_name(name, "basic_auth")
+        check_no_references(body)
+        self._require_editable("basic_auth", name)
         body = dict(body)
         password = _pop_secret(body, "password")
 
@@ -171,15 +267,13 @@ class ConfigStore:
             existing = section.get(name)
             entry: dict[str, Any] = dict(body)
             if password is not None:
-                entry.pop("password_file", None)
-                entry.pop("password_env", None)
                 entry["password_file"] = self._write_secret(plan, f"basic-{name}.password",
                                                             password)
-            elif not {"password_file", "password_env"} & entry.keys():
+            else:
                 if not isinstance(existing, dict):
                     raise ChangeRejected(422, "password is required for a new Basic Auth "
                                               "definition")
-                for key in ("password_file", "password_env", "password"):
+                for key in ("password_file", "password"):
                     if key in existing:
                         entry[key] = existing[key]
             section[name] = entry
@@ -189,6 +283,8 @@ class ConfigStore:
 
     def put_oauth(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
         check_name(name, "oauth")
+        check_no_references(body)
+        self._require_editable("oauth", name)
         body = dict(body)
         client_secret = _pop_secret(body, "client_secret")
         key_pem = _pop_secret(body, "private_key_pem")
@@ -202,23 +298,18 @@ class ConfigStore:
             existing = section.get(name)
             entry: dict[str, Any] = dict(body)
             client_auth = entry.get("client_auth", "client_secret_basic")
-            secret_keys = {"client_secret_file", "client_secret_env"}
             if client_secret is not None:
-                for key in secret_keys:
-                    entry.pop(key, None)
                 entry["client_secret_file"] = self._write_secret(
                     plan, f"oauth-{name}.client-secret", client_secret)
-            elif (client_auth != "private_key_jwt" and not secret_keys & entry.keys()
-                  and isinstance(existing, dict)
+            elif (client_auth != "private_key_jwt" and isinstance(existing, dict)
                   and existing.get("client_auth", "client_secret_basic") != "private_key_jwt"):
-                for key in (*secret_keys, "client_secret"):
+                for key in ("client_secret_file", "client_secret"):
                     if key in existing:
                         entry[key] = existing[key]
             if key_pem is not None:
-                entry.pop("private_key_file", None)
                 entry["private_key_file"] = self._write_secret(
                     plan, f"oauth-{name}.private-key", key_pem)
-            elif (client_auth == "private_key_jwt" and "private_key_file" not in entry
+            elif (client_auth == "private_key_jwt"
                   and isinstance(existing, dict) and "private_key_file" in existing):
                 entry["private_key_file"] = existing["private_key_file"]
             section[name] = entry
@@ -228,6 +319,8 @@ class ConfigStore:
 
     def put_connection(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
         check_name(name, "connections")
+        check_no_references(body)
+        self._require_editable("connections", name)
         body = dict(body)
         if isinstance(body.get("tls"), dict):
             body["tls"] = self._tls_from_api(body["tls"])
@@ -253,6 +346,7 @@ class ConfigStore:
         check_name(name, kind)
         if name not in self._file_section(kind):
             raise ChangeRejected(404, f"no {KIND_WORDS[kind]} named {name!r}")
+        self._require_editable(kind, name)
         if kind != "connections":
             users = [c for c, conn in self.config.connections.items()
                      if getattr(conn.auth, "basic" if kind == "basic_auth" else "oauth") == name]
@@ -273,7 +367,7 @@ class ConfigStore:
         validate_ca_pem(pem)
         target = self.ca_bundle_path(name)
         old = target.read_bytes() if target.is_file() else None
-        self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _atomic_write(target, pem, 0o600)
         outcome = self.live.reload()
         if not outcome.ok:
@@ -314,6 +408,7 @@ class ConfigStore:
             raise ChangeRejected(409, f"the config file {path} is not a mapping; fix it first")
         plan = _Plan(data)
         had_secrets_dir = self.secrets_dir.exists()
+        named_before = set(self._managed_secrets())
 
         def undo_files() -> None:
             _remove(plan.new_files)
@@ -337,7 +432,8 @@ class ConfigStore:
             self.live.reload()
             raise ChangeRejected(409, "the sidecar could not apply the change; nothing was "
                                       "changed", list(outcome.problems))
-        self._collect_garbage()
+        for stale in named_before - set(self._managed_secrets()):
+            stale.unlink(missing_ok=True)
         return created, outcome
 
     def _validate(self, text: str) -> None:
@@ -363,32 +459,30 @@ class ConfigStore:
         return section if isinstance(section, dict) else {}
 
     def _write_secret(self, plan: _Plan, stem: str, value: str) -> str:
-        self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = self.secrets_dir / f"{stem}.{secrets.token_hex(8)}"
         _atomic_write(target, (value + "\n").encode("utf-8"), 0o600)
         plan.new_files.append(target)
-        return f"{SECRETS_DIR_NAME}/{target.name}"
+        return str(target)
 
     def _tls_from_api(self, tls: dict[str, Any]) -> dict[str, Any]:
-        """``ca_bundle`` may name an uploaded bundle (``internal``) instead of a path."""
+        """``ca_bundle`` names an uploaded bundle (``internal``); the config gets its path."""
         tls = {k: v for k, v in tls.items() if v is not None}
         ref = tls.get("ca_bundle")
-        if isinstance(ref, str) and NAME_PATTERN.match(ref) and "." not in ref:
-            if not self.ca_bundle_path(ref).is_file():
+        if isinstance(ref, str):
+            bundle = self._bundle_files().get(ref)
+            if bundle is None:
                 raise ChangeRejected(422, f"no CA bundle named {ref!r}; upload it first "
                                           f"(PUT /api/ca-bundles/{ref})")
-            tls["ca_bundle"] = f"{SECRETS_DIR_NAME}/ca-{ref}.pem"
+            tls["ca_bundle"] = str(bundle)
         return tls
 
-    def _collect_garbage(self) -> None:
-        """Remove secret files of earlier versions that the live config no longer names."""
-        if not self.secrets_dir.is_dir():
-            return
-        config = self.config
-        named = {os.path.normpath(p) for p in _secret_paths(config)}
-        for path in self.secrets_dir.iterdir():
-            if _MANAGED_SECRET.match(path.name) and os.path.normpath(path) not in named:
-                path.unlink(missing_ok=True)
+    def _managed_secrets(self) -> Iterator[Path]:
+        """The secret files this module wrote that the live config names."""
+        for path in _secret_paths(self.config):
+            path = Path(os.path.normpath(path))
+            if self.is_managed(path) and _MANAGED_SECRET.fullmatch(path.name):
+                yield path
 
 
 def validate_ca_pem(pem: bytes) -> list[CertificateInfo]:
@@ -450,14 +544,10 @@ def secret_state(file: Path | None, env: str | None, inline: str | None) -> str:
 
 
 def _secret_paths(config: SidecarConfig) -> Iterator[Path]:
-    for basic in config.basic_auth.values():
-        if basic.password_file is not None:
-            yield basic.password_file
-    for oauth in config.oauth.values():
-        if oauth.client_secret_file is not None:
-            yield oauth.client_secret_file
-        if oauth.private_key_file is not None:
-            yield oauth.private_key_file
+    for definition in (*config.basic_auth.values(), *config.oauth.values()):
+        for field_name, value in definition:
+            if field_name.endswith("_file") and isinstance(value, Path):
+                yield value
 
 
 def _section(data: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -4,6 +4,8 @@ Pages list connections, Basic Auth and OAuth definitions and CA bundles with the
 Changing anything needs a browser session (log in with the admin token) and the session's CSRF
 token in every form; each form becomes the same API-shaped change that :class:`ConfigStore`
 validates, persists and reloads. Secrets are never put into a page: only "set" / "not set".
+On an admin listener that is not on loopback, every page but the login page needs a session.
+The session is checked from the cookie before a form's body is read; bodies are capped.
 """
 
 from __future__ import annotations
@@ -17,21 +19,43 @@ import tornado.template
 import tornado.web
 
 from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
-from sidecar.admin.config_store import MAX_UPLOAD_BYTES, ChangeRejected
+from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
+from sidecar.admin.guard import BoundedBody, with_body
 
 HERE = Path(__file__).parent
 TEMPLATES = tornado.template.Loader(str(HERE / "templates"))
 PAGES = (("connections", "/", "Connections"), ("basic-auth", "/basic-auth", "Basic Auth"),
          ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"))
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart framing and the form's other fields
+LOGIN_BODY_BYTES = 8 * 1024
 
 
-class DashboardHandler(tornado.web.RequestHandler):
+class DashboardHandler(BoundedBody):
     page = ""
     template = ""
+    body_limit = MAX_UPLOAD_BYTES + FORM_OVERHEAD_BYTES
 
     def initialize(self, console: Console) -> None:
         self.console = console
+
+    def admit(self) -> None:
+        if self.session is not None:
+            return
+        if self.request.method == "POST":
+            self.render_page(401, "log in with the admin token to make changes")
+        elif self.console.reads_need_token:
+            self.render_page(401, "log in with the admin token: this admin listener is "
+                                  "reachable from other machines")
+
+    def refuse_too_large(self) -> None:
+        self.render_page(413, f"the form is larger than {self.body_limit} bytes (files at most "
+                              f"{MAX_UPLOAD_BYTES} bytes)")
+
+    @property
+    def locked(self) -> bool:
+        """Show nothing of the configuration: off loopback, before logging in."""
+        return self.console.reads_need_token and self.session is None
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -52,22 +76,27 @@ class DashboardHandler(tornado.web.RequestHandler):
     def render_page(self, status: int = 200, error: str | None = None,
                     problems: list[str] | None = None, **extra: Any) -> None:
         session = self.session
-        read_only = self.console.read_only_reason()
+        locked = self.locked
+        read_only = None if locked else self.console.read_only_reason()
         live = self.console.sources.live
         self.set_status(status)
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        html = TEMPLATES.load(self.template).generate(
-            pages=PAGES, page=self.page, views=self.console.views, store=self.console.store,
+        html = TEMPLATES.load("login.html" if locked else self.template).generate(
+            pages=() if locked else PAGES, page="login" if locked else self.page,
+            views=self.console.views, store=self.console.store, locked=locked,
             session=session, csrf=session.csrf if session else "",
             read_only=read_only, can_edit=session is not None and read_only is None,
             done=self.get_query_argument("done", ""), error=error, problems=problems or [],
             last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, **extra)
         self.finish(html)
 
+    @with_body
     def get(self) -> None:
         self.render_page()
 
+    @with_body
     def post(self) -> None:
+        self.parse_form()
         session = self.session
         if session is None:
             self.render_page(401, "log in with the admin token to make changes")
@@ -80,6 +109,13 @@ class DashboardHandler(tornado.web.RequestHandler):
             reason = self.console.read_only_reason()
             if reason is not None:
                 raise ChangeRejected(403, reason)
+            references = sorted(k for k in (*self.request.body_arguments, *self.request.files)
+                                if k.endswith(REFERENCE_SUFFIXES))
+            if references:
+                raise ChangeRejected(422, "the dashboard takes secret values and uploaded CA "
+                                          "bundle names, never file paths or environment "
+                                          "variable names; nothing was changed",
+                                     [f"{k}: not accepted here" for k in references])
             done = self.act()
         except ChangeRejected as exc:
             self.render_page(exc.status, exc.message, exc.problems)
@@ -110,11 +146,8 @@ def _tls_form(handler: DashboardHandler, prefix: str, existing: Any) -> dict[str
     tls: dict[str, Any] = {"verify": verify}
     if verify == "custom":
         tls["ca_bundle"] = handler.optional(f"{prefix}ca_bundle")
-    if existing is not None:  # settings the form does not show are kept
-        for key in ("client_cert", "client_key", "server_name"):
-            value = getattr(existing, key)
-            if value is not None:
-                tls[key] = str(value)
+    if existing is not None and existing.server_name is not None:
+        tls["server_name"] = existing.server_name  # a setting the form does not show is kept
     return tls
 
 
@@ -228,8 +261,14 @@ class CaBundlesPage(DashboardHandler):
 
 class LoginPage(DashboardHandler):
     page, template = "login", "login.html"
+    body_limit = LOGIN_BODY_BYTES
 
+    def admit(self) -> None:
+        return None  # the one form anyone may send; its body is small
+
+    @with_body
     def post(self) -> None:
+        self.parse_form()
         auth = self.console.auth
         if not auth.token_configured():
             self.render_page(403, "no admin token is configured (admin.token_file), so the "
@@ -254,7 +293,14 @@ class LoginPage(DashboardHandler):
 
 
 class LogoutPage(DashboardHandler):
+    body_limit = LOGIN_BODY_BYTES
+
+    def admit(self) -> None:
+        return None  # without a session it only clears the cookie
+
+    @with_body
     def post(self) -> None:
+        self.parse_form()
         session = self.session
         if session is not None and self.console.auth.csrf_ok(
                 session, self.get_body_argument("_csrf", None)):

@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar import __version__
+from sidecar.config.models import NAME_MAX_LENGTH, NAME_RULE
 
-NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$", "maxLength": 63}
+NAME = {"type": "string", "pattern": f"^{NAME_RULE}$", "maxLength": NAME_MAX_LENGTH}
+READ_ONLY = {"type": "string", "nullable": True, "description":
+             "Why the API does not change or remove this definition (it comes from the config "
+             "file and reads files or environment variables there); null when it may"}
 SECRET_STATE = {"type": "string", "enum": ["set", "not set"]}
 LISTEN = {"type": "string", "pattern": "^.+:[0-9]{1,5}$", "example": "127.0.0.1:8081",
           "nullable": True}
@@ -28,16 +32,27 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, **_json(_ref("Error"))}
 
 
+ACCESS_ERRORS = {
+    "401": _error("Missing or wrong admin token (reads need it when admin.listen is not "
+                  "loopback); answered before the body is read"),
+    "403": _error("Read-only configuration, a browser session without its CSRF token, or no "
+                  "admin token configured"),
+    "413": _error("Body too large (1 MiB; a CA bundle 256 KiB), or a body where none is taken"),
+    "421": _error("The Host header names neither this listener, localhost, nor an entry of "
+                  "admin.allowed_hosts"),
+    "429": _error("Too many failed authentication attempts from this address; retry after "
+                  "Retry-After seconds"),
+}
 WRITE_ERRORS = {
     "400": _error("Malformed request: bad name, body not a JSON object"),
-    "401": _error("Missing or wrong admin token"),
-    "403": _error("Read-only configuration, or a browser session without its CSRF token"),
+    **ACCESS_ERRORS,
     "405": _error("Method not allowed here"),
-    "409": _error("Conflict: the resource is in use, or the sidecar could not apply the "
-                  "change (nothing was changed)"),
-    "413": _error("Body too large"),
-    "422": _error("The change is not valid; problems name each field (nothing was changed)"),
-    "429": _error("Too many failed authentication attempts; retry later"),
+    "409": _error("Conflict: the resource is in use, the definition comes from the config file "
+                  "(read-only here), or the sidecar could not apply the change (nothing was "
+                  "changed)"),
+    "422": _error("The change is not valid, or names a file path or environment variable "
+                  "(*_file, *_env, tls.client_cert, tls.client_key, a path as tls.ca_bundle); "
+                  "problems name each field (nothing was changed)"),
 }
 
 
@@ -46,10 +61,9 @@ def _schemas() -> dict[str, Any]:
         "type": "object", "additionalProperties": False,
         "properties": {
             "verify": {"type": "string", "enum": ["skip", "default", "custom"]},
-            "ca_bundle": _nullable({"type": "string", "description":
-                                    "An uploaded CA bundle's name, or a PEM file path"}),
-            "client_cert": _nullable({"type": "string"}),
-            "client_key": _nullable({"type": "string"}),
+            "ca_bundle": _nullable({**NAME, "description":
+                                    "The name of a CA bundle uploaded with PUT "
+                                    "/api/ca-bundles/{name} (never a path)"}),
             "server_name": _nullable({"type": "string"}),
         },
     }
@@ -83,7 +97,7 @@ def _schemas() -> dict[str, Any]:
     connection = {
         "type": "object",
         "required": ["name", "url", "listen", "auth", "tls", "timeout_seconds",
-                     "read_timeout_seconds", "rewrite_links", "status"],
+                     "read_timeout_seconds", "rewrite_links", "read_only", "status"],
         "properties": {
             "name": NAME, "url": {"type": "string"}, "listen": _nullable({"type": "string"}),
             "auth": {"type": "object", "required": ["basic", "oauth"],
@@ -91,6 +105,7 @@ def _schemas() -> dict[str, Any]:
             "tls": _ref("TlsView"), "timeout_seconds": {"type": "number"},
             "read_timeout_seconds": {"type": "number"},
             "rewrite_links": {"type": "boolean"},
+            "read_only": READ_ONLY,
             "status": {"type": "object", "required": ["requests_recent", "in_flight",
                                                       "last_status", "last_error", "tls_ok"],
                        "properties": {
@@ -109,16 +124,16 @@ def _schemas() -> dict[str, Any]:
         "properties": {
             "username": {"type": "string", "minLength": 1},
             "password": {"type": "string", "minLength": 1, "writeOnly": True, "description":
-                         "The new password (write-only; omit to keep the current one)"},
-            "password_file": {"type": "string"},
-            "password_env": {"type": "string"},
+                         "The new password (write-only; omit to keep the current one). It is "
+                         "stored in the sidecar's own secrets directory"},
         },
     }
     basic = {
         "type": "object", "required": ["name", "username", "password", "password_env",
-                                       "used_by"],
+                                       "read_only", "used_by"],
         "properties": {"name": NAME, "username": {"type": "string"}, "password": SECRET_STATE,
                        "password_env": _nullable({"type": "string"}),
+                       "read_only": READ_ONLY,
                        "used_by": {"type": "array", "items": NAME}},
     }
     oauth_in = {
@@ -132,11 +147,8 @@ def _schemas() -> dict[str, Any]:
                                                        "client_secret_post",
                                                        "private_key_jwt"]},
             "client_secret": {"type": "string", "minLength": 1, "writeOnly": True},
-            "client_secret_file": {"type": "string"},
-            "client_secret_env": {"type": "string"},
             "private_key_pem": {"type": "string", "writeOnly": True, "description":
                                 "PEM private key for private_key_jwt (write-only)"},
-            "private_key_file": {"type": "string"},
             "key_id": _nullable({"type": "string"}),
             "signing_alg": {"type": "string", "enum": ["RS384", "ES384"]},
             "scopes": {"type": "array", "items": {"type": "string"}},
@@ -151,7 +163,8 @@ def _schemas() -> dict[str, Any]:
     oauth = {
         "type": "object",
         "required": ["name", "token_url", "discover_from", "client_id", "client_auth",
-                     "client_secret", "private_key", "scopes", "tls", "used_by", "token"],
+                     "client_secret", "private_key", "scopes", "tls", "read_only", "used_by",
+                     "token"],
         "properties": {
             "name": NAME, "token_url": _nullable({"type": "string"}),
             "discover_from": _nullable({"type": "string"}),
@@ -171,6 +184,7 @@ def _schemas() -> dict[str, Any]:
             "extra_params": {"type": "object", "additionalProperties": {"type": "string"}},
             "default_expires_in": {"type": "integer"},
             "tls": _ref("TlsView"),
+            "read_only": READ_ONLY,
             "used_by": {"type": "array", "items": NAME},
             "token": {"type": "object", "required": ["valid_until", "last_refresh",
                                                      "last_error", "scopes"],
@@ -212,20 +226,24 @@ def _schemas() -> dict[str, Any]:
 def _resource(tag: str, view: str, body: dict[str, Any] | None) -> dict[str, Any]:
     name_param = {"name": "name", "in": "path", "required": True, "schema": NAME}
     secured: list[dict[str, list[str]]] = [{"adminToken": []}]
+    # Open on a loopback admin listener; on any other the token is needed for reads too.
+    read_security: list[dict[str, list[str]]] = [{}, {"adminToken": []}]
     put_body = body or {"required": True, "content": {
         "application/x-pem-file": {"schema": {"type": "string"}},
         "text/plain": {"schema": {"type": "string"}}}}
     return {
         "list": {"get": {"tags": [tag], "summary": f"List {tag}",
-                         "operationId": f"list_{view}",
+                         "operationId": f"list_{view}", "security": read_security,
                          "responses": {"200": {"description": "All of them",
-                                               **_json(_ref(f"{view}List"))}}}},
+                                               **_json(_ref(f"{view}List"))},
+                                       **ACCESS_ERRORS}}},
         "item": {
             "parameters": [name_param],
             "get": {"tags": [tag], "summary": "Read one", "operationId": f"get_{view}",
+                    "security": read_security,
                     "responses": {"200": {"description": "Found", **_json(_ref(view))},
                                   "400": WRITE_ERRORS["400"],
-                                  "404": _error("No such name")}},
+                                  "404": _error("No such name"), **ACCESS_ERRORS}},
             "put": {"tags": [tag], "summary": "Create or replace",
                     "operationId": f"put_{view}", "security": secured,
                     "requestBody": put_body,
@@ -259,7 +277,12 @@ def openapi_document() -> dict[str, Any]:
             "description": "Create, replace and delete connections, Basic Auth and OAuth "
                            "definitions and CA bundles of a running fhir-sidecar. Changes are "
                            "validated, written to the config file and reloaded live. Secret "
-                           "fields are write-only: reads say only \"set\" or \"not set\".",
+                           "fields are write-only: reads say only \"set\" or \"not set\". "
+                           "Secrets are given as values and stored in the sidecar's own "
+                           "secrets directory; file paths and environment variable names are "
+                           "never accepted. Definitions from the config file that read files "
+                           "or environment variables are read-only here. Reads need the admin "
+                           "token when admin.listen is not loopback.",
         },
         "paths": paths,
         "components": {

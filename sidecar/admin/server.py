@@ -1,8 +1,10 @@
 """The admin listener: one tornado ``Application`` on the sidecar's own asyncio loop.
 
-This module serves ``/healthz``, ``/readyz`` and ``/metrics`` (design §6). The dashboard and
-``/api`` add their routes to the same application (``build_app(..., extra_handlers=...)`` or
-``AdminServer.app.add_handlers``), so there is one admin port and one place that binds it.
+This module serves ``/healthz``, ``/readyz`` and ``/metrics``. The dashboard and ``/api`` add
+their routes to the same application (``build_app(..., extra_handlers=...)`` or
+``AdminServer.app.add_handlers``), so there is one admin port and one place that binds it. Every
+request first passes :class:`~sidecar.admin.guard.AdminApplication`'s ``Host`` and body checks;
+health, readiness and metrics need no token, so probes and Prometheus keep working.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from sidecar.admin.guard import AdminApplication
 from sidecar.admin.readiness import StatusSources, is_ready, readiness_report
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import ListenAddress
@@ -90,7 +93,7 @@ def build_app(sources: StatusSources,
         (r"/\.well-known/jwks\.json", JwksHandler, args),
         *(extra_handlers or []),
     ]
-    return tornado.web.Application(handlers, log_function=_no_access_log)
+    return AdminApplication(handlers, sources.live, log_function=_no_access_log)
 
 
 class AdminServer:

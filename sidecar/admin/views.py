@@ -2,6 +2,8 @@
 
 Built from the live snapshot, the metrics' status board and the token sources' ``status()``.
 Secrets appear only as ``"set"`` / ``"not set"``; no value, token or header is ever included.
+``read_only`` says why the API will not change a definition (it reads files or environment
+variables the config file names), or is null.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Views:
             "timeout_seconds": conn.timeout_seconds,
             "read_timeout_seconds": conn.read_timeout_seconds,
             "rewrite_links": conn.rewrite_links,
+            "read_only": self.store.read_only_definition("connections", name),
             "status": {
                 "requests_recent": activity.recent.totals(),
                 "in_flight": activity.in_flight,
@@ -64,6 +67,7 @@ class Views:
             "password": secret_state(definition.password_file, definition.password_env,
                                      definition.password),
             "password_env": definition.password_env,
+            "read_only": self.store.read_only_definition("basic_auth", name),
             "used_by": sorted(c for c, conn in self.store.config.connections.items()
                               if conn.auth.basic == name),
         }
@@ -98,6 +102,7 @@ class Views:
             "extra_params": dict(d.extra_params),
             "default_expires_in": d.default_expires_in,
             "tls": self.tls(d.tls),
+            "read_only": self.store.read_only_definition("oauth", name),
             "used_by": sorted(c for c, conn in self.store.config.connections.items()
                               if conn.auth.oauth == name),
             "token": {

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import NAME_PATTERN, SidecarConfig, name_error
+from sidecar.config.models import SidecarConfig, is_valid_name, name_error
 
 _MESSAGES = {
     "extra_forbidden": "unknown key",
@@ -60,7 +60,7 @@ def _name_problems(file: str, data: dict[str, Any]) -> list[ConfigProblem]:
         entries = data.get(section)
         if isinstance(entries, dict):
             problems += [ConfigProblem(file, section, name_error(str(name)))
-                         for name in entries if not NAME_PATTERN.match(str(name))]
+                         for name in entries if not is_valid_name(str(name))]
     return problems
 
 

@@ -29,7 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# The one rule for every name (connections, definitions, CA bundles), in config and API alike.
+NAME_RULE = "[a-z0-9][a-z0-9_-]*"
+NAME_MAX_LENGTH = 63
+NAME_PATTERN = re.compile(NAME_RULE)
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
 
 
@@ -183,9 +186,30 @@ class ShutdownSettings(_Model):
     drain_seconds: float = Field(default=30, ge=0, le=3600)
 
 
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _check_host_name(value: str) -> str:
+    name = value.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if len(name) > 253 or _HOST_NAME.fullmatch(name) is None:
+        raise ValueError(f"{value!r} is not a host name or IP address (no scheme, no port; "
+                         "for example fhir-sidecar.example.internal)")
+    return name
+
+
 class AdminSettings(_Model):
     listen: Listen | None = ListenAddress.parse(DEFAULT_ADMIN_LISTEN)
     token_file: ConfigPath | None = None
+    # Host header values the admin listener answers besides its own address and localhost
+    # (a browser on a rebound DNS name sends that name: it gets 421).
+    allowed_hosts: list[Annotated[str, AfterValidator(_check_host_name)]] = Field(
+        default_factory=list)
 
 
 class LimitsSettings(_Model):
@@ -316,13 +340,18 @@ class ConnectionSettings(_Model):
         return value.rstrip("/")
 
 
+def is_valid_name(name: str) -> bool:
+    # fullmatch: with match() and "$", "x\n" would pass and end up in a file name.
+    return len(name) <= NAME_MAX_LENGTH and NAME_PATTERN.fullmatch(name) is not None
+
+
 def name_error(name: str) -> str:
-    return f"name {name!r} must match [a-z0-9][a-z0-9_-]*"
+    return f"name {name!r} must match {NAME_RULE} (at most {NAME_MAX_LENGTH} characters)"
 
 
 def _check_names(mapping: dict[str, object]) -> dict[str, object]:
     for name in mapping:
-        if not NAME_PATTERN.match(name):
+        if not is_valid_name(name):
             raise ValueError(name_error(name))
     return mapping
 
