@@ -106,6 +106,9 @@ def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: DemoPKI,
         page.click("#edit-basic-web form.edit button[type=submit]")
         expect_done("Basic Auth definition web saved")
         assert FIRST_PASSWORD not in page.content() and SECOND_PASSWORD not in page.content()
+        # The config file's definition reads a file: shown read-only, without a form.
+        sync_api.expect(page.locator("#edit-basic-old")).to_contain_text("edit the config file")
+        assert page.locator("#edit-basic-old form").count() == 0
         shot("2-basic-auth")
 
         # Assign it to the connection.

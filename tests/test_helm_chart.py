@@ -157,6 +157,28 @@ def test_servicemonitor_scrapes_metrics_on_the_admin_port() -> None:
     )
 
 
+@pytest.mark.parametrize("example", GATEWAYS)
+def test_admin_port_is_on_the_service_only_when_asked(example: str) -> None:
+    values = chart.load_values(EXAMPLES[example])
+    monitored = values.get("serviceMonitor", {}).get("enabled", False)
+    docs = rendered(example)
+    ports = {p["name"] for p in chart.one(docs, "Service")["spec"]["ports"]}
+    allowed = config_of(docs)["admin"].get("allowed_hosts", [])
+    assert ("admin" in ports) == monitored, ports
+    assert bool(allowed) == monitored
+    # Probes reach the pod's admin port without the Service either way.
+    assert "admin" in {p["name"] for p in chart.sidecar_container(docs)["ports"]}
+
+    asked = copy.deepcopy(values)
+    asked.setdefault("service", {})["exposeAdmin"] = True
+    asked_docs = chart.render(asked)
+    assert "admin" in {p["name"] for p in chart.one(asked_docs, "Service")["spec"]["ports"]}
+    service = chart.one(asked_docs, "Service")["metadata"]["name"]
+    hosts = config_of(asked_docs)["admin"]["allowed_hosts"]
+    assert service in hosts and any(h.startswith(f"{service}.") and h.endswith(".svc")
+                                    for h in hosts)
+
+
 def test_network_policy_limits_who_may_use_the_credentials() -> None:
     docs = rendered("gateway")
     policy = chart.one(docs, "NetworkPolicy")["spec"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 helm_python = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install helm-python-sdk)"
@@ -211,9 +212,16 @@ def _test_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return pods[0]
 
 
+# The helm test asks through the Service's admin port, which is there only when asked for.
+ADMIN_ON_SERVICE = with_values(GATEWAY, service={"exposeAdmin": True})
+
+
 def test_helm_test_pod_asks_readyz_through_the_gateway_service() -> None:
-    docs = chart.render(GATEWAY)
+    docs = chart.render(ADMIN_ON_SERVICE)
     pod = _test_pod(docs)
+    # The Service's name is one the admin listener answers (anything else gets 421).
+    assert f"{chart.one(docs, 'Service')['metadata']['name']}.{chart.NAMESPACE}.svc" in (
+        yaml.safe_load(chart.config_text(docs))["admin"]["allowed_hosts"])
     validate(pod)
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     service = chart.one(docs, "Service")
@@ -233,8 +241,7 @@ def test_helm_test_pod_asks_readyz_through_the_gateway_service() -> None:
     assert selectors[0]["app.kubernetes.io/component"] == "helm-test"
 
     assert not [d for d in chart.render(SIDECAR) if d["kind"] == "Pod"]
-    no_admin = with_values(GATEWAY, service={"exposeAdmin": False})
-    assert not [d for d in chart.render(no_admin) if d["kind"] == "Pod"]
+    assert not [d for d in chart.render(GATEWAY) if d["kind"] == "Pod"]  # not asked for
 
 
 def _run_test_script(pod: dict[str, Any], url: str, deadline: str
@@ -247,7 +254,7 @@ def _run_test_script(pod: dict[str, Any], url: str, deadline: str
 
 
 def test_helm_test_script_passes_on_a_ready_sidecar_and_fails_otherwise(tmp_path: Path) -> None:
-    pod = _test_pod(chart.render(GATEWAY))
+    pod = _test_pod(chart.render(ADMIN_ON_SERVICE))
     admin = free_port()
     config = write_config(tmp_path, {
         "admin": {"listen": f"127.0.0.1:{admin}"},

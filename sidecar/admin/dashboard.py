@@ -42,7 +42,7 @@ class DashboardHandler(BoundedBody):
     def admit(self) -> None:
         if self.session is not None:
             return
-        if self.request.method == "POST":
+        if self.request.method not in ("GET", "HEAD"):
             self.render_page(401, "log in with the admin token to make changes")
         elif self.console.reads_need_token:
             self.render_page(401, "log in with the admin token: this admin listener is "

@@ -26,10 +26,10 @@ MAX_API_BODY_BYTES = 1024 * 1024
 
 
 def _answering_before_body(handler: tornado.web.RequestHandler) -> None:
-    # tornado closes a connection whose request body it did not read; say so, or a client
-    # that keeps connections alive sends its next request into a closed socket.
-    if declares_body(handler.request):
-        handler.set_header("Connection", "close")
+    # tornado closes a connection answered before its request was read to the end (even an
+    # empty body); say so, or a client that keeps connections alive sends its next request
+    # into a closed socket.
+    handler.set_header("Connection", "close")
 
 
 def _problem(handler: tornado.web.RequestHandler, status: int, message: str) -> None:

@@ -65,8 +65,22 @@ admin.listen set from `admin`, so probes and listener always agree.
 {{- end -}}
 {{- $admin := get $cfg "admin" | default dict -}}
 {{- $_ := set $admin "listen" (printf "%s:%d" .Values.admin.host (int .Values.admin.port)) -}}
+{{- if include "fhir-sidecar.adminOnService" . -}}
+{{- $svc := include "fhir-sidecar.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) -}}
+{{- $_ := set $admin "allowed_hosts" (concat (get $admin "allowed_hosts" | default list) $names | uniq) -}}
+{{- end -}}
 {{- $_ := set $cfg "admin" $admin -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/*
+"true" when the gateway Service carries the admin port: asked for with service.exposeAdmin, or
+needed by the ServiceMonitor. Empty otherwise.
+*/}}
+{{- define "fhir-sidecar.adminOnService" -}}
+{{- if and (eq .Values.mode "gateway") (or .Values.service.exposeAdmin .Values.serviceMonitor.enabled) -}}true{{- end -}}
 {{- end -}}
 
 {{/*
