@@ -5,6 +5,7 @@ API just set."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import socket
@@ -24,6 +25,7 @@ from support.sidecar_process import SidecarProcess, free_port, wait_until, write
 
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
+from sidecar.watch import POLL_SECONDS
 
 ADMIN_TOKEN = "admin-token-Vb83kq"
 FIRST_PASSWORD = "first-pw-Lm20"
@@ -114,6 +116,19 @@ def fresh(tmp_path: Path, pki: DemoPKI, open_upstream: FhirTestServer) -> Iterat
     s.process.start()
     yield s
     s.close()
+
+
+def wait_for_quiet_watcher(sidecar: Sidecar) -> None:
+    """The file watcher notices an earlier test's write (up to two polls later) and reloads
+    once more; let that happen before counting reloads."""
+    def quiet() -> bool:
+        events = sidecar.process.events("config_reloaded")
+        if not events:
+            return True
+        last = dt.datetime.fromisoformat(events[-1]["ts"].replace("Z", "+00:00"))
+        return (dt.datetime.now(dt.UTC) - last).total_seconds() > 3 * POLL_SECONDS
+
+    wait_until(quiet, 10, interval=0.1, message="the file watcher to settle")
 
 
 def assert_no_secret(response: httpx.Response) -> None:
@@ -350,6 +365,7 @@ BAD_WRITES: list[tuple[str, str, str, Any, int, str]] = [
                          [case[1:] for case in BAD_WRITES], ids=[c[0] for c in BAD_WRITES])
 def test_bad_writes_change_nothing(sidecar: Sidecar, method: str, path: str, body: Any,
                                    status: int, words: str) -> None:
+    wait_for_quiet_watcher(sidecar)
     before = disk_state(sidecar.tmp)
     generation = sidecar.process.events("config_reloaded")
     headers = {} if words == "admin token" else sidecar.auth

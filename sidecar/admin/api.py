@@ -250,7 +250,7 @@ class OpenApiHandler(ApiHandler):
 
 
 class ApiNotFound(ApiHandler):
-    def prepare(self) -> None:
+    def admit(self) -> None:
         self.reply_error(404, f"no API resource at {self.request.path}")
 
 
