@@ -97,8 +97,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     sources = StatusSources(live, metrics, lambda: listener_state(live, sidecar, proxyserver))
     admin = start_admin(sources)
     if admin is not None:  # the dashboard and /api, on the same admin listener
-        mount_console(admin.app, sources, state_dir / "secrets",
-                      split_listen(admin.listen)[0])
+        mount_console(admin.app, sources, state_dir / "secrets", admin.listen_address.host)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -19,7 +19,6 @@ import tornado.httputil
 import tornado.web
 
 from sidecar.admin.host_check import host_allowed
-from sidecar.config.models import split_listen
 from sidecar.live import LiveConfig
 
 MAX_API_BODY_BYTES = 1024 * 1024
@@ -161,7 +160,7 @@ class AdminApplication(tornado.web.Application):
         self._live = live
         listen = live.current.config.admin.listen
         # The address is read at start, like the listener itself (it moves only on restart).
-        self.listen_host = split_listen(listen)[0] if listen else "127.0.0.1"
+        self.listen_host = listen.host if listen else "127.0.0.1"
 
     def find_handler(self, request: tornado.httputil.HTTPServerRequest,
                      **kwargs: Any) -> Any:
