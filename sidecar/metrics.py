@@ -257,6 +257,10 @@ class SidecarMetrics:
         self.tls_failures = Counter(f"{PREFIX}_upstream_tls_failures", "Upstream TLS handshakes "
                                     "that failed, by reason.", ["connection", "reason"],
                                     registry=r)
+        self.egress_proxy_failures = Counter(
+            f"{PREFIX}_egress_proxy_failures", "Upstream requests that failed at their egress "
+            "proxy (unreachable, refused the tunnel, or its TLS failed), by proxy.", ["proxy"],
+            registry=r)
         self.ca_expiry = Gauge(f"{PREFIX}_ca_bundle_expiry_timestamp_seconds",
                                "Earliest expiry among the certificates of the connection's CA "
                                "bundle (epoch seconds; verify: custom only).",
@@ -285,6 +289,7 @@ class SidecarMetrics:
         self._client_cert_connections: set[str] = set()
         self._token_definitions: set[str] = set()
         self._signing_keys: set[tuple[str, str, str]] = set()
+        self._egress_proxies: set[str] = set()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -312,6 +317,9 @@ class SidecarMetrics:
         reason = reason if reason in TLS_REASONS else "handshake"
         self.tls_failures.labels(connection, reason).inc()
         self.board.tls_failed(connection, reason)
+
+    def egress_proxy_failure(self, proxy: str) -> None:
+        self.egress_proxy_failures.labels(proxy).inc()
 
     # -- TokenObserver --
 
@@ -358,6 +366,12 @@ class SidecarMetrics:
             with contextlib.suppress(KeyError):  # KeyError: no token was ever fetched for it
                 self.token_expiry_at.remove(gone)
         self._token_definitions = definitions
+        proxies = set(snapshot.egress_proxies)
+        for name in proxies - self._egress_proxies:  # exported at 0 until a first failure
+            self.egress_proxy_failures.labels(name)
+        for gone in self._egress_proxies - proxies:
+            self.egress_proxy_failures.remove(gone)
+        self._egress_proxies = proxies
         self.board.keep_only(snapshot.connections, definitions)
 
     def _signing_keys_loaded(self, snapshot: Snapshot) -> None:

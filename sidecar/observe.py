@@ -21,6 +21,8 @@ class ProxyObserver(Protocol):
 
     def upstream_tls_failure(self, connection: str, reason: str) -> None: ...
 
+    def egress_proxy_failure(self, proxy: str) -> None: ...
+
 
 class NullObserver:
     def request_started(self, connection: str) -> None:
@@ -34,4 +36,7 @@ class NullObserver:
         pass
 
     def upstream_tls_failure(self, connection: str, reason: str) -> None:
+        pass
+
+    def egress_proxy_failure(self, proxy: str) -> None:
         pass

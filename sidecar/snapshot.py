@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import ConnectionSettings, ListenAddress, SidecarConfig, TlsSettings
 from sidecar.credentials.basic import BasicCredentials
+from sidecar.egress import EgressProxy
 from sidecar.routing import Router, Upstream
 from sidecar.secrets import SecretError, read_secret, read_secret_file
 from sidecar.tls.material import TlsMaterialError
@@ -37,6 +38,7 @@ class CompiledConnection:
     basic: BasicCredentials | None
     oauth: str | None  # name of the OAuth definition (its token source lives in the snapshot)
     listen: ListenAddress | None
+    via: EgressProxy | None = None  # the egress proxy its upstream traffic tunnels through
 
     @property
     def timeout_seconds(self) -> float:
@@ -61,6 +63,7 @@ class Snapshot:
     warnings: tuple[str, ...] = ()
     # The public keys of every private_key_jwt definition, served as the JWK Set.
     signing_keys: tuple[PublishedKey, ...] = ()
+    egress_proxies: Mapping[str, EgressProxy] = field(default_factory=dict)
     generation: int = field(default_factory=lambda: next(_generations))
     # Looked up on every request to a per-connection listener.
     _by_listener: dict[ListenAddress, CompiledConnection] = field(init=False, repr=False,
@@ -115,8 +118,9 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
             continue
         basic[name] = BasicCredentials(name, definition.username, password)
 
+    proxies = _compile_egress_proxies(config, problems, warnings)
     token_sources = _compile_token_sources(config, previous, problems, warnings,
-                                           token_observer)
+                                           token_observer, proxies)
     signing_keys = _compile_signing_keys(config, problems, warnings)
 
     connections: dict[str, CompiledConnection] = {}
@@ -131,18 +135,22 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
         else:
             warnings.append(f"{file}: {path}.url: plain http:// upstream; credentials travel "
                             "unencrypted")
+        via = proxies.get(settings.via) if settings.via is not None else None
+        if settings.via is not None and via is None:
+            continue  # the proxy definition's own problem is reported
         connections[name] = CompiledConnection(
             name=name, settings=settings, upstream=upstream, tls=tls,
             basic=basic.get(settings.auth.basic) if settings.auth.basic else None,
             oauth=settings.auth.oauth,
             listen=settings.listen,
+            via=via,
         )
     if problems.items:
         raise ConfigError(problems.items)
     router = Router((name, conn.upstream) for name, conn in connections.items())
     return Snapshot(source=file, config=config, connections=connections,
                     token_sources=token_sources, router=router, warnings=tuple(warnings),
-                    signing_keys=signing_keys)
+                    signing_keys=signing_keys, egress_proxies=proxies)
 
 
 def _compile_signing_keys(config: SidecarConfig, problems: _Problems, warnings: list[str]
@@ -189,9 +197,34 @@ def _compile_tls(settings: TlsSettings, path: str, problems: _Problems, warnings
         return None
 
 
+def _compile_egress_proxies(config: SidecarConfig, problems: _Problems, warnings: list[str]
+                            ) -> dict[str, EgressProxy]:
+    proxies: dict[str, EgressProxy] = {}
+    for name, definition in config.egress_proxies.items():
+        path = f"egress_proxies.{name}"
+        password = None
+        if definition.username is not None:
+            try:
+                password = read_secret(definition.password_file, definition.password_env, None)
+            except SecretError as exc:
+                problems.add(f"{path}.{_secret_field(definition.password_file, 'password')}",
+                             str(exc))
+                continue
+        tls = None
+        if definition.url.startswith("https://"):
+            tls = _compile_tls(definition.tls or TlsSettings(), f"{path}.tls", problems,
+                               warnings)
+            if tls is None:
+                continue
+        proxies[name] = EgressProxy.from_url(name, definition.url, username=definition.username,
+                                             password=password, tls=tls)
+    return proxies
+
+
 def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
                            problems: _Problems, warnings: list[str],
-                           token_observer: TokenObserver | None = None
+                           token_observer: TokenObserver | None = None,
+                           proxies: Mapping[str, EgressProxy] | None = None
                            ) -> dict[str, TokenSource]:
     if not config.oauth:
         return {}
@@ -221,9 +254,13 @@ def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
         tls = _compile_tls(definition.tls, f"{path}.tls", problems, warnings)
         if tls is None:
             continue
+        via = (proxies or {}).get(definition.via) if definition.via is not None else None
+        if definition.via is not None and via is None:
+            continue  # the proxy definition's own problem is reported
         try:
             source = TokenSource(name, definition, client_secret=secret,
-                                 private_key_pem=key_pem, tls=tls, observer=token_observer)
+                                 private_key_pem=key_pem, tls=tls, observer=token_observer,
+                                 via=via)
         except OAuthSetupError as exc:
             problems.add(path, str(exc))
             continue

@@ -23,6 +23,8 @@ PASSWORD = "hunter2-in-url"
      " client_id: c, client_secret_env: S}\n", "oauth.idp.token_url"),
     ("oauth:\n  idp: {discover_from: 'https://" + PASSWORD + "@fhir.example.org/r4',"
      " client_id: c, client_secret_env: S}\n", "oauth.idp.discover_from"),
+    (f"egress_proxies:\n  corp: {{url: 'http://svc:{PASSWORD}@proxy.corp.example:3128'}}\n",
+     "egress_proxies.corp.url"),
 ])
 def test_userinfo_in_a_url_is_a_config_error_naming_the_field(tmp_path: Path, yaml_text: str,
                                                               field: str) -> None:

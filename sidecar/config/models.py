@@ -268,6 +268,8 @@ class OAuthDefinition(_Model):
     extra_params: dict[str, str] = Field(default_factory=dict)
     default_expires_in: int = Field(default=300, gt=0)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    # The egress proxy token requests and SMART discovery tunnel through.
+    via: str | None = None
 
     @field_validator("token_url", "discover_from")
     @classmethod
@@ -296,6 +298,39 @@ class OAuthDefinition(_Model):
         return self
 
 
+class EgressProxyDefinition(_Model):
+    """A corporate HTTP proxy that upstream traffic tunnels through (CONNECT)."""
+
+    url: str
+    username: str | None = None
+    password_file: ConfigPath | None = None
+    password_env: str | None = None
+    # How the sidecar verifies an https:// proxy's own certificate.
+    tls: TlsSettings | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _proxy_url(cls, value: str) -> str:
+        _require_http_url(value, credentials_in="username and password_file or password_env")
+        if urlsplit(value).path not in ("", "/"):
+            raise ValueError(f"{value!r}: a proxy URL is scheme://host:port, without a path")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        password_given = self.password_file is not None or self.password_env is not None
+        if self.username is not None:
+            _exactly_one(self, ("password_file", "password_env"), "proxy password")
+            if ":" in self.username:
+                raise ValueError("username must not contain ':' (HTTP Basic cannot carry it)")
+        elif password_given:
+            raise ValueError("a proxy password needs username")
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls is only used with an https:// proxy URL (the TLS to the "
+                             "FHIR server inside the tunnel follows the connection's own tls)")
+        return self
+
+
 class ConnectionAuth(_Model):
     basic: str | None = None
     oauth: str | None = None
@@ -309,12 +344,13 @@ class ConnectionAuth(_Model):
         return self
 
 
-def _require_http_url(value: str) -> None:
+def _require_http_url(value: str,
+                      credentials_in: str = "basic_auth or oauth definitions") -> None:
     parts = urlsplit(value)
     if "@" in parts.netloc:
         # Checked first, and the URL is not quoted: its userinfo may hold a password.
         raise ValueError("must not contain a user name or password (user:password@host): "
-                         "credentials belong in basic_auth or oauth definitions")
+                         f"credentials belong in {credentials_in}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an absolute http(s) URL")
     if parts.query or parts.fragment:
@@ -332,6 +368,8 @@ class ConnectionSettings(_Model):
     # Point the upstream's absolute URLs (Location, Content-Location, Bundle.link[].url) back
     # at the sidecar, so apps following them keep getting credentials.
     rewrite_links: bool = True
+    # The egress proxy this connection's upstream traffic tunnels through.
+    via: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -370,6 +408,8 @@ class SidecarConfig(_Model):
     connections: Annotated[dict[str, ConnectionSettings], AfterValidator(_check_names)] = Field(
         default_factory=dict
     )
+    egress_proxies: Annotated[dict[str, EgressProxyDefinition],
+                              AfterValidator(_check_names)] = Field(default_factory=dict)
 
     def listeners(self) -> list[Listener]:
         """Every address this config binds: validation, binding, routing and reload read
@@ -397,6 +437,12 @@ class SidecarConfig(_Model):
                 problems.append((f"connections.{name}.auth.oauth",
                                  f"no OAuth definition named {conn.auth.oauth!r}"
                                  f"{_known(self.oauth)}"))
+        users = [(f"connections.{n}.via", c.via) for n, c in self.connections.items()]
+        users += [(f"oauth.{n}.via", d.via) for n, d in self.oauth.items()]
+        for path, via in users:
+            if via is not None and via not in self.egress_proxies:
+                problems.append((path, f"no egress proxy named {via!r}"
+                                       f"{_known(self.egress_proxies)}"))
         problems += _listener_overlaps(self.listeners())
         return problems
 

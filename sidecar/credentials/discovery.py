@@ -16,11 +16,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from sidecar.credentials.egress_client import httpx_proxy
 from sidecar.credentials.endpoint_errors import (
     EndpointFailure,
     describe_http_error,
     describe_transport_error,
+    redact,
 )
+from sidecar.egress import EgressProxy
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 WELL_KNOWN_PATH = "/.well-known/smart-configuration"
@@ -39,17 +42,19 @@ def smart_configuration_url(fhir_base: str) -> str:
 
 
 async def fetch_smart_configuration(fhir_base: str, *, tls: UpstreamTlsPolicy,
-                                    timeout: float) -> SmartConfiguration:
+                                    timeout: float, via: EgressProxy | None = None
+                                    ) -> SmartConfiguration:
     """Read and parse the document; raise :class:`EndpointFailure` when that is not possible."""
     url = smart_configuration_url(fhir_base)
     # trust_env=False: neither proxy nor CA settings from the environment apply here.
     async with httpx.AsyncClient(verify=tls.stdlib_context(), trust_env=False, timeout=timeout,
-                                 follow_redirects=True) as client:
+                                 follow_redirects=True, proxy=httpx_proxy(via)) as client:
         try:
             response = await client.get(url, headers={"Accept": "application/json"})
         except (httpx.TransportError, ssl.SSLError) as exc:  # see TokenEndpoint.request_token
+            reason = describe_transport_error(exc, timeout, tls, url, via=via)
             raise EndpointFailure(
-                "network", describe_transport_error(exc, timeout, tls, url)) from None
+                "network", redact(reason, via.secrets() if via else [])) from None
     if response.status_code != 200:
         raise EndpointFailure("http_error", describe_http_error(response))
     return parse_smart_configuration(url, response.content)

@@ -16,6 +16,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 import httpx
 
+from sidecar.egress import EgressProxy
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
@@ -87,8 +88,24 @@ def _printable(text: str) -> str:
 
 
 def describe_transport_error(exc: Exception, timeout: float,
-                             tls: UpstreamTlsPolicy, url: str) -> str:
-    """Why no HTTP answer arrived: refused, timed out, TLS verification, ..."""
+                             tls: UpstreamTlsPolicy, url: str,
+                             via: EgressProxy | None = None) -> str:
+    """Why no HTTP answer arrived: refused, timed out, TLS verification, ...
+
+    Through an egress proxy, the only connection the sidecar opens itself is the one to the
+    proxy: failures to connect are the proxy's, and a refused tunnel quotes its answer.
+    """
+    if via is None:
+        return _transport_words(exc, timeout, tls, url)
+    if isinstance(exc, httpx.ProxyError):
+        return f"{via.describe()} refused the tunnel: {_printable(str(exc))[:_SNIPPET_CHARS]}"
+    words = _transport_words(exc, timeout, tls, url)
+    if isinstance(exc, httpx.ConnectError) and reason_of_stdlib_error(exc) is None:
+        return f"cannot reach {via.describe()}: {words}"
+    return f"{words} (through {via.describe()})"
+
+
+def _transport_words(exc: Exception, timeout: float, tls: UpstreamTlsPolicy, url: str) -> str:
     if isinstance(exc, httpx.ConnectTimeout):
         return f"could not connect within {timeout:g} s"
     if isinstance(exc, httpx.TimeoutException):

@@ -44,6 +44,7 @@ from sidecar.credentials.token_endpoint import (
     TokenEndpoint,
     TokenRequest,
 )
+from sidecar.egress import EgressProxy
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 log = logging.getLogger(__name__)
@@ -148,14 +149,25 @@ def _fingerprint(*parts: bytes | str | None) -> str:
     return mac.hexdigest()
 
 
+def _proxy_fingerprint(via: EgressProxy | None) -> str | None:
+    if via is None:
+        return None
+    tls = via.tls
+    return _fingerprint(via.name, via.url, via.username, via.password,
+                        *((tls.verify, tls.ca_pem, tls.client_cert_pem, tls.client_key_pem,
+                           tls.server_name) if tls is not None else ()))
+
+
 class TokenSource:
     """The token lifecycle of one OAuth definition. Use from one event loop."""
 
     def __init__(self, name: str, definition: OAuthDefinition, *, client_secret: str | None,
                  private_key_pem: bytes | None, tls: UpstreamTlsPolicy,
                  observer: TokenObserver | None = None,
-                 policy: RefreshPolicy | None = None):
+                 policy: RefreshPolicy | None = None,
+                 via: EgressProxy | None = None):
         self.name = name
+        self._via = via
         self.definition = definition
         self._secret = client_secret
         self._key_pem = private_key_pem
@@ -175,6 +187,7 @@ class TokenSource:
             _fingerprint(private_key_pem),
             _fingerprint(tls.verify, tls.ca_pem, tls.client_cert_pem, tls.client_key_pem,
                          tls.server_name),
+            _proxy_fingerprint(via),
         )
         self._endpoint: TokenEndpoint | None = None
 
@@ -342,7 +355,7 @@ class TokenSource:
         assert d.discover_from is not None
         config = await fetch_smart_configuration(
             d.discover_from, tls=self._tls,
-            timeout=self._policy.request_timeout)
+            timeout=self._policy.request_timeout, via=self._via)
         signing_alg = d.signing_alg if d.client_auth == "private_key_jwt" else None
         check_client_support(config, d.client_auth, signing_alg)
         return config.token_endpoint
@@ -357,7 +370,7 @@ class TokenSource:
         return TokenEndpoint(
             token_url, client_id=d.client_id, client_auth=d.client_auth,
             client_secret=self._secret, assertion_signer=signer, request=self._request,
-            tls=self._tls, timeout=self._policy.request_timeout,
+            tls=self._tls, timeout=self._policy.request_timeout, via=self._via,
         )
 
     def _lifetime(self, issued: IssuedToken) -> tuple[float, bool]:

@@ -19,12 +19,14 @@ import authlib.deprecate  # noqa: F401  (its warning filter must be installed ou
 import httpx
 
 from sidecar.credentials.client_auth import PrivateKeyJwt, encode_client_secret_basic
+from sidecar.credentials.egress_client import httpx_proxy
 from sidecar.credentials.endpoint_errors import (
     EndpointFailure,
     describe_http_error,
     describe_transport_error,
     redact,
 )
+from sidecar.egress import EgressProxy
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 with warnings.catch_warnings():
@@ -78,9 +80,11 @@ class TokenEndpoint:
 
     def __init__(self, token_url: str, *, client_id: str, client_auth: ClientAuthMethod,
                  client_secret: str | None, assertion_signer: PrivateKeyJwt | None,
-                 request: TokenRequest, tls: UpstreamTlsPolicy, timeout: float):
+                 request: TokenRequest, tls: UpstreamTlsPolicy, timeout: float,
+                 via: EgressProxy | None = None):
         self.token_url = token_url
         self._secret = client_secret
+        self._via = via
         self._request = request
         self._timeout = timeout
         self._tls = tls
@@ -90,6 +94,7 @@ class TokenEndpoint:
             token_endpoint_auth_method=client_auth,
             verify=tls.stdlib_context(),
             trust_env=False,  # no proxy or CA settings from the environment
+            proxy=httpx_proxy(via),
             timeout=timeout,
             follow_redirects=False,
         )
@@ -115,7 +120,8 @@ class TokenEndpoint:
         # A TLS alert after the handshake (a TLS 1.3 server refusing the client certificate)
         # reaches us as a bare ssl.SSLError: httpx does not wrap it.
         except (httpx.TransportError, ssl.SSLError) as exc:
-            reason = describe_transport_error(exc, self._timeout, self._tls, self.token_url)
+            reason = describe_transport_error(exc, self._timeout, self._tls, self.token_url,
+                                              via=self._via)
             raise EndpointFailure("network", self._redact(reason)) from None
         except OAuthError as exc:  # a 2xx answer that carries an OAuth error anyway
             answer = f"{exc.error}: {exc.description}" if exc.description else str(exc.error)
@@ -148,7 +154,7 @@ class TokenEndpoint:
                            scope=_scopes(raw.get("scope")))
 
     def _redact(self, text: str) -> str:
-        return redact(text, [self._secret])
+        return redact(text, [self._secret, *(self._via.secrets() if self._via else [])])
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -31,6 +31,7 @@ from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
 from sidecar.proxy import failures, mitm_compat, request_checks
 from sidecar.proxy.bearer_retry import may_retry, retried_response
+from sidecar.proxy.egress_tunnel import EgressTunnel
 from sidecar.proxy.flow_state import (
     FLOW_KEY,
     REQUEST_ID,
@@ -64,6 +65,8 @@ class FhirSidecar:
         self.observer: ProxyObserver = observer or NullObserver()
         # Its own addon, added right after this one (and before mitmproxy's TlsConfig).
         self.upstream_tls = UpstreamTls()
+        # Its own addon, added after this one: upstream traffic through egress proxies.
+        self.egress_tunnel = EgressTunnel()
         # Companion addons, added after this one: see limits.py.
         self.client_limits = ClientLimits(lambda: self.live.current if self.live else None)
         self.read_timeout = UpstreamReadTimeout()
@@ -373,7 +376,11 @@ class FhirSidecar:
             tls_failure = self.upstream_tls.pop_failure(flow.client_conn, flow.server_conn)
             problem = failures.classify(state.connection, flow.error.msg,
                                         timed_out=state.timed_out, tls_failure=tls_failure)
-            if problem.kind is ErrorKind.UPSTREAM_TLS:
+            proxy = failures.failed_proxy(state.connection, flow.error.msg,
+                                          timed_out=state.timed_out, tls_failure=tls_failure)
+            if proxy is not None:
+                self.observer.egress_proxy_failure(proxy.name)
+            elif problem.kind is ErrorKind.UPSTREAM_TLS:
                 self.observer.upstream_tls_failure(
                     state.connection.name, tls_failure.reason if tls_failure else "handshake")
             state.error = problem.kind.value

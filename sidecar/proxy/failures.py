@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from OpenSSL import SSL
 
+from sidecar.egress import EgressProxy
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.snapshot import CompiledConnection
 from sidecar.tls.verdict import HandshakeOutcome, TlsFailureReason, describe
@@ -15,13 +17,15 @@ from sidecar.tls.verdict import HandshakeOutcome, TlsFailureReason, describe
 class TlsFailure:
     reason: TlsFailureReason
     detail: str
+    proxy: EgressProxy | None = None  # the handshake with this egress proxy itself failed
 
     @classmethod
-    def from_conn(cls, ssl_conn: SSL.Connection, message: str) -> TlsFailure:
+    def from_conn(cls, ssl_conn: SSL.Connection, message: str,
+                  proxy: EgressProxy | None = None) -> TlsFailure:
         outcome = ssl_conn.get_app_data()
         if isinstance(outcome, HandshakeOutcome) and outcome.failed:
-            return cls(outcome.reason, message)
-        return cls("handshake", message)
+            return cls(outcome.reason, message, proxy)
+        return cls("handshake", message, proxy)
 
     @classmethod
     def after_handshake(cls, ssl_conn: SSL.Connection) -> TlsFailure | None:
@@ -94,19 +98,60 @@ def token_unavailable(connection: str, exc: Exception) -> SidecarError:
                         f"connection '{connection}': no access token available: {exc}")
 
 
+# mitmproxy's words when the egress proxy answers a CONNECT with anything but 2xx.
+_CONNECT_REFUSED = re.compile(r"refused HTTP CONNECT request: (?P<answer>.*)$")
+
+
+def failed_proxy(conn: CompiledConnection, message: str, *, timed_out: bool,
+                 tls_failure: TlsFailure | None) -> EgressProxy | None:
+    """The egress proxy to blame for an upstream failure, if it is the proxy's."""
+    proxy = conn.via
+    if proxy is None or timed_out:
+        return None
+    if tls_failure is not None:
+        return tls_failure.proxy
+    if _CONNECT_REFUSED.search(message):
+        return proxy
+    # Through a proxy, the only connection the sidecar opens itself is the one to the proxy.
+    lowered = message.lower()
+    if "TLS" in message or "certificate" in lowered:
+        return None
+    return proxy
+
+
 def classify(conn: CompiledConnection, message: str, *, timed_out: bool,
              tls_failure: TlsFailure | None) -> SidecarError:
     upstream = conn.upstream
     where = f"connection '{conn.name}'"
     host = upstream.host_header
     if timed_out:
+        through = f" (through {conn.via.describe()})" if conn.via is not None else ""
         return SidecarError(ErrorKind.UPSTREAM_TIMEOUT,
-                            f"{where}: {host} did not answer within {conn.timeout_seconds:g} s")
+                            f"{where}: {host} did not answer within {conn.timeout_seconds:g} s"
+                            f"{through}")
+    proxy = failed_proxy(conn, message, timed_out=timed_out, tls_failure=tls_failure)
+    if proxy is not None:
+        return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
+                            f"{where}: {_proxy_words(conn, proxy, message, tls_failure)}")
     if tls_failure is not None or "TLS" in message or "certificate" in message.lower():
         return SidecarError(ErrorKind.UPSTREAM_TLS,
                             f"{where}: {_tls_words(conn, tls_failure, message)}")
     return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
                         f"{where}: cannot reach {host}: {_connect_words(message)}")
+
+
+def _proxy_words(conn: CompiledConnection, proxy: EgressProxy, message: str,
+                 tls_failure: TlsFailure | None) -> str:
+    target = f"{conn.upstream.host}:{conn.upstream.port}"
+    if tls_failure is not None:
+        return (f"cannot reach {proxy.describe()}: TLS to the proxy failed: "
+                f"{describe(tls_failure.reason, proxy.tls, proxy.host, message)}")
+    refused = _CONNECT_REFUSED.search(message)
+    if refused is not None:
+        # The proxy's status line, in printable characters only, and nothing of the request.
+        answer = "".join(c for c in refused.group("answer") if c.isprintable())[:120]
+        return f"{proxy.describe()} refused the tunnel to {target}: {answer}"
+    return f"cannot reach {proxy.describe()}: {_connect_words(message)}"
 
 
 def _tls_words(conn: CompiledConnection, failure: TlsFailure | None, message: str) -> str:

@@ -67,6 +67,7 @@ def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | No
         next_layer.NextLayer(),
         sidecar,
         sidecar.upstream_tls,  # its tls_start_server must run before TlsConfig's default one
+        sidecar.egress_tunnel,
         sidecar.client_limits,
         sidecar.read_timeout,
         tlsconfig.TlsConfig(),

@@ -17,6 +17,7 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
+from sidecar.egress import ProxyAddress
 from sidecar.proxy import failures, mitm_compat
 from sidecar.snapshot import CompiledConnection
 from sidecar.tls.policy import UpstreamTlsPolicy, retire_connection
@@ -46,6 +47,9 @@ class UpstreamTls:
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn
         assert isinstance(server, connection.Server) and server.address is not None
+        if isinstance(server.address, ProxyAddress):
+            self._start_proxy_tls(tls_start, server, server.address)
+            return
         conn = mitm_compat.opened_for(server)
         if not isinstance(conn, CompiledConnection) or conn.tls is None:
             # Not opened for one of our upstreams: refuse rather than fall back to
@@ -60,10 +64,24 @@ class UpstreamTls:
         tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
         self._open[server.id] = _UpstreamConnection(policy, tls_start.ssl_conn, host, port)
 
+    @staticmethod
+    def _start_proxy_tls(tls_start: tls.TlsData, server: connection.Server,
+                         address: ProxyAddress) -> None:
+        """TLS to an https:// egress proxy itself, under the proxy definition's policy."""
+        policy = address.proxy.tls
+        if policy is None:
+            raise ValueError("fhir-sidecar: no TLS policy for this egress proxy")
+        host, port = address
+        server.sni = policy.sni_for(host)
+        server.alpn_offers = HTTP1_ALPN
+        tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
+
     def tls_failed_server(self, tls_start: tls.TlsData) -> None:
         if tls_start.ssl_conn is not None:
+            address = getattr(tls_start.conn, "address", None)
             self._failures[tls_start.context.client.id] = failures.TlsFailure.from_conn(
-                tls_start.ssl_conn, tls_start.conn.error or "")
+                tls_start.ssl_conn, tls_start.conn.error or "",
+                proxy=address.proxy if isinstance(address, ProxyAddress) else None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         upstream = self._open.get(flow.server_conn.id)
