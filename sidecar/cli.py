@@ -87,6 +87,9 @@ def cmd_check(args: argparse.Namespace, settings: RuntimeSettings) -> int:
         print(f"{path}: valid ({len(snapshot.connections)} connections, "
               f"{len(snapshot.config.basic_auth)} Basic and {len(snapshot.config.oauth)} "
               "OAuth definitions)")
+        for proxy in snapshot.egress_proxies.values():
+            print(f"egress proxy {proxy.name}: {proxy.url}"
+                  f"{f' (as {proxy.username})' if proxy.username else ''}")
         return EXIT_OK
     from sidecar.online_check import check_connections, handshake_table
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from sidecar.egress_connect import TunnelRefused, open_tunnel
 from sidecar.snapshot import CompiledConnection, Snapshot
 from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
@@ -33,18 +34,20 @@ class HandshakeResult:
     subject: str = ""
     not_after: str = ""
     reason: str = ""  # why it failed, as sidecar.tls.verdict.TlsFailureReason; "" when ok
+    via: str = "-"  # the egress proxy the handshake tunnelled through
 
 
 def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECONDS
               ) -> HandshakeResult:
     upstream = conn.upstream
     base = dict(connection=conn.name, url=conn.settings.url,
-                tls_mode=conn.tls.verify if conn.tls else "none (http)")
+                tls_mode=conn.tls.verify if conn.tls else "none (http)",
+                via=conn.via.name if conn.via else "-")
     if conn.tls is None:
         return HandshakeResult(**base, ok=True, result="plain http, no TLS")
     context = conn.tls.stdlib_context()
     try:
-        with socket.create_connection((upstream.host, upstream.port), timeout=timeout) as raw, \
+        with _connect(conn, timeout) as raw, \
                 context.wrap_socket(raw, server_hostname=upstream.host) as tls:
             der = tls.getpeercert(binary_form=True)
             version = tls.version() or "TLS"
@@ -54,6 +57,8 @@ def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECON
         reason = reason_of_stdlib_error(exc) or "handshake"
         words = describe(reason, conn.tls, upstream.host, stdlib_error_detail(exc))
         return HandshakeResult(**base, ok=False, result=f"failed: {words}", reason=reason)
+    except TunnelRefused as exc:
+        return HandshakeResult(**base, ok=False, result=f"failed: {exc}")
     except OSError as exc:
         return HandshakeResult(**base, ok=False, result=f"failed: {exc.strerror or exc}")
     subject = not_after = ""
@@ -63,6 +68,14 @@ def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECON
         not_after = cert.not_valid_after_utc.strftime("%Y-%m-%d")
     return HandshakeResult(**base, ok=True, result=f"ok ({version})", subject=subject,
                            not_after=not_after)
+
+
+def _connect(conn: CompiledConnection, timeout: float) -> socket.socket:
+    """A TCP connection to the upstream: direct, or tunnelled through its egress proxy."""
+    upstream = conn.upstream
+    if conn.via is not None:
+        return open_tunnel(conn.via, upstream.host, upstream.port, timeout)
+    return socket.create_connection((upstream.host, upstream.port), timeout=timeout)
 
 
 def _server_verdict(tls: ssl.SSLSocket, wait: float) -> None:
@@ -106,5 +119,6 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def handshake_table(results: list[HandshakeResult]) -> str:
     return format_table(
-        ["CONNECTION", "URL", "TLS", "RESULT", "SUBJECT", "EXPIRES"],
-        [[r.connection, r.url, r.tls_mode, r.result, r.subject, r.not_after] for r in results])
+        ["CONNECTION", "URL", "VIA", "TLS", "RESULT", "SUBJECT", "EXPIRES"],
+        [[r.connection, r.url, r.via, r.tls_mode, r.result, r.subject, r.not_after]
+         for r in results])

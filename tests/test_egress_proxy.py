@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,3 +288,34 @@ def test_an_unreachable_proxy_is_a_502_naming_the_proxy(egress: Setup) -> None:
 def test_every_configured_proxy_is_exported(egress: Setup) -> None:
     assert set(egress.failures_metric()) == {"corp", "corp-wrong", "nowhere", "strict"}
     assert egress.failures_metric()["corp"] == 0
+
+
+def test_check_online_tunnels_through_the_proxy(egress: Setup, tmp_path: Path,
+                                                pki: DemoPKI) -> None:
+    (tmp_path / "proxy-password").write_text(PROXY_PASSWORD + "\n")
+    custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
+    config = write_config(tmp_path, {
+        "admin": {"listen": None},
+        "egress_proxies": {
+            "corp": {"url": egress.proxy.url, "username": PROXY_USER,
+                     "password_file": "proxy-password"},
+            "strict": {"url": f"http://127.0.0.1:{egress.refusing.port}",
+                       "username": PROXY_USER, "password_file": "proxy-password"}},
+        "connections": {
+            "through": {"url": f"https://localhost:{egress.upstream.port}/fhir",
+                        "tls": custom, "via": "corp"},
+            "refused": {"url": f"https://localhost:{egress.upstream.port}/fhir",
+                        "tls": custom, "via": "strict"}},
+    })
+    before = len(egress.proxy.connects())
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(config),
+                             "--online"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **AMBIENT_PROXY_ENV})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line}
+    assert " corp " in rows["through"] and "ok (TLS" in rows["through"], output
+    assert "egress proxy 'strict'" in rows["refused"] and "407" in rows["refused"], output
+    assert egress.proxy.connects()[before:] == [f"localhost:{egress.upstream.port}"]
+    for form in _forms_of(PROXY_PASSWORD):
+        assert form not in output.encode()

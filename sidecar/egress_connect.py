@@ -1,0 +1,63 @@
+"""A blocking CONNECT tunnel through an egress proxy, for ``check --online``.
+
+The socket returned carries bytes to ``host:port`` through the proxy; the caller runs the
+upstream's TLS inside it under the connection's own policy, as the proxy leg does.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from sidecar.egress import EgressProxy
+
+_MAX_HEAD_BYTES = 16384
+
+
+class TunnelRefused(OSError):
+    """The proxy could not be reached or answered the CONNECT with anything but 2xx."""
+
+
+def open_tunnel(proxy: EgressProxy, host: str, port: int, timeout: float) -> socket.socket:
+    if proxy.scheme != "http":
+        raise TunnelRefused(f"{proxy.describe()}: check --online tunnels through http:// "
+                            "proxies only")
+    try:
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+    except OSError as exc:
+        raise TunnelRefused(f"cannot reach {proxy.describe()}: {exc.strerror or exc}") from None
+    try:
+        sock.sendall(_connect_request(proxy, host, port))
+        status_line = _read_status_line(sock)
+    except OSError as exc:
+        sock.close()
+        raise TunnelRefused(f"{proxy.describe()} did not answer the CONNECT: "
+                            f"{exc.strerror or exc}") from None
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].startswith("2"):
+        sock.close()
+        answer = " ".join(parts[1:])[:120] or "no status line"
+        raise TunnelRefused(f"{proxy.describe()} refused the tunnel to {host}:{port}: {answer}")
+    return sock
+
+
+def _connect_request(proxy: EgressProxy, host: str, port: int) -> bytes:
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    authorization = proxy.proxy_authorization()
+    if authorization is not None:
+        lines.append(f"Proxy-Authorization: {authorization}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def _read_status_line(sock: socket.socket) -> str:
+    """Read the proxy's answer head byte by byte: nothing of the tunnel may be consumed."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise TunnelRefused("the proxy closed the connection")
+        head += byte
+        if len(head) > _MAX_HEAD_BYTES:
+            raise TunnelRefused("the proxy's answer head is too long")
+    first = head.split(b"\r\n", 1)[0].decode("latin-1")
+    return "".join(c for c in first if c.isprintable())
