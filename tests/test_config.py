@@ -30,6 +30,18 @@ def test_bad_yaml_names_line(tmp_path: Path) -> None:
     assert line.startswith(f"{path}: line ") and "invalid YAML" in line
 
 
+@pytest.mark.parametrize("text", ["", "   \n\t\n", "\n\n", "# only a comment\n", "---\n"])
+def test_empty_config_is_invalid(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    [line] = problems(path)
+    assert line.startswith(f"{path}: the config file is empty")
+
+
+def test_explicit_empty_mapping_is_a_valid_config(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "{}\n"))
+    assert config.connections == {} and config.basic_auth == {}
+
+
 def test_unknown_key_and_reference_errors_all_reported(tmp_path: Path) -> None:
     path = write(tmp_path, """
 basic_auth:

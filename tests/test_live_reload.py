@@ -238,3 +238,66 @@ def test_secret_deleted_then_renamed_into_place(setup: Setup) -> None:
     staged.write_text("renamed-in\n")
     os.replace(staged, secret)  # how most tools write a file atomically
     setup.auth_becomes(basic_header("svc", "renamed-in"))
+
+
+def _reload_failures(admin_port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10, trust_env=False).text
+    for line in text.splitlines():
+        if line.startswith('fhir_sidecar_config_reloads_total{result="failure"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no reload failure counter in /metrics")
+
+
+@pytest.mark.parametrize("empty_text", ["", "  \n\t\n"])
+def test_config_truncated_under_traffic_keeps_serving(tmp_path: Path, pki: DemoPKI,
+                                                      open_upstream: FhirTestServer,
+                                                      empty_text: str) -> None:
+    s = Setup(tmp_path, pki, open_upstream)
+    admin_port = free_port()
+    s.config["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
+    s.save()
+    good_text = s.path.read_text()
+    failures: list[str] = []
+    answered = [0]
+    done = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30, trust_env=False) as http:
+            for _ in range(5000):  # bounded; normally stopped by `done` long before
+                if done.is_set():
+                    return
+                try:
+                    response = http.get(f"http://127.0.0.1:{s.port}/Patient/example")
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                answered[0] += 1
+
+    with s.sidecar:
+        failed_before = _reload_failures(admin_port)
+        traffic = threading.Thread(target=client)
+        traffic.start()
+        try:
+            with s.path.open("w", encoding="utf-8") as out:  # truncated in place
+                out.write(empty_text)
+            record = s.sidecar.wait_for_event(
+                "config_rejected", lambda r: "is empty" in r.get("message", ""),
+                timeout=LIVE_DEADLINE)
+            assert record["message"].startswith(f"{s.path}: the config file is empty")
+            wait_until(lambda: _reload_failures(admin_port) > failed_before, LIVE_DEADLINE,
+                       message="the failed reload to be counted")
+            served_while_empty = answered[0]
+            wait_until(lambda: answered[0] > served_while_empty + 20, LIVE_DEADLINE,
+                       message="requests answered while the file is empty")
+
+            reloads = s.reload_events("config_reloaded")
+            s.path.write_text(good_text, encoding="utf-8")
+            wait_until(lambda: s.reload_events("config_reloaded") > reloads, LIVE_DEADLINE,
+                       message="the restored config to be reloaded")
+        finally:
+            done.set()
+            traffic.join(30)
+        assert failures == []
+        assert s.get().status_code == 200
+        assert s.last_auth() == basic_header("svc", "first-password")

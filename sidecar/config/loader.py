@@ -12,6 +12,9 @@ from pydantic import ValidationError
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import SidecarConfig, is_valid_name, name_error
 
+EMPTY_CONFIG_MESSAGE = ("the config file is empty (or holds only comments); write {} for a "
+                        "configuration without any settings")
+
 _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required field is missing",
@@ -32,12 +35,16 @@ def load_config(path: str | Path) -> SidecarConfig:
 
 
 def parse_config(text: str, *, file: str, base_dir: Path) -> SidecarConfig:
+    if not text.strip():
+        raise ConfigError([ConfigProblem(file, "", EMPTY_CONFIG_MESSAGE)])
     try:
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigProblem(file, _yaml_position(exc), _yaml_reason(exc))]) from None
     if data is None:
-        data = {}
+        # An empty file is far more often a write caught halfway (or a truncated ConfigMap)
+        # than a wish to drop every connection; "{}" says the latter explicitly.
+        raise ConfigError([ConfigProblem(file, "", EMPTY_CONFIG_MESSAGE)])
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, "", "the top level must be a mapping of sections")])
     try:
