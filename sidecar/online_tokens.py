@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sidecar.credentials.oauth import TokenSource, TokenUnavailable
 from sidecar.online_check import format_table
+from sidecar.redaction import Redactor
 from sidecar.snapshot import Snapshot
 
 
@@ -21,12 +22,13 @@ class TokenCheck:
     error: str = ""
 
 
-async def _check(name: str, source: TokenSource) -> TokenCheck:
+async def _check(name: str, source: TokenSource, redactor: Redactor) -> TokenCheck:
     method = source.definition.client_auth
     try:
         fetched = await source.fetch_once()
     except TokenUnavailable as exc:
-        return TokenCheck(name, exc.token_url, method, False, error=exc.reason)
+        return TokenCheck(name, redactor.scrub(exc.token_url), method, False,
+                          error=redactor.scrub(exc.reason))
     finally:
         await source.aclose()
     expires = f"{fetched.expires_in:.0f} s" + (" (default)" if fetched.expires_in_defaulted
@@ -37,7 +39,8 @@ async def _check(name: str, source: TokenSource) -> TokenCheck:
 
 async def check_tokens(snapshot: Snapshot) -> list[TokenCheck]:
     return list(await asyncio.gather(
-        *(_check(name, source) for name, source in snapshot.token_sources.items())))
+        *(_check(name, source, snapshot.redactor)
+          for name, source in snapshot.token_sources.items())))
 
 
 def token_table(results: list[TokenCheck]) -> str:

@@ -17,6 +17,7 @@ from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import ConnectionSettings, ListenAddress, SidecarConfig, TlsSettings
 from sidecar.credentials.basic import BasicCredentials
 from sidecar.egress import EgressProxy
+from sidecar.redaction import GENERIC, Redactor
 from sidecar.routing import Router, Upstream
 from sidecar.secrets import SecretError, read_secret, read_secret_file
 from sidecar.tls.material import TlsMaterialError
@@ -64,6 +65,8 @@ class Snapshot:
     # The public keys of every private_key_jwt definition, served as the JWK Set.
     signing_keys: tuple[PublishedKey, ...] = ()
     egress_proxies: Mapping[str, EgressProxy] = field(default_factory=dict)
+    # Knows every secret this snapshot read: scrubs any outside text before it is shown.
+    redactor: Redactor = field(default=GENERIC, repr=False, compare=False)
     generation: int = field(default_factory=lambda: next(_generations))
     # Looked up on every request to a per-connection listener.
     _by_listener: dict[ListenAddress, CompiledConnection] = field(init=False, repr=False,
@@ -104,6 +107,7 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
     warnings: list[str] = []
 
     basic: dict[str, BasicCredentials] = {}
+    basic_pairs: list[tuple[str, str]] = []
     for name, definition in config.basic_auth.items():
         path = f"basic_auth.{name}"
         if definition.password is not None:
@@ -117,10 +121,17 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
                          str(exc))
             continue
         basic[name] = BasicCredentials(name, definition.username, password)
+        basic_pairs.append((definition.username, password))
 
     proxies = _compile_egress_proxies(config, problems, warnings)
-    token_sources = _compile_token_sources(config, previous, problems, warnings,
-                                           token_observer, proxies)
+    oauth_secrets = _read_oauth_secrets(config, problems, warnings)
+    redactor = Redactor(
+        secrets=[_admin_token(config)],
+        pairs=basic_pairs
+        + [(config.oauth[name].client_id, secret) for name, (secret, _) in oauth_secrets.items()]
+        + [(proxy.username or "", proxy.password) for proxy in proxies.values()])
+    token_sources = _compile_token_sources(config, oauth_secrets, redactor, previous, problems,
+                                           warnings, token_observer, proxies)
     signing_keys = _compile_signing_keys(config, problems, warnings)
 
     connections: dict[str, CompiledConnection] = {}
@@ -150,7 +161,7 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
     router = Router((name, conn.upstream) for name, conn in connections.items())
     return Snapshot(source=file, config=config, connections=connections,
                     token_sources=token_sources, router=router, warnings=tuple(warnings),
-                    signing_keys=signing_keys, egress_proxies=proxies)
+                    signing_keys=signing_keys, egress_proxies=proxies, redactor=redactor)
 
 
 def _compile_signing_keys(config: SidecarConfig, problems: _Problems, warnings: list[str]
@@ -221,16 +232,10 @@ def _compile_egress_proxies(config: SidecarConfig, problems: _Problems, warnings
     return proxies
 
 
-def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
-                           problems: _Problems, warnings: list[str],
-                           token_observer: TokenObserver | None = None,
-                           proxies: Mapping[str, EgressProxy] | None = None
-                           ) -> dict[str, TokenSource]:
-    if not config.oauth:
-        return {}
-    from sidecar.credentials.oauth import OAuthSetupError, TokenSource
-
-    sources: dict[str, TokenSource] = {}
+def _read_oauth_secrets(config: SidecarConfig, problems: _Problems, warnings: list[str]
+                        ) -> dict[str, tuple[str | None, bytes | None]]:
+    """Per OAuth definition its client secret or its private key, as read now."""
+    found: dict[str, tuple[str | None, bytes | None]] = {}
     for name, definition in config.oauth.items():
         path = f"oauth.{name}"
         secret = None
@@ -251,6 +256,35 @@ def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
                           _secret_field(definition.client_secret_file, "client_secret"))
             problems.add(f"{path}.{field_name}", str(exc))
             continue
+        found[name] = (secret, key_pem)
+    return found
+
+
+def _admin_token(config: SidecarConfig) -> str | None:
+    # Read for the redactor only: the admin listener re-reads the file on every check.
+    if config.admin.token_file is None:
+        return None
+    try:
+        return read_secret_file(config.admin.token_file)
+    except SecretError:
+        return None
+
+
+def _compile_token_sources(config: SidecarConfig,
+                           oauth_secrets: Mapping[str, tuple[str | None, bytes | None]],
+                           redactor: Redactor, previous: Snapshot | None,
+                           problems: _Problems, warnings: list[str],
+                           token_observer: TokenObserver | None = None,
+                           proxies: Mapping[str, EgressProxy] | None = None
+                           ) -> dict[str, TokenSource]:
+    if not config.oauth:
+        return {}
+    from sidecar.credentials.oauth import OAuthSetupError, TokenSource
+
+    sources: dict[str, TokenSource] = {}
+    for name, (secret, key_pem) in oauth_secrets.items():
+        definition = config.oauth[name]
+        path = f"oauth.{name}"
         tls = _compile_tls(definition.tls, f"{path}.tls", problems, warnings)
         if tls is None:
             continue
@@ -260,13 +294,17 @@ def _compile_token_sources(config: SidecarConfig, previous: Snapshot | None,
         try:
             source = TokenSource(name, definition, client_secret=secret,
                                  private_key_pem=key_pem, tls=tls, observer=token_observer,
-                                 via=via)
+                                 redactor=redactor, via=via)
         except OAuthSetupError as exc:
             problems.add(path, str(exc))
             continue
         old = previous.token_sources.get(name) if previous else None
-        sources[name] = old if old is not None and old.settings_key == source.settings_key \
-            else source
+        if old is not None and old.settings_key == source.settings_key:
+            # Kept for its cached token; the new snapshot's secrets are scrubbed from its
+            # failures too.
+            old.use_redactor(redactor)
+            source = old
+        sources[name] = source
     return sources
 
 

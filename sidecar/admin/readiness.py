@@ -103,7 +103,8 @@ def _oauth(sources: StatusSources) -> dict[str, Any]:
             "token_valid_until": _iso_dt(status.valid_until),
             "last_refresh": _iso_dt(status.last_refresh),
             "last_result": activity.last_result,
-            "last_error": status.last_error,
+            "last_error": None if status.last_error is None
+            else snapshot.redactor.scrub(status.last_error),
             "scopes": list(status.scopes),
             "used_by": sorted(c.name for c in snapshot.connections.values() if c.oauth == name),
         }

@@ -108,7 +108,8 @@ class Views:
             "token": {
                 "valid_until": _iso_dt(status.valid_until) if status else None,
                 "last_refresh": _iso_dt(status.last_refresh) if status else None,
-                "last_error": status.last_error if status else None,
+                "last_error": self.sources.live.current.redactor.scrub(status.last_error)
+                if status and status.last_error else None,
                 "scopes": list(status.scopes) if status else [],
                 "last_result": self.sources.metrics.board.token(name).last_result,
             },

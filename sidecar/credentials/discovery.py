@@ -21,9 +21,9 @@ from sidecar.credentials.endpoint_errors import (
     EndpointFailure,
     describe_http_error,
     describe_transport_error,
-    redact,
 )
 from sidecar.egress import EgressProxy
+from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 WELL_KNOWN_PATH = "/.well-known/smart-configuration"
@@ -42,8 +42,8 @@ def smart_configuration_url(fhir_base: str) -> str:
 
 
 async def fetch_smart_configuration(fhir_base: str, *, tls: UpstreamTlsPolicy,
-                                    timeout: float, via: EgressProxy | None = None
-                                    ) -> SmartConfiguration:
+                                    timeout: float, redactor: Redactor,
+                                    via: EgressProxy | None = None) -> SmartConfiguration:
     """Read and parse the document; raise :class:`EndpointFailure` when that is not possible."""
     url = smart_configuration_url(fhir_base)
     # trust_env=False: neither proxy nor CA settings from the environment apply here.
@@ -54,9 +54,9 @@ async def fetch_smart_configuration(fhir_base: str, *, tls: UpstreamTlsPolicy,
         except (httpx.TransportError, ssl.SSLError) as exc:  # see TokenEndpoint.request_token
             reason = describe_transport_error(exc, timeout, tls, url, via=via)
             raise EndpointFailure(
-                "network", redact(reason, via.secrets() if via else [])) from None
+                "network", redactor.scrub(reason)) from None
     if response.status_code != 200:
-        raise EndpointFailure("http_error", describe_http_error(response))
+        raise EndpointFailure("http_error", describe_http_error(response, redactor))
     return parse_smart_configuration(url, response.content)
 
 

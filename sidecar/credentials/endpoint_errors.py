@@ -2,8 +2,9 @@
 
 Token endpoints and SMART discovery documents fail in the same few ways; both report an
 :class:`EndpointFailure` whose ``result`` is a metric label (design §7) and whose ``reason`` quotes
-what the endpoint said. Reasons end up in logs, ``/readyz?verbose=1`` and 503 diagnostics, so they
-are scrubbed of anything that looks like a credential before they leave this module.
+what the endpoint said. Reasons end up in logs, ``/readyz?verbose=1``, the admin API and 503
+diagnostics, so the endpoint's words pass the caller's :class:`~sidecar.redaction.Redactor`
+before they leave this module, whole (a cut made before redacting could keep part of a secret).
 """
 
 from __future__ import annotations
@@ -12,19 +13,20 @@ import json
 import re
 from collections.abc import Iterable
 from typing import Literal
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from sidecar.egress import EgressProxy
+from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
 FailureResult = Literal["http_error", "invalid_response", "network"]
 
-_SNIPPET_CHARS = 200
-# A JWS compact serialisation (a token, an assertion): base64url header starting with '{"'.
-_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# How much of an error body is read at all; the redactor caps what is shown far below this, so
+# a secret cut at this boundary is never within what is shown.
+_BODY_READ_BYTES = 16 * 1024
 
 
 class EndpointFailure(Exception):
@@ -36,27 +38,13 @@ class EndpointFailure(Exception):
         self.reason = reason
 
 
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Remove the given secrets (also as they look when URL-encoded) and anything JWT-shaped.
-
-    An endpoint that echoes the request (some gateways do) would otherwise put the client secret
-    or the signed assertion into a log line.
-    """
-    for secret in secrets:
-        if not secret:
-            continue
-        for form in {secret, quote_plus(secret, safe=""), quote(secret, safe="")}:
-            text = text.replace(form, "[redacted]")
-    return _JWT_LIKE.sub("[redacted JWT]", text)
-
-
-def describe_http_error(response: httpx.Response) -> str:
+def describe_http_error(response: httpx.Response, redactor: Redactor) -> str:
     """The endpoint's own answer first (RFC 6749 §5.2 ``error``/``error_description``)."""
     status = f"HTTP {response.status_code}"
     answer = _oauth_error(response)
     if answer is not None:
-        return f"{answer} ({status})"
-    snippet = _snippet(response)
+        return f"{redactor.scrub(answer)} ({status})"
+    snippet = _snippet(response, redactor)
     return f"{status}: {snippet}" if snippet else status
 
 
@@ -69,22 +57,16 @@ def _oauth_error(response: httpx.Response) -> str | None:
         return None
     description = body.get("error_description")
     if isinstance(description, str) and description:
-        return f"{body['error']}: {_printable(description)}"
-    return _printable(body["error"])
+        return f"{body['error']}: {description}"
+    return str(body["error"])
 
 
-def _snippet(response: httpx.Response) -> str:
-    try:
-        text = response.content[: _SNIPPET_CHARS * 4].decode("utf-8", "replace")
-    except Exception:  # an undecodable body is described by its status alone
-        return ""
+def _snippet(response: httpx.Response, redactor: Redactor) -> str:
+    text = response.content[:_BODY_READ_BYTES].decode("utf-8", "replace")
+    # Redact before the markup goes: a secret with "<" in it would otherwise be cut apart.
+    text = redactor.scrub(text, limit=len(text))
     text = re.sub(r"<[^>]*>", " ", text)  # HTML error pages: keep the words, not the markup
-    text = _printable(text)
-    return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "..."
-
-
-def _printable(text: str) -> str:
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return redactor.scrub(text)
 
 
 def describe_transport_error(exc: Exception, timeout: float,
@@ -98,7 +80,7 @@ def describe_transport_error(exc: Exception, timeout: float,
     if via is None:
         return _transport_words(exc, timeout, tls, url)
     if isinstance(exc, httpx.ProxyError):
-        return f"{via.describe()} refused the tunnel: {_printable(str(exc))[:_SNIPPET_CHARS]}"
+        return f"{via.describe()} refused the tunnel: {exc}"
     words = _transport_words(exc, timeout, tls, url)
     if isinstance(exc, httpx.ConnectError) and reason_of_stdlib_error(exc) is None:
         return f"cannot reach {via.describe()}: {words}"

@@ -45,6 +45,7 @@ from sidecar.credentials.token_endpoint import (
     TokenRequest,
 )
 from sidecar.egress import EgressProxy
+from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 log = logging.getLogger(__name__)
@@ -165,11 +166,16 @@ class TokenSource:
                  private_key_pem: bytes | None, tls: UpstreamTlsPolicy,
                  observer: TokenObserver | None = None,
                  policy: RefreshPolicy | None = None,
+                 redactor: Redactor | None = None,
                  via: EgressProxy | None = None):
         self.name = name
         self._via = via
         self.definition = definition
         self._secret = client_secret
+        # Its own secret in every form, whatever else the caller's redactor knows.
+        self._own_redactor = Redactor(pairs=[(definition.client_id, client_secret)])
+        self._redactor = self._own_redactor if redactor is None else \
+            redactor.merged(self._own_redactor)
         self._key_pem = private_key_pem
         self._observer = observer
         self._policy = policy or RefreshPolicy()
@@ -291,13 +297,25 @@ class TokenSource:
             endpoint = await self._get_endpoint()
             issued = await endpoint.request_token()
         except EndpointFailure as exc:
-            raise TokenUnavailable(self.name, self.token_url, exc.reason, exc.result) from None
+            raise self._unavailable(exc) from None
         lifetime, defaulted = self._lifetime(issued)
         return FetchedToken(token_url=endpoint.token_url, scopes=self._granted(issued),
                             expires_in=lifetime, expires_in_defaulted=defaulted)
 
+    def use_redactor(self, redactor: Redactor) -> None:
+        """Scrub this source's failures with ``redactor`` too (a reload kept the source)."""
+        self._redactor = redactor.merged(self._own_redactor)
+
+    def scrub(self, text: str) -> str:
+        return self._redactor.scrub(text)
+
     def __repr__(self) -> str:
         return f"TokenSource({self.name!r}, client_auth={self.definition.client_auth!r})"
+
+    def _unavailable(self, failure: EndpointFailure) -> TokenUnavailable:
+        # Every endpoint text passes here on its way to logs, status pages and 503 bodies.
+        return TokenUnavailable(self.name, self.scrub(self.token_url), self.scrub(failure.reason),
+                                failure.result)
 
     # --- fetching -----------------------------------------------------------------------
 
@@ -321,7 +339,7 @@ class TokenSource:
             endpoint = await self._get_endpoint()
             issued = await endpoint.request_token()
         except EndpointFailure as exc:
-            failure = TokenUnavailable(self.name, self.token_url, exc.reason, exc.result)
+            failure = self._unavailable(exc)
             self._record_failure(failure)
             raise failure from None
         except Exception as exc:
@@ -355,7 +373,7 @@ class TokenSource:
         assert d.discover_from is not None
         config = await fetch_smart_configuration(
             d.discover_from, tls=self._tls,
-            timeout=self._policy.request_timeout, via=self._via)
+            timeout=self._policy.request_timeout, redactor=self._redactor, via=self._via)
         signing_alg = d.signing_alg if d.client_auth == "private_key_jwt" else None
         check_client_support(config, d.client_auth, signing_alg)
         return config.token_endpoint
@@ -370,7 +388,8 @@ class TokenSource:
         return TokenEndpoint(
             token_url, client_id=d.client_id, client_auth=d.client_auth,
             client_secret=self._secret, assertion_signer=signer, request=self._request,
-            tls=self._tls, timeout=self._policy.request_timeout, via=self._via,
+            tls=self._tls, timeout=self._policy.request_timeout,
+            redactor=self._redactor, via=self._via,
         )
 
     def _lifetime(self, issued: IssuedToken) -> tuple[float, bool]:

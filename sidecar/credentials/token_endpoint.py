@@ -24,9 +24,9 @@ from sidecar.credentials.endpoint_errors import (
     EndpointFailure,
     describe_http_error,
     describe_transport_error,
-    redact,
 )
 from sidecar.egress import EgressProxy
+from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 with warnings.catch_warnings():
@@ -81,9 +81,9 @@ class TokenEndpoint:
     def __init__(self, token_url: str, *, client_id: str, client_auth: ClientAuthMethod,
                  client_secret: str | None, assertion_signer: PrivateKeyJwt | None,
                  request: TokenRequest, tls: UpstreamTlsPolicy, timeout: float,
-                 via: EgressProxy | None = None):
+                 redactor: Redactor, via: EgressProxy | None = None):
         self.token_url = token_url
-        self._secret = client_secret
+        self._redactor = redactor
         self._via = via
         self._request = request
         self._timeout = timeout
@@ -108,7 +108,7 @@ class TokenEndpoint:
 
     def _require_success(self, response: httpx.Response) -> httpx.Response:
         if not 200 <= response.status_code < 300:
-            raise EndpointFailure("http_error", self._redact(describe_http_error(response)))
+            raise EndpointFailure("http_error", describe_http_error(response, self._redactor))
         return response
 
     async def request_token(self) -> IssuedToken:
@@ -154,7 +154,7 @@ class TokenEndpoint:
                            scope=_scopes(raw.get("scope")))
 
     def _redact(self, text: str) -> str:
-        return redact(text, [self._secret, *(self._via.secrets() if self._via else [])])
+        return self._redactor.scrub(text)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -227,7 +227,8 @@ class FhirSidecar:
         try:
             token = await source.token()
         except TokenUnavailable as exc:
-            self._answer(flow, failures.token_unavailable(conn.name, exc))
+            self._answer(flow, failures.token_unavailable(conn.name, exc,
+                                                          state.snapshot.redactor))
             return
         except Exception:
             self._refuse_after_failure(flow, "fetching an access token")

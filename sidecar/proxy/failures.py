@@ -9,8 +9,12 @@ from OpenSSL import SSL
 
 from sidecar.egress import EgressProxy
 from sidecar.errors import ErrorKind, SidecarError
+from sidecar.redaction import MAX_SHOWN_CHARS, Redactor
 from sidecar.snapshot import CompiledConnection
 from sidecar.tls.verdict import HandshakeOutcome, TlsFailureReason, describe
+
+# The definition's name and token URL, then the endpoint's (already capped) words.
+TOKEN_ERROR_CHARS = MAX_SHOWN_CHARS + 400
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,11 @@ def connect_refused(host: str, known: bool) -> SidecarError:
     return SidecarError(ErrorKind.NO_ROUTE, text)
 
 
-def token_unavailable(connection: str, exc: Exception) -> SidecarError:
+def token_unavailable(connection: str, exc: Exception, redactor: Redactor) -> SidecarError:
+    # The reason quotes the token endpoint, which may have echoed the request's credentials.
     return SidecarError(ErrorKind.TOKEN_UNAVAILABLE,
-                        f"connection '{connection}': no access token available: {exc}")
+                        f"connection '{connection}': no access token available: "
+                        f"{redactor.scrub(str(exc), limit=TOKEN_ERROR_CHARS)}")
 
 
 # mitmproxy's words when the egress proxy answers a CONNECT with anything but 2xx.
