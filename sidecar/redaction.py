@@ -17,6 +17,7 @@ and caps the length, after redacting, so a cut never leaves part of a secret beh
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import re
@@ -105,16 +106,12 @@ class Redactor:
             if secret:
                 forms |= secret_forms(secret) | pair_forms(identity, secret)
         self._forms = frozenset(forms)
-        # Longest first: a form that contains another is removed whole.
-        ordered = sorted(forms, key=len, reverse=True)
-        self._known = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
-    def merged(self, other: Redactor) -> Redactor:
-        merged = Redactor()
-        merged._forms = self._forms | other._forms
-        ordered = sorted(merged._forms, key=len, reverse=True)
-        merged._known = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        return merged
+    @functools.cached_property
+    def _known(self) -> re.Pattern[str] | None:
+        # Compiled on first use: most snapshots never have anything to scrub.
+        ordered = sorted(self._forms, key=len, reverse=True)  # a longer form goes whole
+        return re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def scrub(self, text: str, limit: int = MAX_SHOWN_CHARS) -> str:
         """``text`` without any known secret or credential-shaped part, on one line, capped."""

@@ -172,10 +172,9 @@ class TokenSource:
         self._via = via
         self.definition = definition
         self._secret = client_secret
-        # Its own secret in every form, whatever else the caller's redactor knows.
-        self._own_redactor = Redactor(pairs=[(definition.client_id, client_secret)])
-        self._redactor = self._own_redactor if redactor is None else \
-            redactor.merged(self._own_redactor)
+        # The snapshot's redactor knows this definition's secret with all the others.
+        self._redactor = redactor if redactor is not None else \
+            Redactor(pairs=[(definition.client_id, client_secret)])
         self._key_pem = private_key_pem
         self._observer = observer
         self._policy = policy or RefreshPolicy()
@@ -303,8 +302,9 @@ class TokenSource:
                             expires_in=lifetime, expires_in_defaulted=defaulted)
 
     def use_redactor(self, redactor: Redactor) -> None:
-        """Scrub this source's failures with ``redactor`` too (a reload kept the source)."""
-        self._redactor = redactor.merged(self._own_redactor)
+        """Scrub with the new snapshot's ``redactor`` (a reload kept this source; its secret
+        is unchanged, so the new redactor knows it)."""
+        self._redactor = redactor
 
     def scrub(self, text: str) -> str:
         return self._redactor.scrub(text)
