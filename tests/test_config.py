@@ -164,3 +164,28 @@ connections:
                   "limits.client_idle_timeout_seconds", "connections.a.read_timeout_seconds"):
         assert any(p.startswith(f"{path}: {field}: ") for p in found), (field, found)
     assert f"{path}: limits.max_body: unknown key" in found
+
+
+def test_yaml_1_2_strings_stay_strings(tmp_path: Path) -> None:
+    # YAML 1.1 read these as False and as the sexagesimal number 750.
+    config = load_config(write(tmp_path, """
+basic_auth:
+  b: {username: no, password: on}
+oauth:
+  o: {token_url: "https://t.example/token", client_id: 12:30, client_secret: yes}
+"""))
+    assert config.basic_auth["b"].username == "no"
+    assert config.basic_auth["b"].password == "on"
+    assert config.oauth["o"].client_id == "12:30"
+    assert config.oauth["o"].client_secret == "yes"
+
+
+def test_duplicate_key_is_invalid_and_its_values_are_not_quoted(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+basic_auth:
+  b: {username: svc, password: inline-secret-one, password: inline-secret-two}
+""")
+    [line] = problems(path)
+    assert line.startswith(f"{path}: line 3, column ")
+    assert "duplicate key 'password'" in line
+    assert "inline-secret" not in line

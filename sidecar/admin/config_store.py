@@ -21,7 +21,6 @@ This module knows nothing about HTTP.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import secrets
@@ -32,8 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import parse_config
@@ -43,6 +40,7 @@ from sidecar.config.models import (
     SidecarConfig,
     is_valid_name,
 )
+from sidecar.config.yaml_io import YAMLError, dump, round_trip
 from sidecar.live import LiveConfig, ReloadOutcome
 from sidecar.secrets import SecretError, read_secret_file
 from sidecar.snapshot import compile_snapshot
@@ -398,7 +396,7 @@ class ConfigStore:
         self._require_writable()
         path = self.config_path
         original = path.read_bytes()
-        yaml = _yaml()
+        yaml = round_trip()
         try:
             data = yaml.load(original.decode("utf-8")) or {}
         except (YAMLError, UnicodeDecodeError) as exc:
@@ -418,7 +416,7 @@ class ConfigStore:
 
         try:
             created = change(plan)
-            text = _dump(yaml, plan.data)
+            text = dump(yaml, plan.data)
             self._validate(text)
             _atomic_write(path, text.encode("utf-8"), _mode_of(path))
         except BaseException:
@@ -452,7 +450,7 @@ class ConfigStore:
 
     def _file_section(self, kind: Kind) -> dict[str, Any]:
         try:
-            data = _yaml().load(self.config_path.read_text(encoding="utf-8")) or {}
+            data = round_trip().load(self.config_path.read_text(encoding="utf-8")) or {}
         except (OSError, YAMLError, UnicodeDecodeError):
             return dict(getattr(self.config, kind))
         section = data.get(kind) if isinstance(data, dict) else None
@@ -558,19 +556,6 @@ def _section(data: dict[str, Any], kind: str) -> dict[str, Any]:
         raise ChangeRejected(409, f"the config file's {kind} section is not a mapping; fix it "
                                   "first")
     return section
-
-
-def _yaml() -> YAML:
-    yaml = YAML()  # round-trip: comments and key order survive
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    return yaml
-
-
-def _dump(yaml: YAML, data: Any) -> str:
-    out = io.StringIO()
-    yaml.dump(data, out)
-    return out.getvalue()
 
 
 def _writable(path: Path) -> bool:

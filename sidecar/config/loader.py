@@ -1,4 +1,4 @@
-"""Read a YAML config file into a validated :class:`SidecarConfig`."""
+"""Read a YAML config file into a validated :class:`SidecarConfig` (YAML 1.2, see yaml_io)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import SidecarConfig, is_valid_name, name_error
+from sidecar.config.yaml_io import YAMLError, error_position, error_reason, load
 
 EMPTY_CONFIG_MESSAGE = ("the config file is empty (or holds only comments); write {} for a "
                         "configuration without any settings")
@@ -38,9 +38,9 @@ def parse_config(text: str, *, file: str, base_dir: Path) -> SidecarConfig:
     if not text.strip():
         raise ConfigError([ConfigProblem(file, "", EMPTY_CONFIG_MESSAGE)])
     try:
-        data: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(file, _yaml_position(exc), _yaml_reason(exc))]) from None
+        data: Any = load(text)
+    except YAMLError as exc:
+        raise ConfigError([ConfigProblem(file, error_position(exc), error_reason(exc))]) from None
     if data is None:
         # An empty file is far more often a write caught halfway (or a truncated ConfigMap)
         # than a wish to drop every connection; "{}" says the latter explicitly.
@@ -81,16 +81,6 @@ def validation_problems(file: str, exc: ValidationError) -> list[ConfigProblem]:
             message = message.removeprefix("Value error, ")
         problems.append(ConfigProblem(file, path, message))
     return problems
-
-
-def _yaml_position(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-def _yaml_reason(exc: yaml.YAMLError) -> str:
-    problem = getattr(exc, "problem", None)
-    return f"invalid YAML: {problem}" if problem else "invalid YAML"
 
 
 def _reason(exc: BaseException) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
+from sidecar.config.yaml_io import dump, round_trip
 from sidecar.demo.auth_checks import basic_auth_check, bearer_token_check
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
@@ -100,7 +100,7 @@ def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int, token_url: 
         },
     }
     path = directory / "demo.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(dump(round_trip(), config))
     return path, ports
 
 
