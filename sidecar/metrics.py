@@ -50,6 +50,15 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
 TOKEN_RESULTS = frozenset({"success", "http_error", "invalid_response", "network"})
 TLS_REASONS = TLS_FAILURE_REASONS
 NO_STATUS = "none"  # status_class of a request that ended without any response
+# Exported at 0 for every configured connection from the moment it is loaded, so that a rate()
+# or an alert sees the first request, retry or failure as a change (a series that appears
+# with its first increment hides that increment). Methods: the FHIR RESTful interactions;
+# other methods and status classes appear on first use.
+PRESET_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+PRESET_STATUS_CLASSES = ("2xx", "4xx", "5xx")
+# The error words a routed request can end with (failures before routing count under "-").
+CONNECTION_ERRORS = ("token-unavailable", "upstream-tls", "upstream-unreachable",
+                     "upstream-timeout", "client-disconnected", "stream-aborted")
 # FHIR searches can take tens of seconds; the default buckets stop at 10 s.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -290,6 +299,10 @@ class SidecarMetrics:
         self._token_definitions: set[str] = set()
         self._signing_keys: set[tuple[str, str, str]] = set()
         self._egress_proxies: set[str] = set()
+        self._configured: set[str] = set()
+        # Removed by a reload (and not added back): requests still running on them are not
+        # counted, so their dropped series do not come back.
+        self._removed: set[str] = set()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -304,6 +317,10 @@ class SidecarMetrics:
 
     def request_finished(self, connection: str, method: str, status: int | None,
                          duration_seconds: float, error: str | None) -> None:
+        if connection in self._removed:
+            # Its connection was removed while it ran: its series are gone with it.
+            self.board.finished(connection, status, error)
+            return
         if error is not None:
             self.errors.labels(connection, error).inc()
         self.requests.labels(connection, method_label(method), status_class(status)).inc()
@@ -311,11 +328,13 @@ class SidecarMetrics:
         self.board.finished(connection, status, error)
 
     def auth_retry(self, connection: str) -> None:
-        self.auth_retries.labels(connection).inc()
+        if connection not in self._removed:
+            self.auth_retries.labels(connection).inc()
 
     def upstream_tls_failure(self, connection: str, reason: str) -> None:
         reason = reason if reason in TLS_REASONS else "handshake"
-        self.tls_failures.labels(connection, reason).inc()
+        if connection not in self._removed:
+            self.tls_failures.labels(connection, reason).inc()
         self.board.tls_failed(connection, reason)
 
     def egress_proxy_failure(self, proxy: str) -> None:
@@ -365,6 +384,7 @@ class SidecarMetrics:
         for gone in self._token_definitions - definitions:
             with contextlib.suppress(KeyError):  # KeyError: no token was ever fetched for it
                 self.token_expiry_at.remove(gone)
+            self.token_requests.remove_by_labels({"definition": gone})
         self._token_definitions = definitions
         proxies = set(snapshot.egress_proxies)
         for name in proxies - self._egress_proxies:  # exported at 0 until a first failure
@@ -372,6 +392,10 @@ class SidecarMetrics:
         for gone in self._egress_proxies - proxies:
             self.egress_proxy_failures.remove(gone)
         self._egress_proxies = proxies
+        for definition in definitions:
+            for result in sorted(TOKEN_RESULTS):
+                self.token_requests.labels(definition, result)
+        self._export_connections(snapshot)
         self.board.keep_only(snapshot.connections, definitions)
 
     def _signing_keys_loaded(self, snapshot: Snapshot) -> None:
@@ -383,6 +407,28 @@ class SidecarMetrics:
         for gone in self._signing_keys - labels:
             self.signing_key_created.remove(*gone)
         self._signing_keys = labels
+
+    def _export_connections(self, snapshot: Snapshot) -> None:
+        """Series of configured connections at 0; a removed connection's series are dropped."""
+        names = set(snapshot.connections)
+        for gone in self._configured - names:
+            for metric in (self.requests, self.duration, self.errors, self.auth_retries,
+                           self.tls_failures):
+                metric.remove_by_labels({"connection": gone})
+        self._removed = (self._removed | (self._configured - names)) - names
+        self._configured = names
+        for name, conn in snapshot.connections.items():
+            for method in PRESET_METHODS:
+                for status in PRESET_STATUS_CLASSES:
+                    self.requests.labels(name, method, status)
+            self.duration.labels(name)
+            for error in CONNECTION_ERRORS:
+                self.errors.labels(name, error)
+            self.auth_retries.labels(name)
+            if conn.tls is not None:
+                for reason in sorted(TLS_REASONS):
+                    self.tls_failures.labels(name, reason)
+            self.board.connection(name)  # requests_in_flight at 0
 
     def attach(self, live: LiveConfig) -> None:
         """Follow ``live``: count its reloads and refresh from every new snapshot."""

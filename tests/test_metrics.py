@@ -288,3 +288,35 @@ def test_in_flight_of_a_removed_connection_is_kept_until_it_finishes() -> None:
     metrics.request_finished("gone", "GET", 200, 0.01, None)
     assert value(samples(metrics), "fhir_sidecar_requests_in_flight", connection="gone") == 0
     assert metrics.in_flight_total() == 0
+
+
+def test_a_request_finishing_on_a_removed_connection_does_not_bring_its_series_back(
+        tmp_path: Path, pki: DemoPKI) -> None:
+    custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
+    path = _config(tmp_path, pki, {"a": {"url": "https://a.example/fhir", "tls": custom},
+                                   "b": {"url": "https://b.example/fhir", "tls": custom}})
+    live = LiveConfig(path)
+    metrics = SidecarMetrics()
+    metrics.attach(live)
+    assert value(samples(metrics), "fhir_sidecar_auth_retries_total", connection="b") == 0
+    metrics.request_started("b")
+    _config(tmp_path, pki, {"a": {"url": "https://a.example/fhir", "tls": custom}})
+    assert live.reload().ok
+    metrics.auth_retry("b")
+    metrics.upstream_tls_failure("b", "expired")
+    metrics.request_finished("b", "GET", 200, 0.01, None)
+    # (requests_in_flight follows the status board, which lets running requests finish)
+    assert not any(dict(labels).get("connection") == "b"
+                   and name != "fhir_sidecar_requests_in_flight"
+                   for name, labels in samples(metrics))
+    assert metrics.in_flight_total() == 0
+
+    _config(tmp_path, pki, {"a": {"url": "https://a.example/fhir", "tls": custom},
+                            "b": {"url": "https://b.example/fhir", "tls": custom}})
+    assert live.reload().ok  # added back: counted again, from 0
+    metrics.request_started("b")
+    metrics.request_finished("b", "GET", 200, 0.01, None)
+    found = samples(metrics)
+    assert value(found, "fhir_sidecar_requests_total", connection="b", method="GET",
+                 status_class="2xx") == 1
+    assert value(found, "fhir_sidecar_auth_retries_total", connection="b") == 0
