@@ -202,9 +202,10 @@ def proxy_verdict(matrix: Matrix, case: Case) -> str:
         assert response.headers["X-Sidecar-Error"] == "upstream-tls", response.text
         reason = reason_in_words(response.json()["issue"][0]["diagnostics"])
         metrics = client.get(f"http://127.0.0.1:{matrix.admin_port}/metrics").text
-    labelled = re.findall(
+    # Every reason is exported at 0 from the start; the failure counts under one of them.
+    labelled = [found for found, count in re.findall(
         rf'fhir_sidecar_upstream_tls_failures_total{{connection="{re.escape(case.name)}",'
-        r'reason="([a-z_]+)"}', metrics)
+        r'reason="([a-z_]+)"}} ([0-9.e+]+)', metrics) if float(count) > 0]
     assert labelled == [reason], metrics
     return reason
 
