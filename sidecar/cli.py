@@ -12,7 +12,7 @@ from pathlib import Path
 from sidecar import __version__
 from sidecar.config.errors import ConfigError
 from sidecar.logs import setup_logging
-from sidecar.settings import RuntimeSettings
+from sidecar.settings import RuntimeSettings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -176,7 +176,12 @@ def cmd_demo(args: argparse.Namespace, settings: RuntimeSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = RuntimeSettings()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"fhir-sidecar: {line}", file=sys.stderr)
+        return EXIT_INVALID
     commands = {"run": cmd_run, "check": cmd_check, "jwks": cmd_jwks,
                 "demo": cmd_demo}
     return commands[args.command](args, settings)

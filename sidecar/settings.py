@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FHIR_SIDECAR_"
+
+
+class SettingsError(ValueError):
+    """Environment variables that cannot be used; one line per variable, no traceback."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
 
 
 def _default_state_dir() -> Path:
@@ -15,7 +26,7 @@ def _default_state_dir() -> Path:
 
 
 class RuntimeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FHIR_SIDECAR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     config: Path | None = None
     # mitmproxy's CA store and other runtime state; a writable volume in containers.
@@ -24,3 +35,22 @@ class RuntimeSettings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     # Deprecated: the config file's shutdown.drain_seconds (sidecar.shutdown.shutdown_timings).
     drain_seconds: float | None = None
+
+
+def load_settings() -> RuntimeSettings:
+    """The settings from the environment; raise :class:`SettingsError` naming each bad variable
+    and what it may be (its value is not repeated)."""
+    try:
+        return RuntimeSettings()
+    except ValidationError as exc:
+        raise SettingsError([_describe(err) for err in exc.errors(include_url=False)]) from None
+
+
+def _describe(err: Any) -> str:
+    field = str(err["loc"][0]) if err["loc"] else "?"
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    expected = (err.get("ctx") or {}).get("expected")
+    if err["type"] == "literal_error" and expected:
+        return f"{variable}: must be one of {expected.replace(' or ', ', ')}"
+    message = str(err["msg"]).removeprefix("Input should be ")
+    return f"{variable}: must be {message}"

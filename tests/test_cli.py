@@ -150,3 +150,19 @@ def test_no_config_is_a_clear_error(args: tuple[str, ...]) -> None:
                             text=True, timeout=30, env=env)
     assert result.returncode == 2
     assert "no config file" in result.stderr
+
+
+@pytest.mark.parametrize(("variable", "value", "allowed"), [
+    ("FHIR_SIDECAR_LOG_LEVEL", "loud", "'debug', 'info', 'warning', 'error'"),
+    ("FHIR_SIDECAR_LOG_FORMAT", "xml", "'json', 'text'"),
+])
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_a_bad_environment_variable_is_one_line_and_exit_2(
+        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, command: str, variable: str,
+        value: str, allowed: str) -> None:
+    config = good_config(tmp_path, pki, upstreams)
+    result = sidecar_cmd(command, "-c", str(config), env={variable: value}, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"fhir-sidecar: {variable}: must be one of {allowed}"]
+    assert "Traceback" not in result.stderr
