@@ -205,7 +205,7 @@ def proxy_verdict(matrix: Matrix, case: Case) -> str:
     # Every reason is exported at 0 from the start; the failure counts under one of them.
     labelled = [found for found, count in re.findall(
         rf'fhir_sidecar_upstream_tls_failures_total{{connection="{re.escape(case.name)}",'
-        r'reason="([a-z_]+)"}} ([0-9.e+]+)', metrics) if float(count) > 0]
+        r'reason="([a-z_]+)"} ([0-9.e+]+)', metrics) if float(count) > 0]
     assert labelled == [reason], metrics
     return reason
 
