@@ -39,8 +39,11 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 
 def write_config(directory: Path, config: dict[str, Any], name: str = "sidecar.yaml") -> Path:
+    """Write the config in one rename, so a running sidecar never sees it half-written."""
     path = directory / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    staged = directory / f".{name}.staged"
+    staged.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    os.replace(staged, path)
     return path
 
 
