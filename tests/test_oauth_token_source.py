@@ -518,6 +518,10 @@ async def test_discovery_finds_the_token_endpoint(oauth_provider: OAuthTestProvi
     ("es384", {"token_endpoint_auth_signing_alg_values_supported": ["RS384"]},
      "does not accept ES384 client assertions"),
     ("basic", {"token_endpoint": None}, "has no absolute http(s) token_endpoint"),
+    ("basic", {"token_endpoint": "https://u:p@127.0.0.1:9/token"},
+     "token_endpoint carries user info"),
+    ("basic", {"token_endpoint": "http://127.0.0.1:9/token"},
+     "(read over https) names a plain http token_endpoint"),
 ])
 @async_test
 async def test_discovery_reports_what_the_server_cannot_do(

@@ -71,6 +71,16 @@ def parse_smart_configuration(url: str, content: bytes) -> SmartConfiguration:
     if not isinstance(token_endpoint, str) or not _is_absolute_http_url(token_endpoint):
         raise EndpointFailure("invalid_response",
                               "the SMART configuration has no absolute http(s) token_endpoint")
+    # The client secret or assertion goes to this URL: it may not carry credentials of its own,
+    # nor take the secret off TLS when the document itself came over TLS.
+    parts = urlsplit(token_endpoint)
+    if parts.username is not None or parts.password is not None:
+        raise EndpointFailure("invalid_response",
+                              "the SMART configuration's token_endpoint carries user info")
+    if urlsplit(url).scheme == "https" and parts.scheme != "https":
+        raise EndpointFailure("invalid_response",
+                              "the SMART configuration (read over https) names a plain http "
+                              "token_endpoint")
     return SmartConfiguration(
         url=url,
         token_endpoint=token_endpoint,
