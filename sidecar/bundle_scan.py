@@ -11,8 +11,8 @@ something the full scan would rewrite, and the caller then scans everything:
 - an ``entry`` list that is not the last member of the Bundle (JSON: the body must end with
   ``]`` and ``}``) or is not closed by the last ``</entry>`` before ``</Bundle>`` (XML).
 
-Every check here is a ``memchr``-class byte search: even a full pass over a 400 KB page at
-general substring-search speed (~0.2 ms) would cost more than the rest of the proxying, so
+Every check here is a ``memchr``-class byte search: even a full pass over a large page at
+general substring-search speed would cost more than the rest of the proxying, so
 multi-byte needles are found through their rarest first byte.
 
 What a jump does not check is the grammar inside the entries: a body whose entries are broken

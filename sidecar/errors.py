@@ -1,4 +1,4 @@
-"""Errors the sidecar itself answers with (design §5): FHIR OperationOutcome bodies.
+"""Errors the sidecar itself answers with: FHIR OperationOutcome bodies.
 
 Every error names the connection and the cause in plain words, carries
 ``Content-Type: application/fhir+json`` and an ``X-Sidecar-Error`` header naming its kind.

@@ -1,7 +1,8 @@
 """The live configuration: the current snapshot, and the one path by which it is replaced.
 
-File edits, SIGHUP and (later) the dashboard all call :meth:`LiveConfig.reload`. A reload
-compiles a complete new snapshot first; only a valid one is swapped in, in one assignment.
+File edits, SIGHUP and the admin API (the dashboard included) all call
+:meth:`LiveConfig.reload`. A reload compiles a complete new snapshot first; only a valid one is
+swapped in, in one assignment.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Log lines: JSON by default (design §9 keys), or plain text for humans.
+"""Log lines: JSON by default (keys: docs/metrics.md#logs), or plain text for humans.
 
 Nothing here ever receives a secret, an ``Authorization`` value or a query string: callers pass
 only the fields below, and the request path is stripped of its query before it gets here.

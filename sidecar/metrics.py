@@ -1,4 +1,4 @@
-"""Prometheus metrics (design §7) and a small in-memory status board, fed by the observers.
+"""Prometheus metrics (docs/metrics.md) and a small in-memory status board, fed by the observers.
 
 :class:`SidecarMetrics` implements the proxy's :class:`~sidecar.observe.ProxyObserver`, the token
 sources' ``TokenObserver`` and a reload observer (:meth:`SidecarMetrics.attach`). It keeps its own
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from sidecar.live import LiveConfig, ReloadOutcome
     from sidecar.snapshot import Snapshot
 
-# The contract (design §7) lists exact metric names; prometheus-client would add a `*_created`
+# The contract (docs/metrics.md) lists exact metric names; prometheus-client would add a `*_created`
 # series beside every counter and histogram. The sidecar process owns the library's settings.
 disable_created_metrics()
 
@@ -124,7 +124,7 @@ class ConnectionActivity:
     in_flight: int = 0
     last_request_at: float | None = None
     last_status: int | None = None
-    last_error: str | None = None  # a sidecar error kind (design §5) or a client-side abort
+    last_error: str | None = None  # a sidecar error kind (docs/errors.md) or a client-side abort
     last_error_at: float | None = None
     last_tls_failure: TlsFailureRecord | None = None
     last_upstream_answer_at: float | None = None  # the upstream answered: TLS worked
@@ -238,7 +238,7 @@ class _InFlightCollector(Collector):
 
 
 class SidecarMetrics:
-    """The sidecar's metrics (design §7) on a private registry, plus its :class:`StatusBoard`."""
+    """The sidecar's metrics (docs/metrics.md) on a private registry, with its status board."""
 
     def __init__(self, version: str = __version__, clock: Callable[[], float] = time.time):
         self.registry = CollectorRegistry(auto_describe=True)

@@ -1,7 +1,7 @@
 """Reading secret values from files or environment variables.
 
-A secret file's single trailing newline (``\\n`` or ``\\r\\n``) is stripped, nothing else
-(design §9): editors and ``kubectl create secret --from-file`` commonly add one.
+A secret file's single trailing newline (``\\n`` or ``\\r\\n``) is stripped, nothing else:
+editors and ``kubectl create secret --from-file`` commonly add one.
 """
 
 from __future__ import annotations

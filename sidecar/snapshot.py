@@ -1,4 +1,5 @@
-"""The compiled, immutable configuration every request reads (design §1 "snapshot").
+"""The compiled, immutable configuration every request reads
+(docs/architecture.md#the-snapshot).
 
 Compiling reads every secret, key and CA bundle the config names, builds credential providers
 and TLS contexts, and reports *all* problems at once. A reload compiles a new snapshot beside the

@@ -342,7 +342,8 @@ def test_verbose_readiness_reports_failing_connections_and_definitions(running: 
         assert client.get(f"{running.base('other-ca')}/metadata").status_code == 502
         assert client.get(f"{running.base('oauth-down')}/metadata").status_code == 503
     response = readyz(running.admin, verbose=True)
-    # Failing upstreams and token endpoints do not make the sidecar unready (design §9).
+    # Failing upstreams and token endpoints do not make the sidecar unready
+    # (docs/metrics.md#health-and-readiness).
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     report = response.json()
@@ -370,7 +371,7 @@ def test_reloads_are_counted_by_result(running: Running) -> None:
     before = scrape(running.admin)
     original = running.config.read_text()
 
-    # SIGHUP with an unchanged file is still a successful reload (design §9).
+    # SIGHUP with an unchanged file is still a successful reload.
     running.sidecar.signal(signal.SIGHUP)
     after_ok = wait_until(lambda: (s := scrape(running.admin)) and value(
         s, reloads, result="success") > value(before, reloads, result="success") and s,

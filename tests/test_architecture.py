@@ -1,4 +1,4 @@
-"""The dependency rules of design §1, checked so that they keep holding."""
+"""The dependency rules (docs/architecture.md#dependency-rules), checked so that they hold."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""SidecarMetrics in process: exact names and labels (design §7), bounded label values, CA bundle
-expiry from snapshots, reload counting, token observer wiring and the status board."""
+"""SidecarMetrics in process: exact names and labels (docs/metrics.md), bounded label values,
+CA bundle expiry from snapshots, reload counting, token observer wiring and the status board."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OAuth token lifecycle (issue 3, design §4) against a real authorization server.
+"""The OAuth token lifecycle (docs/architecture.md#credentials) against a real authorization server.
 
 The server is npm ``oidc-provider`` over HTTPS (tests/oauth_server, fixtures in
 support/oauth_fixtures.py). Waits are on conditions with deadlines; the only sleeps pace the

@@ -1,4 +1,6 @@
-"""The admin listener (design §6): health, readiness and metrics; later the dashboard and API.
+"""The admin listener: health, readiness, metrics, the dashboard and the JSON API.
+
+Reference: docs/admin-api.md and docs/metrics.md.
 
 It reads live state through the snapshot and small status interfaces (:mod:`.readiness`) and
 never changes the config itself.

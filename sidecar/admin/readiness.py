@@ -1,6 +1,6 @@
 """What ``/readyz`` answers: ready or not, and (verbose) the state of every connection.
 
-Ready means "config loaded, every listener bound" (design §9). A failing token endpoint or an
+Ready means "config loaded, every listener bound". A failing token endpoint or an
 upstream with a bad certificate does not make the sidecar unready (a still-valid token can
 serve; other connections work); the verbose report shows them instead.
 

@@ -1,4 +1,4 @@
-"""The config file's shape (design §3), as pydantic models that validate themselves.
+"""The config file's shape (docs/configuration.md), as pydantic models that validate themselves.
 
 Relative paths are resolved against the config file's directory: the loader passes it as
 validation context ``{"base_dir": Path}``. These models only check shape and cross references;

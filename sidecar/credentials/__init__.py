@@ -1,6 +1,7 @@
-"""Credentials the sidecar injects: Basic headers and OAuth token sources (design §4).
+"""Credentials the sidecar injects: Basic headers and OAuth token sources
+(docs/architecture.md#credentials).
 
-The OAuth names are loaded on first use: they bring in httpx and authlib (~7 MiB of RSS),
+The OAuth names are loaded on first use: they bring in httpx and authlib (megabytes of RSS),
 which a sidecar with only Basic definitions never needs.
 """
 

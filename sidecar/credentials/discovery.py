@@ -1,7 +1,7 @@
 """``discover_from``: find a FHIR server's token endpoint in its SMART configuration.
 
 The document is ``<FHIR base>/.well-known/smart-configuration`` (SMART App Launch 2.x) and is
-fetched with the OAuth definition's own TLS policy (design §9), never the environment's CAs.
+fetched with the OAuth definition's own TLS policy, never the environment's CAs.
 Besides ``token_endpoint`` it says which client authentication methods and signing algorithms
 the server accepts; a definition the server would reject is reported here, in words, instead of
 as an opaque ``invalid_client`` later.

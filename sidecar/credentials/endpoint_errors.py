@@ -1,10 +1,11 @@
 """Turning a failed exchange with an OAuth endpoint into plain words that are safe to show.
 
 Token endpoints and SMART discovery documents fail in the same few ways; both report an
-:class:`EndpointFailure` whose ``result`` is a metric label (design §7) and whose ``reason`` quotes
-what the endpoint said. Reasons end up in logs, ``/readyz?verbose=1``, the admin API and 503
-diagnostics, so the endpoint's words pass the caller's :class:`~sidecar.redaction.Redactor`
-before they leave this module, whole (a cut made before redacting could keep part of a secret).
+:class:`EndpointFailure` whose ``result`` is a metric label (docs/metrics.md) and whose
+``reason`` quotes what the endpoint said. Reasons end up in logs, ``/readyz?verbose=1``, the admin
+API and 503 diagnostics, so the endpoint's words pass the caller's
+:class:`~sidecar.redaction.Redactor` before they leave this module, whole (a cut made before
+redacting could keep part of a secret).
 """
 
 from __future__ import annotations

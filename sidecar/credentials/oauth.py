@@ -1,4 +1,5 @@
-"""Where an OAuth access token is fetched, cached and refreshed (design §4).
+"""Where an OAuth access token is fetched, cached and refreshed
+(docs/architecture.md#credentials).
 
 One :class:`TokenSource` per OAuth definition, shared by every connection that uses it:
 
@@ -88,7 +89,7 @@ class FetchedToken:
 
 
 class TokenObserver(Protocol):
-    """Metrics hooks (design §7)."""
+    """Metrics hooks (docs/metrics.md)."""
 
     def token_requested(self, definition: str, result: str) -> None: ...
 

@@ -1,4 +1,5 @@
-"""The one retry after an upstream ``401`` to a bearer token (design §4)."""
+"""The one retry after an upstream ``401`` to a bearer token
+(docs/architecture.md#credentials)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
     ``None`` when no new token can be had or the retry fails: the upstream's 401 then stands.
     """
     # Imported here: only OAuth connections get here, and a Basic-only sidecar never loads
-    # httpx (~7 MiB of RSS at ready, with authlib).
+    # httpx (megabytes of RSS at ready, with authlib).
     import httpx
 
     from sidecar.credentials.oauth import TokenUnavailable

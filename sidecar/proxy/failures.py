@@ -1,4 +1,5 @@
-"""Turning what went wrong into the sidecar's error answers (design §5), in plain words."""
+"""Turning what went wrong into the sidecar's error answers, in plain words
+(docs/architecture.md#errors)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The embedded, lean mitmproxy ``Master``: only the addons the sidecar needs.
 
-``DumpMaster``'s default addon set costs about a third of the throughput (design §8).
+``DumpMaster``'s default addon set costs throughput the sidecar has no use for (bench/README.md).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ class GcHousekeeping:
 
     Every proxied connection leaves reference cycles (pyOpenSSL connections, mitmproxy layer
     trees) that hold OpenSSL's C memory until a full collection, which CPython runs rarely once
-    the heap is large: with 64 clients opening a connection per request, RSS climbed to ~200
-    MiB instead of ~140 (bench/README.md). Objects alive at start are frozen, never scanned
-    again, so a full collection twice a second costs a few milliseconds.
+    the heap is large, so RSS climbs under connection churn (bench/README.md). Objects alive
+    at start are frozen, never scanned again, so a full collection twice a second costs a few
+    milliseconds.
     """
 
     def __init__(self) -> None:
@@ -53,11 +53,11 @@ class GcHousekeeping:
 def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | None = None
                  ) -> tuple[Master, FhirSidecar]:
     state_dir.mkdir(parents=True, exist_ok=True)
-    # mitmproxy's debug-only type checks of every message were ~7% of CPU per request.
+    # mitmproxy's debug-only type checks of every message cost CPU on every request.
     mitm_compat.skip_message_type_checks()
     opts = options.Options(confdir=str(state_dir / "mitmproxy"))
     master = Master(opts)
-    # mitmproxy looks every hook up on every addon per event: ~15% of CPU per request.
+    # mitmproxy looks every hook up on every addon per event, on every request.
     mitm_compat.cache_hook_dispatch(master.addons)
     sidecar = FhirSidecar(live, observer=observer)
     master.addons.add(

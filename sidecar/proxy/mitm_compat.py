@@ -168,8 +168,8 @@ def skip_message_type_checks() -> bool:
 
     ``MessageData.__post_init__`` runs ``typecheck.check_option_type`` on each field of each
     message (twice per proxied request, plus one throw-away Response per response read); it
-    is a development aid that ``python -O`` compiles out, and it was ~7% of the sidecar's
-    CPU per keep-alive request in ``bench/profile.py``. Returns whether it was in place.
+    is a development aid that ``python -O`` compiles out, and a visible share of the sidecar's
+    CPU per request (bench/README.md, profiling). Returns whether it was in place.
     """
     from mitmproxy.http import MessageData
 
@@ -220,9 +220,10 @@ def cache_hook_dispatch(addons: AddonManager) -> None:
 
     mitmproxy looks every hook up on every addon for every event (``trigger_event`` →
     ``invoke_addon`` → ``_iter_hooks`` → ``traverse``) and triggers an ``update`` hook after
-    each flow hook, which none of the sidecar's addons implement: ~15% of the CPU per request
-    in ``bench/profile.py``. The lookup is redone whenever the addon chain changes; a chain
-    with nested addons (whose children may change unseen) keeps mitmproxy's own dispatch.
+    each flow hook, which none of the sidecar's addons implement: a visible share of the CPU
+    per request (bench/README.md, profiling). The lookup is redone whenever the addon chain
+    changes; a chain with nested addons (whose children may change unseen) keeps mitmproxy's
+    own dispatch.
     """
     if type(addons) is AddonManager:
         addons.__class__ = _CachingAddonManager

@@ -13,7 +13,7 @@ import ipaddress
 from OpenSSL import SSL
 
 # OpenSSL's default groups (3.5 and later), most preferred first. By default it sends key
-# shares for the first two, a post-quantum hybrid (~1.2 KB) and X25519.
+# shares for the first two, a large post-quantum hybrid and X25519.
 _DEFAULT_GROUPS = ("X25519MLKEM768", "X25519", "secp256r1", "X448", "secp384r1", "secp521r1",
                    "ffdhe2048", "ffdhe3072")
 
