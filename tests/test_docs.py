@@ -7,6 +7,7 @@ the sidecar answers with.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -51,3 +52,47 @@ def test_every_status_named_with_an_error_kind_is_the_status_of_that_kind() -> N
                              f"(the sidecar answers {ErrorKind(kind).status})")
     assert wrong == []
     assert "token-unavailable" in seen  # the pattern still finds what it is meant to find
+
+
+CODE_REFERENCE = re.compile(r"`((?:sidecar|tests|addons|bench)/[\w/.-]+\.py):([A-Za-z_][\w.]*)`")
+PATH_REFERENCE = re.compile(r"`((?:sidecar|tests|addons|bench|helm|docs|\.ci)/[\w/.-]*[\w-])`")
+
+
+def defined_names(path: Path) -> set[str]:
+    """Module-level functions, classes and assignments, and ``Class.member`` for their members."""
+    names: set[str] = set()
+
+    def targets(node: ast.stmt) -> list[str]:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            return [node.name]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            return [node.target.id]
+        if isinstance(node, ast.Assign):
+            return [t.id for t in node.targets if isinstance(t, ast.Name)]
+        return []
+
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        names.update(targets(node))
+        if isinstance(node, ast.ClassDef):
+            names.update(f"{node.name}.{member}" for child in node.body
+                         for member in targets(child))
+    return names
+
+
+def test_every_code_location_named_in_the_architecture_exists() -> None:
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    references = CODE_REFERENCE.findall(text)
+    assert len(references) > 20, "the architecture names where things are"
+    missing = [f"{file}:{name}" for file, name in references
+               if not (REPO / file).is_file() or name not in defined_names(REPO / file)]
+    paths = [path for path in PATH_REFERENCE.findall(text) if not (REPO / path).exists()]
+    assert missing + paths == [], "docs/architecture.md names code that is not there"
+
+
+def test_the_architecture_draws_the_request_path_and_answers_the_newcomer_questions() -> None:
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for question in ("where is a request routed?", "where is a token fetched and refreshed?",
+                     "where is upstream TLS decided?", "where are error answers made?"):
+        assert f"| {question} |" in text
+    for heading in ("## The request path", "## Contract decisions", "## Dependency rules"):
+        assert heading in text.splitlines()
