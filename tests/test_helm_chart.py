@@ -18,6 +18,7 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -26,6 +27,7 @@ helm_python = pytest.importorskip(
 )
 
 from support import helm as chart  # noqa: E402  (after the skip: it needs no helm, but is moot)
+from support.sidecar_process import SidecarProcess  # noqa: E402
 
 EXAMPLES = {path.stem: path for path in chart.examples()}
 GATEWAYS = [name for name, path in EXAMPLES.items() if chart.load_values(path)["mode"] == "gateway"]
@@ -187,6 +189,81 @@ def test_network_policy_limits_who_may_use_the_credentials() -> None:
     assert {p["port"] for p in rule["ports"]} == {8081, 8082}
 
 
+JWKS_HOST = "keys.fhir.example.org"
+INGRESS_CONTROLLERS = [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]
+
+
+def jwks_ingress_values() -> dict[str, Any]:
+    values = chart.load_values(EXAMPLES["gateway"])
+    values["jwksIngress"] = {
+        "enabled": True,
+        "host": JWKS_HOST,
+        "className": "nginx",
+        "tls": [{"secretName": "jwks-tls", "hosts": [JWKS_HOST]}],
+        "controllers": INGRESS_CONTROLLERS,
+    }
+    # A private_key_jwt definition, so the published set has a key in it.
+    values["config"]["oauth"]["epic-jwt"] = {
+        "token_url": "https://127.0.0.1:9/token",
+        "client_id": "epic-backend",
+        "client_auth": "private_key_jwt",
+        "private_key_file": "/etc/fhir-sidecar/secrets/epic/jwt-key.pem",
+    }
+    return values
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_no_ingress_unless_asked(example: str) -> None:
+    assert "Ingress" not in {d["kind"] for d in rendered(example)}
+
+
+def test_jwks_ingress_routes_only_the_key_set_to_the_admin_port() -> None:
+    docs = chart.render(jwks_ingress_values())
+    assert chart.lint(jwks_ingress_values()) == []
+    ingress = chart.one(docs, "Ingress")["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"secretName": "jwks-tls", "hosts": [JWKS_HOST]}]
+    [rule] = ingress["rules"]
+    assert rule["host"] == JWKS_HOST
+    [path] = rule["http"]["paths"]
+    # Exact: a Prefix path would also hand /api, the dashboard and /metrics to the Internet.
+    assert (path["path"], path["pathType"]) == ("/.well-known/jwks.json", "Exact")
+    backend = path["backend"]["service"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    jwks_service = services[backend["name"]]
+    [port] = [p for p in jwks_service["spec"]["ports"] if p["name"] == backend["port"]["name"]]
+    container = chart.sidecar_container(docs)
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    admin_port = port_of(config_of(docs)["admin"]["listen"])
+    assert container_ports[port["targetPort"]] == admin_port
+    labels = chart.one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert jwks_service["spec"]["selector"].items() <= labels.items()
+    # The Service every app uses still does not carry the admin port.
+    gateway = services[chart.one(docs, "Deployment")["metadata"]["name"]]
+    assert "admin" not in {p["name"] for p in gateway["spec"]["ports"]}
+    # The admin listener answers the Ingress's Host (others get 421).
+    assert JWKS_HOST in config_of(docs)["admin"]["allowed_hosts"]
+    # The NetworkPolicy lets the ingress controller, and only it, reach the admin port.
+    policy = chart.one(docs, "NetworkPolicy")["spec"]
+    admin_rules = [r for r in policy["ingress"]
+                   if {p["port"] for p in r["ports"]} == {admin_port}]
+    assert [r["from"] for r in admin_rules] == [INGRESS_CONTROLLERS]
+
+
+def test_jwks_ingress_host_gets_the_key_set_from_the_rendered_config(tmp_path: Path) -> None:
+    docs = chart.render(jwks_ingress_values())
+    config_path, admin_url = chart.materialize(chart.config_text(docs), tmp_path, loopback=True)
+    with SidecarProcess(config_path, tmp_path / "state").start():
+        published = httpx.get(f"{admin_url}/.well-known/jwks.json",
+                              headers={"Host": JWKS_HOST}, timeout=10)
+        assert published.status_code == 200, published.text
+        assert [k["use"] for k in published.json()["keys"]] == ["sig"]
+        assert "d" not in published.json()["keys"][0]
+        other = httpx.get(f"{admin_url}/.well-known/jwks.json",
+                          headers={"Host": "attacker.example"}, timeout=10)
+        assert other.status_code == 421
+
+
 def test_sidecar_listens_on_loopback_only() -> None:
     docs = rendered("sidecar")
     config = config_of(docs)
@@ -328,6 +405,27 @@ BAD_VALUES = [
         "/config/shutdown/delay_seconds",
     ),
     ("open network policy", {"networkPolicy": {"clients": []}}, "networkPolicy.clients is empty"),
+    (
+        "JWK Set Ingress without a host",
+        {"jwksIngress": {"enabled": True, "controllers": INGRESS_CONTROLLERS}},
+        "jwksIngress.enabled needs jwksIngress.host",
+    ),
+    (
+        "JWK Set Ingress blocked by the NetworkPolicy",
+        {"jwksIngress": {"enabled": True, "host": JWKS_HOST}},
+        "jwksIngress.controllers is empty while networkPolicy.enabled",
+    ),
+    (
+        "JWK Set Ingress in sidecar mode",
+        {"mode": "sidecar", "sidecar": {"exposeListeners": True},
+         "networkPolicy": {"enabled": False}, "jwksIngress": {"enabled": True, "host": JWKS_HOST}},
+        "jwksIngress needs mode: gateway",
+    ),
+    (
+        "JWK Set Ingress host with a path",
+        {"jwksIngress": {"host": "keys.example.org/x"}},
+        "/jwksIngress/host",
+    ),
     (
         "sidecar exposing credentials",
         {"mode": "sidecar"},

@@ -71,6 +71,9 @@ admin.listen set from `admin`, so probes and listener always agree.
 {{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) -}}
 {{- $_ := set $admin "allowed_hosts" (concat (get $admin "allowed_hosts" | default list) $names | uniq) -}}
 {{- end -}}
+{{- if include "fhir-sidecar.jwksIngress" . -}}
+{{- $_ := set $admin "allowed_hosts" (append (get $admin "allowed_hosts" | default list) .Values.jwksIngress.host | uniq) -}}
+{{- end -}}
 {{- $_ := set $cfg "admin" $admin -}}
 {{- toYaml $cfg -}}
 {{- end -}}
@@ -81,6 +84,13 @@ needed by the ServiceMonitor. Empty otherwise.
 */}}
 {{- define "fhir-sidecar.adminOnService" -}}
 {{- if and (eq .Values.mode "gateway") (or .Values.service.exposeAdmin .Values.serviceMonitor.enabled) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the JWK Set Ingress (and its Service) is rendered. Empty otherwise.
+*/}}
+{{- define "fhir-sidecar.jwksIngress" -}}
+{{- if and (eq .Values.mode "gateway") .Values.jwksIngress.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/*
@@ -178,8 +188,19 @@ rendered unless existingConfigMap is used) and by the container template.
 {{- if $v.serviceMonitor.enabled -}}
 {{- fail "fhir-sidecar: serviceMonitor needs mode: gateway (it scrapes the gateway Service); in sidecar mode scrape the admin port of your own pods" -}}
 {{- end -}}
+{{- if $v.jwksIngress.enabled -}}
+{{- fail "fhir-sidecar: jwksIngress needs mode: gateway; in sidecar mode route /.well-known/jwks.json to your own pods' admin port" -}}
+{{- end -}}
 {{- if $v.networkPolicy.enabled -}}
 {{- fail "fhir-sidecar: networkPolicy needs mode: gateway; in sidecar mode the pod belongs to your workload, so write its NetworkPolicy there" -}}
+{{- end -}}
+{{- end -}}
+{{- if include "fhir-sidecar.jwksIngress" . -}}
+{{- if not $v.jwksIngress.host -}}
+{{- fail "fhir-sidecar: jwksIngress.enabled needs jwksIngress.host, the public host name of the JWK Set URL (https://<host>/.well-known/jwks.json)" -}}
+{{- end -}}
+{{- if and $v.networkPolicy.enabled (not $v.jwksIngress.controllers) -}}
+{{- fail "fhir-sidecar: jwksIngress.controllers is empty while networkPolicy.enabled: the NetworkPolicy would block the ingress controller; list its pods (NetworkPolicyPeer list)" -}}
 {{- end -}}
 {{- end -}}
 {{- range $listeners -}}
