@@ -65,18 +65,64 @@ def test_every_mitmproxy_error_page_is_replaced() -> None:
     assert b"X-Sidecar-Error: fallback" in _page(layer, "Connect call failed")
 
 
-def test_a_flows_own_error_page_is_used_once_for_that_request_only() -> None:
+def _failed_stream(answer: http.Response | None) -> list[object]:
+    """Fail a real HttpStream's upstream, let its error hook answer, and return what the
+    stream sends on; ``answer_failed_flow`` runs where an addon's ``error`` hook would."""
+    from mitmproxy import options
+    from mitmproxy.proxy import events
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.proxy.layers import http as http_layers
+    from mitmproxy.proxy.layers.http import ErrorCode, ResponseProtocolError
+
+    flow = tflow.tflow()
+    flow.response = None
+    stream = http_layers.HttpStream(Context(flow.client_conn, options.Options()), 1)
+    stream.flow = flow
+    list(stream.handle_event(events.Start()))
+    stream.client_state = stream.state_done
+    stream.server_state = stream.state_wait_for_response_headers
+    failure = ResponseProtocolError(1, "Connect call failed", ErrorCode.CONNECT_FAILED)
+    paused = list(stream.handle_event(failure))
+    assert [type(c).__name__ for c in paused] == ["HttpErrorHook"]
+    assert flow.error is not None and flow.error.msg == "Connect call failed"
+    if answer is not None:
+        mitm_compat.answer_failed_flow(flow, answer)
+        assert mitm_compat.failed_flow_answer(flow) is answer
+    return list(stream.handle_event(events.HookCompleted(paused[0], None)))  # type: ignore[arg-type]
+
+
+def test_a_failed_flows_own_answer_replaces_the_page_for_that_request_only() -> None:
+    from mitmproxy.proxy.layers.http import SendHttp
+
     mitm_compat.install_error_pages(_fallback)
-    layer, flow = _server_layer()
     response = http.Response.make(502, b"{}", {"X-Sidecar-Error": "upstream-unreachable"})
-    mitm_compat.replace_error_page(flow, response)
-    assert b"X-Sidecar-Error: upstream-unreachable" in _page(layer, "Connect call failed")
-    assert b"X-Sidecar-Error: fallback" in _page(layer, "Connect call failed")
-    # A page registered for an earlier request on the connection is not used for a later one.
-    mitm_compat.replace_error_page(flow, response)
-    later, _ = _server_layer()
-    later.conn = layer.conn
-    assert b"X-Sidecar-Error: fallback" in _page(later, "Connect call failed")
+    sent = [c for c in _failed_stream(response) if isinstance(c, SendHttp)]
+    assert len(sent) == 1
+    layer, _ = _server_layer()
+    page = _page_for(layer, sent[0].event)
+    assert b"X-Sidecar-Error: upstream-unreachable" in page and b"html" not in page.lower()
+    # A flow without an answer of its own gets the fallback page.
+    sent = [c for c in _failed_stream(None) if isinstance(c, SendHttp)]
+    assert b"X-Sidecar-Error: fallback" in _page_for(_server_layer()[0], sent[0].event)
+
+
+def _page_for(layer: _http1.Http1Server, event: object) -> bytes:
+    from mitmproxy.proxy import commands
+
+    sent = [c for c in layer.send(event) if isinstance(c, commands.SendData)]  # type: ignore[arg-type]
+    assert len(sent) == 1
+    return sent[0].data
+
+
+def test_http_stream_error_path_shape() -> None:
+    from mitmproxy.proxy.layers import http as http_layers
+
+    # answer_failed_flow's answer rides the ResponseProtocolError the stream sends to the
+    # client after its error hook.
+    source = inspect.getsource(http_layers.HttpStream.handle_protocol_error)
+    assert source.index("yield HttpErrorHook(self.flow)") < source.index(
+        "yield SendHttp(event, self.context.client)")
+    assert inspect.isgeneratorfunction(inspect.unwrap(http_layers.HttpStream.handle_event))
 
 
 def test_proxyserver_connection_registry_shape() -> None:

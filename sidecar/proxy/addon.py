@@ -29,7 +29,7 @@ from sidecar.listeners import listen_address_of, listener_modes
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event, log_request
 from sidecar.observe import NO_CONNECTION, NullObserver, ProxyObserver
-from sidecar.proxy import failures, mitm_compat, request_checks
+from sidecar.proxy import error_answers, failures, mitm_compat, request_checks
 from sidecar.proxy.bearer_retry import may_retry, retried_response
 from sidecar.proxy.egress_tunnel import EgressTunnel
 from sidecar.proxy.flow_state import (
@@ -72,7 +72,7 @@ class FhirSidecar:
         self.read_timeout = UpstreamReadTimeout()
         # Requests started and not yet finished, per app connection: whatever way a
         # connection ends, each of them is finished (logged, counted) exactly once.
-        self._unfinished: dict[str, dict[int, http.HTTPFlow]] = {}
+        self._unfinished: dict[str, dict[str, http.HTTPFlow]] = {}
         self.listeners_bound = False
         self._own_listeners = False
         self._background: set[asyncio.Task[None]] = set()
@@ -135,13 +135,13 @@ class FhirSidecar:
     def _snapshot_swapped(self, old: Snapshot, new: Snapshot) -> None:
         """Start what the new snapshot added, retire what it dropped, move listeners."""
         # A reload reuses the token sources of unchanged definitions (same objects).
-        before = {id(s) for s in old.token_sources.values()}
-        after = {id(s) for s in new.token_sources.values()}
-        for source in new.token_sources.values():
-            if id(source) not in before:
+        before = list(old.token_sources.values())
+        after = list(new.token_sources.values())
+        for source in after:
+            if not any(source is kept for kept in before):
                 source.start()
-        for source in old.token_sources.values():
-            if id(source) not in after:
+        for source in before:
+            if not any(source is kept for kept in after):
                 task = asyncio.get_running_loop().create_task(source.aclose())
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
@@ -371,7 +371,7 @@ class FhirSidecar:
         app_left = not flow.client_conn.connected
         if state.error == ErrorKind.BAD_REQUEST and flow.response is not None:
             # mitmproxy refused the request as well, and writes its own page instead of ours.
-            mitm_compat.replace_error_page(flow, flow.response)
+            error_answers.deliver(flow, flow.response)
             self._log(flow, state)
         elif state.connection is not None and flow.response is None and not app_left:
             tls_failure = self.upstream_tls.pop_failure(flow.client_conn, flow.server_conn)
@@ -385,8 +385,8 @@ class FhirSidecar:
                 self.observer.upstream_tls_failure(
                     state.connection.name, tls_failure.reason if tls_failure else "handshake")
             state.error = problem.kind.value
-            mitm_compat.replace_error_page(flow, self._error_response(problem, state))
-            self._log(flow, state, status=problem.status)
+            error_answers.answer(flow, problem, state.request_id, close=True)
+            self._log(flow, state)
         else:
             # An error already decided (a stalled upstream body) outranks how it surfaced.
             state.error = state.error or (
@@ -403,13 +403,6 @@ class FhirSidecar:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _error_response(self, problem: SidecarError, state: FlowState, close: bool = True
-                        ) -> http.Response:
-        headers = {**problem.headers(), REQUEST_ID: state.request_id}
-        if close:  # mitmproxy closes the client connection after its own error pages
-            headers["Connection"] = "close"
-        return http.Response.make(problem.status, problem.body(), headers)
-
     def _protocol_error_page(self, status: int, message: str) -> http.Response:
         """The answer to what mitmproxy refuses by itself, before the addon sees a flow."""
         problem = failures.protocol_error(status, message)
@@ -420,8 +413,7 @@ class FhirSidecar:
                                            problem.kind.value)
             log_request(request_id=request_id, connection=NO_CONNECTION, status=problem.status,
                         error=problem.kind.value)
-        headers = {**problem.headers(), REQUEST_ID: request_id, "Connection": "close"}
-        return http.Response.make(problem.status, problem.body(), headers)
+        return error_answers.error_response(problem, request_id, close=True)
 
     def _answer(self, flow: http.HTTPFlow, problem: SidecarError, close: bool = False) -> None:
         state = flow.metadata.get(FLOW_KEY)
@@ -432,26 +424,26 @@ class FhirSidecar:
             self._started(flow, state)
         state.error = problem.kind.value
         # A refused request may have framed its body in a way the sidecar cannot trust.
-        flow.response = self._error_response(problem, state, close=close)
+        error_answers.answer(flow, problem, state.request_id, close=close)
 
     def _started(self, flow: http.HTTPFlow, state: FlowState) -> None:
-        self._unfinished.setdefault(flow.client_conn.id, {})[id(flow)] = flow
+        self._unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
         self.observer.request_started(_name(state))
 
-    def _log(self, flow: http.HTTPFlow, state: FlowState, status: int | None = None) -> None:
+    def _log(self, flow: http.HTTPFlow, state: FlowState) -> None:
         if state.logged:
             return
         state.logged = True
         open_flows = self._unfinished.get(flow.client_conn.id)
         if open_flows is not None:
-            open_flows.pop(id(flow), None)
+            open_flows.pop(flow.id, None)
             if not open_flows:
                 del self._unfinished[flow.client_conn.id]
         response = flow.response
         upstream_status = None
         if response is not None and state.error is None:
             upstream_status = response.status_code
-        status = status or (response.status_code if response else None)
+        status = error_answers.answered_status(flow)
         duration = time.monotonic() - state.started
         self.observer.request_finished(_name(state), flow.request.method, status, duration,
                                        state.error)

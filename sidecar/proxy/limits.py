@@ -19,18 +19,19 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from mitmproxy import connection, ctx, http
-from mitmproxy.net.http.http1 import assemble_response
 
 from sidecar.config.models import LimitsSettings
 from sidecar.errors import ErrorKind, SidecarError
 from sidecar.logs import log_event
 from sidecar.proxy import mitm_compat
-from sidecar.proxy.flow_state import REQUEST_ID, new_request_id, state_of
+from sidecar.proxy.error_answers import error_bytes
+from sidecar.proxy.flow_state import new_request_id, state_of
 from sidecar.snapshot import Snapshot
 
 DEFAULT_LIMITS = LimitsSettings()
@@ -125,9 +126,7 @@ class ClientLimits:
             ErrorKind.HEADER_TOO_LARGE,
             f"the request line and headers exceed {limit} bytes "
             "(limits.max_request_header_bytes); nothing was sent upstream")
-        headers = {**problem.headers(), REQUEST_ID: new_request_id(), "Connection": "close"}
-        return bytes(assemble_response(http.Response.make(problem.status, problem.body(),
-                                                          headers)))
+        return error_bytes(problem, new_request_id())
 
     # -- deadlines ---------------------------------------------------------------------------
 
@@ -178,7 +177,8 @@ class UpstreamReadTimeout:
     """
 
     def __init__(self) -> None:
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._timers: weakref.WeakKeyDictionary[http.HTTPFlow, asyncio.TimerHandle] = (
+            weakref.WeakKeyDictionary())
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
@@ -194,15 +194,15 @@ class UpstreamReadTimeout:
 
     def _schedule(self, flow: http.HTTPFlow, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        self._timers[id(flow)] = loop.call_later(delay, self._check, flow)
+        self._timers[flow] = loop.call_later(delay, self._check, flow)
 
     def _cancel(self, flow: http.HTTPFlow) -> None:
-        timer = self._timers.pop(id(flow), None)
+        timer = self._timers.pop(flow, None)
         if timer is not None:
             timer.cancel()
 
     def _check(self, flow: http.HTTPFlow) -> None:
-        self._timers.pop(id(flow), None)
+        self._timers.pop(flow, None)
         state = state_of(flow)
         last = mitm_compat.last_activity(flow.client_conn)
         if state is None or state.connection is None or last is None:

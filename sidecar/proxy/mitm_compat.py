@@ -14,7 +14,6 @@ import socket
 import struct
 import types
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
@@ -28,13 +27,19 @@ from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import HttpEvent, ResponseProtocolError, _http1
 from OpenSSL import SSL
 
-# Answers waiting to replace mitmproxy's HTML error page for one request, by the id (a UUID
-# string) of the client connection it came on: an HTTP/1 connection carries one request at a
-# time. Bounded, in case a page is never written (the client went away first).
-_pending: OrderedDict[str, tuple[http.Request, http.Response]] = OrderedDict()
-_PENDING_LIMIT = 1024
 ErrorPage = Callable[[int, str], http.Response]
 _fallback: ErrorPage | None = None
+# The answer that replaces mitmproxy's page for a failed flow, until its page is written.
+_failed_flow_answers: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = (
+    weakref.WeakKeyDictionary())
+
+
+class _AnsweredProtocolError(ResponseProtocolError):
+    """A failure on its way to the app's connection, with the flow's own answer attached."""
+
+    def __init__(self, failure: ResponseProtocolError, answer: http.Response):
+        super().__init__(failure.stream_id, failure.message, failure.code)
+        self.answer = answer
 
 
 def install_error_pages(fallback: ErrorPage) -> None:
@@ -44,7 +49,8 @@ def install_error_pages(fallback: ErrorPage) -> None:
     (``_http1.make_error_response``): a malformed request line or header (400, before any
     addon sees a flow), a request that fails its own header validation, an upstream that
     cannot be reached (502). An addon cannot set a response for these, so the page renderer is
-    replaced; ``replace_error_page`` gives one request its own, more specific answer.
+    replaced; ``answer_failed_flow`` gives one flow its own, more specific answer, which
+    travels with the failure event from the flow's stream to the app's connection.
     """
     global _fallback
     first = _fallback is None
@@ -63,31 +69,47 @@ def install_error_pages(fallback: ErrorPage) -> None:
     @functools.wraps(original_send)
     def send(self: _http1.Http1Server, event: HttpEvent
              ) -> Generator[commands.Command, Any, None]:
-        if isinstance(event, ResponseProtocolError):
-            entry = _pending.pop(self.conn.id, None)
-            if entry is not None and entry[0] is self.request:
-                # mitmproxy's own handling of this event, with the flow's answer as the page.
-                if not self.conn.state & connection.ConnectionState.CAN_WRITE:
-                    return
-                if not self.response and event.code.http_status_code() is not None:
-                    yield commands.SendData(self.conn, bytes(assemble_response(entry[1])))
-                yield commands.CloseConnection(self.conn)
+        if isinstance(event, _AnsweredProtocolError):
+            # mitmproxy's own handling of this event, with the flow's answer as the page.
+            if not self.conn.state & connection.ConnectionState.CAN_WRITE:
                 return
+            if not self.response and event.code.http_status_code() is not None:
+                yield commands.SendData(self.conn, bytes(assemble_response(event.answer)))
+            yield commands.CloseConnection(self.conn)
+            return
         yield from original_send(self, event)
 
     _http1.Http1Server.send = send  # type: ignore[method-assign,assignment]
+    original_stream_event = http_layers.HttpStream.handle_event
+
+    @functools.wraps(original_stream_event)
+    def handle_event(self: http_layers.HttpStream, event: events.Event
+                     ) -> Generator[commands.Command, Any, None]:
+        for command in original_stream_event(self, event):
+            if (isinstance(command, http_layers.SendHttp)
+                    and type(command.event) is ResponseProtocolError
+                    and command.connection is self.context.client):
+                answer = _failed_flow_answers.pop(self.flow, None)
+                if answer is not None:
+                    command = http_layers.SendHttp(
+                        _AnsweredProtocolError(command.event, answer), command.connection)
+            yield command
+
+    http_layers.HttpStream.handle_event = handle_event  # type: ignore[method-assign,assignment]
 
 
-def replace_error_page(flow: http.HTTPFlow, response: http.Response) -> None:
+def answer_failed_flow(flow: http.HTTPFlow, response: http.Response) -> None:
     """Answer the flow's client with ``response`` where mitmproxy would write its own page.
 
     For failures mitmproxy reports through the ``error`` hook: it renders their page after
     the hook, ignoring any response an addon sets there. Needs ``install_error_pages``.
     """
-    _pending[flow.client_conn.id] = (flow.request, response)
-    _pending.move_to_end(flow.client_conn.id)
-    while len(_pending) > _PENDING_LIMIT:
-        _pending.popitem(last=False)
+    _failed_flow_answers[flow] = response
+
+
+def failed_flow_answer(flow: http.HTTPFlow) -> http.Response | None:
+    """The answer ``answer_failed_flow`` set for the flow, until it is written."""
+    return _failed_flow_answers.get(flow)
 
 
 def close_upstream(client: connection.Client, address: tuple[str, int], owner: object) -> bool:
