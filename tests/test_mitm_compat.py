@@ -348,3 +348,106 @@ def test_upstream_connections_are_reused_only_by_the_owner_that_opened_them() ->
     stream, _ = _ask_for_connection(layer, None)  # no owner: never reuses
     assert stream.replies == []
     assert len([c for c in layer.connections if isinstance(c, connection.Server)]) == 3
+
+
+# -- what mitmproxy reports only in words (connect_exception, read_flow_failure,
+#    read_request_fault) ------------------------------------------------------------------------
+
+def test_the_connect_error_is_still_the_handled_exception_in_the_server_connect_error_hook(
+) -> None:
+    import asyncio
+    import socket
+
+    from mitmproxy import connection, options
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.context import Context
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    seen: list[object] = []
+
+    class Handler(ConnectionHandler):
+        async def handle_hook(self, hook: object) -> None:
+            if getattr(hook, "name", None) == "server_connect_error":
+                seen.append(mitm_compat.connect_exception())
+
+        async def server_event(self, event: object) -> None:
+            return None
+
+        def log(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    async def scenario() -> None:
+        client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2),
+                                   timestamp_start=0)
+        handler = Handler(Context(client, options.Options()))
+        server = connection.Server(address=("127.0.0.1", closed_port))
+        await handler.open_connection(commands.OpenConnection(server))
+        assert server.error  # mitmproxy itself keeps only the text
+
+    asyncio.run(scenario())
+    assert len(seen) == 1 and isinstance(seen[0], ConnectionRefusedError), seen
+    assert mitm_compat.connect_exception() is None  # outside the hook: nothing
+
+
+def test_mitmproxy_still_uses_the_words_read_flow_failure_knows() -> None:
+    from mitmproxy.proxy import tunnel
+    from mitmproxy.proxy.layers import tls as tls_layers
+    from mitmproxy.proxy.layers.http import _upstream_proxy
+
+    assert ('refused HTTP CONNECT request: {response.status_code} {response.reason}'
+            in inspect.getsource(_upstream_proxy))
+    assert '"server closed connection"' in inspect.getsource(_http1.Http1Client)
+    assert 'err = "connection closed"' in inspect.getsource(tunnel.TunnelLayer)
+    assert '"connection closed early"' in inspect.getsource(tls_layers.ClientTLSLayer)
+
+
+def test_read_flow_failure_turns_mitmproxys_words_into_values() -> None:
+    from sidecar.proxy import failures
+
+    refused = mitm_compat.read_flow_failure(
+        "Upstream proxy 127.0.0.1:3128 refused HTTP CONNECT request: 403 Forbidden")
+    assert refused == failures.TunnelRefused("403 Forbidden")
+    assert mitm_compat.read_flow_failure("server closed connection") == (
+        failures.ClosedWithoutAnswer())
+    assert mitm_compat.read_flow_failure("something new") == failures.OtherFailure(
+        "something new")
+
+
+def test_read_request_fault_recognises_mitmproxys_own_refusals() -> None:
+    from mitmproxy.net.http.validate import validate_headers
+
+    from sidecar.proxy.failures import RequestFault
+
+    messages: list[str] = []
+
+    def recording(status: int, message: str) -> http.Response:
+        messages.append(message)
+        return _fallback(status, message)
+
+    mitm_compat.install_error_pages(recording)
+    try:
+        for head in (b"GET /\r\n\r\n", b"GET / HTTP/1.1\r\nno colon\r\n\r\n"):
+            server, client = _http1_server()
+            _feed(server, client, head)
+    finally:
+        mitm_compat.install_error_pages(_fallback)
+    assert [mitm_compat.read_request_fault(m) for m in messages] == [
+        RequestFault.REQUEST_LINE, RequestFault.HEADER_LINE], messages
+
+    def validation_message(headers: dict[str, str]) -> str:
+        request = tflow.treq()
+        request.headers.clear()
+        request.headers.update(headers)
+        try:
+            validate_headers(request)
+        except ValueError as exc:
+            return str(exc)
+        raise AssertionError(f"mitmproxy accepted {headers}")
+
+    assert mitm_compat.read_request_fault(validation_message(
+        {"Content-Length": "1", "Transfer-Encoding": "chunked"})) in (
+        RequestFault.TRANSFER_ENCODING, RequestFault.CONTENT_LENGTH)
+    assert mitm_compat.read_request_fault(validation_message(
+        {"Content-Length": "x"})) is RequestFault.CONTENT_LENGTH

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import certs, connection, ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from sidecar.config.errors import ConfigError
@@ -73,6 +74,8 @@ class FhirSidecar:
         # Requests started and not yet finished, per app connection: whatever way a
         # connection ends, each of them is finished (logged, counted) exactly once.
         self._unfinished: dict[str, dict[str, http.HTTPFlow]] = {}
+        # Why a client's latest upstream connection could not be opened.
+        self._connect_errors: dict[str, OSError] = {}
         self.listeners_bound = False
         self._own_listeners = False
         self._background: set[asyncio.Task[None]] = set()
@@ -374,16 +377,17 @@ class FhirSidecar:
             error_answers.deliver(flow, flow.response)
             self._log(flow, state)
         elif state.connection is not None and flow.response is None and not app_left:
-            tls_failure = self.upstream_tls.pop_failure(flow.client_conn, flow.server_conn)
-            problem = failures.classify(state.connection, flow.error.msg,
-                                        timed_out=state.timed_out, tls_failure=tls_failure)
-            proxy = failures.failed_proxy(state.connection, flow.error.msg,
-                                          timed_out=state.timed_out, tls_failure=tls_failure)
+            failure = failures.UpstreamFailure(
+                timed_out=state.timed_out,
+                tls=self.upstream_tls.pop_failure(flow.client_conn, flow.server_conn),
+                connect_error=self._connect_errors.pop(flow.client_conn.id, None),
+                reported=mitm_compat.read_flow_failure(flow.error.msg))
+            problem = failures.classify(state.connection, failure)
+            proxy = failures.failed_proxy(state.connection, failure)
             if proxy is not None:
                 self.observer.egress_proxy_failure(proxy.name)
-            elif problem.kind is ErrorKind.UPSTREAM_TLS:
-                self.observer.upstream_tls_failure(
-                    state.connection.name, tls_failure.reason if tls_failure else "handshake")
+            elif problem.kind is ErrorKind.UPSTREAM_TLS and failure.tls is not None:
+                self.observer.upstream_tls_failure(state.connection.name, failure.tls.reason)
             state.error = problem.kind.value
             error_answers.answer(flow, problem, state.request_id, close=True)
             self._log(flow, state)
@@ -393,7 +397,13 @@ class FhirSidecar:
                 "client-disconnected" if flow.response is None else "stream-aborted")
             self._log(flow, state)
 
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        error = mitm_compat.connect_exception()
+        if error is not None:
+            self._connect_errors[data.client.id] = error
+
     def client_disconnected(self, client: connection.Client) -> None:
+        self._connect_errors.pop(client.id, None)
         # The one place every connection passes at its end, also after mitmproxy failed to
         # finish a request (which then never reaches ``response`` or ``error``).
         for flow in list(self._unfinished.pop(client.id, {}).values()):
@@ -405,7 +415,7 @@ class FhirSidecar:
 
     def _protocol_error_page(self, status: int, message: str) -> http.Response:
         """The answer to what mitmproxy refuses by itself, before the addon sees a flow."""
-        problem = failures.protocol_error(status, message)
+        problem = failures.protocol_error(status, mitm_compat.read_request_fault(message))
         request_id = new_request_id()
         if problem.kind is ErrorKind.BAD_REQUEST:
             self.observer.request_started(NO_CONNECTION)

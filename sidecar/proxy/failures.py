@@ -1,10 +1,16 @@
 """Turning what went wrong into the sidecar's error answers, in plain words
-(docs/architecture.md#errors)."""
+(docs/architecture.md#errors).
+
+Failures are told apart by what they are (the ``OSError`` of a connect, the TLS verdict of a
+handshake, the sidecar's own deadline), never by the text of a message; the one place that
+reads mitmproxy's words is ``mitm_compat``, which turns them into the values defined here.
+"""
 
 from __future__ import annotations
 
-import re
+import socket
 from dataclasses import dataclass
+from enum import Enum
 
 from OpenSSL import SSL
 
@@ -55,34 +61,33 @@ def bad_request(reason: str) -> SidecarError:
                         f"the request was refused and not forwarded: {reason}")
 
 
-# What mitmproxy's own messages mean, by a word each contains; mitmproxy quotes the offending
-# bytes (a request line with its query string, a header line with its value), so its text is
-# never passed on.
-_PROTOCOL_WORDS = (
-    ("request line", "the request line is malformed (expected: METHOD /path HTTP/1.1)"),
-    ("header line", "a header line is malformed (expected: Name: value)"),
-    ("invalid headers", "a header line is malformed (expected: Name: value)"),
-    ("header name", "a header name is not a valid HTTP token"),
-    ("transfer-encoding", "the Transfer-Encoding header is invalid, repeated or combined "
-                          "with Content-Length"),
-    ("content-length", "the Content-Length header is invalid or repeated"),
-    ("host header", "the request has no Host header, so its destination is unknown"),
-    ("body_size_limit", "the request body is too large"),
-    ("scheme", "the request's URL scheme is not http"),
-)
+class RequestFault(Enum):
+    """What is wrong with a request mitmproxy refused by itself."""
+
+    REQUEST_LINE = "the request line is malformed (expected: METHOD /path HTTP/1.1)"
+    HEADER_LINE = "a header line is malformed (expected: Name: value)"
+    HEADER_NAME = "a header name is not a valid HTTP token"
+    TRANSFER_ENCODING = ("the Transfer-Encoding header is invalid, repeated or combined "
+                         "with Content-Length")
+    CONTENT_LENGTH = "the Content-Length header is invalid or repeated"
+    NO_HOST = "the request has no Host header, so its destination is unknown"
+    BODY_TOO_LARGE = "the request body is too large"
+    SCHEME = "the request's URL scheme is not http"
+    OTHER = "the request is not valid HTTP/1.1"
 
 
-def protocol_error(status: int, message: str) -> SidecarError:
-    """An error mitmproxy answers by itself, before or without the sidecar's addon."""
-    lowered = message.lower()
+def protocol_error(status: int, fault: RequestFault) -> SidecarError:
+    """An error mitmproxy answers by itself, before or without the sidecar's addon.
+
+    mitmproxy's own message quotes the offending bytes (a request line with its query
+    string, a header line with its value), so only the fault read from it is passed on.
+    """
     if status >= 500:
         return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
                             "the upstream connection failed before an answer arrived",
                             status_code=status)
-    words = next((text for word, text in _PROTOCOL_WORDS if word in lowered),
-                 "the request is not valid HTTP/1.1")
     return SidecarError(ErrorKind.BAD_REQUEST,
-                        f"the request was refused and not forwarded: {words}",
+                        f"the request was refused and not forwarded: {fault.value}",
                         status_code=status)
 
 
@@ -105,74 +110,104 @@ def token_unavailable(connection: str, exc: Exception, redactor: Redactor) -> Si
                         f"{redactor.scrub(str(exc), limit=TOKEN_ERROR_CHARS)}")
 
 
-# mitmproxy's words when the egress proxy answers a CONNECT with anything but 2xx.
-_CONNECT_REFUSED = re.compile(r"refused HTTP CONNECT request: (?P<answer>.*)$")
+@dataclass(frozen=True)
+class TunnelRefused:
+    """The egress proxy answered the CONNECT with ``status_line`` instead of 2xx."""
+
+    status_line: str
 
 
-def failed_proxy(conn: CompiledConnection, message: str, *, timed_out: bool,
-                 tls_failure: TlsFailure | None) -> EgressProxy | None:
+@dataclass(frozen=True)
+class ClosedWithoutAnswer:
+    """The upstream (or the tunnel to it) closed before a response arrived."""
+
+
+@dataclass(frozen=True)
+class OtherFailure:
+    """A failure mitmproxy describes in words only."""
+
+    text: str
+
+
+FlowFailure = TunnelRefused | ClosedWithoutAnswer | OtherFailure
+
+
+@dataclass(frozen=True)
+class UpstreamFailure:
+    """What is known about why a routed request got no answer, most telling first."""
+
+    timed_out: bool = False  # the sidecar's own deadline (timeout_seconds) closed it
+    tls: TlsFailure | None = None  # a handshake failed, or the server refused after one
+    connect_error: OSError | None = None  # the TCP connection could not be opened
+    reported: FlowFailure = OtherFailure("")  # how mitmproxy reported the failed flow
+
+
+def failed_proxy(conn: CompiledConnection, failure: UpstreamFailure) -> EgressProxy | None:
     """The egress proxy to blame for an upstream failure, if it is the proxy's."""
     proxy = conn.via
-    if proxy is None or timed_out:
+    if proxy is None or failure.timed_out:
         return None
-    if tls_failure is not None:
-        return tls_failure.proxy
-    if _CONNECT_REFUSED.search(message):
-        return proxy
-    # Through a proxy, the only connection the sidecar opens itself is the one to the proxy.
-    lowered = message.lower()
-    if "TLS" in message or "certificate" in lowered:
-        return None
+    if failure.tls is not None:
+        return failure.tls.proxy
+    # Through a proxy, the only connection the sidecar opens itself is the one to the proxy,
+    # and a failure without a TLS verdict happened before TLS to the FHIR server began.
     return proxy
 
 
-def classify(conn: CompiledConnection, message: str, *, timed_out: bool,
-             tls_failure: TlsFailure | None) -> SidecarError:
+def classify(conn: CompiledConnection, failure: UpstreamFailure) -> SidecarError:
     upstream = conn.upstream
     where = f"connection '{conn.name}'"
     host = upstream.host_header
-    if timed_out:
+    if failure.timed_out:
         through = f" (through {conn.via.describe()})" if conn.via is not None else ""
         return SidecarError(ErrorKind.UPSTREAM_TIMEOUT,
                             f"{where}: {host} did not answer within {conn.timeout_seconds:g} s"
                             f"{through}")
-    proxy = failed_proxy(conn, message, timed_out=timed_out, tls_failure=tls_failure)
+    proxy = failed_proxy(conn, failure)
     if proxy is not None:
         return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
-                            f"{where}: {_proxy_words(conn, proxy, message, tls_failure)}")
-    if tls_failure is not None or "TLS" in message or "certificate" in message.lower():
-        return SidecarError(ErrorKind.UPSTREAM_TLS,
-                            f"{where}: {_tls_words(conn, tls_failure, message)}")
+                            f"{where}: {_proxy_words(conn, proxy, failure)}")
+    if failure.tls is not None:
+        words = describe(failure.tls.reason, conn.tls, upstream.host, failure.tls.detail)
+        return SidecarError(ErrorKind.UPSTREAM_TLS, f"{where}: {words}")
     return SidecarError(ErrorKind.UPSTREAM_UNREACHABLE,
-                        f"{where}: cannot reach {host}: {_connect_words(message)}")
+                        f"{where}: cannot reach {host}: {_unreachable_words(failure)}")
 
 
-def _proxy_words(conn: CompiledConnection, proxy: EgressProxy, message: str,
-                 tls_failure: TlsFailure | None) -> str:
+def _proxy_words(conn: CompiledConnection, proxy: EgressProxy,
+                 failure: UpstreamFailure) -> str:
     target = f"{conn.upstream.host}:{conn.upstream.port}"
-    if tls_failure is not None:
+    if failure.tls is not None:
         return (f"cannot reach {proxy.describe()}: TLS to the proxy failed: "
-                f"{describe(tls_failure.reason, proxy.tls, proxy.host, message)}")
-    refused = _CONNECT_REFUSED.search(message)
-    if refused is not None:
+                f"{describe(failure.tls.reason, proxy.tls, proxy.host, failure.tls.detail)}")
+    if isinstance(failure.reported, TunnelRefused):
         # The proxy's status line, in printable characters only, and nothing of the request.
-        answer = "".join(c for c in refused.group("answer") if c.isprintable())[:120]
+        answer = "".join(c for c in failure.reported.status_line if c.isprintable())[:120]
         return f"{proxy.describe()} refused the tunnel to {target}: {answer}"
-    return f"cannot reach {proxy.describe()}: {_connect_words(message)}"
+    return f"cannot reach {proxy.describe()}: {_unreachable_words(failure)}"
 
 
-def _tls_words(conn: CompiledConnection, failure: TlsFailure | None, message: str) -> str:
-    return describe(failure.reason if failure else "handshake", conn.tls, conn.upstream.host,
-                    message)
+_UNRESOLVED = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL")
+               if hasattr(socket, name)}
+_CLOSED_WORDS = ("the server closed the connection without answering (servers that require a "
+                 "client certificate do this when none, or an untrusted one, is sent)")
+_REFUSED_WORDS = "connection refused (is the server running and the port right?)"
 
 
-def _connect_words(message: str) -> str:
-    lowered = message.lower()
-    if "refused" in lowered or "connect call failed" in lowered:
-        return "connection refused (is the server running and the port right?)"
-    if "name or service not known" in lowered or "nodename nor servname" in lowered:
+def _unreachable_words(failure: UpstreamFailure) -> str:
+    error = failure.connect_error
+    if isinstance(error, ConnectionRefusedError):
+        return _REFUSED_WORDS
+    if isinstance(error, socket.gaierror) and error.errno in _UNRESOLVED:
         return "the host name does not resolve"
-    if "disconnected" in lowered or "closed" in lowered:
-        return ("the server closed the connection without answering (servers that require a "
-                "client certificate do this when none, or an untrusted one, is sent)")
-    return message
+    if error is not None and error.errno is None:
+        # asyncio tried every address of the host and each failed differently (one refused,
+        # one unreachable, say); it keeps only their combined text.
+        return f"no address of the host accepted the connection: {error}"
+    if error is not None:
+        return str(error)
+    if isinstance(failure.reported, ClosedWithoutAnswer):
+        return _CLOSED_WORDS
+    if isinstance(failure.reported, OtherFailure):
+        return failure.reported.text
+    return str(failure.reported)

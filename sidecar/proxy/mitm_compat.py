@@ -12,6 +12,7 @@ import inspect
 import re
 import socket
 import struct
+import sys
 import types
 import weakref
 from collections.abc import Callable, Generator
@@ -26,6 +27,8 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import HttpEvent, ResponseProtocolError, _http1
 from OpenSSL import SSL
+
+from sidecar.proxy import failures
 
 ErrorPage = Callable[[int, str], http.Response]
 _fallback: ErrorPage | None = None
@@ -110,6 +113,61 @@ def answer_failed_flow(flow: http.HTTPFlow, response: http.Response) -> None:
 def failed_flow_answer(flow: http.HTTPFlow) -> http.Response | None:
     """The answer ``answer_failed_flow`` set for the flow, until it is written."""
     return _failed_flow_answers.get(flow)
+
+
+# -- what mitmproxy reports only in words ------------------------------------------------------
+
+def connect_exception() -> OSError | None:
+    """The ``OSError`` that stopped mitmproxy opening a server connection.
+
+    Only inside a ``server_connect_error`` hook: mitmproxy keeps just the error's text
+    (``server.error``), but runs that hook within the ``except`` clause that caught the error
+    (``ConnectionHandler.open_connection``), so it is still the exception being handled.
+    """
+    exc = sys.exception()
+    return exc if isinstance(exc, OSError) else None
+
+
+# mitmproxy's words (``_upstream_proxy.HttpUpstreamProxy.receive_handshake_data``) when an
+# egress proxy answers a CONNECT with anything but 2xx.
+_TUNNEL_REFUSED = re.compile(r"refused HTTP CONNECT request: (?P<status_line>.*)$")
+# Its words when the upstream, or the tunnel to it, closes before a response arrives
+# (``_http1.Http1Client``, ``tunnel.TunnelLayer``, ``tls``, ``_http2``).
+_CLOSED_WITHOUT_ANSWER = frozenset({"server closed connection", "connection closed",
+                                    "connection closed early", "peer closed connection"})
+
+
+def read_flow_failure(message: str) -> failures.FlowFailure:
+    """What mitmproxy's ``flow.error.msg`` for a failed upstream request says happened."""
+    refused = _TUNNEL_REFUSED.search(message)
+    if refused is not None:
+        return failures.TunnelRefused(refused.group("status_line"))
+    if message in _CLOSED_WITHOUT_ANSWER:
+        return failures.ClosedWithoutAnswer()
+    return failures.OtherFailure(message)
+
+
+# What mitmproxy's messages for the requests it refuses by itself mean, by a word each
+# contains (``http1.read_request_head``, ``http1.expected_http_body_size``,
+# ``validate_request_form``, ``body_size_limit``).
+_REQUEST_FAULT_WORDS = (
+    ("request line", failures.RequestFault.REQUEST_LINE),
+    ("header line", failures.RequestFault.HEADER_LINE),
+    ("invalid headers", failures.RequestFault.HEADER_LINE),
+    ("header name", failures.RequestFault.HEADER_NAME),
+    ("transfer-encoding", failures.RequestFault.TRANSFER_ENCODING),
+    ("content-length", failures.RequestFault.CONTENT_LENGTH),
+    ("host header", failures.RequestFault.NO_HOST),
+    ("body_size_limit", failures.RequestFault.BODY_TOO_LARGE),
+    ("scheme", failures.RequestFault.SCHEME),
+)
+
+
+def read_request_fault(message: str) -> failures.RequestFault:
+    """What is wrong with a request, from the message mitmproxy renders its error page with."""
+    lowered = message.lower()
+    return next((fault for word, fault in _REQUEST_FAULT_WORDS if word in lowered),
+                failures.RequestFault.OTHER)
 
 
 def close_upstream(client: connection.Client, address: tuple[str, int], owner: object) -> bool:

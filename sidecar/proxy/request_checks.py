@@ -11,7 +11,7 @@ from mitmproxy import http
 from mitmproxy.net.http.validate import validate_headers
 
 from sidecar.errors import SidecarError
-from sidecar.proxy import failures
+from sidecar.proxy import failures, mitm_compat
 from sidecar.request_headers import header_problem
 
 
@@ -23,5 +23,5 @@ def refusal(request: http.Request) -> SidecarError | None:
     try:
         validate_headers(request)
     except ValueError as exc:
-        return failures.protocol_error(400, str(exc))
+        return failures.protocol_error(400, mitm_compat.read_request_fault(str(exc)))
     return None

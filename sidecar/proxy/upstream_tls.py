@@ -77,11 +77,14 @@ class UpstreamTls:
         tls_start.ssl_conn = policy.new_openssl_connection(host, HTTP1_ALPN, port=port)
 
     def tls_failed_server(self, tls_start: tls.TlsData) -> None:
+        address = getattr(tls_start.conn, "address", None)
+        proxy = address.proxy if isinstance(address, ProxyAddress) else None
+        detail = tls_start.conn.error or ""
         if tls_start.ssl_conn is not None:
-            address = getattr(tls_start.conn, "address", None)
-            self._failures[tls_start.context.client.id] = failures.TlsFailure.from_conn(
-                tls_start.ssl_conn, tls_start.conn.error or "",
-                proxy=address.proxy if isinstance(address, ProxyAddress) else None)
+            failure = failures.TlsFailure.from_conn(tls_start.ssl_conn, detail, proxy=proxy)
+        else:  # no TLS connection was ever built for it
+            failure = failures.TlsFailure("handshake", detail, proxy)
+        self._failures[tls_start.context.client.id] = failure
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         upstream = self._open.get(flow.server_conn.id)
