@@ -125,7 +125,7 @@ def render() -> tuple[str, list[str]]:
         " ".join(chart["description"].split()),
         "",
         "Setup, the two shapes (`mode: gateway`, `mode: sidecar`) and complete examples: the",
-        "repository's README.md, section \"Containers and Kubernetes\"; example values files:",
+        "repository's docs/kubernetes.md; example values files:",
         "`helm/values-examples/`. `helm test <release>` asks `/readyz` through the gateway",
         "Service.",
         "",

@@ -1,4 +1,6 @@
-"""FHIR navigation links kept pointing at the sidecar (README "FHIR links and https base URLs").
+"""FHIR navigation links kept pointing at the sidecar.
+
+Reference: docs/configuration.md#fhir-links-and-https-base-urls.
 
 A FHIR server answers with absolute URLs under its own base: ``Location`` and
 ``Content-Location`` after a create or update, ``Bundle.link[].url`` (``self``, ``next``, ...)

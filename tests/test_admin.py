@@ -343,7 +343,7 @@ def test_verbose_readiness_reports_failing_connections_and_definitions(running: 
         assert client.get(f"{running.base('oauth-down')}/metadata").status_code == 503
     response = readyz(running.admin, verbose=True)
     # Failing upstreams and token endpoints do not make the sidecar unready
-    # (docs/metrics.md#health-and-readiness).
+    # (docs/metrics.md#health-readiness-and-metrics).
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     report = response.json()

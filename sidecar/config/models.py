@@ -257,7 +257,7 @@ class OAuthDefinition(_Model):
     client_secret: str | None = Field(default=None, repr=False)
     private_key_file: ConfigPath | None = None
     # Published in the JWK Set, never used to sign: the next key ahead of a rotation, the
-    # previous one after it (docs in README "Publishing your public keys and rotating them").
+    # previous one after it (docs/configuration.md#publishing-your-public-keys-and-rotating-them).
     next_private_key_file: ConfigPath | None = None
     previous_private_key_file: ConfigPath | None = None
     key_id: str | None = None

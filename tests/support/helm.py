@@ -13,7 +13,7 @@ same manifests:
 
 Sidecar-mode values render only a ConfigMap on their own; to check the container users actually
 get, they are rendered through a small host chart that includes the sidecar templates in its own
-Deployment exactly as the README tells users to.
+Deployment exactly as docs/kubernetes.md tells users to.
 """
 
 from __future__ import annotations
