@@ -1,10 +1,11 @@
 """What the admin API writes into the config file reads back the same, and reaches the upstream.
 
-The config used to be read as YAML 1.1 and written as YAML 1.2: a username ``no`` came back as
-``False`` (422) and a client id ``12:30`` as the number 750. Every string here goes through the
-real ``fhir-sidecar run`` process: written by ``PUT /api/...``, read back by the reload that
-follows (and by a restart), and checked where it finally matters -- in the ``Authorization``
-header the upstream received, and at the token endpoint, which accepts only the exact client id.
+Reading and writing must agree on the YAML version: read as YAML 1.1, a username ``no`` written
+by the API would come back as ``False`` (422) and a client id ``12:30`` as the number 750. Every
+string here goes through the real ``fhir-sidecar run`` process: written by ``PUT /api/...``, read
+back by the reload that follows (and by a restart), and checked where it finally matters -- in
+the ``Authorization`` header the upstream received, and at the token endpoint, which accepts only
+the exact client id.
 """
 
 from __future__ import annotations
