@@ -27,6 +27,7 @@ from pages import Page
 from pages import body as page_body
 
 from sidecar.demo.pki import DemoPKI
+from sidecar.testkit.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -38,12 +39,6 @@ BASIC_USER, BASIC_PASSWORD = "bench-user", "bench-password"
 BASIC_AUTHORIZATION = "Basic " + base64.b64encode(
     f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
 READY_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def patient_json() -> bytes:

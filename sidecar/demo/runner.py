@@ -28,6 +28,7 @@ from sidecar.demo.auth_checks import basic_auth_check, bearer_token_check
 from sidecar.demo.fhir_server import FhirTestServer
 from sidecar.demo.pki import DemoPKI
 from sidecar.demo.token_server import DemoTokenServer
+from sidecar.testkit.ports import free_port
 
 DEMO_USER = "demo-client"
 READY_TIMEOUT_SECONDS = 30.0
@@ -42,14 +43,6 @@ class DemoCall:
     body: dict[str, Any] | None = None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int, token_url: str,
                       secrets: dict[str, str]) -> tuple[Path, dict[str, int]]:
     secret_dir = directory / "secrets"
@@ -57,7 +50,7 @@ def write_demo_config(directory: Path, pki: DemoPKI, fhir_port: int, token_url: 
     for name, value in secrets.items():
         (secret_dir / name).touch(mode=0o600)
         (secret_dir / name).write_text(value + "\n")
-    ports = {name: _free_port()
+    ports = {name: free_port()
              for name in ("proxy", "custom", "skip", "default", "oauth", "admin")}
     config = {
         "proxy": {"listen": f"127.0.0.1:{ports['proxy']}"},

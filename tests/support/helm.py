@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+
+from sidecar.testkit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm" / "fhir-sidecar"
@@ -223,13 +224,6 @@ def file_refs(config: dict[str, Any]) -> list[tuple[str, str]]:
 # ---- a config the way the pod would see it -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class _Material:
     """Placeholder secrets, keys and PEMs of the right kind, made once per materialize call."""
 
@@ -308,7 +302,7 @@ def materialize(text: str, root: Path, *, loopback: bool = False) -> tuple[Path,
         for where in listeners:
             section = _get(config, where)
             if isinstance(section, dict) and section.get("listen"):
-                section["listen"] = f"127.0.0.1:{_free_port()}"
+                section["listen"] = f"127.0.0.1:{free_port()}"
     config_path = base / "config" / "config.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,13 +15,11 @@ from typing import Any
 
 import yaml
 
+from sidecar.testkit.ports import free_port
+
+__all__ = ["SidecarProcess", "free_port", "wait_until", "write_config"]
+
 READY_DEADLINE_SECONDS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
