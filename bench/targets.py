@@ -26,7 +26,7 @@ from pathlib import Path
 from pages import Page
 from pages import body as page_body
 
-from sidecar.demo.pki import DemoPKI
+from sidecar.testkit.pki import DemoPKI
 from sidecar.testkit.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent

@@ -6,21 +6,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.pki import TestPKI
 from support.upstreams import Upstreams
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 pytest_plugins = ["support.oauth_fixtures"]
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
-    return DemoPKI(Path(tmp_path_factory.mktemp("pki")))
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return TestPKI(Path(tmp_path_factory.mktemp("pki")))
 
 
 @pytest.fixture(scope="session")
-def upstreams(pki: DemoPKI) -> Iterator[Upstreams]:
+def upstreams(pki: TestPKI) -> Iterator[Upstreams]:
     pool = Upstreams(pki)
     yield pool
     pool.close()

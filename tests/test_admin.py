@@ -20,13 +20,13 @@ import tornado.web
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.token_stub import TokenStub
 from support.upstreams import Upstreams
 
 from sidecar.admin import ListenerState, StatusSources, build_app, start_admin
 from sidecar.admin.server import AdminServer
-from sidecar.demo.pki import DemoPKI
 from sidecar.live import LiveConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.runner import listener_state
@@ -64,7 +64,7 @@ def readyz(admin: str, verbose: bool = False) -> httpx.Response:
 
 # -- in process: the admin application on its own ---------------------------------------------
 
-def _live(tmp_path: Path, pki: DemoPKI) -> LiveConfig:
+def _live(tmp_path: Path, pki: TestPKI) -> LiveConfig:
     path = write_config(tmp_path, {
         "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "connections": {"a": {"url": "https://a.example/fhir", "listen": "127.0.0.1:18081",
@@ -75,7 +75,7 @@ def _live(tmp_path: Path, pki: DemoPKI) -> LiveConfig:
 
 
 def test_readyz_follows_the_listeners_and_healthz_always_answers(tmp_path: Path,
-                                                                 pki: DemoPKI) -> None:
+                                                                 pki: TestPKI) -> None:
     live = _live(tmp_path, pki)
     metrics = SidecarMetrics()
     metrics.attach(live)
@@ -116,7 +116,7 @@ def test_readyz_follows_the_listeners_and_healthz_always_answers(tmp_path: Path,
     asyncio.run(run())
 
 
-def test_more_routes_join_the_same_application(tmp_path: Path, pki: DemoPKI) -> None:
+def test_more_routes_join_the_same_application(tmp_path: Path, pki: TestPKI) -> None:
     class Hello(tornado.web.RequestHandler):
         def get(self) -> None:
             self.finish({"hello": "dashboard"})
@@ -139,7 +139,7 @@ def test_more_routes_join_the_same_application(tmp_path: Path, pki: DemoPKI) -> 
     asyncio.run(run())
 
 
-def test_a_moved_admin_listen_warns_until_restart(tmp_path: Path, pki: DemoPKI,
+def test_a_moved_admin_listen_warns_until_restart(tmp_path: Path, pki: TestPKI,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     live = _live(tmp_path, pki)
     sources = StatusSources(live, SidecarMetrics(), lambda: ListenerState(True))
@@ -163,7 +163,7 @@ def test_a_moved_admin_listen_warns_until_restart(tmp_path: Path, pki: DemoPKI,
 
 
 def test_listener_state_compares_the_current_snapshot_with_bound_sockets(
-        tmp_path: Path, pki: DemoPKI) -> None:
+        tmp_path: Path, pki: TestPKI) -> None:
     @dataclass
     class FakeProxyserver:
         bound: list[tuple[str, int]]
@@ -208,7 +208,7 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             upstreams: Upstreams) -> Iterator[Running]:
     tmp = Path(tmp_path_factory.mktemp("admin"))
     (tmp / "secrets").mkdir()
@@ -453,7 +453,7 @@ def test_no_secret_token_or_query_in_logs_metrics_or_readiness(running: Running)
 
 # -- the real process: start, drain, failures ---------------------------------------------------
 
-def _small_config(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, admin_port: int,
+def _small_config(tmp_path: Path, pki: TestPKI, upstreams: Upstreams, admin_port: int,
                   listen_port: int) -> Path:
     (tmp_path / "pw").write_text(UPSTREAM_PASSWORD + "\n")
     return write_config(tmp_path, {
@@ -467,7 +467,7 @@ def _small_config(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, admin_port
 
 
 def test_readiness_503_until_listeners_are_bound_and_while_draining(
-        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     admin_port, listen_port = free_port(), free_port()
     path = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
     admin = f"127.0.0.1:{admin_port}"
@@ -510,7 +510,7 @@ def test_readiness_503_until_listeners_are_bound_and_while_draining(
         assert sidecar.stop() == 0
 
 
-def test_a_taken_admin_port_is_a_config_error(tmp_path: Path, pki: DemoPKI,
+def test_a_taken_admin_port_is_a_config_error(tmp_path: Path, pki: TestPKI,
                                               upstreams: Upstreams) -> None:
     import socket
     import subprocess
@@ -529,7 +529,7 @@ def test_a_taken_admin_port_is_a_config_error(tmp_path: Path, pki: DemoPKI,
     assert "Traceback" not in result.stderr
 
 
-def test_text_log_format_and_level(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+def test_text_log_format_and_level(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     admin_port, listen_port = free_port(), free_port()
     path = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
     sidecar = SidecarProcess(path, tmp_path / "state",

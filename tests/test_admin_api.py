@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 from sidecar.watch import POLL_SECONDS
 
 ADMIN_TOKEN = "admin-token-Vb83kq"
@@ -43,14 +43,14 @@ def disk_state(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def open_upstream(pki: DemoPKI) -> Iterator[FhirTestServer]:
+def open_upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
     """Accepts any credentials and records the headers it received."""
     with FhirTestServer(pki.server(name="api-open")) as server:
         yield server
 
 
 class Sidecar:
-    def __init__(self, tmp: Path, pki: DemoPKI, upstream: FhirTestServer,
+    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer,
                  token: bool = True):
         self.tmp, self.pki, self.upstream = tmp, pki, upstream
         self.port = free_port()
@@ -102,7 +102,7 @@ class Sidecar:
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             open_upstream: FhirTestServer) -> Iterator[Sidecar]:
     s = Sidecar(tmp_path_factory.mktemp("api"), pki, open_upstream)
     s.process.start()
@@ -111,7 +111,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, pki: DemoPKI, open_upstream: FhirTestServer) -> Iterator[Sidecar]:
+def fresh(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer) -> Iterator[Sidecar]:
     s = Sidecar(tmp_path, pki, open_upstream)
     s.process.start()
     yield s
@@ -294,7 +294,7 @@ def test_ca_bundle_uploaded_and_used_by_a_custom_connection(sidecar: Sidecar) ->
 
 # -- bad input: 4xx, a clear message, nothing changed on disk -----------------------------------
 
-def _leaf_pem(pki: DemoPKI) -> bytes:
+def _leaf_pem(pki: TestPKI) -> bytes:
     chain = x509.load_pem_x509_certificates(pki.server(name="leaf-only").cert_chain.read_bytes())
     return chain[0].public_bytes(serialization.Encoding.PEM)
 
@@ -492,7 +492,7 @@ def test_read_only_config_file(fresh: Sidecar) -> None:
         os.chmod(fresh.path, stat.S_IMODE(mode))
 
 
-def test_without_a_token_file_everything_is_read_only(tmp_path: Path, pki: DemoPKI,
+def test_without_a_token_file_everything_is_read_only(tmp_path: Path, pki: TestPKI,
                                                       open_upstream: FhirTestServer) -> None:
     s = Sidecar(tmp_path, pki, open_upstream, token=False)
     s.process.start()

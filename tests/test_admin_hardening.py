@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.admin.auth import MAX_DELAY_SECONDS, Throttle
-from sidecar.demo.pki import DemoPKI
 
 ADMIN_TOKEN = "hardening-admin-token-Tq83"
 GIVEN_PASSWORD = "given-pw-Ws27"
@@ -127,7 +127,7 @@ class Hardened:
 
 
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI) -> Iterator[Hardened]:
+def hardened(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Hardened]:
     tmp = Path(tmp_path_factory.mktemp("hardening"))
     canary = f"CANARY-{secrets.token_hex(16)}".encode()
     host_dir, config_dir = tmp / "host", tmp / "config"

@@ -11,9 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
-
-from sidecar.demo.pki import DemoPKI
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -32,7 +31,7 @@ EXAMPLES_PER_OPERATION = 6
 
 
 @pytest.fixture
-def running(tmp_path: Path, pki: DemoPKI) -> Iterator[tuple[str, SidecarProcess]]:
+def running(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[str, SidecarProcess]]:
     admin = f"127.0.0.1:{free_port()}"
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin-token").write_text(ADMIN_TOKEN + "\n")

@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.upstreams import Upstreams
-
-from sidecar.demo.pki import DemoPKI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +26,7 @@ def sidecar_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def good_config(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, **extra: object) -> Path:
+def good_config(tmp_path: Path, pki: TestPKI, upstreams: Upstreams, **extra: object) -> Path:
     (tmp_path / "pw").write_text(UPSTREAM_PASSWORD + "\n")
     return write_config(tmp_path, {
         "admin": {"listen": None},
@@ -39,7 +38,7 @@ def good_config(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, **extra: obj
     })
 
 
-def test_check_valid(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+def test_check_valid(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     result = sidecar_cmd("check", "-c", str(good_config(tmp_path, pki, upstreams)))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
@@ -69,7 +68,7 @@ def test_check_via_environment_and_missing_file(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"{missing}: config file not found"
 
 
-def test_check_online_table(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+def test_check_online_table(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     path = good_config(tmp_path, pki, upstreams)
     result = sidecar_cmd("check", "--online", "-c", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -87,7 +86,7 @@ def test_check_online_table(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) 
     assert f"is not signed by a CA in {pki.ca_bundle_path}" in failed.stdout
 
 
-def test_run_refuses_a_taken_port(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+def test_run_refuses_a_taken_port(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -99,7 +98,7 @@ def test_run_refuses_a_taken_port(tmp_path: Path, pki: DemoPKI, upstreams: Upstr
     assert "Traceback" not in result.stderr
 
 
-def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, pki: DemoPKI,
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, pki: TestPKI,
                                                 upstreams: Upstreams) -> None:
     port = free_port()
     path = good_config(tmp_path, pki, upstreams, listen=f"127.0.0.1:{port}")
@@ -118,7 +117,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, pki: DemoPKI,
     assert sidecar.events("stopped")
 
 
-def test_mitmdump_loads_the_addon(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+def test_mitmdump_loads_the_addon(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     port = free_port()
     path = good_config(tmp_path, pki, upstreams, listen=f"127.0.0.1:{port}")
     server = upstreams.get("good")
@@ -158,7 +157,7 @@ def test_no_config_is_a_clear_error(args: tuple[str, ...]) -> None:
 ])
 @pytest.mark.parametrize("command", ["run", "check"])
 def test_a_bad_environment_variable_is_one_line_and_exit_2(
-        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, command: str, variable: str,
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams, command: str, variable: str,
         value: str, allowed: str) -> None:
     config = good_config(tmp_path, pki, upstreams)
     result = sidecar_cmd(command, "-c", str(config), env={variable: value}, timeout=60)

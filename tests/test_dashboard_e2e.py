@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -27,7 +27,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def upstream(pki: DemoPKI) -> Iterator[FhirTestServer]:
+def upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
     with FhirTestServer(pki.server(name="e2e-open")) as server:
         yield server
 
@@ -49,7 +49,7 @@ def browser_page() -> Iterator[object]:
             browser.close()
 
 
-def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: DemoPKI,
+def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: TestPKI,
                                                upstream: FhirTestServer,
                                                browser_page: object) -> None:
     page = browser_page  # a playwright Page

@@ -23,11 +23,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.tinyproxy import Tinyproxy
-
-from sidecar.demo.pki import DemoPKI
 
 PROXY_USER = "svc-egress"
 PROXY_PASSWORD = "pr0xy-Secret-7Qz"
@@ -107,7 +106,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("egress"))
     secrets = tmp / "secrets"
     secrets.mkdir()
@@ -291,7 +290,7 @@ def test_every_configured_proxy_is_exported(egress: Setup) -> None:
 
 
 def test_check_online_tunnels_through_the_proxy(egress: Setup, tmp_path: Path,
-                                                pki: DemoPKI) -> None:
+                                                pki: TestPKI) -> None:
     (tmp_path / "proxy-password").write_text(PROXY_PASSWORD + "\n")
     custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
     config = write_config(tmp_path, {

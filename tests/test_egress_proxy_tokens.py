@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from support.oauth_provider import OAuthTestProvider
+from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.tinyproxy import Tinyproxy
 
 from sidecar.credentials.oauth import RefreshPolicy, TokenSource, TokenUnavailable
-from sidecar.demo.pki import DemoPKI
 from sidecar.egress import EgressProxy
 from sidecar.tls.policy import compile_tls_policy
 
@@ -47,7 +47,7 @@ def _authority(url: str) -> str:
 
 
 def test_the_sidecar_discovers_and_fetches_its_token_through_the_proxy(
-        tmp_path: Path, pki: DemoPKI, oauth_provider: OAuthTestProvider,
+        tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
         proxy: Tinyproxy) -> None:
     client = oauth_provider.clients["basic"]
     assert client.secret is not None

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import ClientIdentity, TestPKI
 from support.tls import (
     CERT_EXPIRED,
     HOSTNAME_MISMATCH,
@@ -24,7 +25,6 @@ from support.tls import (
 )
 
 from sidecar.demo.fhir_server import FhirTestServer, expected_sha256, large_body_chunks
-from sidecar.demo.pki import ClientIdentity, DemoPKI
 
 FHIR_JSON = "application/fhir+json"
 GOOD_AUTH = httpx.BasicAuth(UPSTREAM_USER, UPSTREAM_PASSWORD)
@@ -45,7 +45,7 @@ def client_with(context: ssl.SSLContext, *, auth: httpx.Auth | None = GOOD_AUTH)
 
 
 def test_good_upstream_answers_with_the_right_credentials(
-    upstream_good: FhirTestServer, pki: DemoPKI
+    upstream_good: FhirTestServer, pki: TestPKI
 ) -> None:
     with client(pki.ca_bundle_path) as http:
         response = http.get(f"{upstream_good.base_url}/metadata")
@@ -69,7 +69,7 @@ def test_good_upstream_answers_with_the_right_credentials(
     ids=["none", "wrong-password", "latin-1"],
 )
 def test_missing_or_wrong_credentials_get_401_operation_outcome(
-    upstream_good: FhirTestServer, pki: DemoPKI, auth: httpx.Auth | None
+    upstream_good: FhirTestServer, pki: TestPKI, auth: httpx.Auth | None
 ) -> None:
     with client(pki.ca_bundle_path, auth=auth) as http:
         response = http.get(f"{upstream_good.base_url}/Patient/example")
@@ -97,10 +97,10 @@ def test_missing_or_wrong_credentials_get_401_operation_outcome(
 )
 def test_bad_certificates_fail_verification_for_their_one_reason(
     request: pytest.FixtureRequest,
-    pki: DemoPKI,
+    pki: TestPKI,
     upstream: str,
     verify_code: int,
-    tls_that_accepts_it: Callable[[DemoPKI], ssl.SSLContext],
+    tls_that_accepts_it: Callable[[TestPKI], ssl.SSLContext],
 ) -> None:
     server: FhirTestServer = request.getfixturevalue(upstream)
 
@@ -117,7 +117,7 @@ def test_bad_certificates_fail_verification_for_their_one_reason(
 
 
 def test_mtls_upstream_refuses_a_client_without_certificate(
-    upstream_mtls: FhirTestServer, pki: DemoPKI
+    upstream_mtls: FhirTestServer, pki: TestPKI
 ) -> None:
     # With TLS 1.3 the client learns of the refusal only when it reads, so any transport
     # error (handshake, read or disconnect) is the expected outcome.
@@ -127,7 +127,7 @@ def test_mtls_upstream_refuses_a_client_without_certificate(
 
 
 def test_mtls_upstream_accepts_the_client_identity(
-    upstream_mtls: FhirTestServer, pki: DemoPKI
+    upstream_mtls: FhirTestServer, pki: TestPKI
 ) -> None:
     with client(pki.ca_bundle_path, identity=pki.client_identity()) as http:
         response = http.get(f"{upstream_mtls.base_url}/Patient/example")
@@ -137,7 +137,7 @@ def test_mtls_upstream_accepts_the_client_identity(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_large_download_streams_the_deterministic_pattern(
-    upstream_good: FhirTestServer, pki: DemoPKI, chunked: bool
+    upstream_good: FhirTestServer, pki: TestPKI, chunked: bool
 ) -> None:
     size = 5 * 1024 * 1024 + 123  # not a multiple of the chunk size
     url = f"{upstream_good.base_url}/Binary/large?size={size}" + ("&chunked=1" if chunked else "")
@@ -164,7 +164,7 @@ def _pieces(data: bytes, size: int) -> Iterator[bytes]:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_digest_endpoint_reads_the_whole_upload(
-    upstream_good: FhirTestServer, pki: DemoPKI, chunked: bool
+    upstream_good: FhirTestServer, pki: TestPKI, chunked: bool
 ) -> None:
     payload = b"".join(large_body_chunks(300_007))
     # httpx frames an iterator with Transfer-Encoding: chunked, bytes with Content-Length.
@@ -183,7 +183,7 @@ def test_digest_endpoint_reads_the_whole_upload(
 
 
 def test_patients_can_be_created_read_and_searched(
-    upstream_good: FhirTestServer, pki: DemoPKI
+    upstream_good: FhirTestServer, pki: TestPKI
 ) -> None:
     base = upstream_good.base_url
     new = {"resourceType": "Patient", "name": [{"family": "Zyxwort", "given": ["Ada"]}]}
@@ -208,7 +208,7 @@ def test_patients_can_be_created_read_and_searched(
 
 
 def test_status_endpoint_and_paths_outside_the_base(
-    upstream_good: FhirTestServer, pki: DemoPKI
+    upstream_good: FhirTestServer, pki: TestPKI
 ) -> None:
     base = upstream_good.base_url
     with client(pki.ca_bundle_path) as http:
@@ -223,7 +223,7 @@ def test_status_endpoint_and_paths_outside_the_base(
 
 
 def test_keep_alive_survives_a_request_body_the_route_ignores(
-    upstream_good: FhirTestServer, pki: DemoPKI
+    upstream_good: FhirTestServer, pki: TestPKI
 ) -> None:
     connection = http.client.HTTPSConnection(
         "localhost", upstream_good.port, context=client_context(pki.ca_bundle_path), timeout=5
@@ -249,7 +249,7 @@ def test_keep_alive_survives_a_request_body_the_route_ignores(
     assert [r.body_length for r in upstream_good.requests_seen] == [100_000, 0]
 
 
-def test_ambiguous_body_framing_is_refused(upstream_good: FhirTestServer, pki: DemoPKI) -> None:
+def test_ambiguous_body_framing_is_refused(upstream_good: FhirTestServer, pki: TestPKI) -> None:
     connection = http.client.HTTPSConnection(
         "localhost", upstream_good.port, context=client_context(pki.ca_bundle_path), timeout=5
     )
@@ -269,7 +269,7 @@ def test_ambiguous_body_framing_is_refused(upstream_good: FhirTestServer, pki: D
     assert outcome["resourceType"] == "OperationOutcome"
 
 
-def test_slow_endpoint_holds_back_the_headers(upstream_good: FhirTestServer, pki: DemoPKI) -> None:
+def test_slow_endpoint_holds_back_the_headers(upstream_good: FhirTestServer, pki: TestPKI) -> None:
     with client(pki.ca_bundle_path) as http:
         http.timeout = httpx.Timeout(5.0, read=0.3)
         with pytest.raises(httpx.ReadTimeout):
@@ -281,7 +281,7 @@ def _connection_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if "process_request_thread" in t.name}
 
 
-def test_stop_is_prompt_with_idle_and_waiting_connections(pki: DemoPKI) -> None:
+def test_stop_is_prompt_with_idle_and_waiting_connections(pki: TestPKI) -> None:
     before = _connection_threads()
     server = FhirTestServer(pki.server(name="server-stop")).start()
     failures: list[BaseException] = []
@@ -316,7 +316,7 @@ def test_stop_is_prompt_with_idle_and_waiting_connections(pki: DemoPKI) -> None:
         server.stop()
 
 
-def test_private_keys_are_readable_by_the_owner_only(pki: DemoPKI) -> None:
+def test_private_keys_are_readable_by_the_owner_only(pki: TestPKI) -> None:
     server_identity = pki.server(name="server-modes")
     client_identity = pki.client_identity(name="client-modes")
     for key in (server_identity.key, client_identity.key):

@@ -16,11 +16,11 @@ import pytest
 from support.bearer import BearerValidator
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.oauth_provider import OAuthTestProvider
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.upstreams import Upstreams
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Proxy:
                             proxy=f"http://127.0.0.1:{self.port}")
 
 
-def _start(tmp: Path, pki: DemoPKI, server: FhirTestServer, intercept: bool) -> Proxy:
+def _start(tmp: Path, pki: TestPKI, server: FhirTestServer, intercept: bool) -> Proxy:
     port = free_port()
     ca_export = tmp / "exported" / "sidecar-ca.pem"
     proxy: dict[str, object] = {"listen": f"127.0.0.1:{port}"}
@@ -57,7 +57,7 @@ def _start(tmp: Path, pki: DemoPKI, server: FhirTestServer, intercept: bool) -> 
 
 
 @pytest.fixture(scope="module")
-def intercepting(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def intercepting(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
                  upstreams: Upstreams) -> Iterator[Proxy]:
     proxy = _start(Path(tmp_path_factory.mktemp("intercept")), pki, upstreams.get("good"),
                    intercept=True)
@@ -68,7 +68,7 @@ def intercepting(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
 
 
 @pytest.fixture(scope="module")
-def refusing(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def refusing(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
              upstreams: Upstreams) -> Iterator[Proxy]:
     proxy = _start(Path(tmp_path_factory.mktemp("no-intercept")), pki, upstreams.get("good"),
                    intercept=False)
@@ -128,7 +128,7 @@ def test_https_client_trusting_the_exported_ca_gets_credentials(intercepting: Pr
 
 
 def test_client_not_trusting_the_sidecar_ca_fails_its_handshake(intercepting: Proxy,
-                                                                 pki: DemoPKI) -> None:
+                                                                 pki: TestPKI) -> None:
     # Trusting only the upstream's real CA: the sidecar's certificate is rejected by the app.
     with intercepting.client(_trusting(pki.ca_bundle_path)) as client, \
             pytest.raises(httpx.ConnectError):
@@ -162,7 +162,7 @@ def test_without_opt_in_the_refusal_explains_what_to_do(refusing: Proxy) -> None
     assert refusing.server.requests_seen == []
 
 
-def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: DemoPKI,
+def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: TestPKI,
                                                oauth_provider: OAuthTestProvider,
                                                bearer_validator: BearerValidator) -> None:
     client = oauth_provider.clients["basic"]

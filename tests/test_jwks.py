@@ -22,10 +22,10 @@ from joserfc.jwk import ECKey, RSAKey
 from prometheus_client.parser import text_string_to_metric_families
 from support.bearer import BearerValidator
 from support.oauth_provider import OAuthTestProvider
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 LIVE_DEADLINE = 10.0
@@ -244,7 +244,7 @@ JWKS_URI_CLIENT = "sidecar-jwks-uri"
 
 
 def test_live_rotation_is_accepted_at_once_by_a_server_caching_the_jwks_uri(
-        tmp_path: Path, pki: DemoPKI) -> None:
+        tmp_path: Path, pki: TestPKI) -> None:
     keys = {name: write_key(tmp_path / "keys" / f"{name}.pem") for name in ("a", "b", "c")}
     admin_port = free_port()
     relay = RecordingRelay(f"http://127.0.0.1:{admin_port}/.well-known/jwks.json")

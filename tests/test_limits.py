@@ -22,10 +22,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.scripted_upstream import BODY, ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
-from sidecar.demo.pki import DemoPKI
 from sidecar.snapshot import Snapshot
 
 HEADER_TIMEOUT = 1.0
@@ -52,7 +52,7 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI) -> Iterator[Running]:
+def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Running]:
     tmp = Path(tmp_path_factory.mktemp("limits"))
     port, admin_port = free_port(), free_port()
     with ScriptedUpstream(pki.server()) as upstream:
@@ -175,7 +175,7 @@ def test_head_just_under_the_limit_is_forwarded(fresh: Running) -> None:
     assert padding in fresh.upstream.raw()
 
 
-def test_unterminated_50_mb_heads_keep_memory_flat(tmp_path: Path, pki: DemoPKI) -> None:
+def test_unterminated_50_mb_heads_keep_memory_flat(tmp_path: Path, pki: TestPKI) -> None:
     # Default limits (a 30 s header deadline): the whole flood is read, and thrown away.
     port = free_port()
     with ScriptedUpstream(pki.server()) as upstream:

@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 from test_streaming import MAX_RSS_GROWTH, rss_bytes
 
 from sidecar.demo.fhir_resources import large_bundle_chunks
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 THRESHOLD = 1024 * 1024  # stream_large_bodies
 
@@ -40,7 +40,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
           upstreams: Upstreams) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("links-stream"))
     server = upstreams.get("good")

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.config.models import ListenAddress
-from sidecar.demo.pki import DemoPKI
 from sidecar.routing import Router, Upstream
 
 SECOND_LOOPBACK = "127.0.0.2"  # all of 127.0.0.0/8 is loopback on Linux
@@ -58,20 +58,20 @@ def _only_own_credentials(up: RawRecordingUpstream, own: str, other: str) -> Non
 
 
 @pytest.fixture
-def two_upstreams(pki: DemoPKI) -> Iterator[tuple[RawRecordingUpstream, RawRecordingUpstream]]:
+def two_upstreams(pki: TestPKI) -> Iterator[tuple[RawRecordingUpstream, RawRecordingUpstream]]:
     identity = pki.server(name="listen-raw")
     with RawRecordingUpstream(identity) as first, RawRecordingUpstream(identity) as second:
         yield first, second
 
 
-def _connection(up: RawRecordingUpstream, auth: str, pki: DemoPKI, **extra: Any
+def _connection(up: RawRecordingUpstream, auth: str, pki: TestPKI, **extra: Any
                 ) -> dict[str, Any]:
     return {"url": f"https://localhost:{up.port}/fhir", "auth": {"basic": auth},
             "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}, **extra}
 
 
 def test_two_listeners_on_one_port_reach_their_own_upstreams(
-        tmp_path: Path, pki: DemoPKI,
+        tmp_path: Path, pki: TestPKI,
         two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream]) -> None:
     up_a, up_b = two_upstreams
     port = free_port()
@@ -94,7 +94,7 @@ def test_two_listeners_on_one_port_reach_their_own_upstreams(
 
 
 def test_a_reload_adds_a_listener_on_a_taken_port_of_another_host(
-        tmp_path: Path, pki: DemoPKI,
+        tmp_path: Path, pki: TestPKI,
         two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream]) -> None:
     up_a, up_b = two_upstreams
     port = free_port()
@@ -145,7 +145,7 @@ def _reload(sidecar: SidecarProcess, tmp: Path, settings: dict[str, Any], event:
 
 
 def test_forward_proxy_tells_connections_apart_by_port(
-        tmp_path: Path, pki: DemoPKI,
+        tmp_path: Path, pki: TestPKI,
         two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream]) -> None:
     up_a, up_b = two_upstreams
     proxy_port = free_port()

@@ -12,23 +12,23 @@ from typing import Any
 import httpx
 import pytest
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 LIVE_DEADLINE = 5.0  # the promise is 2 s; allow for a loaded CI machine
 
 
 @pytest.fixture(scope="module")
-def open_upstream(pki: DemoPKI) -> Iterator[FhirTestServer]:
+def open_upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
     """An upstream that accepts any credentials and records what it received."""
     with FhirTestServer(pki.server(name="open")) as server:
         yield server
 
 
 class Setup:
-    def __init__(self, tmp: Path, pki: DemoPKI, upstream: FhirTestServer):
+    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer):
         self.tmp, self.pki, self.upstream = tmp, pki, upstream
         self.port = free_port()
         (tmp / "secrets").mkdir()
@@ -69,7 +69,7 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, pki: DemoPKI, open_upstream: FhirTestServer) -> Iterator[Setup]:
+def setup(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer) -> Iterator[Setup]:
     s = Setup(tmp_path, pki, open_upstream)
     s.sidecar.start()
     yield s
@@ -82,7 +82,7 @@ def test_password_rewritten_in_place(setup: Setup) -> None:
     setup.auth_becomes(basic_header("svc", "second-password"))
 
 
-def test_kubernetes_symlink_swap(tmp_path: Path, pki: DemoPKI,
+def test_kubernetes_symlink_swap(tmp_path: Path, pki: TestPKI,
                                  open_upstream: FhirTestServer) -> None:
     # The layout kubelet gives a Secret volume: files are symlinks through ..data, and an
     # update swaps ..data to a new timestamped directory in one rename.
@@ -249,7 +249,7 @@ def _reload_failures(admin_port: int) -> float:
 
 
 @pytest.mark.parametrize("empty_text", ["", "  \n\t\n"])
-def test_config_truncated_under_traffic_keeps_serving(tmp_path: Path, pki: DemoPKI,
+def test_config_truncated_under_traffic_keeps_serving(tmp_path: Path, pki: TestPKI,
                                                       open_upstream: FhirTestServer,
                                                       empty_text: str) -> None:
     s = Setup(tmp_path, pki, open_upstream)

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
+from support.pki import TestPKI
 from support.sidecar_process import write_config
 from support.token_stub import TokenStub
 
 from sidecar import __version__
-from sidecar.demo.pki import DemoPKI
 from sidecar.live import LiveConfig
 from sidecar.metrics import RecentCounts, SidecarMetrics, StatusBoard, method_label, status_class
 
@@ -126,14 +126,14 @@ def test_build_info_and_reload_counters_start_visible() -> None:
     assert value(found, "fhir_sidecar_config_reloads_total", result="failure") == 0
 
 
-def _config(tmp_path: Path, pki: DemoPKI, connections: dict[str, Any],
+def _config(tmp_path: Path, pki: TestPKI, connections: dict[str, Any],
             **sections: Any) -> Path:
     return write_config(tmp_path, {"admin": {"listen": None}, **sections,
                                    "connections": connections})
 
 
 def test_ca_bundle_expiry_and_reloads_follow_the_live_config(tmp_path: Path,
-                                                              pki: DemoPKI) -> None:
+                                                              pki: TestPKI) -> None:
     custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
     path = _config(tmp_path, pki, {
         "a": {"url": "https://a.example/fhir", "tls": custom},
@@ -174,7 +174,7 @@ def test_ca_bundle_expiry_and_reloads_follow_the_live_config(tmp_path: Path,
 
 
 def test_client_certificate_expiry_follows_the_live_config(tmp_path: Path,
-                                                            pki: DemoPKI) -> None:
+                                                            pki: TestPKI) -> None:
     identity = pki.client_identity(name="metrics-client")
     mtls = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path),
             "client_cert": str(identity.cert), "client_key": str(identity.key)}
@@ -201,7 +201,7 @@ def test_client_certificate_expiry_follows_the_live_config(tmp_path: Path,
                  connection="lab") is None  # the certificate was removed from the connection
 
 
-def test_token_sources_report_to_the_observer(tmp_path: Path, pki: DemoPKI) -> None:
+def test_token_sources_report_to_the_observer(tmp_path: Path, pki: TestPKI) -> None:
     (tmp_path / "client-secret").write_text("metrics-client-secret\n")
     metrics = SidecarMetrics()
     with TokenStub("metrics-client", "metrics-client-secret", expires_in=120) as stub:
@@ -291,7 +291,7 @@ def test_in_flight_of_a_removed_connection_is_kept_until_it_finishes() -> None:
 
 
 def test_a_request_finishing_on_a_removed_connection_does_not_bring_its_series_back(
-        tmp_path: Path, pki: DemoPKI) -> None:
+        tmp_path: Path, pki: TestPKI) -> None:
     custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
     path = _config(tmp_path, pki, {"a": {"url": "https://a.example/fhir", "tls": custom},
                                    "b": {"url": "https://b.example/fhir", "tls": custom}})

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.token_stub import TokenStub
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 TLS_REASONS = ("unknown_ca", "hostname_mismatch", "expired", "handshake")
@@ -60,7 +60,7 @@ def has_connection(found: Samples, name: str) -> bool:
 
 
 def test_configured_series_start_at_zero_and_follow_reloads(
-        tmp_path: Path, pki: DemoPKI, upstream_good: FhirTestServer) -> None:
+        tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer) -> None:
     admin = f"127.0.0.1:{free_port()}"
     tls = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
     (tmp_path / "cs").write_text("zero-secret-Mk40\n")

@@ -26,6 +26,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 from support.bearer import BearerValidator
 from support.oauth_provider import OAuthTestProvider
+from support.pki import TestPKI
 
 from sidecar.config.models import OAuthDefinition, TlsSettings
 from sidecar.credentials import (
@@ -36,7 +37,6 @@ from sidecar.credentials import (
 )
 from sidecar.credentials.client_auth import ASSERTION_TYPE, basic_authorization
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 from sidecar.tls.policy import compile_tls_policy
 
 TEST_DEADLINE = 30.0
@@ -661,7 +661,7 @@ async def test_bearer_validator_checks_signature_audience_and_expiry(
 
 def test_bearer_validator_guards_a_fhir_test_server(oauth_provider: OAuthTestProvider,
                                                    bearer_validator: BearerValidator,
-                                                   pki: DemoPKI) -> None:
+                                                   pki: TestPKI) -> None:
     async def get_token() -> str:
         async with opened(make_source(oauth_provider, "basic")) as source:
             return await source.token()

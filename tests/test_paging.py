@@ -15,12 +15,12 @@ import pytest
 import requests
 from fhirpy import SyncFHIRClient
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
 from sidecar.demo.fhir_resources import large_bundle_chunks
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 PATIENTS = 7
 PAGE = 2
@@ -61,7 +61,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
           upstreams: Upstreams) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("paging"))
     server = upstreams.get("good")

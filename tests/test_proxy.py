@@ -14,11 +14,11 @@ import pytest
 import requests
 from fhirpy import SyncFHIRClient
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             upstreams: Upstreams) -> Iterator[Running]:
     tmp = Path(tmp_path_factory.mktemp("sidecar"))
     (tmp / "secrets").mkdir()

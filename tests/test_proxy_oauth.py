@@ -14,10 +14,10 @@ import httpx
 import pytest
 from support.bearer import BearerValidator
 from support.oauth_provider import OAuthTestProvider
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 LIVE_DEADLINE = 5.0
 
@@ -45,7 +45,7 @@ class RejectOnce:
 
 
 class OAuthSetup:
-    def __init__(self, tmp: Path, pki: DemoPKI, provider: OAuthTestProvider,
+    def __init__(self, tmp: Path, pki: TestPKI, provider: OAuthTestProvider,
                  upstream: FhirTestServer):
         self.tmp, self.provider, self.upstream = tmp, provider, upstream
         (tmp / "secrets").mkdir()
@@ -101,7 +101,7 @@ class OAuthSetup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, pki: DemoPKI, oauth_provider: OAuthTestProvider,
+def setup(tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
           bearer_validator: BearerValidator) -> Iterator[tuple[OAuthSetup, RejectOnce]]:
     check = RejectOnce(bearer_validator)
     with FhirTestServer(pki.server(name="oauth-upstream"), auth=check) as upstream:

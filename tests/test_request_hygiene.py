@@ -21,11 +21,12 @@ from urllib.parse import unquote_plus
 
 import pytest
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import server_tls_context
-from sidecar.demo.pki import DemoPKI, ServerIdentity
+from sidecar.testkit.pki import ServerIdentity
 
 READ_TIMEOUT = 30.0
 BASIC = {name: basic_header(f"user-{name}", f"pw-{name}") for name in ("fhir", "other", "skip")}
@@ -130,7 +131,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("hygiene"))
     with RawRecordingUpstream(pki.server(name="raw-hygiene")) as upstream:
         custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
@@ -430,7 +431,7 @@ class TokenSetup:
 
 
 @pytest.fixture(scope="module")
-def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI
+def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI
                 ) -> Iterator[TokenSetup]:
     tmp = Path(tmp_path_factory.mktemp("hostile-token"))
     with RawRecordingUpstream(pki.server(name="raw-token")) as upstream, \

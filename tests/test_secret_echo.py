@@ -26,10 +26,10 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
 from sidecar.demo.fhir_server import FhirTestServer, server_tls_context
-from sidecar.demo.pki import DemoPKI
 
 ADMIN_TOKEN = "echo-admin-token-Vb71"
 CLIENT_ID = "hostile.client"
@@ -50,7 +50,7 @@ class EchoingTokenEndpoint:
     that carries an ``error`` member anyway.
     """
 
-    def __init__(self, pki: DemoPKI):
+    def __init__(self, pki: TestPKI):
         endpoint = self
         self.seen: list[tuple[str, str]] = []  # (Authorization, body) as received
         self._lock = threading.Lock()
@@ -121,12 +121,12 @@ def assert_no_secret(place: str, text: str, extra: set[str]) -> None:
 
 
 @pytest.fixture
-def echo_endpoint(pki: DemoPKI) -> Iterator[EchoingTokenEndpoint]:
+def echo_endpoint(pki: TestPKI) -> Iterator[EchoingTokenEndpoint]:
     with EchoingTokenEndpoint(pki) as endpoint:
         yield endpoint
 
 
-def test_echoed_credentials_reach_no_one(tmp_path: Path, pki: DemoPKI,
+def test_echoed_credentials_reach_no_one(tmp_path: Path, pki: TestPKI,
                                          upstream_good: FhirTestServer,
                                          echo_endpoint: EchoingTokenEndpoint) -> None:
     secrets = tmp_path / "secrets"

@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.upstreams import Upstreams
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import load_config
-from sidecar.demo.pki import DemoPKI
 from sidecar.shutdown import ShutdownTimings, shutdown_timings
 
 
@@ -33,7 +33,7 @@ class Ports:
     listen: int
 
 
-def _config(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, ports: Ports,
+def _config(tmp_path: Path, pki: TestPKI, upstreams: Upstreams, ports: Ports,
             shutdown: dict[str, float] | None) -> Path:
     (tmp_path / "pw").write_text(UPSTREAM_PASSWORD + "\n")
     config: dict[str, Any] = {
@@ -49,7 +49,7 @@ def _config(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams, ports: Ports,
     return write_config(tmp_path, config)
 
 
-def _start(tmp_path: Path, pki: DemoPKI, upstreams: Upstreams,
+def _start(tmp_path: Path, pki: TestPKI, upstreams: Upstreams,
            shutdown: dict[str, float] | None, env: dict[str, str] | None = None
            ) -> tuple[SidecarProcess, Ports]:
     ports = Ports(free_port(), free_port())
@@ -128,7 +128,7 @@ DELAY, DRAIN = 3.0, 15.0
 
 
 def test_sigterm_keeps_serving_for_the_delay_then_refuses_and_drains(
-        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     sidecar, ports = _start(tmp_path, pki, upstreams,
                             {"delay_seconds": DELAY, "drain_seconds": DRAIN})
     server = upstreams.get("good")
@@ -189,7 +189,7 @@ def test_sigterm_keeps_serving_for_the_delay_then_refuses_and_drains(
 
 
 def test_requests_longer_than_the_drain_are_cut_off_and_the_exit_is_still_clean(
-        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     sidecar, ports = _start(tmp_path, pki, upstreams, {"delay_seconds": 0, "drain_seconds": 1})
     server = upstreams.get("good")
     outcome: list[str] = []
@@ -221,7 +221,7 @@ def test_requests_longer_than_the_drain_are_cut_off_and_the_exit_is_still_clean(
 
 
 def test_a_second_signal_cuts_the_delay_short(
-        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     sidecar, ports = _start(tmp_path, pki, upstreams, {"delay_seconds": 300})
     try:
         sidecar.signal(signal.SIGTERM)
@@ -236,7 +236,7 @@ def test_a_second_signal_cuts_the_delay_short(
 
 
 def test_the_deprecated_drain_variable_still_sets_the_drain(
-        tmp_path: Path, pki: DemoPKI, upstreams: Upstreams) -> None:
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
     sidecar, _ = _start(tmp_path, pki, upstreams, None,
                         env={"FHIR_SIDECAR_DRAIN_SECONDS": "2.5"})
     try:

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
 from sidecar.demo.payload import expected_sha256, large_body_chunks
-from sidecar.demo.pki import DemoPKI
 
 SIZE = 100 * 1024 * 1024
 MAX_RSS_GROWTH = 30 * 1024 * 1024
@@ -27,7 +27,7 @@ def rss_bytes(pid: int, field: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             upstreams: Upstreams) -> Iterator[tuple[SidecarProcess, str]]:
     tmp = Path(tmp_path_factory.mktemp("stream"))
     port = free_port()

@@ -22,11 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.tls_matrix import MatrixServer, server_context
 
 from sidecar.credentials.oauth import TokenUnavailable
-from sidecar.demo.pki import DemoPKI
 from sidecar.live import load_snapshot
 from sidecar.online_check import handshake
 from sidecar.snapshot import Snapshot
@@ -40,33 +40,33 @@ LEGS = ("proxy", "token", "discovery", "replay", "check")
 class Case:
     name: str
     expect: str  # "ok" or the TlsFailureReason every leg must report
-    server: Callable[[DemoPKI], ssl.SSLContext]
-    tls: Callable[[DemoPKI], dict[str, Any]]
+    server: Callable[[TestPKI], ssl.SSLContext]
+    tls: Callable[[TestPKI], dict[str, Any]]
     url_host: str = "localhost"
     sni: str | None = None  # the name every leg must send, when the case is about it
 
 
-def _custom(pki: DemoPKI) -> dict[str, Any]:
+def _custom(pki: TestPKI) -> dict[str, Any]:
     return {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
 
 
-def _with_client_cert(pki: DemoPKI) -> dict[str, Any]:
+def _with_client_cert(pki: TestPKI) -> dict[str, Any]:
     client = pki.client_identity(name="matrix-client")
     return {**_custom(pki), "client_cert": str(client.cert), "client_key": str(client.key)}
 
 
 def _cert(name: str, common_name: str, *san: str, **kwargs: Any
-          ) -> Callable[[DemoPKI], ssl.SSLContext]:
+          ) -> Callable[[TestPKI], ssl.SSLContext]:
     configure = kwargs.pop("configure", None)
 
-    def build(pki: DemoPKI) -> ssl.SSLContext:
+    def build(pki: TestPKI) -> ssl.SSLContext:
         identity = pki.server_exactly(f"matrix-{name}", common_name=common_name, san=san,
                                       **kwargs)
         return server_context(str(identity.cert_chain), str(identity.key), configure=configure)
     return build
 
 
-def _requires_client_cert(pki: DemoPKI) -> ssl.SSLContext:
+def _requires_client_cert(pki: TestPKI) -> ssl.SSLContext:
     context = _cert("mtls", "localhost", "localhost")(pki)
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(pki.ca_bundle_path)
@@ -89,7 +89,7 @@ def _cbc_only(context: ssl.SSLContext) -> None:
     context.set_ciphers("AES128-SHA")  # static RSA key exchange, CBC: neither PFS nor AEAD
 
 
-def _expired(name: str) -> Callable[[DemoPKI], ssl.SSLContext]:
+def _expired(name: str) -> Callable[[TestPKI], ssl.SSLContext]:
     import datetime as dt
 
     return _cert(name, "localhost", "localhost",
@@ -166,7 +166,7 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix(pki: DemoPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+def matrix(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
     tmp = tmp_path_factory.mktemp("tls-matrix")
     with ExitStack() as stack:
         servers = {c.name: stack.enter_context(MatrixServer(c.server(pki), c.url_host))

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.tls_matrix import MatrixServer, server_context
 
 from sidecar.config.models import TlsSettings
-from sidecar.demo.pki import DemoPKI
 from sidecar.tls.policy import compile_tls_policy
 
 LIVE_DEADLINE = 15.0
 
 
-def tls12_server(pki: DemoPKI, name: str, ciphers: str) -> Callable[[], MatrixServer]:
+def tls12_server(pki: TestPKI, name: str, ciphers: str) -> Callable[[], MatrixServer]:
     def start() -> MatrixServer:
         identity = pki.server_exactly(name, common_name="localhost", san=["localhost"],
                                       key_type="rsa")
@@ -37,7 +37,7 @@ def tls12_server(pki: DemoPKI, name: str, ciphers: str) -> Callable[[], MatrixSe
 
 
 @pytest.fixture(scope="module")
-def cipher_servers(pki: DemoPKI) -> Iterator[dict[str, MatrixServer]]:
+def cipher_servers(pki: TestPKI) -> Iterator[dict[str, MatrixServer]]:
     servers = {
         # Static RSA key exchange and CBC: neither forward secrecy nor AEAD.
         "aes128-sha": tls12_server(pki, "cipher-aes128-sha", "AES128-SHA")(),
@@ -54,7 +54,7 @@ def cipher_servers(pki: DemoPKI) -> Iterator[dict[str, MatrixServer]]:
 
 
 def test_an_upstream_without_forward_secret_aead_suites_is_refused_saying_why(
-        cipher_servers: dict[str, MatrixServer], pki: DemoPKI, tmp_path: Path) -> None:
+        cipher_servers: dict[str, MatrixServer], pki: TestPKI, tmp_path: Path) -> None:
     ports = {name: free_port() for name in cipher_servers}
     connections = {
         name: {"url": server.url("/fhir"), "listen": f"127.0.0.1:{ports[name]}",
@@ -78,7 +78,7 @@ def test_an_upstream_without_forward_secret_aead_suites_is_refused_saying_why(
         assert cipher_servers[name].paths == []  # nothing reached the server
 
 
-def test_both_legs_offer_forward_secret_aead_suites_only(pki: DemoPKI) -> None:
+def test_both_legs_offer_forward_secret_aead_suites_only(pki: TestPKI) -> None:
     policy = compile_tls_policy(TlsSettings(verify="custom", ca_bundle=pki.ca_bundle_path))
     # The stdlib legs: every TLS 1.2 suite has ECDHE key exchange and AEAD encryption.
     stdlib = policy.stdlib_context().get_ciphers()

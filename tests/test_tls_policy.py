@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 from OpenSSL import SSL
+from support.pki import TestPKI
 
 from sidecar.config.models import TlsSettings
-from sidecar.demo.pki import DemoPKI
 from sidecar.tls.openssl_bindings import enable_hostname_verification, offer_key_share_first
 from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy, retire_connection
 
@@ -120,11 +120,11 @@ def handshake_and_free(policy: UpstreamTlsPolicy, port: int, *, retire: bool = T
 
 
 @pytest.fixture
-def policy(pki: DemoPKI) -> UpstreamTlsPolicy:
+def policy(pki: TestPKI) -> UpstreamTlsPolicy:
     return compile_tls_policy(TlsSettings(verify="custom", ca_bundle=pki.ca_bundle_path))
 
 
-def stdlib_server(pki: DemoPKI, group: str | None = None) -> ssl.SSLContext:
+def stdlib_server(pki: TestPKI, group: str | None = None) -> ssl.SSLContext:
     identity = pki.server(name="tls-policy")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(identity.cert_chain, identity.key)
@@ -140,7 +140,7 @@ def test_openssl_hostname_bindings_exist() -> None:
 
 
 def test_sessions_resume_only_under_the_policy_that_made_them(
-        pki: DemoPKI, policy: UpstreamTlsPolicy) -> None:
+        pki: TestPKI, policy: UpstreamTlsPolicy) -> None:
     other_policy = compile_tls_policy(TlsSettings(verify="custom", ca_bundle=pki.ca_bundle_path))
     with tls_server(stdlib_server(pki), connections=4) as port:
         assert handshake_and_free(policy, port, retire=False).reused is False
@@ -155,7 +155,7 @@ def test_sessions_resume_only_under_the_policy_that_made_them(
 
 
 def test_resumption_sends_one_key_share_for_the_group_the_server_chose(
-        pki: DemoPKI, policy: UpstreamTlsPolicy) -> None:
+        pki: TestPKI, policy: UpstreamTlsPolicy) -> None:
     with tls_server(stdlib_server(pki, group="X25519"), connections=3) as port:
         first = handshake_and_free(policy, port)
         second = handshake_and_free(policy, port)
@@ -168,7 +168,7 @@ def test_resumption_sends_one_key_share_for_the_group_the_server_chose(
     assert second.client_hello_bytes < 1000 and third.client_hello_bytes < 1000
 
 
-def test_key_share_hint_never_downgrades_a_post_quantum_server(pki: DemoPKI,
+def test_key_share_hint_never_downgrades_a_post_quantum_server(pki: TestPKI,
                                                                policy: UpstreamTlsPolicy) -> None:
     identity = pki.server(name="tls-policy-pq")
     context = SSL.Context(SSL.TLS_SERVER_METHOD)

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 from support.constants import basic_header
+from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.token_stub import TokenStub
-
-from sidecar.demo.pki import DemoPKI
 
 RELOAD_DEADLINE = 10.0
 
@@ -63,7 +62,7 @@ def _reload(sidecar: SidecarProcess, tmp: Path, config: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def untrusted_upstream(pki: DemoPKI) -> Iterator[RawRecordingUpstream]:
+def untrusted_upstream(pki: TestPKI) -> Iterator[RawRecordingUpstream]:
     """A TLS upstream whose certificate only ``verify: skip`` accepts (not ``pki.ca``)."""
     with RawRecordingUpstream(pki.server_from_other_ca()) as upstream:
         yield upstream
@@ -76,7 +75,7 @@ def _secret(tmp: Path, name: str, value: str) -> str:
 
 
 def test_a_skip_connection_upstream_never_carries_a_verified_connections_token(
-        tmp_path: Path, pki: DemoPKI, untrusted_upstream: RawRecordingUpstream) -> None:
+        tmp_path: Path, pki: TestPKI, untrusted_upstream: RawRecordingUpstream) -> None:
     # The reproduction from the security review: `skipconn` and `other` share localhost:PORT;
     # `other` verifies against a CA that does not trust the server.
     up = untrusted_upstream
@@ -204,7 +203,7 @@ def test_consecutive_requests_of_one_connection_reuse_its_upstream_connection(
 
 @pytest.mark.parametrize("listener", ["reverse", "forward"])
 def test_a_reload_that_tightens_tls_is_not_bypassed_by_a_kept_upstream_connection(
-        tmp_path: Path, pki: DemoPKI, untrusted_upstream: RawRecordingUpstream,
+        tmp_path: Path, pki: TestPKI, untrusted_upstream: RawRecordingUpstream,
         listener: str) -> None:
     up = untrusted_upstream
     port = free_port()

@@ -20,11 +20,11 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.token_stub import TokenStub
 
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 
 ADMIN_TOKEN = "yaml-admin-token-Hc42"
 PASSWORD = "yaml-pw-Zt93"
@@ -40,7 +40,7 @@ ANY_TEXT = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_siz
 
 
 class Sidecar:
-    def __init__(self, tmp: Path, pki: DemoPKI, upstream: FhirTestServer):
+    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer):
         self.tmp, self.pki, self.upstream = tmp, pki, upstream
         self.admin = f"127.0.0.1:{free_port()}"
         (tmp / "secrets").mkdir()
@@ -97,13 +97,13 @@ def basic_username(header: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def upstream(pki: DemoPKI) -> Iterator[FhirTestServer]:
+def upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
     with FhirTestServer(pki.server(name="yaml-open")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
+def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             upstream: FhirTestServer) -> Iterator[Sidecar]:
     s = Sidecar(tmp_path_factory.mktemp("yaml"), pki, upstream)
     s.start()
@@ -115,7 +115,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: DemoPKI,
 
 
 @pytest.mark.timeout(400)
-def test_tricky_strings_survive_write_read_restart(tmp_path: Path, pki: DemoPKI,
+def test_tricky_strings_survive_write_read_restart(tmp_path: Path, pki: TestPKI,
                                                    upstream: FhirTestServer) -> None:
     s = Sidecar(tmp_path, pki, upstream)
     tls = {"verify": "custom", "ca_bundle": "test-ca"}

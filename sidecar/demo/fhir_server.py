@@ -27,7 +27,7 @@ from sidecar.demo.auth_checks import AuthCheck, basic_auth_check, bearer_token_c
 from sidecar.demo.fhir_app import DEFAULT_CHALLENGE, FhirApp, IncomingRequest, Reply, error_reply
 from sidecar.demo.http_io import FramingError, Headers, RequestBody
 from sidecar.demo.payload import expected_sha256, large_body_chunks
-from sidecar.demo.pki import ServerIdentity
+from sidecar.testkit.pki import ServerIdentity
 
 __all__ = [
     "FhirTestServer",

@@ -26,8 +26,8 @@ import httpx
 from sidecar.config.yaml_io import dump, round_trip
 from sidecar.demo.auth_checks import basic_auth_check, bearer_token_check
 from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.pki import DemoPKI
 from sidecar.demo.token_server import DemoTokenServer
+from sidecar.testkit.pki import DemoPKI
 from sidecar.testkit.ports import free_port
 
 DEMO_USER = "demo-client"

@@ -18,7 +18,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, unquote_plus
 
 from sidecar.demo.fhir_server import server_tls_context
-from sidecar.demo.pki import ServerIdentity
+from sidecar.testkit.pki import ServerIdentity
 
 LOOPBACK = "127.0.0.1"
 

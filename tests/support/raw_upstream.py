@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from sidecar.demo.fhir_server import server_tls_context
-from sidecar.demo.pki import ServerIdentity
+from sidecar.testkit.pki import ServerIdentity
 
 LOOPBACK = "127.0.0.1"
 _READ_TIMEOUT_SECONDS = 10.0

@@ -25,7 +25,7 @@ from typing import BinaryIO, Self
 from urllib.parse import parse_qs, urlsplit
 
 from sidecar.demo.fhir_server import server_tls_context
-from sidecar.demo.pki import ServerIdentity
+from sidecar.testkit.pki import ServerIdentity
 
 LOOPBACK = "127.0.0.1"
 BODY = b'{"resourceType":"Patient","id":"scripted"}'

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from sidecar.demo.pki import ClientIdentity
+from support.pki import ClientIdentity
 
 # OpenSSL X509_V_ERR_* codes, as reported by ssl.SSLCertVerificationError.verify_code.
 UNKNOWN_ISSUER = 20  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY

@@ -7,8 +7,9 @@ from contextlib import ExitStack
 from typing import Literal
 
 from sidecar.demo.fhir_server import FhirTestServer, basic_auth_check
-from sidecar.demo.pki import DemoPKI, ServerIdentity
+from sidecar.testkit.pki import ServerIdentity
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.pki import TestPKI
 
 UpstreamKind = Literal["good", "other_ca", "wrong_host", "expired", "mtls"]
 
@@ -19,7 +20,7 @@ class Upstreams:
     ``get`` clears the server's request record, so every test starts from an empty one.
     """
 
-    def __init__(self, pki: DemoPKI) -> None:
+    def __init__(self, pki: TestPKI) -> None:
         self._pki = pki
         self._stack = ExitStack()
         self._servers: dict[UpstreamKind, FhirTestServer] = {}
