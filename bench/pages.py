@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.demo.fhir_resources import to_xml
+from sidecar.testkit.fhir_resources import to_xml
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pages import body as page_body
 
 from sidecar.testkit.pki import DemoPKI
 from sidecar.testkit.ports import free_port
+from sidecar.testkit.token_server import TokenServer
 
 VENV_BIN = Path(sys.executable).parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -38,6 +39,8 @@ BIG_BYTES = 100 * 1024 * 1024
 BASIC_USER, BASIC_PASSWORD = "bench-user", "bench-password"
 BASIC_AUTHORIZATION = "Basic " + base64.b64encode(
     f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
+BENCH_CLIENT_ID, BENCH_CLIENT_SECRET = "bench-client", "bench-secret"
+BENCH_TOKEN_PREFIX = "bench-token-"  # the upstream accepts any bearer token with this prefix
 READY_TIMEOUT = 20.0
 
 
@@ -228,6 +231,7 @@ class Bench:
     token_lifetime: int = 300
     procs: list[Proc] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    tokens: TokenServer | None = None
 
     def __post_init__(self) -> None:
         self.pki = DemoPKI(self.workdir / "pki")
@@ -270,8 +274,8 @@ class Bench:
         # every upstream connection with whether TLS was resumed: that counts upstream
         # handshakes per target without costing keep-alive requests anything.
         block = f"""
-  map $http_authorization $authorized {{ "{BASIC_AUTHORIZATION}" 1; "~^Bearer bench-token-" 1;
-                                         default 0; }}
+  map $http_authorization $authorized {{ "{BASIC_AUTHORIZATION}" 1;
+                                         "~^Bearer {BENCH_TOKEN_PREFIX}" 1; default 0; }}
   log_format conn '$ssl_session_reused $ssl_protocol';
   map $connection_requests $first_request {{ 1 1; default 0; }}
   server {{
@@ -344,18 +348,16 @@ class Bench:
                                    f"http://127.0.0.1:{port}{PATIENT_PATH}", proc))
 
     def start_token_server(self) -> None:
-        argv = [sys.executable, str(BENCH_DIR / "token_server.py"), "--port", "0",
-                "--cert", str(self.server.cert_chain), "--key", str(self.server.key),
-                "--expires-in", str(self.token_lifetime)]
-        proc = _spawn("token-server", argv, self.workdir)
-        self.procs.append(proc)
-        self.token_port = int(_wait_line(proc, lambda d: "port" in d)["port"])  # type: ignore[call-overload]
-        self.token_ssl = ssl.create_default_context(cafile=str(self.pki.ca_bundle_path))
+        """The test kit's token server, in this process: it answers one request per token
+        lifetime per target, too few to cost the measured processes anything."""
+        self.tokens = TokenServer(self.server, BENCH_CLIENT_ID, BENCH_CLIENT_SECRET,
+                                  lifetime_seconds=self.token_lifetime,
+                                  token_prefix=BENCH_TOKEN_PREFIX).start()
+        self.token_port = self.tokens.port
 
     def tokens_issued(self) -> int:
-        url = f"https://127.0.0.1:{self.token_port}/count"
-        with _opener(self.token_ssl).open(url, timeout=5) as answer:
-            return int(json.load(answer)["issued"])
+        assert self.tokens is not None, "start_token_server() first"
+        return self.tokens.issued
 
     def add_sidecar(self, auth: str, source: Path | None = None, rewrite_links: bool = True,
                     key: str | None = None) -> None:
@@ -372,7 +374,8 @@ class Bench:
         if auth == "oauth":
             lines += ["oauth:", "  bench:",
                       f"    token_url: https://127.0.0.1:{self.token_port}/token",
-                      "    client_id: bench-client", "    client_secret: bench-secret",
+                      f"    client_id: {BENCH_CLIENT_ID}",
+                      f"    client_secret: {BENCH_CLIENT_SECRET}",
                       f"    tls: {{verify: custom, ca_bundle: {ca}}}"]
         lines += ["connections:", "  upstream:", f"    url: {self.base}/fhir",
                   f"    listen: 127.0.0.1:{port}", f"    auth: {{{auth}: bench}}",
@@ -437,3 +440,5 @@ class Bench:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+        if self.tokens is not None:
+            self.tokens.stop()

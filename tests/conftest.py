@@ -9,7 +9,7 @@ import pytest
 from support.pki import TestPKI
 from support.upstreams import Upstreams
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 pytest_plugins = ["support.oauth_fixtures"]
 

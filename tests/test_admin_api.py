@@ -24,7 +24,7 @@ from support.constants import basic_header
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.watch import POLL_SECONDS
 
 ADMIN_TOKEN = "admin-token-Vb83kq"

@@ -13,7 +13,7 @@ from support.constants import basic_header
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -24,7 +24,7 @@ from support.tls import (
     verification_error,
 )
 
-from sidecar.demo.fhir_server import FhirTestServer, expected_sha256, large_body_chunks
+from sidecar.testkit.fhir_server import FhirTestServer, expected_sha256, large_body_chunks
 
 FHIR_JSON = "application/fhir+json"
 GOOD_AUTH = httpx.BasicAuth(UPSTREAM_USER, UPSTREAM_PASSWORD)

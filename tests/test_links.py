@@ -7,9 +7,9 @@ from typing import Any, cast
 
 import pytest
 
-from sidecar.demo.fhir_resources import PatientStore, searchset, to_xml
 from sidecar.links import LinkRewriter, app_base_url, body_kind
 from sidecar.routing import Upstream
+from sidecar.testkit.fhir_resources import PatientStore, searchset, to_xml
 
 UP = "https://fhir.example.com/r4"
 APP = "http://127.0.0.1:8081"

@@ -18,8 +18,8 @@ from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 from test_streaming import MAX_RSS_GROWTH, rss_bytes
 
-from sidecar.demo.fhir_resources import large_bundle_chunks
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_resources import large_bundle_chunks
+from sidecar.testkit.fhir_server import FhirTestServer
 
 THRESHOLD = 1024 * 1024  # stream_large_bodies
 

@@ -15,7 +15,7 @@ from support.constants import basic_header
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 LIVE_DEADLINE = 5.0  # the promise is 2 s; allow for a loaded CI machine
 

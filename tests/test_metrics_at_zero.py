@@ -17,7 +17,7 @@ from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.token_stub import TokenStub
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 TLS_REASONS = ("unknown_ca", "hostname_mismatch", "expired", "handshake")

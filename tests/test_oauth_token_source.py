@@ -36,7 +36,7 @@ from sidecar.credentials import (
     TokenUnavailable,
 )
 from sidecar.credentials.client_auth import ASSERTION_TYPE, basic_authorization
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.tls.policy import compile_tls_policy
 
 TEST_DEADLINE = 30.0

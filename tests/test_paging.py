@@ -19,8 +19,8 @@ from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
-from sidecar.demo.fhir_resources import large_bundle_chunks
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_resources import large_bundle_chunks
+from sidecar.testkit.fhir_server import FhirTestServer
 
 PATIENTS = 7
 PAGE = 2

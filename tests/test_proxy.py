@@ -18,7 +18,7 @@ from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 
 @dataclass

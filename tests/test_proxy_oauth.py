@@ -17,7 +17,7 @@ from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 LIVE_DEADLINE = 5.0
 

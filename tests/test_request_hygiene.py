@@ -25,7 +25,7 @@ from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
-from sidecar.demo.fhir_server import server_tls_context
+from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
 
 READ_TIMEOUT = 30.0

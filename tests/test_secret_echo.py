@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
-from sidecar.demo.fhir_server import FhirTestServer, server_tls_context
+from sidecar.testkit.fhir_server import FhirTestServer, server_tls_context
 
 ADMIN_TOKEN = "echo-admin-token-Vb71"
 CLIENT_ID = "hostile.client"

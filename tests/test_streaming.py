@@ -13,7 +13,7 @@ from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.upstreams import Upstreams
 
-from sidecar.demo.payload import expected_sha256, large_body_chunks
+from sidecar.testkit.payload import expected_sha256, large_body_chunks
 
 SIZE = 100 * 1024 * 1024
 MAX_RSS_GROWTH = 30 * 1024 * 1024

@@ -24,7 +24,7 @@ from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.token_stub import TokenStub
 
-from sidecar.demo.fhir_server import FhirTestServer
+from sidecar.testkit.fhir_server import FhirTestServer
 
 ADMIN_TOKEN = "yaml-admin-token-Hc42"
 PASSWORD = "yaml-pw-Zt93"

@@ -1,5 +1,1 @@
-"""Real, loopback-only upstreams for the demo command and the tests.
-
-``pki`` issues the certificates (a trusted "internal" CA, an unrelated CA, and deliberately broken
-server certificates); ``fhir_server`` is a small HTTPS FHIR server that uses them.
-"""
+"""``fhir-sidecar demo``: the sidecar in front of the test kit's servers (sidecar/testkit)."""

@@ -24,11 +24,11 @@ from typing import Any
 import httpx
 
 from sidecar.config.yaml_io import dump, round_trip
-from sidecar.demo.auth_checks import basic_auth_check, bearer_token_check
-from sidecar.demo.fhir_server import FhirTestServer
-from sidecar.demo.token_server import DemoTokenServer
+from sidecar.testkit.auth_checks import basic_auth_check, bearer_token_check
+from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.testkit.pki import DemoPKI
 from sidecar.testkit.ports import free_port
+from sidecar.testkit.token_server import TokenServer
 
 DEMO_USER = "demo-client"
 READY_TIMEOUT_SECONDS = 30.0
@@ -199,7 +199,7 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
         secrets = {"demo-password": os.urandom(12).hex(),
                    "demo-client-secret": os.urandom(12).hex(),
                    "admin-token": os.urandom(16).hex()}
-        tokens = stack.enter_context(DemoTokenServer(
+        tokens = stack.enter_context(TokenServer(
             pki.server(name="token-server"), DEMO_USER, secrets["demo-client-secret"]))
         server = FhirTestServer(pki.server(), auth=lambda h: _check(h, secrets, tokens))
         stack.enter_context(server)
@@ -229,7 +229,7 @@ def run_demo(once: bool = False, state_dir: Path | None = None) -> int:
     return 0
 
 
-def _check(headers: Any, secrets: dict[str, str], tokens: DemoTokenServer) -> str | None:
+def _check(headers: Any, secrets: dict[str, str], tokens: TokenServer) -> str | None:
     """The demo server takes either the Basic password or a token from the demo endpoint."""
     if bearer_token_check(tokens.is_valid)(headers) is None:
         return None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from sidecar.demo.fhir_server import server_tls_context
+from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
 
 LOOPBACK = "127.0.0.1"

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import BinaryIO, Self
 from urllib.parse import parse_qs, urlsplit
 
-from sidecar.demo.fhir_server import server_tls_context
+from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
 
 LOOPBACK = "127.0.0.1"

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Literal
 
-from sidecar.demo.fhir_server import FhirTestServer, basic_auth_check
+from sidecar.testkit.fhir_server import FhirTestServer, basic_auth_check
 from sidecar.testkit.pki import ServerIdentity
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.pki import TestPKI

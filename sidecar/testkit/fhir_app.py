@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode
 
-from sidecar.demo.auth_checks import AuthCheck
-from sidecar.demo.fhir_resources import (
+from sidecar.testkit.auth_checks import AuthCheck
+from sidecar.testkit.fhir_resources import (
     PatientStore,
     capability_statement,
     gzip_chunks,
@@ -25,8 +25,8 @@ from sidecar.demo.fhir_resources import (
     searchset,
     to_xml,
 )
-from sidecar.demo.http_io import RequestBody, is_decimal
-from sidecar.demo.payload import large_body_chunks
+from sidecar.testkit.http_io import RequestBody, is_decimal
+from sidecar.testkit.payload import large_body_chunks
 
 FHIR_JSON = "application/fhir+json"
 FHIR_XML = "application/fhir+xml"

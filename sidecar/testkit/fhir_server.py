@@ -1,4 +1,4 @@
-"""A real HTTPS FHIR server on loopback, for the demo command and the tests.
+"""A real HTTPS FHIR server on loopback: the demo's upstream and the tests'.
 
 Transport only: TLS (optionally requiring a client certificate), HTTP/1.1 keep-alive with
 correct body framing, one thread per connection, a record of what arrived, and a ``stop()``
@@ -23,11 +23,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from sidecar.demo.auth_checks import AuthCheck, basic_auth_check, bearer_token_check
-from sidecar.demo.fhir_app import DEFAULT_CHALLENGE, FhirApp, IncomingRequest, Reply, error_reply
-from sidecar.demo.http_io import FramingError, Headers, RequestBody
-from sidecar.demo.payload import expected_sha256, large_body_chunks
+from sidecar.testkit.auth_checks import AuthCheck, basic_auth_check, bearer_token_check
+from sidecar.testkit.fhir_app import DEFAULT_CHALLENGE, FhirApp, IncomingRequest, Reply, error_reply
+from sidecar.testkit.http_io import FramingError, Headers, RequestBody
+from sidecar.testkit.payload import expected_sha256, large_body_chunks
 from sidecar.testkit.pki import ServerIdentity
+from sidecar.testkit.ports import LOOPBACK
 
 __all__ = [
     "FhirTestServer",
@@ -40,7 +41,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 # Idle keep-alive connections end by themselves eventually, even if nobody calls stop().
 IDLE_TIMEOUT_SECONDS = 30.0

@@ -1,7 +1,8 @@
-"""A small OAuth2 token endpoint for the demo: client_credentials with client_secret_basic.
+"""A small HTTPS OAuth2 token endpoint: client_credentials with client_secret_basic.
 
-Demo only: opaque random tokens, kept in memory with their expiry. The tests use a real
-authorization server (oidc-provider) instead.
+The demo's authorization server and the benchmark's. Opaque random tokens (after an optional
+prefix), kept in memory with their expiry and counted. The tests use a real authorization
+server (oidc-provider) instead.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote_plus
 
-from sidecar.demo.fhir_server import server_tls_context
+from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
+from sidecar.testkit.ports import LOOPBACK
 
-LOOPBACK = "127.0.0.1"
 
+class TokenServer:
+    """Issues a token to exactly one client; use as a context manager or start()/stop()."""
 
-class DemoTokenServer:
     def __init__(self, identity: ServerIdentity, client_id: str, client_secret: str,
-                 lifetime_seconds: int = 300):
+                 lifetime_seconds: int = 300, token_prefix: str = ""):
         self.client_id = client_id
+        self.token_prefix = token_prefix
         self._secret = client_secret
         self.lifetime = lifetime_seconds
         self._tokens: dict[str, float] = {}
@@ -41,12 +44,16 @@ class DemoTokenServer:
 
     @property
     def token_url(self) -> str:
-        return f"https://localhost:{self._server.server_address[1]}/token"
+        return f"https://localhost:{self.port}/token"
 
     def is_valid(self, token: str) -> bool:
         with self._lock:
             expires = self._tokens.get(token)
         return expires is not None and time.time() < expires
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
 
     def start(self) -> Self:
         self._thread.start()
@@ -55,6 +62,7 @@ class DemoTokenServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._thread.join()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -74,7 +82,7 @@ class DemoTokenServer:
         return False
 
     def _issue(self) -> dict[str, Any]:
-        token = secrets.token_urlsafe(32)
+        token = self.token_prefix + secrets.token_urlsafe(32)
         with self._lock:
             self._tokens[token] = time.time() + self.lifetime
             self.issued += 1
