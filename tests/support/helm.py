@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.testkit.pki import Authority, IssuedCert
 from sidecar.testkit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,26 +229,25 @@ class _Material:
     """Placeholder secrets, keys and PEMs of the right kind, made once per materialize call."""
 
     @functools.cached_property
-    def ca(self) -> Any:
-        import trustme  # a runtime dependency of the package, so present where it is installed
-
-        return trustme.CA()
+    def ca(self) -> Authority:
+        return Authority("fhir-sidecar chart test CA")
 
     @functools.cached_property
-    def client(self) -> Any:
-        return self.ca.issue_cert("fhir-sidecar-client.example")
+    def client(self) -> IssuedCert:
+        return self.ca.issue(common_name="fhir-sidecar-client.example",
+                             san=["fhir-sidecar-client.example"])
 
     def for_field(self, field: str, owner: dict[str, Any]) -> bytes:
         key = field.rsplit(".", 1)[-1]
         if key == "ca_bundle":
-            return self.ca.cert_pem.bytes()
+            return self.ca.cert_pem
         if key == "client_cert":
-            pem = b"".join(b.bytes() for b in self.client.cert_chain_pems)
+            pem = self.client.chain_pem
             if owner.get("client_key") in (None, owner.get("client_cert")):
-                pem += self.client.private_key_pem.bytes()
+                pem += self.client.key_pem
             return pem
         if key == "client_key":
-            return self.client.private_key_pem.bytes()
+            return self.client.key_pem
         if key == "private_key_file":
             return _private_key_pem(str(owner.get("signing_alg", "RS384")))
         return b"placeholder-secret\n"
