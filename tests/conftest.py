@@ -1,12 +1,16 @@
-"""Shared fixtures: a throw-away PKI and real TLS FHIR upstreams (see support/upstreams.py)."""
+"""Shared fixtures: a throw-away PKI, real TLS FHIR upstreams (see support/upstreams.py) and
+real sidecars in front of them (see support/sidecars.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.pki import TestPKI
+from support.sidecars import RunningSidecar, StartSidecar, Upstream, basic_sidecar
 from support.upstreams import Upstreams
 
 from sidecar.testkit.fhir_server import FhirTestServer
@@ -54,3 +58,18 @@ def upstream_expired(upstreams: Upstreams) -> FhirTestServer:
 def upstream_mtls(upstreams: Upstreams) -> FhirTestServer:
     """Valid certificate; also requires a client certificate from ``pki.ca``."""
     return upstreams.get("mtls")
+
+
+
+@pytest.fixture(scope="module")
+def start_sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+                  upstreams: Upstreams) -> Iterator[StartSidecar]:
+    """``start_sidecar(upstream=None, **options)`` runs a sidecar with one Basic connection to
+    ``upstream`` (default: the good one) until the module ends; options as in
+    ``support.sidecars.basic_sidecar``."""
+    with ExitStack() as running:
+        def start(upstream: Upstream | None = None, **options: Any) -> RunningSidecar:
+            directory = Path(tmp_path_factory.mktemp("sidecar"))
+            return running.enter_context(basic_sidecar(
+                directory, pki, upstream or upstreams.get("good"), **options))
+        yield start

@@ -21,10 +21,11 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.constants import EXPECTED_BASIC
 from support.pki import TestPKI
 from support.scripted_upstream import BODY, ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import basic_sidecar
 
 from sidecar.snapshot import Snapshot
 
@@ -54,22 +55,14 @@ class Running:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Running]:
     tmp = Path(tmp_path_factory.mktemp("limits"))
-    port, admin_port = free_port(), free_port()
-    with ScriptedUpstream(pki.server()) as upstream:
-        config = write_config(tmp, {
-            "admin": {"listen": f"127.0.0.1:{admin_port}"},
-            "shutdown": {"drain_seconds": DRAIN_SECONDS},
-            "limits": {"client_header_timeout_seconds": HEADER_TIMEOUT,
-                       "client_idle_timeout_seconds": IDLE_TIMEOUT},
-            "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
-            "connections": {"slow": {
-                "url": f"https://localhost:{upstream.port}/fhir",
-                "listen": f"127.0.0.1:{port}", "auth": {"basic": "b"},
-                "read_timeout_seconds": READ_TIMEOUT,
-                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
-        with SidecarProcess(config, tmp / "state") as process:
-            yield Running(process, upstream, port, f"127.0.0.1:{admin_port}")
+    with ScriptedUpstream(pki.server()) as upstream, basic_sidecar(
+            tmp, pki, upstream, connection="slow", admin=True,
+            settings={"read_timeout_seconds": READ_TIMEOUT},
+            extra={"shutdown": {"drain_seconds": DRAIN_SECONDS},
+                   "limits": {"client_header_timeout_seconds": HEADER_TIMEOUT,
+                              "client_idle_timeout_seconds": IDLE_TIMEOUT}}) as sidecar:
+        assert sidecar.admin is not None
+        yield Running(sidecar.process, upstream, sidecar.port, sidecar.admin)
 
 
 @pytest.fixture

@@ -8,13 +8,11 @@ import gzip
 import hashlib
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
-from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import SidecarProcess
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 from test_streaming import MAX_RSS_GROWTH, rss_bytes
 
@@ -40,21 +38,9 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-          upstreams: Upstreams) -> Iterator[Setup]:
-    tmp = Path(tmp_path_factory.mktemp("links-stream"))
-    server = upstreams.get("good")
-    port = free_port()
-    config = write_config(tmp, {
-        "admin": {"listen": None},
-        "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
-        "connections": {"big": {
-            "url": f"https://localhost:{server.port}/fhir", "listen": f"127.0.0.1:{port}",
-            "auth": {"basic": "b"},
-            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-    })
-    with SidecarProcess(config, tmp / "state") as sidecar:
-        yield Setup(sidecar, server, port)
+def setup(start_sidecar: StartSidecar, upstreams: Upstreams) -> Setup:
+    running = start_sidecar(connection="big")
+    return Setup(running.process, upstreams.get("good"), running.port)
 
 
 def test_a_100_mb_bundle_is_rewritten_while_it_streams(setup: Setup) -> None:

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from fhirpy import SyncFHIRClient
-from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
-from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.constants import EXPECTED_BASIC
+from support.sidecar_process import SidecarProcess
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
 from sidecar.testkit.fhir_resources import large_bundle_chunks
@@ -61,29 +59,18 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-          upstreams: Upstreams) -> Iterator[Setup]:
-    tmp = Path(tmp_path_factory.mktemp("paging"))
-    server = upstreams.get("good")
-    reverse_port, proxy_port = free_port(), free_port()
-    config = write_config(tmp, {
-        "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
-        "admin": {"listen": None},
-        "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
-        "connections": {"paged": {
-            "url": f"https://localhost:{server.port}/fhir",
-            "listen": f"127.0.0.1:{reverse_port}", "auth": {"basic": "b"},
-            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-    })
+def setup(start_sidecar: StartSidecar, upstreams: Upstreams) -> Setup:
+    running = start_sidecar(connection="paged", proxy=True)
+    assert running.proxy_port is not None
     family = "Pager" + uuid.uuid4().hex[:8]
-    with SidecarProcess(config, tmp / "state") as sidecar:
-        result = Setup(sidecar, server, reverse_port, proxy_port, family)
-        with result.session(forward=False) as session:
-            for i in range(PATIENTS):
-                created = session.post(f"{result.reverse_base}/Patient", timeout=30, json={
-                    "resourceType": "Patient", "name": [{"family": family, "given": [f"P{i}"]}]})
-                assert created.status_code == 201, created.text
-        yield result
+    result = Setup(running.process, upstreams.get("good"), running.port, running.proxy_port,
+                   family)
+    with result.session(forward=False) as session:
+        for i in range(PATIENTS):
+            created = session.post(f"{result.reverse_base}/Patient", timeout=30, json={
+                "resourceType": "Patient", "name": [{"family": family, "given": [f"P{i}"]}]})
+            assert created.status_code == 201, created.text
+    return result
 
 
 def _paging_requests(setup: Setup) -> list[Any]:

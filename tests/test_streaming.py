@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
-from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
-from support.upstreams import Upstreams
+from support.sidecar_process import SidecarProcess
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.payload import expected_sha256, large_body_chunks
 
@@ -27,20 +24,9 @@ def rss_bytes(pid: int, field: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-            upstreams: Upstreams) -> Iterator[tuple[SidecarProcess, str]]:
-    tmp = Path(tmp_path_factory.mktemp("stream"))
-    port = free_port()
-    config = write_config(tmp, {
-        "admin": {"listen": None},
-        "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
-        "connections": {"big": {
-            "url": f"https://localhost:{upstreams.get('good').port}/fhir",
-            "listen": f"127.0.0.1:{port}", "auth": {"basic": "b"},
-            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-    })
-    with SidecarProcess(config, tmp / "state") as process:
-        yield process, f"http://127.0.0.1:{port}"
+def sidecar(start_sidecar: StartSidecar) -> tuple[SidecarProcess, str]:
+    running = start_sidecar(connection="big")
+    return running.process, running.base
 
 
 def test_large_download_and_upload_stream(sidecar: tuple[SidecarProcess, str]) -> None:
