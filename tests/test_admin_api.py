@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.constants import basic_header
+from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
@@ -45,7 +46,7 @@ def disk_state(directory: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def open_upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
     """Accepts any credentials and records the headers it received."""
-    with FhirTestServer(pki.server(name="api-open")) as server:
+    with fhir_upstream(pki.server(name="api-open")) as server:
         yield server
 
 

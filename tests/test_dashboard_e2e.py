@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import basic_header
+from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 
@@ -28,7 +29,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 @pytest.fixture(scope="module")
 def upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
-    with FhirTestServer(pki.server(name="e2e-open")) as server:
+    with fhir_upstream(pki.server(name="e2e-open")) as server:
         yield server
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.fhir_bodies import expected_sha256, large_body_chunks
+from support.fhir_routes import fhir_upstream
 from support.pki import ClientIdentity, TestPKI
 from support.tls import (
     CERT_EXPIRED,
@@ -24,7 +26,7 @@ from support.tls import (
     verification_error,
 )
 
-from sidecar.testkit.fhir_server import FhirTestServer, expected_sha256, large_body_chunks
+from sidecar.testkit.fhir_server import FhirTestServer
 
 FHIR_JSON = "application/fhir+json"
 GOOD_AUTH = httpx.BasicAuth(UPSTREAM_USER, UPSTREAM_PASSWORD)
@@ -283,7 +285,7 @@ def _connection_threads() -> set[threading.Thread]:
 
 def test_stop_is_prompt_with_idle_and_waiting_connections(pki: TestPKI) -> None:
     before = _connection_threads()
-    server = FhirTestServer(pki.server(name="server-stop")).start()
+    server = fhir_upstream(pki.server(name="server-stop")).start()
     failures: list[BaseException] = []
 
     def wait_for_slow_answer() -> None:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from support.bearer import BearerValidator
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
@@ -168,7 +169,7 @@ def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: TestPKI,
     client = oauth_provider.clients["basic"]
     (tmp_path / "client-secret").write_text(str(client.secret) + "\n")
     port = free_port()
-    with FhirTestServer(pki.server(name="intercept-oauth"), auth=bearer_validator) as server:
+    with fhir_upstream(pki.server(name="intercept-oauth"), auth=bearer_validator) as server:
         config = write_config(tmp_path, {
             "proxy": {"listen": f"127.0.0.1:{port}", "intercept_https": True,
                       "ca_cert_export": "sidecar-ca.pem"},

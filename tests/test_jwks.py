@@ -21,11 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey, RSAKey
 from prometheus_client.parser import text_string_to_metric_families
 from support.bearer import BearerValidator
+from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
-
-from sidecar.testkit.fhir_server import FhirTestServer
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 LIVE_DEADLINE = 10.0
@@ -256,7 +255,7 @@ def test_live_rotation_is_accepted_at_once_by_a_server_caching_the_jwks_uri(
                                 issuer=provider.issuer)
     conn_port = free_port()
     try:
-        with FhirTestServer(pki.server(name="jwks-upstream"), auth=validator) as upstream:
+        with fhir_upstream(pki.server(name="jwks-upstream"), auth=validator) as upstream:
             config: dict[str, Any] = {
                 "proxy": {"listen": f"127.0.0.1:{free_port()}"},
                 "admin": {"listen": f"127.0.0.1:{admin_port}"},

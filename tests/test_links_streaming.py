@@ -11,12 +11,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from support.fhir_bodies import large_bundle_chunks
 from support.sidecar_process import SidecarProcess
 from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 from test_streaming import MAX_RSS_GROWTH, rss_bytes
 
-from sidecar.testkit.fhir_resources import large_bundle_chunks
 from sidecar.testkit.fhir_server import FhirTestServer
 
 THRESHOLD = 1024 * 1024  # stream_large_bodies

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from support.constants import basic_header
+from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
@@ -23,7 +24,7 @@ LIVE_DEADLINE = 5.0  # the promise is 2 s; allow for a loaded CI machine
 @pytest.fixture(scope="module")
 def open_upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
     """An upstream that accepts any credentials and records what it received."""
-    with FhirTestServer(pki.server(name="open")) as server:
+    with fhir_upstream(pki.server(name="open")) as server:
         yield server
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 from support.bearer import BearerValidator
+from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 
@@ -36,7 +37,6 @@ from sidecar.credentials import (
     TokenUnavailable,
 )
 from sidecar.credentials.client_auth import ASSERTION_TYPE, basic_authorization
-from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.tls.policy import compile_tls_policy
 
 TEST_DEADLINE = 30.0
@@ -666,7 +666,7 @@ def test_bearer_validator_guards_a_fhir_test_server(oauth_provider: OAuthTestPro
         async with opened(make_source(oauth_provider, "basic")) as source:
             return await source.token()
     token = asyncio.run(get_token())
-    with FhirTestServer(pki.server(), auth=bearer_validator) as server, \
+    with fhir_upstream(pki.server(), auth=bearer_validator) as server, \
             httpx.Client(verify=ssl.create_default_context(cafile=pki.ca_bundle_path),
                          trust_env=False) as client:
         url = f"{server.base_url}/metadata"

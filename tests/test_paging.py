@@ -13,11 +13,11 @@ import pytest
 import requests
 from fhirpy import SyncFHIRClient
 from support.constants import EXPECTED_BASIC
+from support.fhir_bodies import large_bundle_chunks
 from support.sidecar_process import SidecarProcess
 from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
-from sidecar.testkit.fhir_resources import large_bundle_chunks
 from sidecar.testkit.fhir_server import FhirTestServer
 
 PATIENTS = 7

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from support.bearer import BearerValidator
+from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
@@ -104,7 +105,7 @@ class OAuthSetup:
 def setup(tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
           bearer_validator: BearerValidator) -> Iterator[tuple[OAuthSetup, RejectOnce]]:
     check = RejectOnce(bearer_validator)
-    with FhirTestServer(pki.server(name="oauth-upstream"), auth=check) as upstream:
+    with fhir_upstream(pki.server(name="oauth-upstream"), auth=check) as upstream:
         s = OAuthSetup(tmp_path, pki, oauth_provider, upstream)
         s.sidecar.start()
         try:

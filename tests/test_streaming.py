@@ -7,10 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.fhir_bodies import expected_sha256, large_body_chunks
 from support.sidecar_process import SidecarProcess
 from support.sidecars import StartSidecar
-
-from sidecar.testkit.payload import expected_sha256, large_body_chunks
 
 SIZE = 100 * 1024 * 1024
 MAX_RSS_GROWTH = 30 * 1024 * 1024

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.token_stub import TokenStub
@@ -98,7 +99,7 @@ def basic_username(header: str) -> str:
 
 @pytest.fixture(scope="module")
 def upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
-    with FhirTestServer(pki.server(name="yaml-open")) as server:
+    with fhir_upstream(pki.server(name="yaml-open")) as server:
         yield server
 
 

@@ -1,14 +1,13 @@
-"""What the test FHIR server answers: request in, reply out, no sockets.
+"""What the kit's FHIR server answers: request in, reply out, no sockets.
 
 Kept apart from the transport (``fhir_server``) so the FHIR behaviour is easy to read and the
-transport can stay generic: it frames bodies, records requests and writes replies.
+transport can stay generic: it frames bodies, records requests and writes replies. The demo's
+routes live here; tests add theirs by overriding ``route`` (tests/support/fhir_routes.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,22 +17,16 @@ from sidecar.testkit.auth_checks import AuthCheck
 from sidecar.testkit.fhir_resources import (
     PatientStore,
     capability_statement,
-    gzip_chunks,
     issue_code_for_status,
-    large_bundle_chunks,
     operation_outcome,
     searchset,
     to_xml,
 )
 from sidecar.testkit.http_io import RequestBody, is_decimal
-from sidecar.testkit.payload import large_body_chunks
 
 FHIR_JSON = "application/fhir+json"
 FHIR_XML = "application/fhir+xml"
 MAX_JSON_BODY = 1024 * 1024
-MAX_LARGE_SIZE = 1 << 36  # 64 GiB: far beyond any test, small enough to stop typos.
-MAX_SLOW_SECONDS = 30.0
-DEFAULT_LARGE_SIZE = 1024 * 1024
 DEFAULT_PAGE_SIZE = 50
 DEFAULT_CHALLENGE = 'Basic realm="fhir", charset="UTF-8"'
 
@@ -68,8 +61,8 @@ def error_reply(status: int, diagnostics: str, **headers: str) -> Reply:
     return fhir_reply(status, outcome, **headers)
 
 
-class _BadParameter(ValueError):
-    pass
+class BadParameter(ValueError):
+    """A query parameter out of range: answered 400 with this message."""
 
 
 class FhirApp:
@@ -100,8 +93,8 @@ class FhirApp:
             return error_reply(404, f"not a path under {self.base_path or '/'}")
         query = parse_qs(query_text, keep_blank_values=True)
         try:
-            return self._route(request, segments, query)
-        except _BadParameter as exc:
+            return self.route(request, segments, query)
+        except BadParameter as exc:
             return error_reply(400, str(exc))
 
     def _segments(self, path: str) -> list[str] | None:
@@ -111,9 +104,10 @@ class FhirApp:
         rest = path[len(self.base_path) :].strip("/")
         return [unquote(segment) for segment in rest.split("/")] if rest else []
 
-    def _route(
+    def route(
         self, request: IncomingRequest, segments: list[str], query: dict[str, list[str]]
     ) -> Reply:
+        """The answer to an authorized request for ``segments`` under the base path."""
         method = request.method
         match segments:
             case ["metadata"] if method == "GET":
@@ -122,19 +116,9 @@ class FhirApp:
                 return self._read_patient(patient_id)
             case ["Patient"] if method == "GET":
                 return self._search_patients(query, wants_xml(request, query))
-            case ["Bundle", "large"] if method == "GET":
-                return self._large_bundle(query, wants_xml(request, query))
             case ["Patient"] if method == "POST":
                 return self._create_patient(request)
-            case ["Binary", "large"] if method == "GET":
-                return self._large(query)
-            case ["Binary", "digest"] if method == "POST":
-                return self._digest(request)
-            case ["slow"] if method == "GET":
-                return self._slow(query)
-            case ["status", code]:
-                return self._status(code)
-            case ["metadata"] | ["Patient", *_] | ["Binary", "large" | "digest"] | ["slow"]:
+            case ["metadata"] | ["Patient", *_]:
                 return error_reply(405, f"{method} is not supported here", Allow="GET, POST")
             case _:
                 return error_reply(404, "unknown resource type or operation")
@@ -146,14 +130,14 @@ class FhirApp:
         return fhir_reply(200, patient, ETag=f'W/"{patient["meta"]["versionId"]}"')
 
     def _search_patients(self, query: dict[str, list[str]], xml: bool = False) -> Reply:
-        name = _single(query, "name")
-        count = _int_param(query, "_count", DEFAULT_PAGE_SIZE, 1, 1000)
-        offset = _int_param(query, "_offset", 0, 0, 1_000_000)
+        name = single_param(query, "name")
+        count = int_param(query, "_count", DEFAULT_PAGE_SIZE, 1, 1000)
+        offset = int_param(query, "_offset", 0, 0, 1_000_000)
         matches = self.patients.search_by_name(name)
         page = matches[offset : offset + count]
         params = {"name": name} if name is not None else {}
         if "_format" in query:
-            params["_format"] = _single(query, "_format") or ""
+            params["_format"] = single_param(query, "_format") or ""
         url = f"{self.base_url}/Patient?"
         self_url = url + urlencode({**params, "_count": count, "_offset": offset})
         next_url = None
@@ -165,17 +149,6 @@ class FhirApp:
         if xml:
             return Reply(200, {"Content-Type": FHIR_XML}, to_xml(bundle))
         return fhir_reply(200, bundle)
-
-    def _large_bundle(self, query: dict[str, list[str]], xml: bool) -> Reply:
-        """``size`` bytes of searchset; ``chunked=1`` without a Content-Length, ``gzip=1``
-        gzip-coded (and chunked)."""
-        size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 1024, MAX_LARGE_SIZE)
-        chunks = large_bundle_chunks(self.base_url, size, xml=xml)
-        headers = {"Content-Type": FHIR_XML if xml else FHIR_JSON}
-        if _flag(query, "gzip"):
-            headers["Content-Encoding"] = "gzip"
-            return Reply(200, headers, stream=gzip_chunks(chunks))
-        return Reply(200, headers, stream=chunks, length=None if _flag(query, "chunked") else size)
 
     def _create_patient(self, request: IncomingRequest) -> Reply:
         try:
@@ -193,80 +166,30 @@ class FhirApp:
         return fhir_reply(201, created, Location=location, ETag='W/"1"',
                           **{"Content-Location": location})
 
-    def _large(self, query: dict[str, list[str]]) -> Reply:
-        size = _int_param(query, "size", DEFAULT_LARGE_SIZE, 0, MAX_LARGE_SIZE)
-        chunked = _flag(query, "chunked")
-        return Reply(
-            200,
-            {"Content-Type": "application/octet-stream"},
-            stream=large_body_chunks(size),
-            length=None if chunked else size,
-        )
-
-    def _digest(self, request: IncomingRequest) -> Reply:
-        digest = hashlib.sha256()
-        length = 0
-        for piece in request.body.chunks():
-            digest.update(piece)
-            length += len(piece)
-        body = json.dumps({"length": length, "sha256": digest.hexdigest()}).encode()
-        return Reply(200, {"Content-Type": "application/json"}, body)
-
-    def _slow(self, query: dict[str, list[str]]) -> Reply:
-        text = _single(query, "seconds") or "1"
-        try:
-            seconds = float(text)
-        except ValueError:
-            raise _BadParameter("seconds must be a number") from None
-        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLOW_SECONDS:
-            raise _BadParameter(f"seconds must be between 0 and {MAX_SLOW_SECONDS:g}")
-        outcome = operation_outcome(
-            f"answered after {seconds:g} s", code="informational", severity="information"
-        )
-        reply = fhir_reply(200, outcome)
-        reply.delay_seconds = seconds
-        return reply
-
-    def _status(self, code_text: str) -> Reply:
-        # Final statuses only; 1xx cannot be a final answer.
-        if not is_decimal(code_text) or not 200 <= int(code_text) <= 599:
-            raise _BadParameter("status must be a number from 200 to 599")
-        status = int(code_text)
-        if status in (204, 304):
-            return Reply(status)  # these statuses must not carry a body
-        severity = "information" if status < 400 else "error"
-        outcome = operation_outcome(
-            f"status {status} as requested",
-            code=issue_code_for_status(status) if status >= 400 else "informational",
-            severity=severity,
-        )
-        return fhir_reply(status, outcome)
-
-
 def wants_xml(request: IncomingRequest, query: dict[str, list[str]]) -> bool:
     """``_format=xml`` (or an XML media type), else an Accept asking for XML before JSON."""
-    fmt = (_single(query, "_format") or "").lower()
+    fmt = (single_param(query, "_format") or "").lower()
     if fmt:
         return fmt == "xml" or fmt.endswith("xml")
     accept = request.headers.get("accept", "").lower()
     return "xml" in accept and "json" not in accept
 
 
-def _flag(query: dict[str, list[str]], name: str) -> bool:
-    return (_single(query, name) or "").lower() in {"1", "true", "yes"}
+def flag_param(query: dict[str, list[str]], name: str) -> bool:
+    return (single_param(query, name) or "").lower() in {"1", "true", "yes"}
 
 
-def _single(query: dict[str, list[str]], name: str) -> str | None:
+def single_param(query: dict[str, list[str]], name: str) -> str | None:
     values = query.get(name)
     return values[-1] if values else None
 
 
-def _int_param(
+def int_param(
     query: dict[str, list[str]], name: str, default: int, minimum: int, maximum: int
 ) -> int:
-    text = _single(query, name)
+    text = single_param(query, name)
     if text is None:
         return default
     if not is_decimal(text) or not minimum <= int(text) <= maximum:
-        raise _BadParameter(f"{name} must be an integer from {minimum} to {maximum}")
+        raise BadParameter(f"{name} must be an integer from {minimum} to {maximum}")
     return int(text)

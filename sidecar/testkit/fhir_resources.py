@@ -1,4 +1,4 @@
-"""FHIR R4 JSON shapes the test server answers with, and its in-memory Patient store.
+"""FHIR R4 JSON shapes the kit's FHIR server answers with, and its in-memory Patient store.
 
 Only what the sidecar's behaviour depends on: resource types, ids, absolute URLs in
 ``Location`` / ``Bundle.link`` / ``Bundle.entry.fullUrl`` (link rewriting), and
@@ -11,8 +11,7 @@ import copy
 import datetime as dt
 import threading
 import uuid
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
@@ -169,57 +168,6 @@ def _xml_children(node: Mapping[str, Any], out: list[str]) -> None:
             else:
                 text = str(item).lower() if isinstance(item, bool) else str(item)
                 out.append(f'<{key} value="{xml_escape(text, {chr(34): "&quot;"})}"/>')
-
-
-def large_bundle_chunks(base_url: str, size: int, chunk_size: int = 64 * 1024,
-                        xml: bool = False) -> Iterator[bytes]:
-    """Exactly ``size`` bytes (at least 1 KiB) of a searchset Bundle, JSON or XML, with an
-    absolute ``next`` link before its entries: deterministic, built one chunk at a time
-    whatever the size."""
-    next_url = f"{base_url}/Bundle/large?size={size}&page=2"
-    if xml:
-        head = ('<Bundle xmlns="http://hl7.org/fhir"><type value="searchset"/><link>'
-                '<relation value="next"/>'
-                f'<url value="{xml_escape(next_url)}"/></link>').encode()
-        tail = b"</Bundle>"
-    else:
-        head = ('{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next",'
-                f'"url":"{next_url}"}}],"entry":[').encode()
-        tail = b"]}"
-    if size < len(head) + len(tail) + 512:
-        raise ValueError("size is too small for a bundle")
-    remaining = size - len(head) - len(tail)
-    buffer = bytearray(head)
-    index = 0
-    while True:
-        if xml:
-            entry = (f'<entry><fullUrl value="{base_url}/Patient/big-{index}"/><resource>'
-                     f'<Patient><id value="big-{index}"/></Patient></resource></entry>').encode()
-        else:
-            entry = (("," if index else "") + f'{{"fullUrl":"{base_url}/Patient/big-{index}",'
-                     f'"resource":{{"resourceType":"Patient","id":"big-{index}"}}}}').encode()
-        if len(entry) > remaining:
-            break
-        buffer += entry
-        remaining -= len(entry)
-        index += 1
-        while len(buffer) >= chunk_size:
-            yield bytes(buffer[:chunk_size])
-            del buffer[:chunk_size]
-    buffer += b" " * remaining + tail  # whitespace fills the rest exactly
-    while buffer:
-        yield bytes(buffer[:chunk_size])
-        del buffer[:chunk_size]
-
-
-def gzip_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """``chunks`` gzip-coded on the fly."""
-    packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    for chunk in chunks:
-        packed = packer.compress(chunk)
-        if packed:
-            yield packed
-    yield packer.flush()
 
 
 def _name_parts(patient: Mapping[str, Any]) -> list[str]:

@@ -26,7 +26,6 @@ from typing import Any, Self
 from sidecar.testkit.auth_checks import AuthCheck, basic_auth_check, bearer_token_check
 from sidecar.testkit.fhir_app import DEFAULT_CHALLENGE, FhirApp, IncomingRequest, Reply, error_reply
 from sidecar.testkit.http_io import FramingError, Headers, RequestBody
-from sidecar.testkit.payload import expected_sha256, large_body_chunks
 from sidecar.testkit.pki import ServerIdentity
 from sidecar.testkit.ports import LOOPBACK
 
@@ -35,8 +34,6 @@ __all__ = [
     "RecordedRequest",
     "basic_auth_check",
     "bearer_token_check",
-    "expected_sha256",
-    "large_body_chunks",
 ]
 
 _log = logging.getLogger(__name__)
@@ -264,7 +261,8 @@ class FhirTestServer:
 
     ``auth`` is called with the request headers and returns ``None`` (authorized) or a reason,
     which becomes a 401 OperationOutcome with ``WWW-Authenticate: <www_authenticate>``.
-    ``client_ca`` makes a client certificate signed by that CA mandatory.
+    ``client_ca`` makes a client certificate signed by that CA mandatory. ``app_class`` is
+    what answers (tests pass one with more routes).
     """
 
     def __init__(
@@ -277,8 +275,10 @@ class FhirTestServer:
         port: int = 0,
         www_authenticate: str = DEFAULT_CHALLENGE,
         hostname: str = "localhost",
+        app_class: type[FhirApp] = FhirApp,
     ) -> None:
         self._identity = identity
+        self._app_class = app_class
         self._base_path = "/" + base_path.strip("/") if base_path.strip("/") else ""
         self._client_ca = client_ca
         self._auth = auth
@@ -361,7 +361,7 @@ class FhirTestServer:
         return self._started().requests.wait_for(count, timeout)
 
     def _make_app(self, port: int) -> FhirApp:
-        return FhirApp(
+        return self._app_class(
             base_url=f"https://{self._hostname}:{port}{self._base_path}",
             base_path=self._base_path,
             auth=self._auth,

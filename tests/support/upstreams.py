@@ -9,6 +9,7 @@ from typing import Literal
 from sidecar.testkit.fhir_server import FhirTestServer, basic_auth_check
 from sidecar.testkit.pki import ServerIdentity
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
 
 UpstreamKind = Literal["good", "other_ca", "wrong_host", "expired", "mtls"]
@@ -45,7 +46,7 @@ class Upstreams:
             "expired": pki.server_expired,
             "mtls": lambda: pki.server(name="server-mtls"),
         }
-        return FhirTestServer(
+        return fhir_upstream(
             issue[kind](),
             client_ca=pki.ca_bundle_path if kind == "mtls" else None,
             auth=basic_auth_check(UPSTREAM_USER, UPSTREAM_PASSWORD),
