@@ -18,7 +18,7 @@ from collections import Counter as Tally
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
-from sidecar.observe import NO_CONNECTION
+from sidecar.observe import NO_CONNECTION, TokenResult
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 from sidecar.tls.verdict import TLS_FAILURE_REASONS
 
@@ -47,7 +47,7 @@ disable_created_metrics()
 PREFIX = "fhir_sidecar"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
                      "CONNECT"})
-TOKEN_RESULTS = frozenset({"success", "http_error", "invalid_response", "network"})
+TOKEN_RESULTS = frozenset(get_args(TokenResult))
 TLS_REASONS = TLS_FAILURE_REASONS
 NO_STATUS = "none"  # status_class of a request that ended without any response
 # Exported at 0 for every configured connection from the moment it is loaded, so that a rate()

@@ -6,9 +6,12 @@ counters. Arguments are configured names and small enums only, never URLs, hosts
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 NO_CONNECTION = "-"  # requests that matched no connection (no config name can be "-")
+# How a token request ended: the result label of fhir_sidecar_token_requests_total.
+TokenFailureResult = Literal["http_error", "invalid_response", "network"]
+TokenResult = Literal["success", TokenFailureResult]
 
 
 class ProxyObserver(Protocol):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.admin import ListenerState, StatusSources, start_admin
-from sidecar.admin.console import mount_console
+from sidecar.admin.mount import mount_console
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import Listener
 from sidecar.live import LiveConfig

@@ -58,3 +58,85 @@ def test_a_basic_only_sidecar_does_not_load_the_oauth_client_stack(tmp_path: Pat
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _module_name(package_root: Path, path: Path) -> str:
+    parts = list(path.relative_to(package_root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _runtime_imports(tree: ast.AST) -> set[str]:
+    """Every module an import statement names, at any depth, except under TYPE_CHECKING
+    (those never run). ``from a import b`` names ``a`` and, if it is a module, ``a.b``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                found.add(child.module)
+                found.update(f"{child.module}.{alias.name}" for alias in child.names)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_cycles(package_root: Path) -> list[list[str]]:
+    """The groups of a package's modules that import each other in a circle (Tarjan's
+    strongly connected components of the import graph); lazy imports inside functions count."""
+    modules = {_module_name(package_root, p): p for p in package_root.rglob("*.py")}
+    graph = {name: sorted(m for m in _runtime_imports(ast.parse(path.read_text("utf-8")))
+                          if m in modules and m != name)
+             for name, path in modules.items()}
+    index: dict[str, int] = {}
+    lowest: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = lowest[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                connect(target)
+                lowest[node] = min(lowest[node], lowest[target])
+            elif target in stack:
+                lowest[node] = min(lowest[node], index[target])
+        if lowest[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def test_no_sidecar_modules_import_each_other_in_a_circle() -> None:
+    assert import_cycles(PACKAGE) == []
+
+
+def test_the_cycle_check_finds_a_lazy_import_cycle(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import B\n")
+    (package / "b.py").write_text("def f():\n    from pkg import c\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nimport pkg.a\n"
+                                  "if TYPE_CHECKING:\n    from pkg.d import D\n")
+    (package / "d.py").write_text("import pkg.c\n")
+    assert import_cycles(package) == [["pkg.a", "pkg.b", "pkg.c"]]

@@ -81,6 +81,23 @@ connections:
     assert any(p.startswith(f"{path}: connections.ok.url:") for p in found)
 
 
+def test_every_named_section_checks_its_names_even_beside_other_errors(tmp_path: Path) -> None:
+    too_long = "a" * 64
+    path = write(tmp_path, f"""
+egress_proxies:
+  Corp: {{url: "http://proxy.example:3128", colour: blue}}
+basic_auth:
+  {too_long}: {{username: u, password_env: PW}}
+  {"b" * 63}: {{username: u, password_env: PW}}
+""")
+    found = problems(path)
+    assert f"{path}: egress_proxies: name 'Corp' must match [a-z0-9][a-z0-9_-]* (at most 63 " \
+           "characters)" in found
+    assert f"{path}: egress_proxies.Corp.colour: unknown key" in found
+    assert any(p.startswith(f"{path}: basic_auth: name '{too_long}' must match") for p in found)
+    assert len(found) == 3
+
+
 def test_duplicate_listen_ports(tmp_path: Path) -> None:
     path = write(tmp_path, """
 proxy: {listen: "127.0.0.1:18080"}

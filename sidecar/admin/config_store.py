@@ -34,12 +34,7 @@ from pydantic import BaseModel
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import parse_config
-from sidecar.config.models import (
-    NAME_MAX_LENGTH,
-    NAME_RULE,
-    SidecarConfig,
-    is_valid_name,
-)
+from sidecar.config.models import NAME_RULE, SidecarConfig, is_valid_name, require_valid_name
 from sidecar.config.yaml_io import YAMLError, dump, round_trip
 from sidecar.live import LiveConfig, ReloadOutcome
 from sidecar.secrets import SecretError, read_secret_file
@@ -91,9 +86,10 @@ class _Plan:
 
 
 def check_name(name: str, kind: str) -> None:
-    if not is_valid_name(name):
-        raise ChangeRejected(400, f"{KIND_WORDS.get(kind, kind)} name {name!r} must match "
-                                  f"{NAME_RULE} (at most {NAME_MAX_LENGTH} characters)")
+    try:
+        require_valid_name(name)
+    except ValueError as problem:
+        raise ChangeRejected(400, f"{KIND_WORDS.get(kind, kind)} {problem}") from None
 
 
 def check_no_references(body: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote
 
 import tornado.template
@@ -22,6 +22,7 @@ from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
 from sidecar.admin.guard import BoundedBody, with_body
+from sidecar.config.models import ClientAuth, SigningAlg, TlsVerify
 
 HERE = Path(__file__).parent
 TEMPLATES = tornado.template.Loader(str(HERE / "templates"))
@@ -29,6 +30,9 @@ PAGES = (("connections", "/", "Connections"), ("basic-auth", "/basic-auth", "Bas
          ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"))
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart framing and the form's other fields
 LOGIN_BODY_BYTES = 8 * 1024
+# The options of the forms' select fields, in the order shown.
+CHOICES = {"verify": get_args(TlsVerify), "client_auth": get_args(ClientAuth),
+           "signing_alg": get_args(SigningAlg)}
 
 
 class DashboardHandler(BoundedBody):
@@ -87,7 +91,7 @@ class DashboardHandler(BoundedBody):
             session=session, csrf=session.csrf if session else "",
             read_only=read_only, can_edit=session is not None and read_only is None,
             done=self.get_query_argument("done", ""), error=error, problems=problems or [],
-            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, **extra)
+            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES, **extra)
         self.finish(html)
 
     @with_body

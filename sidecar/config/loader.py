@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import SidecarConfig, is_valid_name, name_error
+from sidecar.config.models import SidecarConfig
 from sidecar.config.yaml_io import YAMLError, error_position, error_reason, load
 
 EMPTY_CONFIG_MESSAGE = ("the config file is empty (or holds only comments); write {} for a "
@@ -50,32 +50,22 @@ def parse_config(text: str, *, file: str, base_dir: Path) -> SidecarConfig:
     try:
         config = SidecarConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        # Name problems are reported even when a section has other errors (pydantic then
-        # skips the section's own after-validators).
-        found = validation_problems(file, exc)
-        found += [p for p in _name_problems(file, data) if p not in found]
-        raise ConfigError(found) from None
+        raise ConfigError(validation_problems(file, exc)) from None
     problems = [ConfigProblem(file, p, m) for p, m in config.reference_problems()]
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _name_problems(file: str, data: dict[str, Any]) -> list[ConfigProblem]:
-    problems = []
-    for section in ("basic_auth", "oauth", "connections"):
-        entries = data.get(section)
-        if isinstance(entries, dict):
-            problems += [ConfigProblem(file, section, name_error(str(name)))
-                         for name in entries if not is_valid_name(str(name))]
-    return problems
-
-
 def validation_problems(file: str, exc: ValidationError) -> list[ConfigProblem]:
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
-        # Validators on a whole model report at the model's own location.
-        path = ".".join(str(part) for part in err["loc"])
+        # Validators on a whole model report at the model's own location; a bad name (a
+        # mapping's key) at its section, which the message then names.
+        loc = err["loc"]
+        if loc[-1:] == ("[key]",):
+            loc = loc[:-2]
+        path = ".".join(str(part) for part in loc)
         message = _MESSAGES.get(err["type"], err["msg"])
         if message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")

@@ -29,10 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-# The one rule for every name (connections, definitions, CA bundles), in config and API alike.
-NAME_RULE = "[a-z0-9][a-z0-9_-]*"
+# The one rule for every name (connections, definitions, egress proxies, CA bundles), in config
+# and API alike. NAME_RULE is how messages state it; the regular expression adds the length
+# bound, so that a JSON Schema can check both with one pattern.
+_NAME_FIRST, _NAME_REST = "[a-z0-9]", "[a-z0-9_-]"
+NAME_RULE = f"{_NAME_FIRST}{_NAME_REST}*"
 NAME_MAX_LENGTH = 63
-NAME_PATTERN = re.compile(NAME_RULE)
+NAME_REGEX = f"^{_NAME_FIRST}{_NAME_REST}{{0,{NAME_MAX_LENGTH - 1}}}$"
+_NAME_PATTERN = re.compile(NAME_REGEX)
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"
 
 
@@ -139,10 +143,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TlsVerify = Literal["default", "custom", "skip"]
+
+
 class TlsSettings(_Model):
     """How the sidecar verifies an upstream server (a FHIR server or a token endpoint)."""
 
-    verify: Literal["skip", "default", "custom"] = "default"
+    verify: TlsVerify = "default"
     ca_bundle: ConfigPath | None = None
     client_cert: ConfigPath | None = None
     client_key: ConfigPath | None = None
@@ -245,6 +252,7 @@ class BasicAuthDefinition(_Model):
 
 
 ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+SigningAlg = Literal["RS384", "ES384"]
 
 
 class OAuthDefinition(_Model):
@@ -261,7 +269,7 @@ class OAuthDefinition(_Model):
     next_private_key_file: ConfigPath | None = None
     previous_private_key_file: ConfigPath | None = None
     key_id: str | None = None
-    signing_alg: Literal["RS384", "ES384"] = "RS384"
+    signing_alg: SigningAlg = "RS384"
     scopes: list[str] = Field(default_factory=list)
     audience: str | None = None
     resource: str | None = None
@@ -380,18 +388,20 @@ class ConnectionSettings(_Model):
 
 def is_valid_name(name: str) -> bool:
     # fullmatch: with match() and "$", "x\n" would pass and end up in a file name.
-    return len(name) <= NAME_MAX_LENGTH and NAME_PATTERN.fullmatch(name) is not None
+    return _NAME_PATTERN.fullmatch(name) is not None
 
 
-def name_error(name: str) -> str:
-    return f"name {name!r} must match {NAME_RULE} (at most {NAME_MAX_LENGTH} characters)"
+def require_valid_name(name: str) -> str:
+    """``name`` if it follows the name rule; else a ValueError that states the rule."""
+    if not is_valid_name(name):
+        raise ValueError(f"name {name!r} must match {NAME_RULE} "
+                         f"(at most {NAME_MAX_LENGTH} characters)")
+    return name
 
 
-def _check_names(mapping: dict[str, object]) -> dict[str, object]:
-    for name in mapping:
-        if not is_valid_name(name):
-            raise ValueError(name_error(name))
-    return mapping
+# The key of a named section (basic_auth, oauth, connections, egress_proxies).
+Name = Annotated[str, AfterValidator(require_valid_name),
+                 WithJsonSchema({"type": "string", "pattern": NAME_REGEX})]
 
 
 class SidecarConfig(_Model):
@@ -399,17 +409,10 @@ class SidecarConfig(_Model):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
-    basic_auth: Annotated[dict[str, BasicAuthDefinition], AfterValidator(_check_names)] = Field(
-        default_factory=dict
-    )
-    oauth: Annotated[dict[str, OAuthDefinition], AfterValidator(_check_names)] = Field(
-        default_factory=dict
-    )
-    connections: Annotated[dict[str, ConnectionSettings], AfterValidator(_check_names)] = Field(
-        default_factory=dict
-    )
-    egress_proxies: Annotated[dict[str, EgressProxyDefinition],
-                              AfterValidator(_check_names)] = Field(default_factory=dict)
+    basic_auth: dict[Name, BasicAuthDefinition] = Field(default_factory=dict)
+    oauth: dict[Name, OAuthDefinition] = Field(default_factory=dict)
+    connections: dict[Name, ConnectionSettings] = Field(default_factory=dict)
+    egress_proxies: dict[Name, EgressProxyDefinition] = Field(default_factory=dict)
 
     def listeners(self) -> list[Listener]:
         """Every address this config binds: validation, binding, routing and reload read

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote_plus
 
 from authlib.common.urls import add_params_to_qs
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from joserfc.jwk import ECKey, RSAKey
 
-SigningAlg = Literal["RS384", "ES384"]
+from sidecar.config.models import SigningAlg
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services caps the assertion's lifetime at five minutes; stay clearly below so a

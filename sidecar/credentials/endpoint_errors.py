@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
 
 from sidecar.egress import EgressProxy
+from sidecar.observe import TokenFailureResult
 from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
-
-FailureResult = Literal["http_error", "invalid_response", "network"]
 
 # How much of an error body is read at all; the redactor caps what is shown far below this, so
 # a secret cut at this boundary is never within what is shown.
@@ -33,9 +31,9 @@ _BODY_READ_BYTES = 16 * 1024
 class EndpointFailure(Exception):
     """One failed attempt at an endpoint; ``reason`` is already redacted."""
 
-    def __init__(self, result: FailureResult, reason: str):
+    def __init__(self, result: TokenFailureResult, reason: str):
         super().__init__(reason)
-        self.result: FailureResult = result
+        self.result: TokenFailureResult = result
         self.reason = reason
 
 

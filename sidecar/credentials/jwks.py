@@ -21,7 +21,7 @@ from sidecar.config.models import OAuthDefinition, SidecarConfig
 from sidecar.secrets import SecretError, read_secret_file
 
 if TYPE_CHECKING:
-    from sidecar.credentials.client_auth import SigningAlg
+    from sidecar.config.models import SigningAlg
 
 Slot = Literal["current", "next", "previous"]
 SLOT_FIELDS: tuple[tuple[Slot, str], ...] = (

@@ -38,7 +38,7 @@ from sidecar.credentials.discovery import (
     fetch_smart_configuration,
     smart_configuration_url,
 )
-from sidecar.credentials.endpoint_errors import EndpointFailure, FailureResult
+from sidecar.credentials.endpoint_errors import EndpointFailure
 from sidecar.credentials.token_endpoint import (
     RESERVED_PARAMS,
     IssuedToken,
@@ -46,19 +46,17 @@ from sidecar.credentials.token_endpoint import (
     TokenRequest,
 )
 from sidecar.egress import EgressProxy
+from sidecar.observe import TokenFailureResult
 from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 log = logging.getLogger(__name__)
 
-TokenResult = Literal["success", "http_error", "invalid_response", "network"]
-
-
 class TokenUnavailable(Exception):
     """No usable token: names the definition, the token URL and the endpoint's answer."""
 
     def __init__(self, definition: str, token_url: str, reason: str,
-                 result: FailureResult | Literal["closed"] = "network"):
+                 result: TokenFailureResult | Literal["closed"] = "network"):
         self.definition = definition
         self.token_url = token_url
         self.reason = reason

@@ -12,12 +12,13 @@ import re
 import ssl
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlencode
 
 import authlib.deprecate  # noqa: F401  (its warning filter must be installed outside the block)
 import httpx
 
+from sidecar.config.models import ClientAuth
 from sidecar.credentials.client_auth import PrivateKeyJwt, encode_client_secret_basic
 from sidecar.credentials.egress_client import httpx_proxy
 from sidecar.credentials.endpoint_errors import (
@@ -35,8 +36,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from authlib.integrations.base_client import OAuthError
     from authlib.integrations.httpx_client import AsyncOAuth2Client
-
-ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 
 # RFC 6750 §2.1 b64token (RFC 9110 token68): what may follow "Bearer " in a header.
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -78,7 +77,7 @@ class TokenRequest:
 class TokenEndpoint:
     """A token endpoint as seen by one client; raises :class:`EndpointFailure` on failure."""
 
-    def __init__(self, token_url: str, *, client_id: str, client_auth: ClientAuthMethod,
+    def __init__(self, token_url: str, *, client_id: str, client_auth: ClientAuth,
                  client_secret: str | None, assertion_signer: PrivateKeyJwt | None,
                  request: TokenRequest, tls: UpstreamTlsPolicy, timeout: float,
                  redactor: Redactor, via: EgressProxy | None = None):

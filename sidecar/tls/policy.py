@@ -27,14 +27,13 @@ import functools
 import ipaddress
 import ssl
 from dataclasses import dataclass, field
-from typing import Literal
 
 import certifi
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
-from sidecar.config.models import TlsSettings
+from sidecar.config.models import TlsSettings, TlsVerify
 from sidecar.tls.material import (
     CertificateInfo,
     TlsMaterialError,
@@ -42,16 +41,9 @@ from sidecar.tls.material import (
     read_client_identity,
 )
 from sidecar.tls.openssl_bindings import enable_hostname_verification, offer_key_share_first
+from sidecar.tls.protocol import MINIMUM_VERSION, TLS12_CIPHERS
 from sidecar.tls.verdict import HandshakeOutcome, record_alert, record_verify_result
 
-MINIMUM_VERSION = "TLSv1.2"
-# ECDHE key exchange (forward secrecy) and AEAD encryption only, in OpenSSL's names; a server
-# that offers only CBC or static-RSA suites (AES128-SHA, ...) is refused.
-TLS12_CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-])
 _OPENSSL_VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
 @dataclass(frozen=True)
@@ -64,7 +56,7 @@ class Resumption:
 class UpstreamTlsPolicy:
     """A compiled TLS policy; build it with :func:`compile_tls_policy`."""
 
-    verify: Literal["skip", "default", "custom"]
+    verify: TlsVerify
     ca_source: str  # where trusted CAs come from, in words, for diagnostics
     ca_pem: bytes | None  # the custom bundle; None for skip and default (certifi)
     ca_certificates: tuple[CertificateInfo, ...]

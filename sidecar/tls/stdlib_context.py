@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import certifi
 
-from sidecar.tls.policy import MINIMUM_VERSION, TLS12_CIPHERS
+from sidecar.tls.protocol import MINIMUM_VERSION, TLS12_CIPHERS
 
 if TYPE_CHECKING:
     from sidecar.tls.policy import UpstreamTlsPolicy
