@@ -1,4 +1,4 @@
-"""The ``fhir-sidecar`` command: run, check, jwks, demo."""
+"""The ``fhir-sidecar`` command: run, check, jwks, config-schema, demo."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from sidecar import __version__
 from sidecar.config.errors import ConfigError
 from sidecar.logs import setup_logging
-from sidecar.settings import RuntimeSettings, SettingsError, load_settings
+from sidecar.settings import LogFormat, LogLevel, RuntimeSettings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -34,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path,
                      help="writable directory for runtime state (default: "
                           "$FHIR_SIDECAR_STATE_DIR or ~/.local/state/fhir-sidecar)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", choices=["json", "text"])
+    run.add_argument("--log-level", choices=get_args(LogLevel))
+    run.add_argument("--log-format", choices=get_args(LogFormat))
 
     check = sub.add_parser("check", help="validate the config, secrets, keys and CA bundles")
     config_arg(check)
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     jwks = sub.add_parser("jwks", help="print the public signing keys (JWK Set) that "
                                        "/.well-known/jwks.json serves")
     config_arg(jwks)
+
+    sub.add_parser("config-schema", help="print the config file's JSON Schema (draft 2020-12), "
+                                         "for editors and CI")
 
     demo = sub.add_parser("demo", help="run a self-contained demo on loopback")
     demo.add_argument("--once", action="store_true", help="exit after the sample calls")
@@ -144,6 +148,15 @@ def cmd_jwks(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     return EXIT_OK
 
 
+def cmd_config_schema(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    import json
+
+    from sidecar.config.schema import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2))
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     from sidecar.runner import serve
 
@@ -183,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fhir-sidecar: {line}", file=sys.stderr)
         return EXIT_INVALID
     commands = {"run": cmd_run, "check": cmd_check, "jwks": cmd_jwks,
-                "demo": cmd_demo}
+                "config-schema": cmd_config_schema, "demo": cmd_demo}
     return commands[args.command](args, settings)
 
 

@@ -20,6 +20,10 @@ class SettingsError(ValueError):
         super().__init__("\n".join(lines))
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+
+
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "fhir-sidecar"
@@ -31,8 +35,8 @@ class RuntimeSettings(BaseSettings):
     config: Path | None = None
     # mitmproxy's CA store and other runtime state; a writable volume in containers.
     state_dir: Path = _default_state_dir()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
     # Deprecated: the config file's shutdown.drain_seconds (sidecar.shutdown.shutdown_timings).
     drain_seconds: float | None = None
 

@@ -124,8 +124,14 @@ Listen = Annotated[
     ListenAddress,
     PlainValidator(_parse_listen),
     PlainSerializer(str, return_type=str),
-    WithJsonSchema({"type": "string", "description": "HOST:PORT, for example 127.0.0.1:8081"}),
+    WithJsonSchema({"type": "string", "pattern": "^.+:[0-9]{1,5}$",
+                    "description": "HOST:PORT, for example 127.0.0.1:8081 or [::1]:8081"}),
 ]
+
+
+# A field naming a definition of another section. A name that does not follow the rule names
+# nothing, which the cross-reference check reports; a schema can say so at once.
+NameReference = Annotated[str, WithJsonSchema({"type": "string", "pattern": NAME_REGEX})]
 
 
 @dataclass(frozen=True)
@@ -149,11 +155,17 @@ TlsVerify = Literal["default", "custom", "skip"]
 class TlsSettings(_Model):
     """How the sidecar verifies an upstream server (a FHIR server or a token endpoint)."""
 
-    verify: TlsVerify = "default"
-    ca_bundle: ConfigPath | None = None
-    client_cert: ConfigPath | None = None
-    client_key: ConfigPath | None = None
-    server_name: str | None = None
+    verify: TlsVerify = Field(default="default", description=(
+        "default: the system's trusted CAs (certifi); custom: only ca_bundle; skip: no "
+        "verification at all"))
+    ca_bundle: ConfigPath | None = Field(
+        default=None, description="PEM file of trusted CAs (with verify: custom)")
+    client_cert: ConfigPath | None = Field(
+        default=None, description="PEM client certificate (chain) for mutual TLS")
+    client_key: ConfigPath | None = Field(
+        default=None, description="PEM private key of client_cert, if not in that file")
+    server_name: str | None = Field(
+        default=None, description="the name sent as SNI and verified, instead of the URL's host")
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -168,12 +180,13 @@ class TlsSettings(_Model):
 
 
 class ProxySettings(_Model):
-    listen: Listen | None = None
-    # Opt-in: terminate apps' HTTPS (CONNECT) to configured connections with the sidecar's
-    # own CA instead of refusing it; other hosts are still refused.
-    intercept_https: bool = False
-    # Where to write that CA's certificate (PEM) at start, for apps to trust.
-    ca_cert_export: ConfigPath | None = None
+    listen: Listen | None = Field(
+        default=None, description="the forward proxy (HTTP_PROXY) address; none when unset")
+    intercept_https: bool = Field(default=False, description=(
+        "terminate apps' HTTPS (CONNECT) to configured connections with the sidecar's own CA "
+        "instead of refusing it; other hosts are still refused"))
+    ca_cert_export: ConfigPath | None = Field(
+        default=None, description="where to write that CA's certificate (PEM) at start")
 
     @model_validator(mode="after")
     def _intercept_needs_listener(self) -> Self:
@@ -187,10 +200,10 @@ class ShutdownSettings(_Model):
     """What SIGTERM does: keep serving while the load balancer's endpoint removal
     propagates, then stop accepting and let requests in flight finish."""
 
-    # /readyz answers 503 at once, but the listeners keep accepting for this long.
-    delay_seconds: float = Field(default=0, ge=0, le=3600)
-    # Then the listeners close; requests in flight get at most this long to finish.
-    drain_seconds: float = Field(default=30, ge=0, le=3600)
+    delay_seconds: float = Field(default=0, ge=0, le=3600, description=(
+        "/readyz answers 503 at once, but the listeners keep accepting for this long"))
+    drain_seconds: float = Field(default=30, ge=0, le=3600, description=(
+        "then the listeners close; requests in flight get at most this long to finish"))
 
 
 _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
@@ -211,21 +224,28 @@ def _check_host_name(value: str) -> str:
 
 
 class AdminSettings(_Model):
-    listen: Listen | None = ListenAddress.parse(DEFAULT_ADMIN_LISTEN)
-    token_file: ConfigPath | None = None
-    # Host header values the admin listener answers besides its own address and localhost
-    # (a browser on a rebound DNS name sends that name: it gets 421).
+    listen: Listen | None = Field(
+        default=ListenAddress.parse(DEFAULT_ADMIN_LISTEN),
+        description="the admin listener (/healthz, /readyz, /metrics, dashboard, API)")
+    token_file: ConfigPath | None = Field(
+        default=None, description="file holding the admin token that API writes need")
+    # A browser on a rebound DNS name sends that name: it gets 421.
     allowed_hosts: list[Annotated[str, AfterValidator(_check_host_name)]] = Field(
-        default_factory=list)
+        default_factory=list, description=(
+            "Host header values the admin listener answers besides its own address and "
+            "localhost (others get 421)"))
 
 
 class LimitsSettings(_Model):
     """Bounds on what one app connection may cost the sidecar (memory, sockets, time)."""
 
-    # The request line and headers, up to and including the blank line that ends them.
-    max_request_header_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
-    client_header_timeout_seconds: float = Field(default=30, gt=0)
-    client_idle_timeout_seconds: float = Field(default=300, gt=0)
+    max_request_header_bytes: int = Field(
+        default=65536, ge=1024, le=16 * 1024 * 1024,
+        description="request line and headers, up to the blank line; larger heads get 431")
+    client_header_timeout_seconds: float = Field(default=30, gt=0, description=(
+        "a request head must be complete this long after its first byte"))
+    client_idle_timeout_seconds: float = Field(default=300, gt=0, description=(
+        "an app connection without a request for this long is closed"))
 
 
 def _exactly_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
@@ -239,9 +259,12 @@ def _exactly_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
 
 class BasicAuthDefinition(_Model):
     username: str = Field(min_length=1)
-    password_file: ConfigPath | None = None
-    password_env: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    password_file: ConfigPath | None = Field(
+        default=None, description="file holding the password (re-read when it changes)")
+    password_env: str | None = Field(
+        default=None, description="environment variable holding the password")
+    password: str | None = Field(default=None, repr=False, description=(
+        "the password inline (for development: it logs a warning; prefer password_file)"))
 
     @model_validator(mode="after")
     def _one_password(self) -> Self:
@@ -256,28 +279,36 @@ SigningAlg = Literal["RS384", "ES384"]
 
 
 class OAuthDefinition(_Model):
-    token_url: str | None = None
-    discover_from: str | None = None
+    token_url: str | None = Field(default=None, description="the token endpoint")
+    discover_from: str | None = Field(default=None, description=(
+        "a FHIR base URL whose .well-known/smart-configuration names the token endpoint"))
     client_id: str = Field(min_length=1)
     client_auth: ClientAuth = "client_secret_basic"
     client_secret_file: ConfigPath | None = None
     client_secret_env: str | None = None
-    client_secret: str | None = Field(default=None, repr=False)
-    private_key_file: ConfigPath | None = None
-    # Published in the JWK Set, never used to sign: the next key ahead of a rotation, the
-    # previous one after it (docs/configuration.md#publishing-your-public-keys-and-rotating-them).
-    next_private_key_file: ConfigPath | None = None
-    previous_private_key_file: ConfigPath | None = None
-    key_id: str | None = None
+    client_secret: str | None = Field(default=None, repr=False, description=(
+        "the secret inline (for development: it logs a warning; prefer client_secret_file)"))
+    private_key_file: ConfigPath | None = Field(
+        default=None, description="private_key_jwt: the key that signs client assertions")
+    # Published in the JWK Set, never used to sign
+    # (docs/configuration.md#publishing-your-public-keys-and-rotating-them).
+    next_private_key_file: ConfigPath | None = Field(default=None, description=(
+        "private_key_jwt: published in /.well-known/jwks.json ahead of a rotation; signs nothing"))
+    previous_private_key_file: ConfigPath | None = Field(default=None, description=(
+        "private_key_jwt: still published after a rotation; signs nothing"))
+    key_id: str | None = Field(default=None, description=(
+        "kid of the current key (default: its RFC 7638 thumbprint)"))
     signing_alg: SigningAlg = "RS384"
     scopes: list[str] = Field(default_factory=list)
     audience: str | None = None
     resource: str | None = None
-    extra_params: dict[str, str] = Field(default_factory=dict)
-    default_expires_in: int = Field(default=300, gt=0)
+    extra_params: dict[str, str] = Field(default_factory=dict, description=(
+        "more form parameters of the token request"))
+    default_expires_in: int = Field(default=300, gt=0, description=(
+        "seconds a token is taken to live when the endpoint does not say (expires_in)"))
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    # The egress proxy token requests and SMART discovery tunnel through.
-    via: str | None = None
+    via: NameReference | None = Field(default=None, description=(
+        "an egress_proxies name: token requests and SMART discovery tunnel through it"))
 
     @field_validator("token_url", "discover_from")
     @classmethod
@@ -309,12 +340,15 @@ class OAuthDefinition(_Model):
 class EgressProxyDefinition(_Model):
     """A corporate HTTP proxy that upstream traffic tunnels through (CONNECT)."""
 
-    url: str
-    username: str | None = None
+    url: str = Field(description=(
+        "http://HOST:PORT (CONNECT) or https://HOST:PORT (TLS to the proxy); never "
+        "user:password@"))
+    username: str | None = Field(default=None, description=(
+        "sent as Proxy-Authorization Basic on the CONNECT only"))
     password_file: ConfigPath | None = None
     password_env: str | None = None
-    # How the sidecar verifies an https:// proxy's own certificate.
-    tls: TlsSettings | None = None
+    tls: TlsSettings | None = Field(default=None, description=(
+        "how the sidecar verifies an https:// proxy's own certificate"))
 
     @field_validator("url")
     @classmethod
@@ -340,8 +374,8 @@ class EgressProxyDefinition(_Model):
 
 
 class ConnectionAuth(_Model):
-    basic: str | None = None
-    oauth: str | None = None
+    basic: NameReference | None = Field(default=None, description="a basic_auth name")
+    oauth: NameReference | None = Field(default=None, description="an oauth name")
 
     @model_validator(mode="after")
     def _exclusive(self) -> Self:
@@ -367,17 +401,22 @@ def _require_http_url(value: str,
 
 class ConnectionSettings(_Model):
     url: str
-    listen: Listen | None = None
-    auth: ConnectionAuth = Field(default_factory=ConnectionAuth)
+    listen: Listen | None = Field(default=None, description=(
+        "this connection's own listener: apps use http://HOST:PORT as the FHIR base URL"))
+    auth: ConnectionAuth = Field(default_factory=ConnectionAuth, description=(
+        "at most one of basic and oauth; none means no credentials"))
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    timeout_seconds: float = Field(default=60, gt=0)
-    # The longest silence from the upstream while a response body streams (after its headers).
-    read_timeout_seconds: float = Field(default=60, gt=0)
-    # Point the upstream's absolute URLs (Location, Content-Location, Bundle.link[].url) back
-    # at the sidecar, so apps following them keep getting credentials.
-    rewrite_links: bool = True
-    # The egress proxy this connection's upstream traffic tunnels through.
-    via: str | None = None
+    timeout_seconds: float = Field(default=60, gt=0, description=(
+        "how long the upstream may take to answer with the response headers"))
+    read_timeout_seconds: float = Field(default=60, gt=0, description=(
+        "the longest silence from the upstream while a response body streams"))
+    # Apps following the upstream's own absolute URLs would otherwise leave the sidecar and
+    # lose their credentials.
+    rewrite_links: bool = Field(default=True, description=(
+        "point the upstream's absolute URLs (Location, Content-Location, Bundle.link[].url) "
+        "back at the sidecar"))
+    via: NameReference | None = Field(default=None, description=(
+        "an egress_proxies name: tunnel through that proxy (CONNECT)"))
 
     @field_validator("url")
     @classmethod
@@ -405,14 +444,21 @@ Name = Annotated[str, AfterValidator(require_valid_name),
 
 
 class SidecarConfig(_Model):
-    proxy: ProxySettings = Field(default_factory=ProxySettings)
-    admin: AdminSettings = Field(default_factory=AdminSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings,
+                                 description="the forward proxy (HTTP_PROXY)")
+    admin: AdminSettings = Field(default_factory=AdminSettings, description="the admin listener")
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
-    basic_auth: dict[Name, BasicAuthDefinition] = Field(default_factory=dict)
-    oauth: dict[Name, OAuthDefinition] = Field(default_factory=dict)
-    connections: dict[Name, ConnectionSettings] = Field(default_factory=dict)
-    egress_proxies: dict[Name, EgressProxyDefinition] = Field(default_factory=dict)
+    basic_auth: dict[Name, BasicAuthDefinition] = Field(
+        default_factory=dict, description="HTTP Basic credentials by name")
+    oauth: dict[Name, OAuthDefinition] = Field(
+        default_factory=dict, description="OAuth2 client-credentials definitions by name")
+    connections: dict[Name, ConnectionSettings] = Field(
+        default_factory=dict,
+        description="the FHIR servers apps reach through the sidecar, by name")
+    egress_proxies: dict[Name, EgressProxyDefinition] = Field(
+        default_factory=dict, description=(
+            "corporate HTTP proxies that connections.*.via and oauth.*.via tunnel through"))
 
     def listeners(self) -> list[Listener]:
         """Every address this config binds: validation, binding, routing and reload read
