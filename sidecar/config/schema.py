@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
-from pydantic_core import core_schema
 
 from sidecar.config.models import ListenAddress, SidecarConfig
 
@@ -33,7 +32,7 @@ class ModelJsonSchema(GenerateJsonSchema):
     def field_title_should_be_set(self, schema: Any) -> bool:
         return False
 
-    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchema:
+    def dict_schema(self, schema: Any) -> JsonSchema:  # pydantic-core's DictSchema
         generated = super().dict_schema(schema)
         if "patternProperties" in generated:
             generated["additionalProperties"] = False
