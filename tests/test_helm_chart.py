@@ -345,6 +345,16 @@ BAD_VALUES = [
         "rewrite_links': got string, want boolean",
     ),
     (
+        "misspelt connection key",
+        {"config": {"connections": {"epic": {"url": "https://x", "timeout_second": 5}}}},
+        "'/config/connections/epic': additional properties 'timeout_second' not allowed",
+    ),
+    (
+        "misspelt TLS key",
+        {"config": {"oauth": {"cerner": {"tls": {"verfiy": "skip"}}}}},
+        "additional properties 'verfiy' not allowed",
+    ),
+    (
         "misspelt config section",
         {"config": {"conections": {}}},
         "additional properties 'conections' not allowed",
