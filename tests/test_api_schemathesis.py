@@ -51,7 +51,8 @@ def _loopback_only(document: dict[str, Any]) -> dict[str, Any]:
     """The served document, with generated listen addresses kept on loopback high ports."""
     doc = copy.deepcopy(document)
     listen = doc["components"]["schemas"]["ConnectionInput"]["properties"]["listen"]
-    listen["pattern"] = r"^127\.0\.0\.1:6[0-4][0-9]{3}$"
+    [address] = [branch for branch in listen["anyOf"] if branch["type"] == "string"]
+    address["pattern"] = r"^127\.0\.0\.1:6[0-4][0-9]{3}$"
     return doc
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from sidecar.admin.api_models import REFERENCE_SUFFIXES, TLS_PATH_FIELDS, SecretState
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import parse_config
 from sidecar.config.models import NAME_RULE, SidecarConfig, is_valid_name, require_valid_name
@@ -53,8 +54,6 @@ _CA_FILE = re.compile(rf"ca-({NAME_RULE})\.pem")
 # Secret files this module wrote: "<kind>-<name>.<field>.<random>"; a version is removed once a
 # change leaves the config no longer naming it.
 _MANAGED_SECRET = re.compile(rf"(basic|oauth)-{NAME_RULE}\.[a-z-]+\.[0-9a-f]{{16}}")
-REFERENCE_SUFFIXES = ("_file", "_env")
-TLS_PATH_FIELDS = ("client_cert", "client_key")
 
 
 class ChangeRejected(Exception):
@@ -522,7 +521,7 @@ def _pop_secret(body: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def secret_state(file: Path | None, env: str | None, inline: str | None) -> str:
+def secret_state(file: Path | None, env: str | None, inline: str | None) -> SecretState:
     """``"set"`` when the secret can be read now, else ``"not set"``: never the value."""
     if inline:
         return "set"

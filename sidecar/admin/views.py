@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.admin import api_models as api
 from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
 from sidecar.admin.readiness import StatusSources, _iso, _iso_dt
 from sidecar.config.models import TlsSettings
@@ -20,15 +21,15 @@ class Views:
         self.sources = sources
         self.store = store
 
-    def tls(self, tls: TlsSettings) -> dict[str, Any]:
+    def tls(self, tls: TlsSettings) -> api.TlsView:
         bundle = tls.ca_bundle
-        return {
-            "verify": tls.verify,
-            "ca_bundle": self.store.bundle_name_for(bundle) or (str(bundle) if bundle else None),
-            "client_cert": str(tls.client_cert) if tls.client_cert else None,
-            "client_key": "set" if tls.client_key else None,
-            "server_name": tls.server_name,
-        }
+        return api.TlsView(
+            verify=tls.verify,
+            ca_bundle=self.store.bundle_name_for(bundle) or (str(bundle) if bundle else None),
+            client_cert=str(tls.client_cert) if tls.client_cert else None,
+            client_key="set" if tls.client_key else None,
+            server_name=tls.server_name,
+        )
 
     def connections(self) -> list[dict[str, Any]]:
         return [self.connection(n) for n in sorted(self.store.config.connections)]
@@ -36,41 +37,41 @@ class Views:
     def connection(self, name: str) -> dict[str, Any]:
         conn = self.store.config.connections[name]
         activity = self.sources.metrics.board.connection(name)
-        return {
-            "name": name,
-            "url": conn.url,
-            "listen": str(conn.listen) if conn.listen is not None else None,
-            "auth": {"basic": conn.auth.basic, "oauth": conn.auth.oauth},
-            "tls": self.tls(conn.tls),
-            "timeout_seconds": conn.timeout_seconds,
-            "read_timeout_seconds": conn.read_timeout_seconds,
-            "rewrite_links": conn.rewrite_links,
-            "read_only": self.store.read_only_definition("connections", name),
-            "status": {
-                "requests_recent": activity.recent.totals(),
-                "in_flight": activity.in_flight,
-                "last_status": activity.last_status,
-                "last_error": None if activity.last_error is None else {
-                    "error": activity.last_error, "at": _iso(activity.last_error_at)},
-                "tls_ok": activity.tls_ok,
-            },
-        }
+        return _body(api.Connection(
+            name=name,
+            url=conn.url,
+            listen=str(conn.listen) if conn.listen is not None else None,
+            auth=api.AuthView(basic=conn.auth.basic, oauth=conn.auth.oauth),
+            tls=self.tls(conn.tls),
+            timeout_seconds=conn.timeout_seconds,
+            read_timeout_seconds=conn.read_timeout_seconds,
+            rewrite_links=conn.rewrite_links,
+            read_only=self.store.read_only_definition("connections", name),
+            status=api.ConnectionStatus(
+                requests_recent=activity.recent.totals(),
+                in_flight=activity.in_flight,
+                last_status=activity.last_status,
+                last_error=None if activity.last_error is None else api.LastError(
+                    error=activity.last_error, at=_iso(activity.last_error_at)),
+                tls_ok=activity.tls_ok,
+            ),
+        ))
 
     def basic_auths(self) -> list[dict[str, Any]]:
         return [self.basic_auth(n) for n in sorted(self.store.config.basic_auth)]
 
     def basic_auth(self, name: str) -> dict[str, Any]:
         definition = self.store.config.basic_auth[name]
-        return {
-            "name": name,
-            "username": definition.username,
-            "password": secret_state(definition.password_file, definition.password_env,
-                                     definition.password),
-            "password_env": definition.password_env,
-            "read_only": self.store.read_only_definition("basic_auth", name),
-            "used_by": sorted(c for c, conn in self.store.config.connections.items()
-                              if conn.auth.basic == name),
-        }
+        return _body(api.BasicAuth(
+            name=name,
+            username=definition.username,
+            password=secret_state(definition.password_file, definition.password_env,
+                                  definition.password),
+            password_env=definition.password_env,
+            read_only=self.store.read_only_definition("basic_auth", name),
+            used_by=sorted(c for c, conn in self.store.config.connections.items()
+                           if conn.auth.basic == name),
+        ))
 
     def oauths(self) -> list[dict[str, Any]]:
         return [self.oauth(n) for n in sorted(self.store.config.oauth)]
@@ -80,50 +81,56 @@ class Views:
         source = self.sources.live.current.token_sources.get(name)
         status = source.status() if source is not None else None
         uses_key = d.client_auth == "private_key_jwt"
-        return {
-            "name": name,
-            "token_url": d.token_url,
-            "discover_from": d.discover_from,
-            "client_id": d.client_id,
-            "client_auth": d.client_auth,
-            "client_secret": "not used" if uses_key else secret_state(
+        return _body(api.OAuth(
+            name=name,
+            token_url=d.token_url,
+            discover_from=d.discover_from,
+            client_id=d.client_id,
+            client_auth=d.client_auth,
+            client_secret="not used" if uses_key else secret_state(
                 d.client_secret_file, d.client_secret_env, d.client_secret),
-            "client_secret_env": d.client_secret_env,
-            "private_key": secret_state(d.private_key_file, None, None) if uses_key
+            client_secret_env=d.client_secret_env,
+            private_key=secret_state(d.private_key_file, None, None) if uses_key
             else "not used",
-            "key_id": d.key_id,
-            "signing_alg": d.signing_alg,
-            "signing_keys": [{"slot": k.slot, "kid": k.kid, "alg": k.alg}
-                             for k in self.sources.live.current.signing_keys
-                             if k.definition == name],
-            "scopes": list(d.scopes),
-            "audience": d.audience,
-            "resource": d.resource,
-            "extra_params": dict(d.extra_params),
-            "default_expires_in": d.default_expires_in,
-            "tls": self.tls(d.tls),
-            "read_only": self.store.read_only_definition("oauth", name),
-            "used_by": sorted(c for c, conn in self.store.config.connections.items()
-                              if conn.auth.oauth == name),
-            "token": {
-                "valid_until": _iso_dt(status.valid_until) if status else None,
-                "last_refresh": _iso_dt(status.last_refresh) if status else None,
-                "last_error": self.sources.live.current.redactor.scrub(status.last_error)
+            key_id=d.key_id,
+            signing_alg=d.signing_alg,
+            signing_keys=[api.SigningKeyView(slot=k.slot, kid=k.kid, alg=k.alg)
+                          for k in self.sources.live.current.signing_keys
+                          if k.definition == name],
+            scopes=list(d.scopes),
+            audience=d.audience,
+            resource=d.resource,
+            extra_params=dict(d.extra_params),
+            default_expires_in=d.default_expires_in,
+            tls=self.tls(d.tls),
+            read_only=self.store.read_only_definition("oauth", name),
+            used_by=sorted(c for c, conn in self.store.config.connections.items()
+                           if conn.auth.oauth == name),
+            token=api.TokenView(
+                valid_until=_iso_dt(status.valid_until) if status else None,
+                last_refresh=_iso_dt(status.last_refresh) if status else None,
+                last_error=self.sources.live.current.redactor.scrub(status.last_error)
                 if status and status.last_error else None,
-                "scopes": list(status.scopes) if status else [],
-                "last_result": self.sources.metrics.board.token(name).last_result,
-            },
-        }
+                scopes=list(status.scopes) if status else [],
+                last_result=self.sources.metrics.board.token(name).last_result,
+            ),
+        ))
 
     def ca_bundles(self) -> list[dict[str, Any]]:
         return [ca_bundle_view(b) for b in self.store.ca_bundles()]
 
 
 def ca_bundle_view(bundle: CaBundle) -> dict[str, Any]:
-    return {
-        "name": bundle.name,
-        "certificates": [{"subject": c.subject, "not_after": _iso_dt(c.not_after),
-                          "is_ca": c.is_ca} for c in bundle.certificates],
-        "used_by": bundle.used_by,
-        "problem": bundle.problem,
-    }
+    return _body(api.CaBundle(
+        name=bundle.name,
+        certificates=[api.CertificateView(subject=c.subject, not_after=_iso_dt(c.not_after),
+                                          is_ca=c.is_ca) for c in bundle.certificates],
+        used_by=bundle.used_by,
+        problem=bundle.problem,
+    ))
+
+
+def _body(view: api.ApiModel) -> dict[str, Any]:
+    """A view as the API sends it and the dashboard's templates read it."""
+    body: dict[str, Any] = view.model_dump(mode="json")
+    return body

@@ -1,0 +1,212 @@
+"""The admin API's request and response bodies as pydantic models: ``/api/openapi.json`` is
+generated from them (:mod:`.openapi`), and the views are built with them (:mod:`.views`).
+
+Request bodies are derived from the config file's models, so a config key is offered by the API
+as soon as it exists there, with the same type, range and description. What the API takes
+differs from the file in one way: secrets are values, never a file path or an environment
+variable name (``*_file``, ``*_env``, ``tls.client_cert``, ``tls.client_key`` are refused with
+422 by :func:`sidecar.admin.config_store.check_no_references`), and ``tls.ca_bundle`` names a
+bundle uploaded with ``PUT /api/ca-bundles/{name}``. These models describe the bodies; the
+checks themselves stay with the config models, which validate the config file a change makes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from sidecar.config.models import (
+    BasicAuthDefinition,
+    ClientAuth,
+    ConnectionSettings,
+    Name,
+    NameReference,
+    OAuthDefinition,
+    SigningAlg,
+    TlsSettings,
+    TlsVerify,
+)
+from sidecar.credentials.jwks import Slot
+
+# Field names the API refuses: it never reads a file or an environment variable it is named.
+REFERENCE_SUFFIXES = ("_file", "_env")
+TLS_PATH_FIELDS = ("client_cert", "client_key")
+
+SecretState = Literal["set", "not set"]
+UsedSecretState = Literal["set", "not set", "not used"]
+ReadOnly = Annotated[str | None, Field(description=(
+    "Why the API does not change or remove this definition (it comes from the config file "
+    "and reads files or environment variables there); null when it may"))]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+def _secret(description: str) -> Any:
+    return (str | None, Field(default=None, min_length=1, description=description,
+                              json_schema_extra={"writeOnly": True}))
+
+
+def _api_input(model: type[BaseModel], name: str, doc: str, *, drop: tuple[str, ...] = (),
+               **replace: Any) -> type[ApiModel]:
+    """``model``'s fields, without the ones that name files or environment variables, with
+    ``replace`` in place of (or besides) the fields it names."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        if field_name.endswith(REFERENCE_SUFFIXES) or field_name in drop:
+            continue
+        fields[field_name] = replace.pop(field_name, (info.annotation, info))
+    fields.update(replace)
+    built: type[ApiModel] = create_model(name, __base__=ApiModel, __doc__=doc,
+                                         __module__=__name__, **fields)
+    return built
+
+
+TlsInput = _api_input(
+    TlsSettings, "TlsInput", "How the sidecar verifies the upstream (no file paths here: a "
+    "client certificate and key are set in the config file)", drop=TLS_PATH_FIELDS,
+    ca_bundle=(NameReference | None, Field(default=None, description=(
+        "The name of a CA bundle uploaded with PUT /api/ca-bundles/{name} (never a path)"))))
+
+ConnectionInput = _api_input(
+    ConnectionSettings, "ConnectionInput", "A connection, as PUT /api/connections/{name} takes it",
+    tls=(TlsInput, Field(default_factory=TlsInput)))
+
+BasicAuthInput = _api_input(
+    BasicAuthDefinition, "BasicAuthInput", "A Basic Auth definition, as PUT "
+    "/api/basic-auth/{name} takes it",
+    password=_secret("The new password (write-only; omit to keep the current one). It is "
+                     "stored in the sidecar's own secrets directory"))
+
+OAuthInput = _api_input(
+    OAuthDefinition, "OAuthInput", "An OAuth definition, as PUT /api/oauth/{name} takes it. "
+    "Set token_url or discover_from",
+    client_secret=_secret("The new client secret (write-only; omit to keep the current one)"),
+    tls=(TlsInput, Field(default_factory=TlsInput)),
+    private_key_pem=_secret("PEM private key for private_key_jwt (write-only; omit to keep "
+                            "the current one)"))
+
+
+# -- response bodies ------------------------------------------------------------------------
+
+class TlsView(ApiModel):
+    verify: TlsVerify
+    ca_bundle: str | None = Field(description=(
+        "The name of an uploaded CA bundle, or the path the config file gives"))
+    client_cert: str | None
+    client_key: Literal["set"] | None
+    server_name: str | None
+
+
+class AuthView(ApiModel):
+    basic: Name | None
+    oauth: Name | None
+
+
+class LastError(ApiModel):
+    error: str
+    at: str | None
+
+
+class ConnectionStatus(ApiModel):
+    requests_recent: dict[str, int] = Field(description="Requests of the last minutes, by "
+                                                        "status class")
+    in_flight: int
+    last_status: int | None
+    last_error: LastError | None
+    tls_ok: bool | None
+
+
+class Connection(ApiModel):
+    name: Name
+    url: str
+    listen: str | None
+    auth: AuthView
+    tls: TlsView
+    timeout_seconds: float
+    read_timeout_seconds: float
+    rewrite_links: bool
+    read_only: ReadOnly
+    status: ConnectionStatus
+
+
+class BasicAuth(ApiModel):
+    name: Name
+    username: str
+    password: SecretState
+    password_env: str | None
+    read_only: ReadOnly
+    used_by: list[Name]
+
+
+class SigningKeyView(ApiModel):
+    slot: Slot
+    kid: str
+    alg: SigningAlg
+
+
+class TokenView(ApiModel):
+    valid_until: str | None
+    last_refresh: str | None
+    last_error: str | None
+    scopes: list[str]
+    last_result: str | None
+
+
+class OAuth(ApiModel):
+    name: Name
+    token_url: str | None
+    discover_from: str | None
+    client_id: str
+    client_auth: ClientAuth
+    client_secret: UsedSecretState
+    client_secret_env: str | None
+    private_key: UsedSecretState
+    key_id: str | None
+    signing_alg: SigningAlg
+    signing_keys: list[SigningKeyView] = Field(description=(
+        "The published public keys of a private_key_jwt definition (read-only; served in "
+        "/.well-known/jwks.json)"))
+    scopes: list[str]
+    audience: str | None
+    resource: str | None
+    extra_params: dict[str, str]
+    default_expires_in: int
+    tls: TlsView
+    read_only: ReadOnly
+    used_by: list[Name]
+    token: TokenView
+
+
+class CertificateView(ApiModel):
+    subject: str
+    not_after: str | None
+    is_ca: bool
+
+
+class CaBundle(ApiModel):
+    name: Name
+    certificates: list[CertificateView]
+    used_by: list[str] = Field(description="Connections, and OAuth definitions as oauth:NAME")
+    problem: str | None
+
+
+class Error(ApiModel):
+    error: str
+    problems: list[str] = Field(description="One line per problem: FILE: field.path: what is "
+                                            "wrong")
+
+
+def _list_of(model: type[ApiModel]) -> type[ApiModel]:
+    built: type[ApiModel] = create_model(f"{model.__name__}List", __base__=ApiModel,
+                                         __module__=__name__, items=(list[model], ...))  # type: ignore[valid-type]
+    return built
+
+
+REQUESTS: tuple[type[ApiModel], ...] = (ConnectionInput, BasicAuthInput, OAuthInput)
+RESOURCES: tuple[type[ApiModel], ...] = (Connection, BasicAuth, OAuth, CaBundle)
+LISTS = {model.__name__: _list_of(model) for model in RESOURCES}
