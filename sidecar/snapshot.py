@@ -199,13 +199,7 @@ def _compile_tls(settings: TlsSettings, path: str, problems: _Problems, warnings
     try:
         return compile_tls_policy(settings)
     except TlsMaterialError as exc:
-        message = str(exc)
-        field_name = "ca_bundle"
-        if "client_key" in message or "private key" in message:
-            field_name = "client_key" if settings.client_key else "client_cert"
-        elif settings.client_cert is not None and str(settings.client_cert) in message:
-            field_name = "client_cert"
-        problems.add(f"{path}.{field_name}", message)
+        problems.add(f"{path}.{exc.field}", str(exc))
         return None
 
 
@@ -280,7 +274,7 @@ def _compile_token_sources(config: SidecarConfig,
                            ) -> dict[str, TokenSource]:
     if not config.oauth:
         return {}
-    from sidecar.credentials.oauth import OAuthSetupError, TokenSource
+    from sidecar.credentials.oauth import OAuthSetupError, TokenSource, TokenSourceSpec
 
     sources: dict[str, TokenSource] = {}
     for name, (secret, key_pem) in oauth_secrets.items():
@@ -292,20 +286,21 @@ def _compile_token_sources(config: SidecarConfig,
         via = (proxies or {}).get(definition.via) if definition.via is not None else None
         if definition.via is not None and via is None:
             continue  # the proxy definition's own problem is reported
-        try:
-            source = TokenSource(name, definition, client_secret=secret,
-                                 private_key_pem=key_pem, tls=tls, observer=token_observer,
-                                 redactor=redactor, via=via)
-        except OAuthSetupError as exc:
-            problems.add(path, str(exc))
-            continue
+        spec = TokenSourceSpec.of(name, definition, client_secret=secret,
+                                  private_key_pem=key_pem, tls=tls, via=via)
         old = previous.token_sources.get(name) if previous else None
-        if old is not None and old.settings_key == source.settings_key:
+        if old is not None and old.settings_key == spec:
             # Kept for its cached token; the new snapshot's secrets are scrubbed from its
             # failures too.
             old.use_redactor(redactor)
-            source = old
-        sources[name] = source
+            sources[name] = old
+            continue
+        try:
+            sources[name] = TokenSource(name, definition, client_secret=secret,
+                                        private_key_pem=key_pem, tls=tls,
+                                        observer=token_observer, redactor=redactor, via=via)
+        except OAuthSetupError as exc:
+            problems.add(path, str(exc))
     return sources
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from support.pki import TestPKI
 
 from sidecar.config import ConfigError, load_config
 from sidecar.live import load_snapshot
@@ -128,6 +129,39 @@ connections:
     assert f"{path}: connections.a.tls.ca_bundle: {tmp_path / 'not-pem.pem'} contains no " \
            "PEM certificate" in found
     assert any(p.startswith(f"{path}: connections.b.tls.ca_bundle: cannot read") for p in found)
+
+
+def test_each_tls_file_problem_names_its_own_field(tmp_path: Path, pki: TestPKI) -> None:
+    # The field comes from where the problem was found, whatever the paths or messages say:
+    # here every file name contains "client_cert" and "private key", which once decided it.
+    client = pki.client_identity(name="tls-fields")
+    other = pki.client_identity(name="tls-fields-other")
+    folder = tmp_path / "client_cert private key"
+    folder.mkdir()
+    (folder / "not-a-cert.pem").write_text("hello")
+    (folder / "not-a-key.pem").write_text("hello")
+    path = write(tmp_path, f"""
+connections:
+  missing-key: {{url: "https://a.example", tls: {{client_cert: "{client.cert}",
+                 client_key: "{folder}/nowhere.key"}}}}
+  missing-cert: {{url: "https://b.example", tls: {{client_cert: "{folder}/nowhere.pem"}}}}
+  bad-cert: {{url: "https://c.example", tls: {{client_cert: "{folder}/not-a-cert.pem"}}}}
+  bad-key: {{url: "https://d.example", tls: {{client_cert: "{client.cert}",
+             client_key: "{folder}/not-a-key.pem"}}}}
+  no-key-inside: {{url: "https://e.example", tls: {{client_cert: "{client.cert}"}}}}
+  wrong-key: {{url: "https://f.example", tls: {{client_cert: "{client.cert}",
+               client_key: "{other.key}"}}}}
+  bad-bundle: {{url: "https://g.example", tls: {{verify: custom,
+                ca_bundle: "{folder}/not-a-key.pem"}}}}
+""")
+    fields = {p.split(": ")[1] for p in problems(path, snapshot=True)}
+    assert fields == {"connections.missing-key.tls.client_key",
+                      "connections.missing-cert.tls.client_cert",
+                      "connections.bad-cert.tls.client_cert",
+                      "connections.bad-key.tls.client_key",
+                      "connections.no-key-inside.tls.client_cert",
+                      "connections.wrong-key.tls.client_key",
+                      "connections.bad-bundle.tls.ca_bundle"}
 
 
 def test_secret_file_trailing_newline_stripped_once(tmp_path: Path) -> None:

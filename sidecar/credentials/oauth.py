@@ -27,7 +27,6 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -158,6 +157,35 @@ def _proxy_fingerprint(via: EgressProxy | None) -> str | None:
                            tls.server_name) if tls is not None else ()))
 
 
+@dataclass(frozen=True)
+class TokenSourceSpec:
+    """Everything a token source's tokens depend on, as plain hashable values: a reload
+    compares these and builds a :class:`TokenSource` only for a spec that is new, so an
+    unchanged definition keeps its source and its cached token. Secrets appear only as keyed
+    fingerprints."""
+
+    name: str
+    definition: str  # the definition as JSON, without an inline client_secret
+    client_secret: str
+    private_key: str
+    tls: str
+    via: str | None
+
+    @classmethod
+    def of(cls, name: str, definition: OAuthDefinition, *, client_secret: str | None,
+           private_key_pem: bytes | None, tls: UpstreamTlsPolicy,
+           via: EgressProxy | None = None) -> TokenSourceSpec:
+        return cls(
+            name=name,
+            definition=definition.model_dump_json(exclude={"client_secret"}),
+            client_secret=_fingerprint(client_secret),
+            private_key=_fingerprint(private_key_pem),
+            tls=_fingerprint(tls.verify, tls.ca_pem, tls.client_cert_pem, tls.client_key_pem,
+                             tls.server_name),
+            via=_proxy_fingerprint(via),
+        )
+
+
 class TokenSource:
     """The token lifecycle of one OAuth definition. Use from one event loop."""
 
@@ -184,15 +212,9 @@ class TokenSource:
             resource=definition.resource,
             extra_params=tuple(sorted(definition.extra_params.items())),
         )
-        self.settings_key: Hashable = (
-            name,
-            definition.model_dump_json(exclude={"client_secret"}),
-            _fingerprint(client_secret),
-            _fingerprint(private_key_pem),
-            _fingerprint(tls.verify, tls.ca_pem, tls.client_cert_pem, tls.client_key_pem,
-                         tls.server_name),
-            _proxy_fingerprint(via),
-        )
+        self.settings_key = TokenSourceSpec.of(name, definition, client_secret=client_secret,
+                                               private_key_pem=private_key_pem, tls=tls,
+                                               via=via)
         self._endpoint: TokenEndpoint | None = None
 
         self._current: _CachedToken | None = None

@@ -9,13 +9,21 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+TlsField = Literal["ca_bundle", "client_cert", "client_key"]
+
 
 class TlsMaterialError(ValueError):
-    """A CA bundle, certificate or key that cannot be used; the message says why."""
+    """A CA bundle, certificate or key that cannot be used; the message says why and ``field``
+    which setting of a ``tls`` section named it."""
+
+    def __init__(self, message: str, field: TlsField):
+        super().__init__(message)
+        self.field: TlsField = field
 
 
 @dataclass(frozen=True)
@@ -30,17 +38,19 @@ def read_ca_bundle(path: Path) -> tuple[bytes, list[CertificateInfo]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise TlsMaterialError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise TlsMaterialError(f"cannot read {path}: {exc.strerror or exc}", "ca_bundle"
+                               ) from None
     return data, parse_ca_bundle(data, str(path))
 
 
 def parse_ca_bundle(data: bytes, where: str) -> list[CertificateInfo]:
     if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise TlsMaterialError(f"{where} contains no PEM certificate")
+        raise TlsMaterialError(f"{where} contains no PEM certificate", "ca_bundle")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise TlsMaterialError(f"{where} is not a valid PEM certificate bundle: {exc}") from None
+        raise TlsMaterialError(f"{where} is not a valid PEM certificate bundle: {exc}",
+                               "ca_bundle") from None
     return [describe_certificate(c) for c in certs]
 
 
@@ -53,18 +63,26 @@ def describe_certificate(cert: x509.Certificate) -> CertificateInfo:
 
 
 def read_client_identity(cert_path: Path, key_path: Path | None) -> tuple[bytes, bytes]:
-    try:
-        cert_pem = cert_path.read_bytes()
-        key_pem = key_path.read_bytes() if key_path is not None else cert_pem
-    except OSError as exc:
-        raise TlsMaterialError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    """The client certificate (chain) and its key; without ``key_path`` the key is in the
+    certificate's file."""
+    key_field: TlsField = "client_key" if key_path is not None else "client_cert"
+    cert_pem = _read(cert_path, "client_cert")
+    key_pem = _read(key_path, key_field) if key_path is not None else cert_pem
     try:
         x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
-        raise TlsMaterialError(f"{cert_path} is not a PEM certificate") from None
+        raise TlsMaterialError(f"{cert_path} is not a PEM certificate", "client_cert") from None
     try:
         serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
         where = key_path or cert_path
-        raise TlsMaterialError(f"{where} holds no unencrypted PEM private key") from None
+        raise TlsMaterialError(f"{where} holds no unencrypted PEM private key", key_field
+                               ) from None
     return cert_pem, key_pem
+
+
+def _read(path: Path, field: TlsField) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TlsMaterialError(f"cannot read {path}: {exc.strerror or exc}", field) from None

@@ -36,6 +36,7 @@ from OpenSSL import SSL, crypto
 from sidecar.config.models import TlsSettings, TlsVerify
 from sidecar.tls.material import (
     CertificateInfo,
+    TlsField,
     TlsMaterialError,
     read_ca_bundle,
     read_client_identity,
@@ -181,7 +182,8 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
                 store.add_cert(crypto.X509.from_cryptography(cert))
         ctx.set_verify(SSL.VERIFY_PEER, record_verify_result)
     if cert_pem is not None:
-        _load_openssl_client_cert(ctx, cert_pem, key_pem)
+        _load_openssl_client_cert(ctx, cert_pem, key_pem,
+                                  "client_key" if settings.client_key else "client_cert")
     return UpstreamTlsPolicy(
         verify=settings.verify, ca_source=ca_source, ca_pem=ca_pem,
         ca_certificates=tuple(infos), client_cert_pem=cert_pem, client_key_pem=key_pem,
@@ -189,17 +191,19 @@ def compile_tls_policy(settings: TlsSettings) -> UpstreamTlsPolicy:
     )
 
 
-def _load_openssl_client_cert(ctx: SSL.Context, cert_pem: bytes, key_pem: bytes | None) -> None:
+def _load_openssl_client_cert(ctx: SSL.Context, cert_pem: bytes, key_pem: bytes | None,
+                              key_field: TlsField) -> None:
     certs = x509.load_pem_x509_certificates(cert_pem)
     ctx.use_certificate(certs[0])
     for extra in certs[1:]:
         ctx.add_extra_chain_cert(extra)
     key = serialization.load_pem_private_key(key_pem or cert_pem, password=None)
-    ctx.use_privatekey(key)  # type: ignore[arg-type]  # unusable key types fail here
     try:
+        # OpenSSL refuses a key that does not match the certificate already here.
+        ctx.use_privatekey(key)  # type: ignore[arg-type]  # unusable key types fail here
         ctx.check_privatekey()
     except SSL.Error:
-        raise TlsMaterialError("client_key does not match client_cert") from None
+        raise TlsMaterialError("client_key does not match client_cert", key_field) from None
 
 
 def earliest_expiry(policy: UpstreamTlsPolicy) -> dt.datetime | None:
