@@ -32,12 +32,15 @@ class ProxyAddress(tuple[str, int]):
         return address
 
 
+ProxyScheme = Literal["http", "https"]
+
+
 @dataclass(frozen=True, eq=False)
 class EgressProxy:
     """One compiled egress proxy definition (compared by identity: one per snapshot)."""
 
     name: str
-    scheme: Literal["http", "https"]
+    scheme: ProxyScheme
     host: str
     port: int
     username: str | None = None
@@ -49,7 +52,7 @@ class EgressProxy:
                  password: str | None = None, tls: UpstreamTlsPolicy | None = None
                  ) -> EgressProxy:
         parts = urlsplit(url)
-        scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
+        scheme: ProxyScheme = "https" if parts.scheme == "https" else "http"
         assert parts.hostname is not None
         port = parts.port or (443 if scheme == "https" else 80)
         return cls(name, scheme, parts.hostname.lower(), port, username, password, tls)
@@ -75,7 +78,7 @@ class EgressProxy:
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
         return f"Basic {token}"
 
-    def via(self) -> tuple[Literal["http", "https"], tuple[str, int]]:
+    def via(self) -> tuple[ProxyScheme, tuple[str, int]]:
         """mitmproxy's ``ServerSpec`` for a server connection that tunnels through this proxy."""
         return (self.scheme, ProxyAddress(self))
 

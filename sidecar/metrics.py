@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.errors import ErrorKind
 from sidecar.observe import NO_CONNECTION, TokenResult
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 from sidecar.tls.verdict import TLS_FAILURE_REASONS
@@ -57,8 +58,10 @@ NO_STATUS = "none"  # status_class of a request that ended without any response
 PRESET_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 PRESET_STATUS_CLASSES = ("2xx", "4xx", "5xx")
 # The error words a routed request can end with (failures before routing count under "-").
-CONNECTION_ERRORS = ("token-unavailable", "upstream-tls", "upstream-unreachable",
-                     "upstream-timeout", "client-disconnected", "stream-aborted")
+CONNECTION_ERRORS = (*(kind.value for kind in (ErrorKind.TOKEN_UNAVAILABLE, ErrorKind.UPSTREAM_TLS,
+                                              ErrorKind.UPSTREAM_UNREACHABLE,
+                                              ErrorKind.UPSTREAM_TIMEOUT)),
+                     "client-disconnected", "stream-aborted")
 # FHIR searches can take tens of seconds; the default buckets stop at 10 s.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -34,7 +34,7 @@ REFERENCE_SUFFIXES = ("_file", "_env")
 TLS_PATH_FIELDS = ("client_cert", "client_key")
 
 SecretState = Literal["set", "not set"]
-UsedSecretState = Literal["set", "not set", "not used"]
+UsedSecretState = Literal[SecretState, "not used"]
 ReadOnly = Annotated[str | None, Field(description=(
     "Why the API does not change or remove this definition (it comes from the config file "
     "and reads files or environment variables there); null when it may"))]

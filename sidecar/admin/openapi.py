@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from sidecar import __version__
 from sidecar.admin import api_models
-from sidecar.config.models import NAME_REGEX
+from sidecar.config.models import Name
 from sidecar.config.schema import ModelJsonSchema
 
-NAME = {"type": "string", "pattern": NAME_REGEX}
+# The {name} path parameter: the name rule, as the config file states it.
+NAME = TypeAdapter(Name).json_schema()
 
 
 def _ref(name: str) -> dict[str, str]:
