@@ -300,7 +300,7 @@ def _compile_token_sources(config: SidecarConfig,
                                         private_key_pem=key_pem, tls=tls,
                                         observer=token_observer, redactor=redactor, via=via)
         except OAuthSetupError as exc:
-            problems.add(path, str(exc))
+            problems.add(f"{path}.{exc.field}" if exc.field else path, str(exc))
     return sources
 
 

@@ -164,6 +164,30 @@ connections:
                       "connections.bad-bundle.tls.ca_bundle"}
 
 
+def test_oauth_setup_problems_name_their_field(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    (tmp_path / "ec.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "secret").write_text("setup-secret\n")
+    path = write(tmp_path, """
+oauth:
+  k: {token_url: "https://auth.example/token", client_id: c, client_auth: private_key_jwt,
+      private_key_file: ec.pem, signing_alg: RS384}
+  e: {token_url: "https://auth.example/token", client_id: c, client_secret_file: secret,
+      extra_params: {grant_type: password}}
+""")
+    found = problems(path, snapshot=True)
+    assert any(p.startswith(f"{path}: oauth.k.private_key_file: OAuth definition 'k': "
+                            "signing_alg RS384 needs an RSA key") for p in found), found
+    assert any(p.startswith(f"{path}: oauth.e.extra_params: OAuth definition 'e': "
+                            "extra_params must not set grant_type") for p in found), found
+    assert len(found) == 2, found
+
+
 def test_secret_file_trailing_newline_stripped_once(tmp_path: Path) -> None:
     from sidecar.secrets import read_secret_file
 

@@ -39,7 +39,12 @@ class OAuthSetupError(ValueError):
     """A definition that cannot work as given (missing secret, wrong key type, ...).
 
     Raised when a token source is built, so a config check reports it; never names a secret.
+    ``field`` is the definition's field at fault, when one is.
     """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def basic_authorization(client_id: str, client_secret: str) -> str:

@@ -509,18 +509,19 @@ class TokenSource:
         if d.client_auth == "private_key_jwt":
             if self._key_pem is None:
                 raise OAuthSetupError(f"OAuth definition {self.name!r}: private_key_jwt needs "
-                                      "a private key")
+                                      "a private key", "private_key_file")
             try:
                 load_signing_key(self._key_pem, d.signing_alg)
             except OAuthSetupError as exc:
-                raise OAuthSetupError(f"OAuth definition {self.name!r}: {exc}") from None
+                raise OAuthSetupError(f"OAuth definition {self.name!r}: {exc}",
+                                      "private_key_file") from None
         elif not self._secret:
             raise OAuthSetupError(f"OAuth definition {self.name!r}: {d.client_auth} needs a "
                                   "client secret")
         clashes = sorted(RESERVED_PARAMS & d.extra_params.keys())
         if clashes:
             raise OAuthSetupError(f"OAuth definition {self.name!r}: extra_params must not set "
-                                  f"{', '.join(clashes)} (the sidecar sets it)")
+                                  f"{', '.join(clashes)} (the sidecar sets it)", "extra_params")
 
 
 def _consume_exception(task: asyncio.Task[_CachedToken]) -> None:
