@@ -131,17 +131,6 @@ def test_proxyserver_connection_registry_shape() -> None:
     assert "transports" in inspect.getsource(ConnectionHandler.__init__)
 
 
-def test_message_type_checks_can_be_skipped() -> None:
-    from mitmproxy.http import MessageData
-
-    had_checks = "__post_init__" in MessageData.__dict__
-    mitm_compat.skip_message_type_checks()
-    # Still constructible, and the generated __init__ still finds a __post_init__ to call.
-    response = http.Response.make(200, b"{}", {"Content-Type": "application/fhir+json"})
-    assert response.status_code == 200
-    assert had_checks == (MessageData.__post_init__ is mitm_compat._no_type_check)  # type: ignore[attr-defined]
-
-
 def test_tls_layer_close_handling_shape() -> None:
     from mitmproxy.proxy.layers import tls as tls_layers
 
@@ -149,49 +138,6 @@ def test_tls_layer_close_handling_shape() -> None:
     assert "RECEIVED_SHUTDOWN" in inspect.getsource(tls_layers.TLSLayer.receive_close)
     mitm_compat.install_tls_close_fix()
     assert inspect.isgeneratorfunction(tls_layers.ServerTLSLayer.receive_data)
-
-
-def test_cached_hook_dispatch_follows_the_addon_chain() -> None:
-    import asyncio
-
-    from mitmproxy import exceptions, options
-    from mitmproxy.addonmanager import AddonManager
-    from mitmproxy.master import Master
-    from mitmproxy.proxy.layers.http import HttpRequestHook
-    from mitmproxy.test import tflow
-
-    calls: list[str] = []
-
-    class First:
-        def request(self, flow: http.HTTPFlow) -> None:
-            calls.append("first")
-
-    class Halting:
-        async def request(self, flow: http.HTTPFlow) -> None:
-            calls.append("halting")
-            raise exceptions.AddonHalt
-
-    class Late:
-        def request(self, flow: http.HTTPFlow) -> None:
-            calls.append("late")
-
-    async def scenario() -> None:
-        master = Master(options.Options())
-        assert type(master.addons) is AddonManager  # the class the cache replaces
-        mitm_compat.cache_hook_dispatch(master.addons)
-        first = First()
-        master.addons.add(first)
-        flow = tflow.tflow()
-        await master.addons.handle_lifecycle(HttpRequestHook(flow))
-        assert calls == ["first"]
-        master.addons.add(Halting(), Late())  # a changed chain is looked up again
-        await master.addons.handle_lifecycle(HttpRequestHook(flow))
-        assert calls == ["first", "first", "halting"]  # AddonHalt still stops the chain
-        master.addons.remove(first)
-        await master.addons.handle_lifecycle(HttpRequestHook(flow))
-        assert calls == ["first", "first", "halting", "halting"]
-
-    asyncio.run(scenario())
 
 
 # -- limits (guard_request_heads, drop_http1_trailers, close_client, last_activity) -------------

@@ -1,4 +1,6 @@
-"""Every use of a mitmproxy internal lives here, each in one function.
+"""Every use of a mitmproxy internal for correctness lives here, each in one function.
+
+Speed tweaks are not here: they belong to the embedded master only (``speedups.py``).
 
 ``tests/test_mitm_compat.py`` checks that these internals still exist with the expected
 shape, so a mitmproxy upgrade that changes them fails loudly instead of silently.
@@ -8,19 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import re
 import socket
 import struct
 import sys
-import types
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import h11
-from mitmproxy import connection, ctx, exceptions, flow, hooks, http
-from mitmproxy.addonmanager import AddonManager, safecall
+from mitmproxy import connection, ctx, http
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layers
@@ -243,28 +242,6 @@ def opened_for(server: connection.Server) -> object | None:
     return _opened_by.get(server)
 
 
-def skip_message_type_checks() -> bool:
-    """Stop mitmproxy from type-checking every field of every Request and Response it builds.
-
-    ``MessageData.__post_init__`` runs ``typecheck.check_option_type`` on each field of each
-    message (twice per proxied request, plus one throw-away Response per response read); it
-    is a development aid that ``python -O`` compiles out, and a visible share of the sidecar's
-    CPU per request (bench/README.md, profiling). Returns whether it was in place.
-    """
-    from mitmproxy.http import MessageData
-
-    if "__post_init__" not in MessageData.__dict__:
-        return False
-    # A dataclass's generated __init__ calls __post_init__ when the class had one, so it is
-    # replaced by a no-op rather than deleted.
-    MessageData.__post_init__ = _no_type_check  # type: ignore[attr-defined,method-assign]
-    return True
-
-
-def _no_type_check(self: object) -> None:
-    return None
-
-
 _tls_close_fixed = False
 
 
@@ -293,65 +270,6 @@ def install_tls_close_fix() -> None:
             yield from self.event_to_child(events.ConnectionClosed(self.conn))
 
     tls_layers.ServerTLSLayer.receive_data = receive_data  # type: ignore[method-assign,assignment]
-
-
-def cache_hook_dispatch(addons: AddonManager) -> None:
-    """Dispatch each hook only to the addons that implement it, looked up once per hook name.
-
-    mitmproxy looks every hook up on every addon for every event (``trigger_event`` →
-    ``invoke_addon`` → ``_iter_hooks`` → ``traverse``) and triggers an ``update`` hook after
-    each flow hook, which none of the sidecar's addons implement: a visible share of the CPU
-    per request (bench/README.md, profiling). The lookup is redone whenever the addon chain
-    changes; a chain with nested addons (whose children may change unseen) keeps mitmproxy's
-    own dispatch.
-    """
-    if type(addons) is AddonManager:
-        addons.__class__ = _CachingAddonManager
-
-
-class _CachingAddonManager(AddonManager):
-    _handlers: dict[str, list[Callable[..., object]]]
-    _handlers_chain: list[object] | None = None  # a copy of the chain the handlers are for
-
-    def _handlers_for(self, name: str) -> list[Callable[..., object]] | None:
-        if self._handlers_chain != self.chain:  # compares the addons by identity, in C
-            if any(hasattr(addon, "addons") for addon in self.chain):
-                return None
-            self._handlers, self._handlers_chain = {}, list(self.chain)
-        found = self._handlers.get(name)
-        if found is None:
-            found = []
-            for addon in self.chain:
-                func = getattr(addon, name, None)
-                if func is None or isinstance(func, types.ModuleType):
-                    continue
-                if not callable(func):
-                    return None  # mitmproxy's own dispatch reports this as an error
-                found.append(func)
-            self._handlers[name] = found
-        return found
-
-    async def trigger_event(self, event: hooks.Hook) -> None:
-        handlers = self._handlers_for(event.name)
-        if handlers is None:
-            await super().trigger_event(event)
-            return
-        args = event.args()
-        for func in handlers:
-            try:
-                with safecall():
-                    result = func(*args)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
-            except exceptions.AddonHalt:
-                return
-
-    async def handle_lifecycle(self, event: hooks.Hook) -> None:
-        await self.trigger_event(event)
-        if self._handlers_for("update") != []:
-            message = event.args()[0]
-            if isinstance(message, flow.Flow):
-                await self.trigger_event(hooks.UpdateHook([message]))
 
 
 # -- limits on app connections -----------------------------------------------------------------

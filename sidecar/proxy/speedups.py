@@ -1,0 +1,139 @@
+"""Speed tweaks of the embedded master (``fhir-sidecar run``), never of a user's mitmproxy.
+
+Each trades a mitmproxy behaviour a general-purpose proxy needs (type checks of every
+message, hook lookup that follows any change of the addon chain, CPython's own GC pacing)
+for throughput the sidecar's own master can afford; ``build_master(..., speedups=True)``
+applies them. Loading ``addons/fhir_sidecar.py`` into ``mitmdump -s`` applies none: they
+change the whole process. Each mitmproxy internal used here sits in one function, checked
+by ``tests/test_speedups.py``; the measurements are in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import types
+from collections.abc import Callable
+
+from mitmproxy import exceptions, flow, hooks
+from mitmproxy.addonmanager import AddonManager, safecall
+from mitmproxy.master import Master
+
+GC_INTERVAL_SECONDS = 0.5
+
+
+def apply(master: Master) -> list[object]:
+    """Every speed tweak, on ``master`` (before its addons are added) and the process; returns
+    the addons to add at the end of the chain."""
+    skip_message_type_checks()
+    cache_hook_dispatch(master.addons)
+    return [GcHousekeeping()]  # no per-request hooks: costs nothing per request
+
+
+def skip_message_type_checks() -> bool:
+    """Stop mitmproxy from type-checking every field of every Request and Response it builds.
+
+    ``MessageData.__post_init__`` runs ``typecheck.check_option_type`` on each field of each
+    message (twice per proxied request, plus one throw-away Response per response read); it
+    is a development aid that ``python -O`` compiles out, and a visible share of the sidecar's
+    CPU per request (bench/README.md, profiling). Returns whether it was in place.
+    """
+    from mitmproxy.http import MessageData
+
+    if "__post_init__" not in MessageData.__dict__:
+        return False
+    # A dataclass's generated __init__ calls __post_init__ when the class had one, so it is
+    # replaced by a no-op rather than deleted.
+    MessageData.__post_init__ = _no_type_check  # type: ignore[attr-defined,method-assign]
+    return True
+
+
+def _no_type_check(self: object) -> None:
+    return None
+
+
+def cache_hook_dispatch(addons: AddonManager) -> None:
+    """Dispatch each hook only to the addons that implement it, looked up once per hook name.
+
+    mitmproxy looks every hook up on every addon for every event (``trigger_event`` →
+    ``invoke_addon`` → ``_iter_hooks`` → ``traverse``) and triggers an ``update`` hook after
+    each flow hook, which none of the sidecar's addons implement: a visible share of the CPU
+    per request (bench/README.md, profiling). The lookup is redone whenever the addon chain
+    changes; a chain with nested addons (whose children may change unseen) keeps mitmproxy's
+    own dispatch.
+    """
+    if type(addons) is AddonManager:
+        addons.__class__ = _CachingAddonManager
+
+
+class _CachingAddonManager(AddonManager):
+    _handlers: dict[str, list[Callable[..., object]]]
+    _handlers_chain: list[object] | None = None  # a copy of the chain the handlers are for
+
+    def _handlers_for(self, name: str) -> list[Callable[..., object]] | None:
+        if self._handlers_chain != self.chain:  # compares the addons by identity, in C
+            if any(hasattr(addon, "addons") for addon in self.chain):
+                return None
+            self._handlers, self._handlers_chain = {}, list(self.chain)
+        found = self._handlers.get(name)
+        if found is None:
+            found = []
+            for addon in self.chain:
+                func = getattr(addon, name, None)
+                if func is None or isinstance(func, types.ModuleType):
+                    continue
+                if not callable(func):
+                    return None  # mitmproxy's own dispatch reports this as an error
+                found.append(func)
+            self._handlers[name] = found
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        handlers = self._handlers_for(event.name)
+        if handlers is None:
+            await super().trigger_event(event)
+            return
+        args = event.args()
+        for func in handlers:
+            try:
+                with safecall():
+                    result = func(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except exceptions.AddonHalt:
+                return
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        if self._handlers_for("update") != []:
+            message = event.args()[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
+
+
+class GcHousekeeping:
+    """Keeps memory bounded under connection churn.
+
+    Every proxied connection leaves reference cycles (pyOpenSSL connections, mitmproxy layer
+    trees) that hold OpenSSL's C memory until a full collection, which CPython runs rarely once
+    the heap is large, so RSS climbs under connection churn (bench/README.md). Objects alive
+    at start are frozen, never scanned again, so a full collection twice a second costs a few
+    milliseconds.
+    """
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> None:
+        gc.freeze()
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def _collect(self) -> None:
+        while True:
+            await asyncio.sleep(GC_INTERVAL_SECONDS)
+            gc.collect()
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,163 @@
+"""The speed tweaks belong to the embedded master only (sidecar/proxy/speedups.py): its own
+``fhir-sidecar run`` process has them; a user's mitmproxy that loads ``addons/fhir_sidecar.py``
+gets none of them. Also fails loudly when a mitmproxy internal they use changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mitmproxy import http
+from support.sidecar_process import write_config
+
+from sidecar.proxy import speedups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_message_type_checks_can_be_skipped() -> None:
+    from mitmproxy.http import MessageData
+
+    had_checks = "__post_init__" in MessageData.__dict__
+    speedups.skip_message_type_checks()
+    # Still constructible, and the generated __init__ still finds a __post_init__ to call.
+    response = http.Response.make(200, b"{}", {"Content-Type": "application/fhir+json"})
+    assert response.status_code == 200
+    assert had_checks == (MessageData.__post_init__ is speedups._no_type_check)  # type: ignore[attr-defined]
+
+
+def test_cached_hook_dispatch_follows_the_addon_chain() -> None:
+    import asyncio
+
+    from mitmproxy import exceptions, options
+    from mitmproxy.addonmanager import AddonManager
+    from mitmproxy.master import Master
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.test import tflow
+
+    calls: list[str] = []
+
+    class First:
+        def request(self, flow: http.HTTPFlow) -> None:
+            calls.append("first")
+
+    class Halting:
+        async def request(self, flow: http.HTTPFlow) -> None:
+            calls.append("halting")
+            raise exceptions.AddonHalt
+
+    class Late:
+        def request(self, flow: http.HTTPFlow) -> None:
+            calls.append("late")
+
+    async def scenario() -> None:
+        master = Master(options.Options())
+        assert type(master.addons) is AddonManager  # the class the cache replaces
+        speedups.cache_hook_dispatch(master.addons)
+        first = First()
+        master.addons.add(first)
+        flow = tflow.tflow()
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first"]
+        master.addons.add(Halting(), Late())  # a changed chain is looked up again
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "first", "halting"]  # AddonHalt still stops the chain
+        master.addons.remove(first)
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "first", "halting", "halting"]
+
+    asyncio.run(scenario())
+
+
+def _config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {
+        "proxy": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": None},
+        "connections": {"fhir": {"url": "https://fhir.example/base"}},
+    })
+
+
+# Run in a fresh interpreter: the tweaks change the process, and the tests of this module
+# (or any other) may have applied them to this one already.
+_PROBE = """
+import asyncio, gc, json, sys, time
+from mitmproxy import options
+from mitmproxy.addonmanager import AddonManager
+from mitmproxy.http import MessageData
+
+async def main(kind, config):
+    if kind == "embedded":
+        from pathlib import Path
+        from sidecar.live import LiveConfig
+        from sidecar.proxy.master import build_master
+        master, _ = build_master(LiveConfig(config), Path(sys.argv[3]))
+    else:
+        from mitmproxy.tools.dump import DumpMaster
+        master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        master.options.update_defer(sidecar_config=config)  # set once the script declares it
+        master.options.update(scripts=[sys.argv[3]])  # mitmproxy loads it in a task
+        deadline = time.monotonic() + 60
+        while getattr(master.options, "sidecar_config", "") != config:
+            assert time.monotonic() < deadline, "the script did not load"
+            await asyncio.sleep(0.05)
+    names = []
+    def walk(addons):  # mitmdump -s: the script's addons are nested in the script's
+        for addon in addons:
+            names.append(type(addon).__name__)
+            walk(getattr(addon, "addons", None) or [])
+    walk(master.addons.chain)
+    post_init = MessageData.__dict__.get("__post_init__")
+    print(json.dumps({
+        "addons": names,
+        "addon_manager": type(master.addons) is AddonManager,
+        "type_checks": getattr(post_init, "__qualname__", "") == "MessageData.__post_init__",
+        "speedups_loaded": "sidecar.proxy.speedups" in sys.modules,
+        "gc_frozen": gc.get_freeze_count(),
+    }))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _probe(kind: str, config: Path, extra: str) -> dict[str, object]:
+    result = subprocess.run([sys.executable, "-c", _PROBE, kind, str(config), extra],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_the_embedded_master_has_the_speed_tweaks(tmp_path: Path) -> None:
+    found = _probe("embedded", _config(tmp_path), str(tmp_path / "state"))
+    assert found["addon_manager"] is False  # the caching dispatch replaced it
+    assert found["type_checks"] is False
+    assert "GcHousekeeping" in found["addons"]  # type: ignore[operator]
+
+
+def test_the_addon_script_in_a_plain_mitmproxy_installs_none_of_them(tmp_path: Path) -> None:
+    found = _probe("mitmdump", _config(tmp_path), str(REPO / "addons" / "fhir_sidecar.py"))
+    assert "UpstreamTls" in found["addons"], found  # the script's addons did load
+    assert found["addon_manager"] is True
+    assert found["type_checks"] is True
+    assert found["speedups_loaded"] is False
+    assert "GcHousekeeping" not in found["addons"]  # type: ignore[operator]
+    assert found["gc_frozen"] == 0
+
+
+def test_the_embedded_master_can_do_without_them(tmp_path: Path) -> None:
+    import asyncio
+
+    from mitmproxy.addonmanager import AddonManager
+
+    from sidecar.live import LiveConfig
+    from sidecar.proxy.master import build_master
+
+    async def build() -> list[str]:
+        master, _ = build_master(LiveConfig(str(_config(tmp_path))), tmp_path / "state",
+                                 speedups=False)
+        assert type(master.addons) is AddonManager
+        return [type(a).__name__ for a in master.addons.chain]
+
+    names = asyncio.run(build())
+    assert "GcHousekeeping" not in names and "UpstreamTls" in names
