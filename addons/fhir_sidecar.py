@@ -2,10 +2,10 @@
 
     mitmdump -s addons/fhir_sidecar.py --set sidecar_config=config/example.yaml
 
-The addon sets the listeners (forward proxy and per-connection reverse ports) from the config.
+The addons set the listeners (forward proxy and per-connection reverse ports) from the config.
+None of the embedded master's speed tweaks is applied to your mitmproxy.
 """
 
-from sidecar.proxy.addon import FhirSidecar
+from sidecar.proxy.addon import sidecar_addons
 
-_sidecar = FhirSidecar()
-addons = [_sidecar, _sidecar.upstream_tls, _sidecar.client_limits, _sidecar.read_timeout]
+addons = sidecar_addons().chain

@@ -18,9 +18,9 @@ from sidecar.config.models import Listener
 from sidecar.live import LiveConfig
 from sidecar.logs import log_event
 from sidecar.metrics import SidecarMetrics
-from sidecar.proxy.addon import FhirSidecar
 from sidecar.proxy.draining import start_draining
 from sidecar.proxy.master import build_master
+from sidecar.proxy.snapshot_lifecycle import Listeners
 from sidecar.shutdown import GracefulStop, shutdown_timings
 from sidecar.snapshot import Snapshot
 from sidecar.watch import FileWatcher
@@ -74,10 +74,10 @@ def _is_bound(listener: Listener, bound: set[tuple[str, int]], bound_ports: set[
     return address.port in bound_ports
 
 
-def listener_state(live: LiveConfig, sidecar: FhirSidecar, proxyserver: Any) -> ListenerState:
+def listener_state(live: LiveConfig, listeners: Listeners, proxyserver: Any) -> ListenerState:
     """For /readyz: every listener of the *current* snapshot bound (a reload may add some)."""
     missing = tuple(str(listener.address) for listener in unbound(live.current, proxyserver))
-    return ListenerState(sidecar.listeners_bound and not missing, missing)
+    return ListenerState(listeners.bound and not missing, missing)
 
 
 async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | None = None
@@ -92,9 +92,10 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     live.add_validator(lambda old, new: check_ports_free(new, already_bound=old))
     metrics.attach(live)
     master, sidecar = build_master(live, state_dir, observer=metrics)
+    listeners = sidecar.listeners
     proxyserver = master.addons.get("proxyserver")
     # Up before the proxy listeners, so that probes see 503 until those are bound.
-    sources = StatusSources(live, metrics, lambda: listener_state(live, sidecar, proxyserver))
+    sources = StatusSources(live, metrics, lambda: listener_state(live, listeners, proxyserver))
     admin = start_admin(sources)
     if admin is not None:  # the dashboard and /api, on the same admin listener
         mount_console(admin.app, sources, state_dir / "secrets", admin.listen_address.host)
@@ -119,7 +120,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
         error = run_task.exception() if not run_task.cancelled() else None
         log_event("startup_failed", message=f"the proxy stopped while starting: {error!r}")
         return 1
-    sidecar.listeners_bound = True
+    listeners.bound = True
     log_event("ready", listeners=sorted(expected),
               connections=sorted(live.current.connections),
               admin=admin.address if admin is not None else None)
@@ -137,7 +138,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     timings, _ = shutdown_timings(live.current.config, env_drain_seconds)
 
     def begin_draining() -> None:
-        sidecar.listeners_bound = False  # /readyz answers 503 from now on
+        listeners.bound = False  # /readyz answers 503 from now on
         start_draining(master)
 
     stopping = GracefulStop(

@@ -2,8 +2,8 @@
 
 mitmproxy catches an exception raised by an addon hook, logs it and carries on with the flow as
 it stands. Before routing, a forward-proxy request still points where the app asked, so carrying
-on would make the sidecar an open proxy. The fault is injected into the real addon, because no
-input is known to make the routing code raise (that is the point of failing closed).
+on would make the sidecar an open proxy. The fault is injected into the real routing addon,
+because no input is known to make the routing code raise (that is the point of failing closed).
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from support.sidecar_process import write_config
 
 from sidecar.errors import ERROR_HEADER
 from sidecar.live import LiveConfig
-from sidecar.proxy import addon as addon_module
-from sidecar.proxy.addon import FhirSidecar
+from sidecar.observe import NullObserver
+from sidecar.proxy import request_routing as routing_module
+from sidecar.proxy.config_source import SidecarConfig
+from sidecar.proxy.request_log import RequestLog
+from sidecar.proxy.request_routing import Routing
 
 
 def _boom(*_args: object, **_kwargs: object) -> None:
@@ -26,19 +29,19 @@ def _boom(*_args: object, **_kwargs: object) -> None:
 
 
 @pytest.fixture
-def sidecar(tmp_path: Path) -> FhirSidecar:
+def sidecar(tmp_path: Path) -> Routing:
     config = write_config(tmp_path, {
         "proxy": {"listen": "127.0.0.1:0"},
         "admin": {"listen": None},
         "connections": {"fhir": {"url": "https://fhir.example/base"}},
     })
-    return FhirSidecar(LiveConfig(str(config)))
+    return Routing(SidecarConfig(LiveConfig(str(config))), RequestLog(NullObserver()))
 
 
 def test_a_fault_while_routing_refuses_the_request_and_keeps_the_app_credentials_in(
-        sidecar: FhirSidecar, monkeypatch: pytest.MonkeyPatch,
+        sidecar: Routing, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(addon_module.request_checks, "refusal", _boom)
+    monkeypatch.setattr(routing_module.request_checks, "refusal", _boom)
     flow = tflow.tflow()
     flow.request.host, flow.request.port = "attacker.example", 80
     flow.request.headers["Authorization"] = "Bearer app-secret"
@@ -54,7 +57,7 @@ def test_a_fault_while_routing_refuses_the_request_and_keeps_the_app_credentials
     assert "app-secret" not in caplog.text
 
 
-def test_without_a_fault_the_same_request_is_refused_as_unrouted(sidecar: FhirSidecar) -> None:
+def test_without_a_fault_the_same_request_is_refused_as_unrouted(sidecar: Routing) -> None:
     # The control case: the fixture's sidecar really does route (and so would be bypassed).
     flow = tflow.tflow()
     flow.request.host, flow.request.port = "attacker.example", 80

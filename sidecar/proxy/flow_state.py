@@ -29,7 +29,6 @@ class FlowState:
     bytes_in: int = 0
     bytes_out: int = 0
     error: str | None = None
-    logged: bool = False
     bearer: str | None = field(default=None, repr=False)
     links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
     links_done_for: http.Response | None = field(default=None, repr=False)

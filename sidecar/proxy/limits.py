@@ -222,6 +222,43 @@ class UpstreamReadTimeout:
         mitm_compat.close_client(flow.client_conn, reset=True)
 
 
+class UpstreamDeadline:
+    """``timeout_seconds``: from sending the request until the response headers arrive.
+
+    mitmproxy has no per-request upstream deadline: the timer starts when the request is about
+    to be sent; response headers (or an error) stop it. When it fires, the upstream connection
+    is closed, and the request fails through the usual error path as ``upstream-timeout``.
+    """
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or state.connection is None or flow.response is not None:
+            return
+        loop = asyncio.get_running_loop()
+        state.timer = loop.call_later(state.connection.timeout_seconds, _timed_out, flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _stop(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        _stop(flow)
+
+
+def _stop(flow: http.HTTPFlow) -> None:
+    state = state_of(flow)
+    if state is not None and state.timer is not None:
+        state.timer.cancel()
+
+
+def _timed_out(flow: http.HTTPFlow) -> None:
+    state = state_of(flow)
+    assert state is not None and state.connection is not None
+    state.timed_out = True
+    upstream = state.connection.upstream
+    mitm_compat.close_upstream(flow.client_conn, (upstream.host, upstream.port),
+                               state.connection)
+
+
 def _peer(client: connection.Client) -> str:
     host, port, *_ = client.peername or ("?", 0)
     return f"{host}:{port}"

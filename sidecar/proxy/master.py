@@ -17,28 +17,24 @@ from sidecar.listeners import listener_modes
 from sidecar.live import LiveConfig
 from sidecar.observe import ProxyObserver
 from sidecar.proxy import speedups as speed_tweaks
-from sidecar.proxy.addon import FhirSidecar
+from sidecar.proxy.addon import SidecarAddons, sidecar_addons
 
 STREAM_THRESHOLD = "1m"
 
 
 def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | None = None,
-                 *, speedups: bool = True) -> tuple[Master, FhirSidecar]:
+                 *, speedups: bool = True) -> tuple[Master, SidecarAddons]:
     state_dir.mkdir(parents=True, exist_ok=True)
     opts = options.Options(confdir=str(state_dir / "mitmproxy"))
     master = Master(opts)
     last = speed_tweaks.apply(master) if speedups else []
-    sidecar = FhirSidecar(live, observer=observer)
+    sidecar = sidecar_addons(live, observer)
     master.addons.add(
         core.Core(),
         disable_h2c.DisableH2C(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
-        sidecar,
-        sidecar.upstream_tls,  # its tls_start_server must run before TlsConfig's default one
-        sidecar.egress_tunnel,
-        sidecar.client_limits,
-        sidecar.read_timeout,
+        *sidecar.chain,
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
         *last,

@@ -19,6 +19,7 @@ from OpenSSL import SSL
 
 from sidecar.egress import ProxyAddress
 from sidecar.proxy import failures, mitm_compat
+from sidecar.proxy.flow_state import upstream_owner
 from sidecar.snapshot import CompiledConnection
 from sidecar.tls.policy import UpstreamTlsPolicy, retire_connection
 
@@ -33,6 +34,12 @@ class UpstreamTls:
         # the connection's first response (TLS 1.3 tickets arrive after the handshake) and
         # kept resumable when the connection closes.
         self._open: dict[str, _UpstreamConnection] = {}
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        mitm_compat.install_tls_close_fix()
+        # An upstream connection carries only requests of the compiled connection (TLS
+        # policy, client certificate, credentials, snapshot) that opened it.
+        mitm_compat.bind_upstream_connections(upstream_owner)
 
     def pop_failure(self, client: connection.Client, server: connection.Server
                     ) -> failures.TlsFailure | None:

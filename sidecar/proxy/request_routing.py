@@ -1,0 +1,148 @@
+"""The addon that decides where a request goes, or refuses it.
+
+``requestheaders`` checks the request (``request_checks.py``), routes it to a named connection
+(``sidecar.routing``), confines its path to the connection's base path, removes the app's own
+credentials and points the request at the upstream. A CONNECT is refused unless the config
+intercepts HTTPS for that host. Whatever goes wrong inside, the request is refused, never
+passed on as it came.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+from mitmproxy.net.http import url as mitm_url
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from sidecar.errors import SidecarError
+from sidecar.links import LinkRewriter, app_base_url
+from sidecar.listeners import listen_address_of
+from sidecar.proxy import error_answers, failures, mitm_compat, request_checks
+from sidecar.proxy.config_source import SidecarConfig
+from sidecar.proxy.flow_state import (
+    FLOW_KEY,
+    REQUEST_ID,
+    FlowState,
+    new_request_id,
+    request_id_from,
+    state_of,
+)
+from sidecar.proxy.request_log import RequestLog
+from sidecar.request_path import UnsafePath, confine, resolve
+from sidecar.snapshot import CompiledConnection, Snapshot
+
+
+class Routing:
+    def __init__(self, config: SidecarConfig, request_log: RequestLog) -> None:
+        self._config = config
+        self._request_log = request_log
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        # mitmproxy would leave a request with trailers hanging, unanswered.
+        mitm_compat.drop_http1_trailers()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        snapshot = self._config.current()
+        if snapshot is None:
+            return
+        try:
+            self._route(flow, snapshot)
+        except Exception:
+            # Fail closed. mitmproxy logs a hook's exception and carries on with the flow as
+            # it is: unrouted, a forward-proxy request would go wherever the app asked.
+            error_answers.refuse_after_failure(flow, self._state(flow, snapshot),
+                                               "routing the request")
+
+    def _state(self, flow: http.HTTPFlow, snapshot: Snapshot) -> FlowState:
+        """The flow's state; one for a request refused before it was routed."""
+        state = state_of(flow)
+        if state is None:
+            state = FlowState(snapshot, None, new_request_id())
+            flow.metadata[FLOW_KEY] = state
+            self._request_log.started(flow, state)
+        return state
+
+    def _route(self, flow: http.HTTPFlow, snapshot: Snapshot) -> None:
+        request = flow.request
+        request_id = request_id_from(request.headers.get(REQUEST_ID))
+        refused = request_checks.refusal(request)
+        conn, upstream_path = None, None
+        if refused is None:
+            conn, upstream_path, refused = _destination(flow, snapshot)
+        state = FlowState(snapshot, conn, request_id)
+        flow.metadata[FLOW_KEY] = state
+        self._request_log.started(flow, state)
+
+        # The app's own credentials never leave the sidecar, whatever happens next.
+        request.headers.pop("Authorization", None)
+        request.headers.pop("Proxy-Authorization", None)
+        request.headers[REQUEST_ID] = request_id
+        if refused is not None:
+            error_answers.refuse(flow, state, refused, close=True)
+            return
+        if conn is None or upstream_path is None:
+            error_answers.refuse(flow, state, failures.no_route(request.pretty_host,
+                                                                request.path))
+            return
+
+        upstream = conn.upstream
+        if conn.settings.rewrite_links:
+            state.links = LinkRewriter.between(upstream, _app_base(flow, conn))
+        request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
+        request.path = upstream_path
+        request.host_header = upstream.host_header
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # Apps reach upstreams through the sidecar in plain HTTP; a CONNECT tunnel would carry
+        # TLS the sidecar can neither authenticate nor inspect -- unless the config opts in to
+        # interception, and then only for configured hosts: mitmproxy terminates the app's TLS
+        # with the sidecar's CA (TlsConfig's tls_start_client) and the decrypted requests are
+        # routed like forward-proxy ones in ``requestheaders``.
+        snapshot = self._config.current()
+        if snapshot is None:
+            return
+        host = flow.request.host
+        known = any(c.upstream.host == host.lower() for c in snapshot.connections.values())
+        if known and snapshot.config.proxy.intercept_https:
+            return
+        # CONNECT requests skip requestheaders: the state is made here.
+        error_answers.refuse(flow, self._state(flow, snapshot),
+                             failures.connect_refused(host, known))
+
+
+def _destination(flow: http.HTTPFlow, snapshot: Snapshot
+                 ) -> tuple[CompiledConnection | None, str | None, SidecarError | None]:
+    """The connection, the upstream path (dot-segments resolved), or why it is refused."""
+    client = flow.client_conn
+    path = flow.request.path
+    try:
+        if isinstance(client.proxy_mode, ReverseMode):
+            address = listen_address_of(client.proxy_mode.full_spec)
+            conn = snapshot.by_listener(address) if address is not None else None
+            if conn is None:
+                return None, None, None
+            route = snapshot.router.reverse(conn.name, conn.upstream, path)
+            target = route.upstream_path  # the base path joined first: '..' may not undo it
+        else:
+            found = snapshot.router.forward(flow.request.host, resolve(path).target,
+                                            scheme=flow.request.scheme,
+                                            port=flow.request.port)
+            if found is None:
+                return None, None, None
+            route, target = found, path
+    except UnsafePath as exc:
+        return None, None, failures.bad_request(str(exc))
+    conn = snapshot.connections[route.connection]
+    try:
+        return conn, confine(target, conn.upstream.base_path), None
+    except UnsafePath as exc:
+        return conn, None, failures.bad_request(f"connection '{conn.name}': {exc}")
+
+
+def _app_base(flow: http.HTTPFlow, conn: CompiledConnection) -> str:
+    """The base URL the app used: its Host, plus the base path on the forward proxy."""
+    request = flow.request
+    host = request.host_header or mitm_url.hostport(request.scheme, request.host, request.port)
+    scheme = "https" if flow.client_conn.tls else "http"
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        return app_base_url(scheme, host)
+    return app_base_url(scheme, host, conn.upstream.base_path)
