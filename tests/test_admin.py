@@ -172,16 +172,16 @@ def test_listener_state_compares_the_current_snapshot_with_bound_sockets(
             return self.bound
 
     @dataclass
-    class FakeSidecar:
-        listeners_bound: bool
+    class FakeListeners:
+        bound: bool
 
     live = _live(tmp_path, pki)
-    proxy, sidecar = FakeProxyserver([]), FakeSidecar(False)
-    check = lambda: listener_state(live, sidecar, proxy)  # type: ignore[arg-type]  # noqa: E731
+    proxy, listeners = FakeProxyserver([]), FakeListeners(False)
+    check = lambda: listener_state(live, listeners, proxy)  # type: ignore[arg-type]  # noqa: E731
     assert check() == ListenerState(False, ("127.0.0.1:18081",))
     proxy.bound = [("127.0.0.1", 18081)]
     assert check() == ListenerState(False, ())  # bound, but startup has not finished
-    sidecar.listeners_bound = True
+    listeners.bound = True
     assert check() == ListenerState(True, ())
     proxy.bound = []  # draining: listeners closed
     assert check().bound is False
