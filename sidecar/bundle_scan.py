@@ -11,6 +11,9 @@ something the full scan would rewrite, and the caller then scans everything:
 - an ``entry`` list that is not the last member of the Bundle (JSON: the body must end with
   ``]`` and ``}``) or is not closed by the last ``</entry>`` before ``</Bundle>`` (XML).
 
+The fast JSON path also finds the file URLs of a Bulk Data manifest (see
+:data:`MANIFEST_FILE_LISTS`): a small top-level object, parsed member by member in C.
+
 Every check here is a ``memchr``-class byte search: even a full pass over a large page at
 general substring-search speed would cost more than the rest of the proxying, so
 multi-byte needles are found through their rarest first byte.
@@ -28,6 +31,16 @@ import json
 import re
 
 _JSON_BLANKS = b" \t\r\n"
+
+# A Bulk Data export manifest (the answer of a completed export's status URL) is a JSON object,
+# not a FHIR resource (no ``resourceType``), with string members ``transactionTime`` and
+# ``request`` and an ``output`` array. The ``url`` of each element of its ``output`` and
+# ``error`` arrays names an NDJSON file; nothing else in it is a link.
+MANIFEST_STRING_KEYS = {"transactionTime": 1, "request": 2}
+MANIFEST_OUTPUT_KEY = "output"
+MANIFEST_OUTPUT_BIT = 4
+MANIFEST_COMPLETE = 7
+MANIFEST_FILE_LISTS = frozenset({"output", "error"})
 # A JSON \u escape of one of the letters of "Bundle": such a string could spell it.
 _ESCAPED_BUNDLE_LETTER = re.compile(rb"\\u00(?:42|62|75|55|6[eE]|4[eE]|64|44|6[cC]|4[cC]|65|45)")
 _XML_ENTRY_CLOSE = re.compile(rb"</(?:[^\s/>!?:]+:)?entry\s*>")
@@ -66,9 +79,9 @@ def may_hold_json_bundle(content: bytes, start: int, end: int) -> bool:
 
 
 def json_top_level_link_urls(content: bytes) -> list[tuple[int, int]] | None:
-    """Spans of the string tokens of the top-level Bundle's ``link[].url``, found with
-    CPython's C JSON scanner: members other than ``link`` are skipped by parsing them in C,
-    ``entry`` by :func:`json_entries_end`.
+    """Spans of the string tokens of the top-level Bundle's ``link[].url`` (or of a
+    manifest's ``output[].url`` and ``error[].url``), found with CPython's C JSON scanner:
+    other members are skipped by parsing them in C, ``entry`` by :func:`json_entries_end`.
 
     ``None`` when that is not certain to agree with the full tokenizer of
     :mod:`sidecar.links`: anything that is not strict JSON, a member that may hold a Bundle
@@ -117,6 +130,8 @@ def _top_level_link_urls(content: bytes, text: str) -> list[tuple[int, int]] | N
     resource_type = None
     link_seen = False
     found: list[tuple[int, int]] = []
+    files: list[tuple[int, int]] = []
+    manifest = 0
     closer, after = _after_value(text, index) if text[index:index + 1] == "}" else ("", 0)
     while closer != "}":
         member = _MEMBER.match(text, index)
@@ -127,16 +142,22 @@ def _top_level_link_urls(content: bytes, text: str) -> list[tuple[int, int]] | N
         if key == "link" and first == "[":
             index = _link_array(content, text, index + 1, found)
             link_seen = True
+        elif key in MANIFEST_FILE_LISTS and first == "[":
+            index = _link_array(content, text, index + 1, files)
+            if key == MANIFEST_OUTPUT_KEY:
+                manifest |= MANIFEST_OUTPUT_BIT
         elif key == "entry" and first == "[" and index == len(text) - 1:
             if not link_seen or resource_type is None:
                 return None  # they may follow the entries
             if json_entries_end(content, index) is None:
                 return None
-            return _checked(content, index, resource_type, found)  # only "] }" follows
+            return _checked(content, index, resource_type, found, [])  # only "] }" follows
         else:
             value, end = _SCAN_VALUE(text, index)
             if key == "resourceType":
                 resource_type = value
+            elif key in MANIFEST_STRING_KEYS and isinstance(value, str):
+                manifest |= MANIFEST_STRING_KEYS[key]
             index = end
         closer, after = _after_value(text, index)
         if closer == "]":
@@ -144,20 +165,22 @@ def _top_level_link_urls(content: bytes, text: str) -> list[tuple[int, int]] | N
         index = after
     if _last_non_blank(content, len(content)) != after - 1:
         return None  # more after the top-level object: not one JSON document
-    return _checked(content, after, resource_type, found)
+    is_manifest = resource_type is None and manifest == MANIFEST_COMPLETE
+    return _checked(content, after, resource_type, found, files if is_manifest else [])
 
 
-def _checked(content: bytes, end: int, resource_type: object,
-             found: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """``found``, if nothing in ``content[:end]`` but the top-level ``resourceType`` may be a
-    Bundle (the full tokenizer would rewrite a nested Bundle's links too); else ``None``."""
+def _checked(content: bytes, end: int, resource_type: object, found: list[tuple[int, int]],
+             files: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """``found`` (if the top level is a Bundle) and ``files`` (a manifest's file URLs), if
+    nothing in ``content[:end]`` but the top-level ``resourceType`` may be a Bundle (the full
+    tokenizer would rewrite a nested Bundle's links too); else ``None``."""
     own = 1 if resource_type == "Bundle" else 0
     if content.count(b'"Bundle"', 0, end) > own:
         return None
     if content.find(b"\\", 0, end) >= 0 \
             and _ESCAPED_BUNDLE_LETTER.search(content, 0, end) is not None:
         return None
-    return found if own else []
+    return (found if own else []) + files
 
 
 def _link_array(content: bytes, text: str, index: int, found: list[tuple[int, int]]) -> int:

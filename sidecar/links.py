@@ -3,8 +3,10 @@
 Reference: docs/configuration.md#fhir-links-and-https-base-urls.
 
 A FHIR server answers with absolute URLs under its own base: ``Location`` and
-``Content-Location`` after a create or update, ``Bundle.link[].url`` (``self``, ``next``, ...)
-when paging. An app that follows them as they are goes around the sidecar, without credentials.
+``Content-Location`` after a create or update (or a Bulk Data kick-off: the status URL),
+``Bundle.link[].url`` (``self``, ``next``, ...) when paging, and ``output[].url`` /
+``error[].url`` in a Bulk Data export manifest (see :mod:`sidecar.bundle_scan` for what counts
+as one). An app that follows them as they are goes around the sidecar, without credentials.
 :class:`LinkRewriter` replaces the upstream base URL with the base URL the app used, and only
 there:
 
@@ -13,7 +15,8 @@ there:
 - bodies are edited in place, never re-serialised: every byte outside a rewritten URL prefix
   stays as it was (key order, whitespace, number formats, escapes);
 - ``Bundle.entry[].fullUrl`` is identity, not navigation, and is never touched; nor is any
-  other element, header or resource type.
+  other element, header or resource type, nor a manifest's ``request``. NDJSON bodies are not
+  JSON documents (:func:`body_kind` answers ``None``) and are never looked into.
 
 The scheme and host of the prefix are compared case-insensitively and the default port may be
 spelled out (``https://h:443/fhir``); the path is compared exactly. This module never imports
@@ -33,7 +36,16 @@ from typing import Literal
 from xml.sax.saxutils import escape as xml_escape
 from xml.sax.saxutils import unescape as xml_unescape
 
-from sidecar.bundle_scan import json_entries_end, json_top_level_link_urls, xml_entries_end
+from sidecar.bundle_scan import (
+    MANIFEST_COMPLETE,
+    MANIFEST_FILE_LISTS,
+    MANIFEST_OUTPUT_BIT,
+    MANIFEST_OUTPUT_KEY,
+    MANIFEST_STRING_KEYS,
+    json_entries_end,
+    json_top_level_link_urls,
+    xml_entries_end,
+)
 from sidecar.routing import Upstream
 
 REWRITTEN_HEADERS = ("Location", "Content-Location")
@@ -138,8 +150,8 @@ class LinkRewriter:
         return content
 
     def json_body(self, content: bytes) -> bytes:
-        if b'"link"' not in content and b"\\" not in content:
-            return content  # no ``link`` key, not even an escaped one
+        if b'"link"' not in content and b'"output"' not in content and b"\\" not in content:
+            return content  # no ``link`` or ``output`` key, not even an escaped one
         spans = json_top_level_link_urls(content)
         if spans is None:
             spans = _json_bundle_link_urls(content, skip_entries=True)
@@ -235,9 +247,11 @@ _K_RESOURCE_TYPE = "resourceType"
 
 
 class _JsonObject:
-    __slots__ = ("candidates", "expect_key", "key", "link_owner", "resource_type")
+    __slots__ = ("candidates", "expect_key", "file_owner", "files", "key", "link_owner",
+                 "manifest", "resource_type")
 
-    def __init__(self, link_owner: _JsonObject | None) -> None:
+    def __init__(self, link_owner: _JsonObject | None,
+                 file_owner: _JsonObject | None = None) -> None:
         self.key: str | None = None
         self.expect_key = True
         self.resource_type: str | None = None
@@ -246,13 +260,21 @@ class _JsonObject:
         self.candidates: list[tuple[int, int]] = []
         # The object whose ``link`` array this object is an element of.
         self.link_owner = link_owner
+        # Top level only: ``url`` strings of the ``output`` / ``error`` elements, and which
+        # manifest members were seen (bits of MANIFEST_COMPLETE), for a Bulk Data manifest.
+        self.files: list[tuple[int, int]] | None = None
+        self.manifest = 0
+        # The top-level object whose ``output`` or ``error`` array this object is an element of.
+        self.file_owner = file_owner
 
 
 class _JsonArray:
-    __slots__ = ("link_owner",)
+    __slots__ = ("file_owner", "link_owner")
 
-    def __init__(self, link_owner: _JsonObject | None) -> None:
+    def __init__(self, link_owner: _JsonObject | None,
+                 file_owner: _JsonObject | None = None) -> None:
         self.link_owner = link_owner
+        self.file_owner = file_owner
 
 
 def _json_key(token: bytes) -> str | None:
@@ -267,7 +289,8 @@ def _json_key(token: bytes) -> str | None:
 
 def _json_bundle_link_urls(content: bytes, skip_entries: bool = False
                            ) -> list[tuple[int, int]] | None:
-    """Spans of the string tokens that are ``link[].url`` of a Bundle (at any depth).
+    """Spans of the string tokens that are ``link[].url`` of a Bundle (at any depth), or
+    ``output[].url`` / ``error[].url`` of a Bulk Data manifest (the top-level object).
 
     A tokenizer, not a parser: it tracks just enough structure to know where each string sits,
     and gives up (returns nothing) on anything inconsistent.
@@ -297,25 +320,37 @@ def _json_bundle_link_urls(content: bytes, skip_entries: bool = False
                         continue
                     if top.key == _K_URL and top.link_owner is not None:
                         top.link_owner.candidates.append(match.span())
+                    elif top.key == _K_URL and top.file_owner is not None:
+                        files = top.file_owner.files
+                        if files is not None:
+                            files.append(match.span())
                     elif top.key == _K_RESOURCE_TYPE:
                         top.resource_type = _json_key(token)
+                    elif len(stack) == 1 and top.key in MANIFEST_STRING_KEYS:
+                        top.manifest |= MANIFEST_STRING_KEYS[top.key]
                 elif top is None:
                     done = True
             elif first == b"{":
-                owner = None
+                owner = file_owner = None
                 if isinstance(top, _JsonArray):
-                    owner = top.link_owner
+                    owner, file_owner = top.link_owner, top.file_owner
                 elif isinstance(top, _JsonObject) and top.expect_key:
                     return []
-                stack.append(_JsonObject(owner))
+                stack.append(_JsonObject(owner, file_owner))
             elif first == b"[":
-                owner = None
+                owner = file_owner = None
                 if isinstance(top, _JsonObject):
                     if top.expect_key:
                         return []
                     if top.key == _K_LINK:
                         owner = top
                         top_link_seen = top_link_seen or len(stack) == 1
+                    elif len(stack) == 1 and top.key in MANIFEST_FILE_LISTS:
+                        file_owner = top
+                        if top.files is None:
+                            top.files = []
+                        if top.key == MANIFEST_OUTPUT_KEY:
+                            top.manifest |= MANIFEST_OUTPUT_BIT
                     elif skip_entries and top.key == _K_ENTRY and len(stack) == 1:
                         skip_entries = False
                         if not top_link_seen or top.resource_type is None:
@@ -325,13 +360,16 @@ def _json_bundle_link_urls(content: bytes, skip_entries: bool = False
                             return None
                         stack.append(_JsonArray(None))  # closed by the ] we resume at
                         break
-                stack.append(_JsonArray(owner))
+                stack.append(_JsonArray(owner, file_owner))
             elif first == b"}":
                 if not isinstance(top, _JsonObject):
                     return []
                 stack.pop()
                 if top.resource_type == "Bundle":  # other resources' links are not paging links
                     found += top.candidates
+                elif top.resource_type is None and top.manifest == MANIFEST_COMPLETE \
+                        and top.files:
+                    found += top.files
                 if not stack:
                     done = True
             elif first == b"]":

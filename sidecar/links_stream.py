@@ -14,6 +14,10 @@ seen:
   slow (Python speed) but still flat in memory; in XML, links always come first.
 - When ``resourceType`` comes after ``link`` (JSON), the body from the first link URL on is
   held back until it is known; over ``HOLD_LIMIT`` bytes the body passes unchanged.
+- A Bulk Data manifest (:mod:`sidecar.bundle_scan`) is tokenized to its end (it is file URLs
+  throughout). File URLs that come before the manifest is recognised (``transactionTime``,
+  ``request`` and ``output`` seen) are held back like links before ``resourceType``; a
+  ``resourceType`` that comes after rewritten file URLs no longer undoes them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import re
 import zlib
 from collections.abc import Callable
 
+from sidecar.bundle_scan import (
+    MANIFEST_COMPLETE,
+    MANIFEST_FILE_LISTS,
+    MANIFEST_OUTPUT_BIT,
+    MANIFEST_OUTPUT_KEY,
+    MANIFEST_STRING_KEYS,
+)
 from sidecar.links import (
     _XML_MARKUP,
     BodyKind,
@@ -48,12 +59,15 @@ class StreamingLinks:
         self._scan = 0  # where tokenizing resumes in _buf
         self._edits: list[tuple[int, int, bytes]] = []  # (start, end, replacement) in _buf
         self._held: int | None = None  # nothing from here on leaves until Bundle-ness is known
-        self._undecided: list[tuple[int, int]] = []  # link URLs waiting for resourceType
+        # (start, end, is_file): link URLs waiting for resourceType, file URLs waiting for
+        # the manifest's members.
+        self._undecided: list[tuple[int, int, bool]] = []
         self.passing = False  # done with tokenizing: everything else goes out as it is
         # JSON: one [kind, expecting_key, key] per open object ("o") or array ("a").
         self._stack: list[list[object]] = []
         self._resource_type: str | None = None
         self._link_seen = False
+        self._manifest = 0  # bits of MANIFEST_COMPLETE seen at the top level
         # XML: local names of the open elements.
         self._elements: list[bytes] = []
 
@@ -104,7 +118,7 @@ class StreamingLinks:
         self._scan -= limit
         if self._held is not None:
             self._held -= limit
-        self._undecided = [(s - limit, e - limit) for s, e in self._undecided]
+        self._undecided = [(s - limit, e - limit, f) for s, e, f in self._undecided]
         return b"".join(out)
 
     def _give_up(self) -> None:
@@ -163,22 +177,48 @@ class StreamingLinks:
         if len(stack) == 1 and top[2] == "resourceType":
             self._resource_type = _json_key(token)
             self._decide()
+        elif len(stack) == 1 and top[2] in MANIFEST_STRING_KEYS:
+            self._manifest |= MANIFEST_STRING_KEYS[str(top[2])]
+            self._decide_manifest()
         elif len(stack) == 3 and top[2] == "url" and stack[0][2] == "link":
             if self._resource_type == "Bundle":
                 self._edit(start, end, self._links._json_string)
             elif self._resource_type is None:
-                self._undecided.append((start, end))
-                if self._held is None:
-                    self._held = start
+                self._hold(start, end, is_file=False)
+        elif len(stack) == 3 and top[2] == "url" and stack[0][2] in MANIFEST_FILE_LISTS \
+                and stack[1][0] == "a" and self._resource_type is None:
+            if self._manifest == MANIFEST_COMPLETE:
+                self._edit(start, end, self._links._json_string)
+            else:
+                self._hold(start, end, is_file=True)
+
+    def _hold(self, start: int, end: int, *, is_file: bool) -> None:
+        self._undecided.append((start, end, is_file))
+        if self._held is None:
+            self._held = start
+
+    def _settle(self, is_file: bool, rewrite: bool) -> None:
+        """Rewrite (or let go unchanged) the undecided URLs of one kind."""
+        kept = []
+        for start, end, kind in self._undecided:
+            if kind != is_file:
+                kept.append((start, end, kind))
+            elif rewrite:
+                self._edit(start, end, self._links._json_string)
+        self._edits.sort()
+        self._undecided = kept
+        self._held = kept[0][0] if kept else None
 
     def _decide(self) -> None:
         if self._resource_type == "Bundle":
-            for start, end in self._undecided:
-                self._edit(start, end, self._links._json_string)
-            self._undecided.clear()
-            self._held = None
+            self._settle(is_file=False, rewrite=True)
+            self._settle(is_file=True, rewrite=False)  # a resource is no manifest
         else:
             self._give_up()  # not a Bundle: nothing in it is rewritten
+
+    def _decide_manifest(self) -> None:
+        if self._manifest == MANIFEST_COMPLETE and self._resource_type is None:
+            self._settle(is_file=True, rewrite=True)
 
     def _json_punctuation(self, char: int) -> None:
         stack = self._stack
@@ -193,6 +233,9 @@ class StreamingLinks:
                 self._give_up()
                 return
             if len(stack) == 1:
+                if top[2] == MANIFEST_OUTPUT_KEY:
+                    self._manifest |= MANIFEST_OUTPUT_BIT
+                    self._decide_manifest()
                 if top[2] == "link":
                     self._link_seen = True
                 elif top[2] == "entry" and self._link_seen and self._resource_type:
