@@ -101,11 +101,13 @@ def cmd_check(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     print(handshake_table(results))
     ok = all(r.ok for r in results)
     if snapshot.token_sources:
-        from sidecar.online_tokens import check_tokens, token_table
+        from sidecar.online_tokens import binding_mismatches, check_tokens, token_table
 
         token_results = asyncio.run(check_tokens(snapshot))
         print()
         print(token_table(token_results))
+        for mismatch in binding_mismatches(snapshot, token_results):
+            print(f"warning: {mismatch}", file=sys.stderr)
         ok = ok and all(r.ok for r in token_results)
     return EXIT_OK if ok else EXIT_FAILED
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sidecar.config.errors import ConfigError, ConfigProblem
-from sidecar.config.models import ConnectionSettings, ListenAddress, SidecarConfig, TlsSettings
+from sidecar.config.models import (
+    CERTIFICATE_CLIENT_AUTH,
+    ConnectionSettings,
+    ListenAddress,
+    SidecarConfig,
+    TlsSettings,
+)
 from sidecar.credentials.basic import BasicCredentials
 from sidecar.egress import EgressProxy
 from sidecar.redaction import GENERIC, Redactor
@@ -157,12 +163,37 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
             listen=settings.listen,
             via=via,
         )
+    warnings += _binding_warnings(file, connections, token_sources)
     if problems.items:
         raise ConfigError(problems.items)
     router = Router((name, conn.upstream) for name, conn in connections.items())
     return Snapshot(source=file, config=config, connections=connections,
                     token_sources=token_sources, router=router, warnings=tuple(warnings),
                     signing_keys=signing_keys, egress_proxies=proxies, redactor=redactor)
+
+
+def _binding_warnings(file: str, connections: Mapping[str, CompiledConnection],
+                      token_sources: Mapping[str, TokenSource]) -> list[str]:
+    """Connections whose OAuth definition authenticates with a client certificate but that
+    present another one (or none) to the FHIR server: a token bound to the certificate would
+    be refused there."""
+    from sidecar.credentials.cert_binding import presents_other_certificate
+
+    found = []
+    for name, conn in connections.items():
+        source = token_sources.get(conn.oauth) if conn.oauth else None
+        if source is None or source.definition.client_auth not in CERTIFICATE_CLIENT_AUTH:
+            continue
+        other = presents_other_certificate(conn.tls.client_cert_pem if conn.tls else None,
+                                           source.client_cert_pem)
+        if other is not None:
+            found.append(
+                f"{file}: connections.{name}.tls.client_cert: oauth.{conn.oauth} authenticates "
+                f"with its client certificate ({source.definition.client_auth}); a server that "
+                "binds tokens to it (RFC 8705, cnf x5t#S256) refuses the token from this "
+                f"connection, which presents {other}: give it the same tls.client_cert and "
+                "tls.client_key")
+    return found
 
 
 def _compile_signing_keys(config: SidecarConfig, problems: _Problems, warnings: list[str]
@@ -239,6 +270,8 @@ def _read_oauth_secrets(config: SidecarConfig, problems: _Problems, warnings: li
             if definition.client_auth == "private_key_jwt":
                 assert definition.private_key_file is not None
                 key_pem = _read_private_key(definition.private_key_file)
+            elif definition.client_auth in CERTIFICATE_CLIENT_AUTH:
+                pass  # the client certificate is read with the definition's tls settings
             else:
                 if definition.client_secret is not None:
                     warnings.append(f"{problems.file}: {path}.client_secret: inline secret; use "

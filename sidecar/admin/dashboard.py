@@ -22,7 +22,7 @@ from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
 from sidecar.admin.guard import BoundedBody, with_body
-from sidecar.config.models import ClientAuth, SigningAlg, TlsVerify
+from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAlg, TlsVerify
 
 HERE = Path(__file__).parent
 TEMPLATES = tornado.template.Loader(str(HERE / "templates"))
@@ -31,7 +31,8 @@ PAGES = (("connections", "/", "Connections"), ("basic-auth", "/basic-auth", "Bas
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart framing and the form's other fields
 LOGIN_BODY_BYTES = 8 * 1024
 # The options of the forms' select fields, in the order shown.
-CHOICES = {"verify": get_args(TlsVerify), "client_auth": get_args(ClientAuth),
+CHOICES = {"verify": get_args(TlsVerify), "client_auth": tuple(a for a in get_args(ClientAuth)
+                                          if a not in CERTIFICATE_CLIENT_AUTH),
            "signing_alg": get_args(SigningAlg)}
 
 

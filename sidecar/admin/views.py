@@ -81,13 +81,14 @@ class Views:
         source = self.sources.live.current.token_sources.get(name)
         status = source.status() if source is not None else None
         uses_key = d.client_auth == "private_key_jwt"
+        uses_secret = d.client_auth in ("client_secret_basic", "client_secret_post")
         return _body(api.OAuth(
             name=name,
             token_url=d.token_url,
             discover_from=d.discover_from,
             client_id=d.client_id,
             client_auth=d.client_auth,
-            client_secret="not used" if uses_key else secret_state(
+            client_secret="not used" if not uses_secret else secret_state(
                 d.client_secret_file, d.client_secret_env, d.client_secret),
             client_secret_env=d.client_secret_env,
             private_key=secret_state(d.private_key_file, None, None) if uses_key

@@ -274,7 +274,10 @@ class BasicAuthDefinition(_Model):
         return self
 
 
-ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt",
+                     "tls_client_auth", "self_signed_tls_client_auth"]
+# RFC 8705: the client authenticates with the TLS client certificate of its ``tls`` settings.
+CERTIFICATE_CLIENT_AUTH = ("tls_client_auth", "self_signed_tls_client_auth")
 SigningAlg = Literal["RS384", "ES384"]
 
 
@@ -321,6 +324,13 @@ class OAuthDefinition(_Model):
     def _consistent(self) -> Self:
         _exactly_one(self, ("token_url", "discover_from"), "token endpoint")
         secret_fields = ("client_secret_file", "client_secret_env", "client_secret")
+        if self.client_auth in CERTIFICATE_CLIENT_AUTH:
+            if self.tls.client_cert is None:
+                raise ValueError(f"client_auth: {self.client_auth} needs tls.client_cert (the "
+                                 "certificate the token endpoint authenticates the client by)")
+            given = [f for f in secret_fields if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"client_auth: {self.client_auth} does not use {given[0]}")
         if self.client_auth == "private_key_jwt":
             if self.private_key_file is None:
                 raise ValueError("client_auth: private_key_jwt needs private_key_file")
@@ -328,7 +338,8 @@ class OAuthDefinition(_Model):
             if given:
                 raise ValueError(f"client_auth: private_key_jwt does not use {given[0]}")
         else:
-            _exactly_one(self, secret_fields, "client secret")
+            if self.client_auth not in CERTIFICATE_CLIENT_AUTH:
+                _exactly_one(self, secret_fields, "client secret")
             for key_field in ("private_key_file", "next_private_key_file",
                               "previous_private_key_file"):
                 if getattr(self, key_field) is not None:

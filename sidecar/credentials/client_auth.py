@@ -8,7 +8,10 @@ Two things authlib does not do the way the standards want:
 * ``private_key_jwt`` for SMART Backend Services: the assertion must carry a ``kid`` header, expire
   within five minutes and have a fresh ``jti`` for every request.
 
-Both hooks have authlib's signature ``(client, method, uri, headers, body) -> (uri, headers, body)``
+* ``tls_client_auth`` / ``self_signed_tls_client_auth`` (RFC 8705): the TLS client certificate
+  is the credential; the form only names the client (``client_id``), as the RFC requires.
+
+The hooks have authlib's signature ``(client, method, uri, headers, body) -> (uri, headers, body)``
 and are registered on the client under the method's name, replacing authlib's own.
 """
 
@@ -58,6 +61,12 @@ def encode_client_secret_basic(
 ) -> tuple[str, dict[str, str], str]:
     headers["Authorization"] = basic_authorization(client.client_id, client.client_secret or "")
     return uri, headers, body
+
+
+def encode_client_id_only(
+    client: Any, method: str, uri: str, headers: dict[str, str], body: str
+) -> tuple[str, dict[str, str], str]:
+    return uri, headers, add_params_to_qs(body or "", [("client_id", client.client_id)])
 
 
 class PrivateKeyJwt:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from sidecar.config.models import OAuthDefinition
+from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, OAuthDefinition
 from sidecar.credentials.client_auth import OAuthSetupError, PrivateKeyJwt, load_signing_key
 from sidecar.credentials.discovery import (
     check_client_support,
@@ -83,6 +83,7 @@ class FetchedToken:
     scopes: tuple[str, ...]
     expires_in: float
     expires_in_defaulted: bool  # the endpoint sent no expires_in; the definition's default is used
+    bound_to: str | None = None  # cnf.x5t#S256 of a certificate-bound JWT token (RFC 8705)
 
 
 class TokenObserver(Protocol):
@@ -205,8 +206,8 @@ class TokenSource:
         self._key_pem = private_key_pem
         self._observer = observer
         self._policy = policy or RefreshPolicy()
-        self._check_setup()
         self._tls = tls
+        self._check_setup()
         self._request = TokenRequest(
             scopes=tuple(definition.scopes), audience=definition.audience,
             resource=definition.resource,
@@ -320,7 +321,13 @@ class TokenSource:
             raise self._unavailable(exc) from None
         lifetime, defaulted = self._lifetime(issued)
         return FetchedToken(token_url=endpoint.token_url, scopes=self._granted(issued),
-                            expires_in=lifetime, expires_in_defaulted=defaulted)
+                            expires_in=lifetime, expires_in_defaulted=defaulted,
+                            bound_to=issued.bound_thumbprint)
+
+    @property
+    def client_cert_pem(self) -> bytes | None:
+        """The client certificate presented to the token endpoint (``tls.client_cert``)."""
+        return self._tls.client_cert_pem
 
     def use_redactor(self, redactor: Redactor) -> None:
         """Scrub with the new snapshot's ``redactor`` (a reload kept this source; its secret
@@ -515,6 +522,10 @@ class TokenSource:
             except OAuthSetupError as exc:
                 raise OAuthSetupError(f"OAuth definition {self.name!r}: {exc}",
                                       "private_key_file") from None
+        elif d.client_auth in CERTIFICATE_CLIENT_AUTH:
+            if self._tls.client_cert_pem is None:
+                raise OAuthSetupError(f"OAuth definition {self.name!r}: {d.client_auth} needs "
+                                      "tls.client_cert", "tls.client_cert")
         elif not self._secret:
             raise OAuthSetupError(f"OAuth definition {self.name!r}: {d.client_auth} needs a "
                                   "client secret")

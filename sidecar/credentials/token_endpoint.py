@@ -19,7 +19,12 @@ import authlib.deprecate  # noqa: F401  (its warning filter must be installed ou
 import httpx
 
 from sidecar.config.models import ClientAuth
-from sidecar.credentials.client_auth import PrivateKeyJwt, encode_client_secret_basic
+from sidecar.credentials.cert_binding import bound_thumbprint
+from sidecar.credentials.client_auth import (
+    PrivateKeyJwt,
+    encode_client_id_only,
+    encode_client_secret_basic,
+)
 from sidecar.credentials.egress_client import httpx_proxy
 from sidecar.credentials.endpoint_errors import (
     EndpointFailure,
@@ -52,6 +57,11 @@ class IssuedToken:
     access_token: str = field(repr=False)
     expires_in: float | None  # None: the endpoint did not say
     scope: tuple[str, ...] | None  # None: the endpoint did not say (= as requested, RFC 6749 §5.1)
+
+    @property
+    def bound_thumbprint(self) -> str | None:
+        """``cnf.x5t#S256``: the client certificate the token is bound to (RFC 8705)."""
+        return bound_thumbprint(self.access_token)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,9 @@ class TokenEndpoint:
             ("client_secret_basic", encode_client_secret_basic))
         if assertion_signer is not None:
             self._client.register_client_auth_method(("private_key_jwt", assertion_signer))
+        # RFC 8705: the certificate (in the TLS context above) authenticates the client.
+        for method in ("tls_client_auth", "self_signed_tls_client_auth"):
+            self._client.register_client_auth_method((method, encode_client_id_only))
         # authlib only looks at the body for an "error" member; a non-2xx answer must fail
         # whatever its body says, and keep its status for the diagnostics.
         self._client.register_compliance_hook("access_token_response", self._require_success)

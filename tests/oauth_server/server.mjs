@@ -3,12 +3,16 @@
 // Started by tests/support/oauth_provider.py, which generates every key and certificate and
 // passes them in a JSON file named by OAUTH_TEST_CONFIG. Two listeners on 127.0.0.1:
 //   - HTTPS (the provider itself): /token, /jwks, discovery, plus a SMART configuration at
-//     /fhir/.well-known/smart-configuration so `discover_from` can be exercised;
+//     /fhir/.well-known/smart-configuration so `discover_from` can be exercised. With
+//     `mtls.client_ca` in the config it asks every client for a certificate (RFC 8705: it
+//     accepts connections without one, and verifies against that CA those that send one) and
+//     turns on oidc-provider's mTLS feature: tls_client_auth, self_signed_tls_client_auth and
+//     certificate-bound access tokens;
 //   - plain HTTP control port (/_test/...): counters, failure injection, runtime settings.
 //     It is separate so it keeps answering while the HTTPS listener is made to refuse.
 // Once both listen, one JSON line {"event":"ready",...} is printed on stdout.
 
-import { randomBytes } from 'node:crypto';
+import { X509Certificate, createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
@@ -49,10 +53,16 @@ const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 let handler = (req, res) => { res.statusCode = 503; res.end(); };
 const sockets = new Set();
-const tlsServer = https.createServer(
-  { cert: readFileSync(cfg.tls.cert_chain), key: readFileSync(cfg.tls.key) },
-  (req, res) => handler(req, res),
-);
+const mtls = Boolean(cfg.mtls?.client_ca);
+const tlsOptions = { cert: readFileSync(cfg.tls.cert_chain), key: readFileSync(cfg.tls.key) };
+if (mtls) {
+  // Ask for a certificate, never require one: self-signed ones (self_signed_tls_client_auth)
+  // do not chain to the CA, and clients of the other methods send none. The provider decides.
+  Object.assign(tlsOptions, {
+    requestCert: true, rejectUnauthorized: false, ca: readFileSync(cfg.mtls.client_ca),
+  });
+}
+const tlsServer = https.createServer(tlsOptions, (req, res) => handler(req, res));
 tlsServer.on('connection', (socket) => {
   sockets.add(socket);
   socket.on('close', () => sockets.delete(socket));
@@ -102,15 +112,52 @@ const resourceServer = (indicator) => ({
   jwt: { sign: { alg: 'RS256' } },
 });
 
+// The client certificate of the request's TLS connection (undefined when none was sent).
+function peerCertificate(ctx) {
+  const socket = ctx.req.socket;
+  if (typeof socket.getPeerCertificate !== 'function') return undefined;
+  const peer = socket.getPeerCertificate();
+  if (!peer || !peer.raw) return undefined;
+  return new X509Certificate(peer.raw);
+}
+
+// RFC 8705 section 2.1.2: the registered value must match one of the certificate's.
+function subjectMatches(ctx, property, expected) {
+  const cert = peerCertificate(ctx);
+  if (!cert) return false;
+  const sans = (cert.subjectAltName ?? '').split(', ');
+  switch (property) {
+    case 'tls_client_auth_subject_dn':
+      return cert.subject.split('\n').reverse().join(',') === expected
+        || cert.subject.split('\n').join(',') === expected;
+    case 'tls_client_auth_san_dns': return sans.includes(`DNS:${expected}`);
+    case 'tls_client_auth_san_uri': return sans.includes(`URI:${expected}`);
+    case 'tls_client_auth_san_ip': return sans.includes(`IP Address:${expected}`);
+    case 'tls_client_auth_san_email': return sans.includes(`email:${expected}`);
+    default: return false;
+  }
+}
+
+const mtlsMethods = mtls ? ['tls_client_auth', 'self_signed_tls_client_auth'] : [];
+
 const provider = new Provider(issuer, {
   clients: cfg.clients,
   jwks: { keys: [cfg.signing_jwk] },
-  clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+  clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', ...mtlsMethods],
   cookies: { keys: [randomBytes(32).toString('hex')] }, // unused (no browser flows); quiets a warning
   ttl: { ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? state.settings.ttl },
   enabledJWA: { clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384'] },
   features: {
     clientCredentials: { enabled: true },
+    mTLS: {
+      enabled: mtls,
+      certificateBoundAccessTokens: mtls,
+      tlsClientAuth: mtls,
+      selfSignedTlsClientAuth: mtls,
+      getCertificate: peerCertificate,
+      certificateAuthorized: (ctx) => ctx.req.socket.authorized === true,
+      certificateSubjectMatches: subjectMatches,
+    },
     devInteractions: { enabled: false },
     resourceIndicators: {
       enabled: true,
@@ -135,7 +182,7 @@ function smartConfiguration() {
     jwks_uri: `${issuer}/jwks`,
     grant_types_supported: ['client_credentials'],
     token_endpoint_auth_methods_supported:
-      ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+      ['client_secret_basic', 'client_secret_post', 'private_key_jwt', ...mtlsMethods],
     token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384'],
     scopes_supported: cfg.scopes,
     capabilities: ['client-confidential-asymmetric', 'client-confidential-symmetric'],
@@ -186,11 +233,15 @@ provider.use(async (ctx, next) => {
 // The form as oidc-provider parsed it (every parameter, known to it or not), for asserts.
 function record(ctx) {
   const params = { ...(ctx.oidc?.body ?? {}) };
+  const cert = peerCertificate(ctx);
   state.recent.push({
     client_id: ctx.oidc?.client?.clientId ?? null,
     authorization: ctx.get('authorization') || null,
     params,
     status: ctx.status,
+    // base64url SHA-256 of the client certificate's DER (RFC 8705 x5t#S256), or null.
+    client_cert_x5t_s256: cert ? createHash('sha256').update(cert.raw).digest('base64url') : null,
+    error: ctx.status === 200 ? null : (ctx.body?.error_description ?? ctx.body?.error ?? null),
   });
   if (state.recent.length > RECENT_LIMIT) state.recent.shift();
 }

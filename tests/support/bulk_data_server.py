@@ -16,10 +16,15 @@ URLs) so tests can check that only the file URLs change. Every NDJSON line is a 
 ``link`` is under the FHIR base: a proxy that scanned NDJSON for links would change it.
 
 Every byte received is recorded per connection, as it came off the wire (``all_bytes``).
+
+With ``client_ca`` the server requires a client certificate from that bundle, and with
+``bound_tokens`` it is an RFC 8705 resource server: a token whose ``cnf.x5t#S256`` is not the
+thumbprint of the connection's client certificate is refused with ``401``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -29,10 +34,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self
 from urllib.parse import parse_qs, urlsplit
 
+from sidecar.credentials.cert_binding import bound_thumbprint
 from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
 
@@ -85,6 +92,7 @@ class BulkRequest:
     method: str
     target: str
     headers: dict[str, str]  # lower-case names
+    client_cert_x5t: str | None = None  # x5t#S256 of the connection's client certificate
 
 
 @dataclass
@@ -128,8 +136,10 @@ class BulkDataServer:
 
     def __init__(self, identity: ServerIdentity, *, auth: AuthCheck | None,
                  host_name: str = LOOPBACK, polls_before_done: int = 2,
-                 small_file_size: int = 2000) -> None:
+                 small_file_size: int = 2000, client_ca: Path | None = None,
+                 bound_tokens: bool = False) -> None:
         self.auth = auth
+        self.bound_tokens = bound_tokens
         self.host_name = host_name
         self.polls_before_done = polls_before_done
         self.small_file_size = small_file_size
@@ -138,7 +148,7 @@ class BulkDataServer:
         self.jobs: dict[str, _Job] = {}
         self.requests: list[BulkRequest] = []
         self.connections: list[_Connection] = []
-        self._tls = server_tls_context(identity, None)
+        self._tls = server_tls_context(identity, client_ca)
         self._server = _Server(self)
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -263,8 +273,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         owner = self.server.owner
         headers = {k.lower(): v for k, v in self.headers.items()}
+        peer = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        presented = _x5t(peer) if peer else None
         with owner.lock:
-            owner.requests.append(BulkRequest(self.command, self.path, headers))
+            owner.requests.append(BulkRequest(self.command, self.path, headers, presented))
         length = int(headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
@@ -274,6 +286,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._storage(path)
             return
         problem = owner.auth(headers)
+        if problem is None and owner.bound_tokens:
+            token = headers.get("authorization", "").partition(" ")[2]
+            if bound_thumbprint(token) != presented:
+                problem = "the token is bound to another client certificate (cnf x5t#S256)"
         if problem is not None:
             self._outcome(401, "security", problem, {"WWW-Authenticate": "Bearer"})
             return
@@ -373,6 +389,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+
+
+def _x5t(der: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 
 def _is_kickoff(rest: str) -> bool:

@@ -87,9 +87,12 @@ class OAuthTestProvider:
 
     @classmethod
     def start(cls, workdir: Path, *, ttl_seconds: int = 300,
-              extra_clients: Sequence[dict[str, Any]] = ()) -> OAuthTestProvider:
+              extra_clients: Sequence[dict[str, Any]] = (),
+              mtls_client_ca: Path | None = None) -> OAuthTestProvider:
         """Start the server; ``extra_clients`` are registered as given, besides the usual ones
-        (for a client whose ``jwks_uri`` is known only when a test starts)."""
+        (for a client whose ``jwks_uri`` is known only when a test starts). With
+        ``mtls_client_ca`` its HTTPS listener asks for client certificates (verified against
+        that CA) and RFC 8705 client authentication and bound tokens are on."""
         node = shutil.which("node")
         if node is None:
             raise ProviderNotReady("node is not on PATH; the OAuth tests need Node.js 20")
@@ -108,6 +111,8 @@ class OAuthTestProvider:
             "signing_jwk": _private_jwk(_rsa_key(), kid="provider-signing-1", alg="RS256"),
             "clients": [*client_metadata, *extra_clients],
         }
+        if mtls_client_ca is not None:
+            config["mtls"] = {"client_ca": str(mtls_client_ca)}
         config_file = workdir / "oauth-provider.json"
         config_file.touch(mode=0o600)
         config_file.write_text(json.dumps(config))
