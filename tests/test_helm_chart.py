@@ -177,8 +177,9 @@ def test_admin_port_is_on_the_service_only_when_asked(example: str) -> None:
     assert "admin" in {p["name"] for p in chart.one(asked_docs, "Service")["spec"]["ports"]}
     service = chart.one(asked_docs, "Service")["metadata"]["name"]
     hosts = config_of(asked_docs)["admin"]["allowed_hosts"]
-    assert service in hosts and any(h.startswith(f"{service}.") and h.endswith(".svc")
-                                    for h in hosts)
+    assert service in hosts and any(
+        h.startswith(f"{service}.") and h.endswith(".svc") for h in hosts
+    )
 
 
 def test_network_policy_limits_who_may_use_the_credentials() -> None:
@@ -245,8 +246,7 @@ def test_jwks_ingress_routes_only_the_key_set_to_the_admin_port() -> None:
     assert JWKS_HOST in config_of(docs)["admin"]["allowed_hosts"]
     # The NetworkPolicy lets the ingress controller, and only it, reach the admin port.
     policy = chart.one(docs, "NetworkPolicy")["spec"]
-    admin_rules = [r for r in policy["ingress"]
-                   if {p["port"] for p in r["ports"]} == {admin_port}]
+    admin_rules = [r for r in policy["ingress"] if {p["port"] for p in r["ports"]} == {admin_port}]
     assert [r["from"] for r in admin_rules] == [INGRESS_CONTROLLERS]
 
 
@@ -254,13 +254,15 @@ def test_jwks_ingress_host_gets_the_key_set_from_the_rendered_config(tmp_path: P
     docs = chart.render(jwks_ingress_values())
     config_path, admin_url = chart.materialize(chart.config_text(docs), tmp_path, loopback=True)
     with SidecarProcess(config_path, tmp_path / "state").start():
-        published = httpx.get(f"{admin_url}/.well-known/jwks.json",
-                              headers={"Host": JWKS_HOST}, timeout=10)
+        published = httpx.get(
+            f"{admin_url}/.well-known/jwks.json", headers={"Host": JWKS_HOST}, timeout=10
+        )
         assert published.status_code == 200, published.text
         assert [k["use"] for k in published.json()["keys"]] == ["sig"]
         assert "d" not in published.json()["keys"][0]
-        other = httpx.get(f"{admin_url}/.well-known/jwks.json",
-                          headers={"Host": "attacker.example"}, timeout=10)
+        other = httpx.get(
+            f"{admin_url}/.well-known/jwks.json", headers={"Host": "attacker.example"}, timeout=10
+        )
         assert other.status_code == 421
 
 
@@ -427,8 +429,12 @@ BAD_VALUES = [
     ),
     (
         "JWK Set Ingress in sidecar mode",
-        {"mode": "sidecar", "sidecar": {"exposeListeners": True},
-         "networkPolicy": {"enabled": False}, "jwksIngress": {"enabled": True, "host": JWKS_HOST}},
+        {
+            "mode": "sidecar",
+            "sidecar": {"exposeListeners": True},
+            "networkPolicy": {"enabled": False},
+            "jwksIngress": {"enabled": True, "host": JWKS_HOST},
+        },
         "jwksIngress needs mode: gateway",
     ),
     (
@@ -479,3 +485,29 @@ def test_rendered_config_passes_fhir_sidecar_check(example: str, tmp_path: Path)
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_materialize_runs_with_the_runtime_dependencies_only(tmp_path: Path) -> None:
+    # .ci/helm-checks.sh runs `helm.py materialize` with the image's Python environment, which
+    # holds the package's runtime dependencies only: no PyYAML, no helm-python-sdk.
+    manifest = tmp_path / "gateway.yaml"
+    manifest.write_text(
+        "".join(
+            f"---\n{text}\n"
+            for name, text in chart.render_texts(chart.load_values(EXAMPLES["gateway"])).items()
+            if not name.endswith("NOTES.txt")
+        ),
+        encoding="utf-8",
+    )
+    blocked = "import runpy, sys; sys.modules['yaml'] = None; sys.modules['helm_python'] = None; "
+    script = str(chart.REPO / "tests" / "support" / "helm.py")
+    code = f"{blocked}sys.argv = {[script, 'materialize', str(manifest), str(tmp_path / 'fs')]!r}; "
+    code += f"runpy.run_path({script!r}, run_name='__main__')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    config_path = Path(result.stdout.split()[0])
+    assert config_of(rendered("gateway"))["connections"].keys() == (
+        yaml.safe_load(config_path.read_text(encoding="utf-8"))["connections"].keys()
+    )

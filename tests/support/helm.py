@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
 
 from sidecar.testkit.pki import Authority, IssuedCert
 from sidecar.testkit.ports import free_port
@@ -100,6 +100,12 @@ def _helm() -> Any:
     return helm_python
 
 
+def _yaml() -> YAML:
+    # ruamel.yaml, the sidecar's own YAML 1.2 reader: materialize and smoke run in the image's
+    # environment (.ci/helm-checks.sh), which has the runtime dependencies only, not PyYAML.
+    return YAML(typ="safe", pure=True)
+
+
 # ---- rendering ----------------------------------------------------------------------------
 
 
@@ -108,14 +114,14 @@ def examples() -> list[Path]:
 
 
 def load_values(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return _yaml().load(path.read_text(encoding="utf-8")) or {}
 
 
 def parse(rendered: dict[str, str]) -> list[dict[str, Any]]:
     docs = []
     for name, text in sorted(rendered.items()):
         if not name.endswith("NOTES.txt"):
-            docs += [d for d in yaml.safe_load_all(text) if d]
+            docs += [d for d in _yaml().load_all(text) if d]
     return docs
 
 
@@ -234,8 +240,9 @@ class _Material:
 
     @functools.cached_property
     def client(self) -> IssuedCert:
-        return self.ca.issue(common_name="fhir-sidecar-client.example",
-                             san=["fhir-sidecar-client.example"])
+        return self.ca.issue(
+            common_name="fhir-sidecar-client.example", san=["fhir-sidecar-client.example"]
+        )
 
     def for_field(self, field: str, owner: dict[str, Any]) -> bytes:
         key = field.rsplit(".", 1)[-1]
@@ -285,7 +292,7 @@ def materialize(text: str, root: Path, *, loopback: bool = False) -> tuple[Path,
     file of the right kind. With `loopback`, every listener moves to a free 127.0.0.1 port so the
     config can really run here. Returns (config path, admin base URL).
     """
-    config: dict[str, Any] = yaml.safe_load(text) or {}
+    config: dict[str, Any] = _yaml().load(text) or {}
     base = root / MOUNT_ROOT.strip("/")
     material = _Material()
     for field, path in file_refs(config):
@@ -305,7 +312,8 @@ def materialize(text: str, root: Path, *, loopback: bool = False) -> tuple[Path,
                 section["listen"] = f"127.0.0.1:{free_port()}"
     config_path = base / "config" / "config.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    # JSON is YAML 1.2 too, and needs no YAML writer in the image's environment.
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     admin = (config.get("admin") or {}).get("listen", "127.0.0.1:9901")
     return config_path, f"http://{admin}"
 
@@ -419,7 +427,8 @@ def _main(argv: list[str]) -> int:
             print(f"helm template ({path.name}): {kinds}")
         return 0
     if command == "materialize" and len(args) in (2, 3):
-        docs = [d for d in yaml.safe_load_all(Path(args[0]).read_text(encoding="utf-8")) if d]
+        text = Path(args[0]).read_text(encoding="utf-8")
+        docs = [d for d in _yaml().load_all(text) if d]
         config_path, admin_url = materialize(
             config_text(docs), Path(args[1]), loopback="--loopback" in args[2:]
         )
