@@ -13,6 +13,7 @@ repeated; every number reported is the median of the repeats. Results go to ``be
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import statistics
@@ -196,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
          "raw": [asdict(s) for s in raw]}, indent=1))
     text = report.markdown(medians, meta, [t.key for t in bench.targets])
     (args.out / "results.md").write_text(text)
-    report.chart(medians, [t.key for t in bench.targets], args.out / "results.png")
+    written = "results.md, results.json"
+    if importlib.util.find_spec("matplotlib") is None:
+        print("no chart: matplotlib is not installed (.venv/bin/pip install matplotlib)")
+    else:
+        report.chart(medians, [t.key for t in bench.targets], args.out / "results.png")
+        written += ", results.png"
     print()
     print(text)
-    print(f"written: {args.out}/results.md, results.json, results.png")
+    print(f"written: {args.out}/{{{written}}}")
     return 0
 
 
