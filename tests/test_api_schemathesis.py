@@ -56,6 +56,20 @@ def _loopback_only(document: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+# Headers that frame the HTTP message itself. A generated value there (`Transfer-Encoding:
+# AApq%RD"`) is refused by the HTTP server with a bare 400 before any API handler runs: that is
+# HTTP/1.1 at work (the raw-socket tests in tests/test_admin_hardening.py cover framing), not the
+# answers the API's document describes.
+FRAMING_HEADERS = {"transfer-encoding", "content-length", "connection", "host", "expect",
+                   "upgrade", "te", "trailer"}
+
+
+def _drop_framing_headers(case: Any) -> None:
+    if case.headers:
+        for name in [n for n in case.headers if n.lower() in FRAMING_HEADERS]:
+            del case.headers[name]
+
+
 def test_api_conforms_to_its_openapi_document(running: tuple[str, SidecarProcess]) -> None:
     base_url, process = running
     document = httpx.get(f"{base_url}/api/openapi.json", trust_env=False, timeout=10).json()
@@ -72,6 +86,7 @@ def test_api_conforms_to_its_openapi_document(running: tuple[str, SidecarProcess
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case: Any) -> None:
+                _drop_framing_headers(case)
                 case.call_and_validate(base_url=base_url, headers=headers, checks=CHECKS)
 
             try:
