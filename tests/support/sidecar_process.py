@@ -60,20 +60,23 @@ class SidecarProcess:
         self._readers: list[threading.Thread] = []
 
     def start(self, wait_ready: bool = True) -> SidecarProcess:
-        self.proc = subprocess.Popen(
+        # A second start would lose the first process (it would run on, unstopped).
+        if self.proc is not None:
+            raise RuntimeError("this SidecarProcess was started already")
+        self.proc = proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "-c", str(self.config),
              "--state-dir", str(self.state_dir), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
-        for stream, sink in ((self.proc.stdout, self.stdout_lines),
-                             (self.proc.stderr, self.stderr_lines)):
+        for stream, sink in ((proc.stdout, self.stdout_lines),
+                             (proc.stderr, self.stderr_lines)):
             reader = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
             reader.start()
             self._readers.append(reader)
         if wait_ready:
-            wait_until(lambda: self.events("ready") or self.proc.poll() is not None,
+            wait_until(lambda: self.events("ready") or proc.poll() is not None,
                        READY_DEADLINE_SECONDS, message="the sidecar's ready line")
             if not self.events("ready"):
-                raise AssertionError(f"sidecar exited with {self.proc.poll()}:\n{self.output}")
+                raise AssertionError(f"sidecar exited with {proc.poll()}:\n{self.output}")
         return self
 
     @staticmethod
@@ -122,7 +125,8 @@ class SidecarProcess:
         return int(self.proc.returncode)
 
     def __enter__(self) -> SidecarProcess:
-        return self.start()
+        # `with SidecarProcess(...).start():` and `with SidecarProcess(...):` both mean one process.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
