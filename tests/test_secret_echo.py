@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -208,3 +210,72 @@ def test_echoed_credentials_reach_no_one(tmp_path: Path, pki: TestPKI,
         assert "invalid_client" in shown[place] or "Refused" in shown[place], place
         assert "[redacted]" in shown[place], place
     assert "[redacted]" in shown["dashboard OAuth page"]
+
+
+class EchoingBrokenUpstream:
+    """A TLS FHIR "server" whose answer is not HTTP: it sends back the request's Authorization
+    value as its status line. mitmproxy quotes a broken answer's first bytes in its own error
+    text, so this is how an upstream could get the injected credential into the sidecar's 502
+    and its log. Deliberately hand-made: no real server answers like this."""
+
+    def __init__(self, pki: TestPKI) -> None:
+        self._tls = server_tls_context(pki.server(name="echo-broken"), None)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.answered = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return
+            raw.settimeout(DEADLINE)
+            try:
+                with self._tls.wrap_socket(raw, server_side=True) as conn:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        head += chunk
+                    auth = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"authorization:")]
+                    conn.sendall(b"".join(auth) + b" \r\n\r\n")
+                    self.answered.set()
+            except (OSError, ssl.SSLError):
+                continue
+
+    def __enter__(self) -> EchoingBrokenUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+        self._thread.join(5)
+
+
+def test_an_upstream_echoing_the_credential_in_a_broken_answer_leaks_nothing(
+        tmp_path: Path, pki: TestPKI) -> None:
+    (tmp_path / "basic-secret").write_text(BASIC_SECRET + "\n")
+    port = free_port()
+    with EchoingBrokenUpstream(pki) as upstream:
+        config = write_config(tmp_path, {
+            "admin": {"listen": None},
+            "basic_auth": {"b": {"username": CLIENT_ID, "password_file": "basic-secret"}},
+            "connections": {"broken": {
+                "url": f"https://localhost:{upstream.port}/fhir",
+                "listen": f"127.0.0.1:{port}", "auth": {"basic": "b"},
+                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+        })
+        with SidecarProcess(config, tmp_path / "state") as sidecar:
+            answer = httpx.get(f"http://127.0.0.1:{port}/Patient/1", trust_env=False,
+                               timeout=DEADLINE)
+            assert upstream.answered.is_set(), "the request never reached the upstream"
+            assert answer.status_code == 502, answer.text
+            outcome = answer.json()
+            assert outcome["resourceType"] == "OperationOutcome"
+            wait_until(lambda: sidecar.events("request"), DEADLINE, message="the request log")
+        assert_no_secret("the 502 to the app", answer.text, set())
+        assert_no_secret("the process output", sidecar.output, set())

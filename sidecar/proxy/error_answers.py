@@ -115,7 +115,7 @@ class ErrorAnswers:
                 tls=self._upstream_tls.pop_failure(flow.client_conn, flow.server_conn),
                 connect_error=self._connect_errors.pop(flow.client_conn.id, None),
                 reported=mitm_compat.read_flow_failure(flow.error.msg))
-            problem = failures.classify(state.connection, failure)
+            problem = failures.classify(state.connection, failure, state.snapshot.redactor)
             proxy = failures.failed_proxy(state.connection, failure)
             if proxy is not None:
                 self.observer.egress_proxy_failure(proxy.name)

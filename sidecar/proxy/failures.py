@@ -8,6 +8,7 @@ reads mitmproxy's words is ``mitm_compat``, which turns them into the values def
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass
 from enum import Enum
@@ -154,7 +155,21 @@ def failed_proxy(conn: CompiledConnection, failure: UpstreamFailure) -> EgressPr
     return proxy
 
 
-def classify(conn: CompiledConnection, failure: UpstreamFailure) -> SidecarError:
+# Our own words plus at most one quoted outside text of MAX_SHOWN_CHARS.
+DIAGNOSTICS_CHARS = 1000
+
+
+def classify(conn: CompiledConnection, failure: UpstreamFailure,
+             redactor: Redactor) -> SidecarError:
+    """The error an app gets for ``failure``; its words pass ``redactor`` because they quote
+    the upstream (or mitmproxy quoting the upstream's first bytes), which can echo the
+    credentials the request carried."""
+    problem = _classify(conn, failure)
+    return dataclasses.replace(
+        problem, diagnostics=redactor.scrub(problem.diagnostics, limit=DIAGNOSTICS_CHARS))
+
+
+def _classify(conn: CompiledConnection, failure: UpstreamFailure) -> SidecarError:
     upstream = conn.upstream
     where = f"connection '{conn.name}'"
     host = upstream.host_header
