@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -53,6 +54,8 @@ KIND_WORDS: dict[str, str] = {"connections": "connection", "basic_auth": "Basic 
 _CA_FILE = re.compile(rf"ca-({NAME_RULE})\.pem")
 # Secret files this module wrote: "<kind>-<name>.<field>.<random>"; a version is removed once a
 # change leaves the config no longer naming it.
+# Secrets written into the config file itself; the API never writes them there.
+INLINE_SECRET_FIELDS = ("password", "client_secret")
 _MANAGED_SECRET = re.compile(rf"(basic|oauth)-{NAME_RULE}\.[a-z-]+\.[0-9a-f]{{16}}")
 
 
@@ -114,6 +117,18 @@ def check_no_references(body: dict[str, Any]) -> None:
                                   "names; nothing was changed", problems)
 
 
+def _origin(url: str) -> str:
+    """scheme://host:port, the port spelt out; "" for what is not an http(s) URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return ""
+    if not parts.hostname or port is None:
+        return ""
+    return f"{parts.scheme.lower()}://{parts.hostname.lower()}:{port}"
+
+
 def _value_field(key: str) -> str:
     stem = key.rsplit("_", 1)[0]
     return {"private_key": "private_key_pem"}.get(stem, stem)
@@ -123,6 +138,10 @@ class ConfigStore:
     def __init__(self, live: LiveConfig, secrets_dir: Path):
         self.live = live
         self._secrets_dir = Path(os.path.abspath(secrets_dir))
+        # (section, definition name) -> every upstream origin a config seen by this process
+        # used it with; see _require_known_destination.
+        self._origins_seen: dict[tuple[str, str], set[str]] = {}
+        self._note_origins()
 
     # -- where things are ------------------------------------------------------------------
 
@@ -327,6 +346,8 @@ class ConfigStore:
                                           "definition, not both: HTTP has a single "
                                           "Authorization header")
 
+        self._require_known_destination(name, body)
+
         def change(plan: _Plan) -> bool:
             section = _section(plan.data, "connections")
             existing = section.get(name)
@@ -334,6 +355,51 @@ class ConfigStore:
             return existing is None
 
         return self._apply(change)
+
+    def _require_known_destination(self, name: str, body: dict[str, Any]) -> None:
+        """A credential whose secret the API caller did not give (it comes from the config
+        file: inline, a file or an environment variable) goes only to upstreams it already goes
+        to; otherwise the admin token would be a way to read it, by pointing a connection at a
+        server of one's own (docs/admin-api.md#credentials-go-only-to-known-upstreams)."""
+        auth = body.get("auth")
+        url = body.get("url")
+        if not isinstance(auth, dict) or not isinstance(url, str):
+            return  # the config model reports what is missing or malformed
+        self._note_origins()
+        config = self.config
+        for kind, key in (("basic_auth", "basic"), ("oauth", "oauth")):
+            definition_name = auth.get(key)
+            if not isinstance(definition_name, str):
+                continue
+            definition = getattr(config, kind).get(definition_name)
+            if definition is None or not self._secret_from_config_file(definition):
+                continue
+            known = self._origins_seen.get((kind, definition_name), set())
+            if _origin(url) not in known:
+                shown = ", ".join(sorted(o for o in known if o)) or "none"
+                raise ChangeRejected(403, (
+                    f"{KIND_WORDS[kind]} {definition_name!r} holds a secret from the config "
+                    f"file; the API and the dashboard assign it only to connections to the "
+                    f"upstreams it is already used with ({shown}); to use it with another "
+                    "server, edit the config file"))
+
+    def _note_origins(self) -> None:
+        # Remembered, not only read from the current config: a connection switched to another
+        # definition and back keeps its upstream. Every origin here came from the config file
+        # or passed this check, so the memory grants nothing the config file did not.
+        config = self.config
+        for connection in config.connections.values():
+            for kind, name in (("basic_auth", connection.auth.basic),
+                               ("oauth", connection.auth.oauth)):
+                if name is not None:
+                    self._origins_seen.setdefault((kind, name), set()).add(
+                        _origin(connection.url))
+
+    def _secret_from_config_file(self, definition: BaseModel) -> bool:
+        """Whether the definition holds a secret the API did not write (an inline value, a
+        file of the operator's or an environment variable)."""
+        inline = any(getattr(definition, f, None) is not None for f in INLINE_SECRET_FIELDS)
+        return inline or bool(self.external_references(definition))
 
     def delete(self, kind: Kind, name: str) -> ReloadOutcome:
         check_name(name, kind)
