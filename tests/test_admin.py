@@ -20,9 +20,9 @@ import tornado.web
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
+from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
-from support.token_stub import TokenStub
 from support.upstreams import Upstreams
 
 from sidecar.admin import ListenerState, StatusSources, build_app, start_admin
@@ -30,16 +30,15 @@ from sidecar.admin.server import AdminServer
 from sidecar.live import LiveConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.runner import listener_state
+from sidecar.testkit.fhir_server import FhirTestServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 WRONG_PASSWORD = "wrong-pw-Zq81"
 INLINE_PASSWORD = "inline-pw-Kx73"
-STUB_SECRET = "stub-secret-Hq29"
 DOWN_SECRET = "down-secret-Pw55"
 APP_TOKEN = "app-token-Ab12"
 QUERY_SECRET = "qsecret-Zz91"
-TOKEN_PREFIX = "stub-access-token"
 
 
 def scrape(admin: str) -> Samples:
@@ -196,9 +195,13 @@ class Running:
     ports: dict[str, int]
     proxy_port: int
     config: Path
-    stub: TokenStub
+    provider: OAuthTestProvider
     ca_bundle: Path
-    good_port: int
+    good: FhirTestServer
+
+    @property
+    def good_port(self) -> int:
+        return self.good.port
 
     def base(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -208,8 +211,12 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-            upstreams: Upstreams) -> Iterator[Running]:
+def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: Upstreams,
+            oauth_provider_process: OAuthTestProvider) -> Iterator[Running]:
+    """One sidecar for the module's read-only tests: they send traffic and compare metrics
+    before and after, and change nothing (a reload gets its own sidecar)."""
+    provider = oauth_provider_process
+    client = provider.clients["basic"]
     tmp = Path(tmp_path_factory.mktemp("admin"))
     (tmp / "secrets").mkdir()
     (tmp / "secrets" / "upstream").write_text(UPSTREAM_PASSWORD + "\n")
@@ -227,7 +234,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
         "other-ca": {"url": url("other_ca"), "auth": {"basic": "upstream"}},
         "wrong-host": {"url": url("wrong_host"), "auth": {"basic": "upstream"}},
         "expired": {"url": url("expired"), "auth": {"basic": "upstream"}},
-        "oauth-ok": {"url": url("good", "127.0.0.1", "-oauth"), "auth": {"oauth": "stub"}},
+        "oauth-ok": {"url": url("good", "127.0.0.1", "-oauth"), "auth": {"oauth": "real"}},
         "oauth-down": {"url": url("good", "127.0.0.1", "-down"), "auth": {"oauth": "down"}},
     }
     ports = {}
@@ -236,7 +243,11 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
         conn["listen"] = f"127.0.0.1:{ports[name]}"
         conn["tls"] = custom
     proxy_port, admin_port = free_port(), free_port()
-    with TokenStub("stub-client", STUB_SECRET, token_prefix=TOKEN_PREFIX) as stub:
+    # Tokens outlive the module, so no background refresh is ever counted (the tests compare
+    # exact counts); the provider goes back to its defaults once the first token is out.
+    provider.reset()
+    provider.settings(ttl=3600)
+    try:
         config = write_config(tmp, {
             "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
@@ -246,8 +257,9 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
                 "inline": {"username": UPSTREAM_USER, "password": INLINE_PASSWORD},
             },
             "oauth": {
-                "stub": {"token_url": stub.token_url, "client_id": "stub-client",
-                         "client_secret_env": "ADMIN_TEST_CLIENT_SECRET"},
+                "real": {"token_url": provider.token_url, "client_id": client.client_id,
+                         "client_secret_env": "ADMIN_TEST_CLIENT_SECRET",
+                         "tls": {"verify": "custom", "ca_bundle": str(provider.ca_bundle)}},
                 # Nothing listens on a free port: every token request fails (network).
                 "down": {"token_url": f"http://127.0.0.1:{free_port()}/token",
                          "client_id": "down-client", "client_secret_file": "secrets/down"},
@@ -255,14 +267,22 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             "connections": connections,
         })
         sidecar = SidecarProcess(config, tmp / "state",
-                                 env={"ADMIN_TEST_CLIENT_SECRET": STUB_SECRET}).start()
+                                 env={"ADMIN_TEST_CLIENT_SECRET": str(client.secret)}).start()
         try:
             ready = sidecar.events("ready")[0]
             assert ready["admin"] == f"127.0.0.1:{admin_port}"
-            yield Running(sidecar, ready["admin"], ports, proxy_port, config, stub,
-                          pki.ca_bundle_path, upstreams.get("good").port)
-        finally:
-            assert sidecar.stop() == 0
+            wait_until(lambda: readyz(ready["admin"], verbose=True).json()["oauth"]["real"][
+                "token_valid_until"], 30, message="the first token")
+        except BaseException:
+            sidecar.stop()
+            raise
+    finally:
+        provider.reset()
+    try:
+        yield Running(sidecar, ready["admin"], ports, proxy_port, config, provider,
+                      pki.ca_bundle_path, upstreams.get("good"))
+    finally:
+        assert sidecar.stop() == 0
 
 
 def test_healthz_and_readyz_answer_once_ready(running: Running) -> None:
@@ -311,22 +331,38 @@ def test_tls_failures_are_counted_by_reason(running: Running) -> None:
         labels = {"connection": connection, "reason": reason}
         name = "fhir_sidecar_upstream_tls_failures_total"
         assert value(after, name, **labels) - value(before, name, **labels) == 1, labels
-        assert value(after, "fhir_sidecar_requests_total", connection=connection,
-                     method="GET", status_class="5xx") >= 1
+        requests = {"connection": connection, "method": "GET", "status_class": "5xx"}
+        name = "fhir_sidecar_requests_total"
+        assert value(after, name, **requests) - value(before, name, **requests) == 1, labels
 
 
 def test_token_metrics_and_ca_bundle_expiry(running: Running) -> None:
+    tokens = "fhir_sidecar_token_requests_total"
+    before = scrape(running.admin)
     with running.client() as client:
         down = client.get(f"{running.base('oauth-down')}/metadata")
-        # The bearer reaches the upstream, which only takes Basic: its 401 passes through.
-        client.get(f"{running.base('oauth-ok')}/metadata")
+        # The bearer reaches the upstream, which only takes Basic: it answers 401, the
+        # sidecar drops that token, fetches exactly one new one and retries once
+        # (sidecar/proxy/bearer_retry.py); that second 401 passes through.
+        rejected = client.get(f"{running.base('oauth-ok')}/metadata")
     assert down.status_code == 503 and down.headers["X-Sidecar-Error"] == "token-unavailable"
+    assert rejected.status_code == 401
     found = scrape(running.admin)
-    assert value(found, "fhir_sidecar_token_requests_total", definition="stub",
-                 result="success") >= 1
-    assert value(found, "fhir_sidecar_token_requests_total", definition="down",
-                 result="network") >= 1
-    assert value(found, "fhir_sidecar_token_expiry_timestamp_seconds", definition="stub") > 0
+    assert value(found, tokens, definition="real", result="success") - \
+        value(before, tokens, definition="real", result="success") == 1
+    assert value(found, tokens, definition="real", result="network") == 0
+
+    # The dead endpoint is retried in the background with backoff, so its running total is
+    # compared with the sidecar's own log of failed attempts, not with a delta.
+    def failed_attempts() -> int:
+        return sum(1 for r in running.sidecar.events("oauth_token_failed")
+                   if "'down'" in r.get("message", ""))
+
+    wait_until(lambda: value(scrape(running.admin), tokens, definition="down",
+                             result="network") == failed_attempts() > 0, 10,
+               message="the network failures counted once each")
+    assert value(found, tokens, definition="down", result="success") == 0
+    assert value(found, "fhir_sidecar_token_expiry_timestamp_seconds", definition="real") > 0
     assert value(found, "fhir_sidecar_token_expiry_timestamp_seconds", definition="down") == 0
 
     certs = x509.load_pem_x509_certificates(running.ca_bundle.read_bytes())
@@ -361,11 +397,37 @@ def test_verbose_readiness_reports_failing_connections_and_definitions(running: 
     oauth = report["oauth"]
     assert oauth["down"]["token_valid_until"] is None
     assert oauth["down"]["last_error"] and oauth["down"]["last_result"] == "network"
-    assert oauth["stub"]["token_valid_until"] is not None
-    assert oauth["stub"]["last_error"] is None and oauth["stub"]["used_by"] == ["oauth-ok"]
+    assert oauth["real"]["token_valid_until"] is not None
+    assert oauth["real"]["last_error"] is None and oauth["real"]["used_by"] == ["oauth-ok"]
 
 
-def test_reloads_are_counted_by_result(running: Running) -> None:
+@dataclass
+class Reloadable:
+    """A sidecar of the test's own: reloading the module's shared one would change what the
+    other tests see."""
+
+    sidecar: SidecarProcess
+    admin: str
+    config: Path
+    port: int
+
+    def base(self, name: str) -> str:
+        assert name == "good"
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(timeout=30, trust_env=False)
+
+
+def test_reloads_are_counted_by_result(tmp_path: Path, pki: TestPKI,
+                                       upstreams: Upstreams) -> None:
+    admin_port, listen_port = free_port(), free_port()
+    config = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
+    with SidecarProcess(config, tmp_path / "state") as sidecar:
+        _count_reloads(Reloadable(sidecar, f"127.0.0.1:{admin_port}", config, listen_port))
+
+
+def _count_reloads(running: Reloadable) -> None:
     reloads = "fhir_sidecar_config_reloads_total"
     last_success = "fhir_sidecar_config_last_reload_success_timestamp_seconds"
     before = scrape(running.admin)
@@ -411,8 +473,10 @@ def test_in_flight_returns_to_zero_after_every_kind_of_answer(running: Running) 
     wait_until(all_idle, 10, message="every in-flight gauge to return to 0")
 
 
-# Keep this test last in the module: it also checks everything the tests above produced.
 def test_no_secret_token_or_query_in_logs_metrics_or_readiness(running: Running) -> None:
+    # Self-contained: it sends every kind of request itself (each connection, with an app
+    # Authorization and a query secret), and also checks whatever other tests added before.
+    running.good.clear()
     request_id = "rid-no-secrets-1"
     with running.client() as client:
         for name in running.ports:
@@ -430,14 +494,18 @@ def test_no_secret_token_or_query_in_logs_metrics_or_readiness(running: Running)
         "request", lambda r: r.get("request_id") == f"{request_id}-good")
     assert line["connection"] == "good" and line["path"] == "/fhir/Patient"
     assert line["status"] == 200 and line["upstream_status"] == 200
-    assert running.stub.issued, "the stub token endpoint never issued a token"
+    # The bearer tokens the real authorization server issued, as they reached the upstream.
+    issued = {r.headers["authorization"].removeprefix("Bearer ")
+              for r in running.good.requests_seen if r.path.startswith("/fhir-oauth/")}
+    assert issued, "no bearer token reached the upstream"
+    client = running.provider.clients["basic"]
 
     metrics_text = httpx.get(f"http://{running.admin}/metrics", trust_env=False).text
     readiness_text = readyz(running.admin, verbose=True).text
-    secrets = [UPSTREAM_PASSWORD, WRONG_PASSWORD, INLINE_PASSWORD, STUB_SECRET, DOWN_SECRET,
-               APP_TOKEN, QUERY_SECRET, TOKEN_PREFIX, *running.stub.issued]
+    secrets = [UPSTREAM_PASSWORD, WRONG_PASSWORD, INLINE_PASSWORD, str(client.secret),
+               DOWN_SECRET, APP_TOKEN, QUERY_SECRET, *issued]
     for user, password in ((UPSTREAM_USER, UPSTREAM_PASSWORD), (UPSTREAM_USER, WRONG_PASSWORD),
-                           (UPSTREAM_USER, INLINE_PASSWORD), ("stub-client", STUB_SECRET),
+                           (UPSTREAM_USER, INLINE_PASSWORD), (client.client_id, str(client.secret)),
                            ("down-client", DOWN_SECRET)):
         secrets.append(base64.b64encode(f"{user}:{password}".encode()).decode())
     # JSON may escape non-ASCII characters; look for that spelling too.

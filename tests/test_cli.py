@@ -39,9 +39,12 @@ def good_config(tmp_path: Path, pki: TestPKI, upstreams: Upstreams, **extra: obj
 
 
 def test_check_valid(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
-    result = sidecar_cmd("check", "-c", str(good_config(tmp_path, pki, upstreams)))
+    path = good_config(tmp_path, pki, upstreams)
+    result = sidecar_cmd("check", "-c", str(path))
     assert result.returncode == 0, result.stderr
-    assert "valid" in result.stdout
+    # The whole line: "invalid" or "shape valid" would contain "valid" too.
+    assert result.stdout.splitlines() == [
+        f"{path}: valid (1 connections, 1 Basic and 0 OAuth definitions)"], result.stdout
 
 
 def test_check_reports_every_problem_without_traceback(tmp_path: Path) -> None:

@@ -158,7 +158,9 @@ def test_invalid_change_keeps_last_good_and_recovers(setup: Setup) -> None:
     setup.path.write_text("connections: [this is: not valid\n")
     record = setup.sidecar.wait_for_event("config_rejected", timeout=LIVE_DEADLINE)
     assert record["message"].startswith(f"{setup.path}: line ")
-    assert setup.get().status_code == 200  # still serving the last good config
+    # Still serving the last good config, credentials included (the upstream takes any).
+    assert setup.get().status_code == 200
+    assert setup.last_auth() == basic_header("svc", "first-password")
 
     # A config naming a secret file that does not exist yet, then the file appears.
     setup.config["basic_auth"]["b"]["password_file"] = "secrets/later"
@@ -166,6 +168,7 @@ def test_invalid_change_keeps_last_good_and_recovers(setup: Setup) -> None:
     setup.sidecar.wait_for_event(
         "config_rejected", lambda r: "secrets/later" in r["message"], timeout=LIVE_DEADLINE)
     assert setup.get().status_code == 200
+    assert setup.last_auth() == basic_header("svc", "first-password")
     setup.write_secret("later", "arrived")
     setup.auth_becomes(basic_header("svc", "arrived"))
 
@@ -214,15 +217,22 @@ def test_ten_reloads_under_traffic_fail_no_request(setup: Setup) -> None:
 
 
 def test_slow_request_survives_a_reload(setup: Setup) -> None:
+    # The upstream holds its answer longer than a reload may take (LIVE_DEADLINE), so the
+    # order is: request reaches the upstream, reload done, answer arrives; checked below.
+    hold_seconds = LIVE_DEADLINE + 3
     results: list[httpx.Response] = []
-    slow = threading.Thread(target=lambda: results.append(setup.get(path="/slow?seconds=3")))
+    slow = threading.Thread(
+        target=lambda: results.append(setup.get(path=f"/slow?seconds={hold_seconds:g}")))
     slow.start()
-    wait_until(lambda: any(r.path.startswith("/fhir/slow")
-                           for r in setup.upstream.requests_seen), message="slow request")
+    seen = wait_until(lambda: [r for r in setup.upstream.requests_seen
+                               if r.path.startswith("/fhir/slow")], message="slow request")
+    assert seen[0].headers.get("authorization") == basic_header("svc", "first-password")
     before = setup.reload_events("config_reloaded")
     setup.write_secret("pw", "during-slow")
     wait_until(lambda: setup.reload_events("config_reloaded") > before, LIVE_DEADLINE,
                message="the reload")
+    assert slow.is_alive() and not results, "the slow request ended before the reload"
+    setup.auth_becomes(basic_header("svc", "during-slow"))  # the new config serves meanwhile
     slow.join(30)
     assert results and results[0].status_code == 200
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
+from support.bearer import BearerValidator
+from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import write_config
-from support.token_stub import TokenStub
 
 from sidecar import __version__
+from sidecar.credentials.oauth import TokenUnavailable
 from sidecar.live import LiveConfig
 from sidecar.metrics import RecentCounts, SidecarMetrics, StatusBoard, method_label, status_class
 
@@ -201,39 +203,48 @@ def test_client_certificate_expiry_follows_the_live_config(tmp_path: Path,
                  connection="lab") is None  # the certificate was removed from the connection
 
 
-def test_token_sources_report_to_the_observer(tmp_path: Path, pki: TestPKI) -> None:
-    (tmp_path / "client-secret").write_text("metrics-client-secret\n")
+def test_token_sources_report_to_the_observer(
+        tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
+        bearer_validator: BearerValidator) -> None:
+    client = oauth_provider.clients["basic"]
+    (tmp_path / "client-secret").write_text(f"{client.secret}\n")
+    token_tls = {"verify": "custom", "ca_bundle": str(oauth_provider.ca_bundle)}
+    oauth_provider.settings(ttl=120)
     metrics = SidecarMetrics()
-    with TokenStub("metrics-client", "metrics-client-secret", expires_in=120) as stub:
-        path = _config(tmp_path, pki, {
-            "c": {"url": "https://c.example/fhir", "auth": {"oauth": "stub"}},
-            "d": {"url": "https://d.example/fhir", "auth": {"oauth": "refused"}},
-        }, oauth={
-            "stub": {"token_url": stub.token_url, "client_id": "metrics-client",
-                     "client_secret_file": "client-secret"},
-            "refused": {"token_url": stub.token_url, "client_id": "someone-else",
-                        "client_secret_file": "client-secret"},
-        })
-        live = LiveConfig(path, token_observer=metrics)
-        metrics.attach(live)
+    path = _config(tmp_path, pki, {
+        "c": {"url": "https://c.example/fhir", "auth": {"oauth": "real"}},
+        "d": {"url": "https://d.example/fhir", "auth": {"oauth": "refused"}},
+    }, oauth={
+        "real": {"token_url": oauth_provider.token_url, "client_id": client.client_id,
+                 "client_secret_file": "client-secret", "tls": token_tls},
+        # A client the authorization server does not know: 401 invalid_client.
+        "refused": {"token_url": oauth_provider.token_url, "client_id": "someone-else",
+                    "client_secret_file": "client-secret", "tls": token_tls},
+    })
+    live = LiveConfig(path, token_observer=metrics)
+    metrics.attach(live)
 
-        async def fetch() -> None:
-            sources = live.current.token_sources
-            assert await sources["stub"].token() == stub.issued[0]
-            with pytest.raises(Exception, match="401"):
-                await sources["refused"].token()
-            for source in sources.values():
-                await source.aclose()
+    async def fetch() -> None:
+        sources = live.current.token_sources
+        token = await sources["real"].token()
+        assert bearer_validator.validate(token) is None
+        with pytest.raises(TokenUnavailable, match="401") as refused:
+            await sources["refused"].token()
+        assert refused.value.definition == "refused"
+        assert refused.value.result == "http_error"
+        for source in sources.values():
+            await source.aclose()
 
-        asyncio.run(fetch())
+    asyncio.run(fetch())
+    assert oauth_provider.stats()["issued"] == 1
     found = samples(metrics)
-    assert value(found, "fhir_sidecar_token_requests_total", definition="stub",
+    assert value(found, "fhir_sidecar_token_requests_total", definition="real",
                  result="success") == 1
     assert value(found, "fhir_sidecar_token_requests_total", definition="refused",
                  result="http_error") == 1
-    expiry = value(found, "fhir_sidecar_token_expiry_timestamp_seconds", definition="stub")
+    expiry = value(found, "fhir_sidecar_token_expiry_timestamp_seconds", definition="real")
     assert expiry is not None and expiry == pytest.approx(
-        metrics.board.token("stub").expires_at)
+        metrics.board.token("real").expires_at)
     assert metrics.board.token("refused").last_result == "http_error"
 
 

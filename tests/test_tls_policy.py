@@ -133,10 +133,50 @@ def stdlib_server(pki: TestPKI, group: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def test_openssl_hostname_bindings_exist() -> None:
-    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
-    enable_hostname_verification(conn, "fhir.example.org")
-    enable_hostname_verification(conn, "127.0.0.1")
+def verified_handshake(pki: TestPKI, port: int, name: str) -> None:
+    """A handshake that trusts ``pki.ca`` and checks the peer's name only through
+    ``enable_hostname_verification``; raises ``SSL.Error`` when OpenSSL refuses it."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_verify(SSL.VERIFY_PEER)
+    context.load_verify_locations(str(pki.ca_bundle_path))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        conn = SSL.Connection(context)
+        conn.set_connect_state()
+        enable_hostname_verification(conn, name)
+        Pump(conn, sock).run(conn.do_handshake)
+
+
+@contextmanager
+def lenient_tls_server(context: ssl.SSLContext, connections: int) -> Iterator[int]:
+    """Like ``tls_server``, but a client that aborts its handshake ends only its connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for _ in range(connections):
+            raw, _ = listener.accept()
+            with raw, suppress(ssl.SSLError, OSError), \
+                    context.wrap_socket(raw, server_side=True) as tls_sock:
+                tls_sock.recv(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(timeout=10)
+
+
+def test_openssl_hostname_bindings_check_the_peer_name(pki: TestPKI) -> None:
+    # The certificate names localhost and 127.0.0.1 (support/pki.py); the bindings, not
+    # the context, are what turn a name mismatch into a failed handshake.
+    matching, mismatching = ("localhost", "127.0.0.1"), ("fhir.example.org", "127.0.0.2")
+    with lenient_tls_server(stdlib_server(pki), len(matching) + len(mismatching)) as port:
+        for name in matching:
+            verified_handshake(pki, port, name)
+        for name in mismatching:
+            with pytest.raises(SSL.Error, match="certificate verify failed"):
+                verified_handshake(pki, port, name)
 
 
 def test_sessions_resume_only_under_the_policy_that_made_them(
