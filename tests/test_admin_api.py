@@ -105,6 +105,8 @@ class Sidecar:
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             open_upstream: FhirTestServer) -> Iterator[Sidecar]:
+    """Shared by the tests that change nothing (reads, refused writes); a test that writes
+    through the API takes ``fresh``, so no test sees another's changes."""
     s = Sidecar(tmp_path_factory.mktemp("api"), pki, open_upstream)
     s.process.start()
     yield s
@@ -120,8 +122,8 @@ def fresh(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer) -> Iterat
 
 
 def wait_for_quiet_watcher(sidecar: Sidecar) -> None:
-    """The file watcher notices an earlier test's write (up to two polls later) and reloads
-    once more; let that happen before counting reloads."""
+    """A reload the file watcher may still owe (a write up to two polls ago) would be counted
+    as the test's own; let it happen before counting reloads."""
     def quiet() -> bool:
         events = sidecar.process.events("config_reloaded")
         if not events:
@@ -168,74 +170,74 @@ def test_reads_list_everything_and_never_a_secret(sidecar: Sidecar) -> None:
 
 # -- writes that work ------------------------------------------------------------------------
 
-def test_basic_definition_created_assigned_rotated_and_used(sidecar: Sidecar) -> None:
-    created = sidecar.put("/api/basic-auth/second", {"username": "svc2",
+def test_basic_definition_created_assigned_rotated_and_used(fresh: Sidecar) -> None:
+    created = fresh.put("/api/basic-auth/second", {"username": "svc2",
                                                       "password": NEW_PASSWORD})
     assert created.status_code == 201, created.text
     assert created.json()["password"] == "set"
     assert_no_secret(created)
-    assert sidecar.put("/api/basic-auth/second", {"username": "svc2",
+    assert fresh.put("/api/basic-auth/second", {"username": "svc2",
                                                   "password": NEW_PASSWORD}).status_code == 200
 
-    body = {"url": sidecar.upstream.base_url, "listen": f"127.0.0.1:{sidecar.port}",
+    body = {"url": fresh.upstream.base_url, "listen": f"127.0.0.1:{fresh.port}",
             "auth": {"basic": "second"}, "tls": {"verify": "skip"}}
-    assigned = sidecar.put("/api/connections/main", body)
+    assigned = fresh.put("/api/connections/main", body)
     assert assigned.status_code == 200, assigned.text
     assert assigned.json()["auth"]["basic"] == "second"
     # The reload happened before the answer: the very next request uses the new credentials.
-    assert sidecar.through().status_code == 200
-    assert sidecar.last_auth() == basic_header("svc2", NEW_PASSWORD)
+    assert fresh.through().status_code == 200
+    assert fresh.last_auth() == basic_header("svc2", NEW_PASSWORD)
 
     # Persisted: the config names a 0600 file in the state dir's secrets directory (0700);
     # no secret in the config.
-    text = sidecar.path.read_text()
+    text = fresh.path.read_text()
     assert NEW_PASSWORD not in text
-    secret_file = Path(sidecar.config()["basic_auth"]["second"]["password_file"])
-    assert secret_file.parent == sidecar.secrets_dir
+    secret_file = Path(fresh.config()["basic_auth"]["second"]["password_file"])
+    assert secret_file.parent == fresh.secrets_dir
     assert secret_file.read_text() == NEW_PASSWORD + "\n"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE(sidecar.secrets_dir.stat().st_mode) == 0o700
-    in_use = sidecar.delete("/api/basic-auth/second")
+    assert stat.S_IMODE(fresh.secrets_dir.stat().st_mode) == 0o700
+    in_use = fresh.delete("/api/basic-auth/second")
     assert in_use.status_code == 409 and "used by connection main" in in_use.json()["error"]
 
     # Rotating only the password keeps the username; the old secret file is removed.
-    rotated = sidecar.put("/api/basic-auth/second", {"username": "svc2",
+    rotated = fresh.put("/api/basic-auth/second", {"username": "svc2",
                                                       "password": ROTATED_PASSWORD})
     assert rotated.status_code == 200
     assert not secret_file.exists()
-    sidecar.through()
-    assert sidecar.last_auth() == basic_header("svc2", ROTATED_PASSWORD)
+    fresh.through()
+    assert fresh.last_auth() == basic_header("svc2", ROTATED_PASSWORD)
     # A PUT without a password keeps the current one.
-    assert sidecar.put("/api/basic-auth/second", {"username": "svc3"}).status_code == 200
-    sidecar.through()
-    assert sidecar.last_auth() == basic_header("svc3", ROTATED_PASSWORD)
+    assert fresh.put("/api/basic-auth/second", {"username": "svc3"}).status_code == 200
+    fresh.through()
+    assert fresh.last_auth() == basic_header("svc3", ROTATED_PASSWORD)
 
     # Back to the first definition, then the second can go.
     body["auth"] = {"basic": "first"}
-    assert sidecar.put("/api/connections/main", body).status_code == 200
-    assert sidecar.delete("/api/basic-auth/second").status_code == 204
-    assert sidecar.api.get("/api/basic-auth/second").status_code == 404
-    assert not [p for p in sidecar.secrets_dir.iterdir() if p.name.startswith("basic-second")]
-    sidecar.through()
-    assert sidecar.last_auth() == basic_header("svc", FIRST_PASSWORD)
+    assert fresh.put("/api/connections/main", body).status_code == 200
+    assert fresh.delete("/api/basic-auth/second").status_code == 204
+    assert fresh.api.get("/api/basic-auth/second").status_code == 404
+    assert not [p for p in fresh.secrets_dir.iterdir() if p.name.startswith("basic-second")]
+    fresh.through()
+    assert fresh.last_auth() == basic_header("svc", FIRST_PASSWORD)
 
 
-def test_connection_created_and_deleted(sidecar: Sidecar) -> None:
+def test_connection_created_and_deleted(fresh: Sidecar) -> None:
     port = free_port()
-    created = sidecar.put("/api/connections/extra", {
-        "url": sidecar.upstream.base_url, "listen": f"127.0.0.1:{port}",
+    created = fresh.put("/api/connections/extra", {
+        "url": fresh.upstream.base_url, "listen": f"127.0.0.1:{port}",
         "tls": {"verify": "skip"}})
     assert created.status_code == 201, created.text
     assert created.json()["auth"] == {"basic": None, "oauth": None}
     response = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=30, trust_env=False)
     assert response.status_code == 200
-    assert sidecar.last_auth() is None
-    assert sidecar.delete("/api/connections/extra").status_code == 204
-    assert "extra" not in sidecar.config()["connections"]
+    assert fresh.last_auth() is None
+    assert fresh.delete("/api/connections/extra").status_code == 204
+    assert "extra" not in fresh.config()["connections"]
 
 
-def test_oauth_definitions_with_secret_and_private_key(sidecar: Sidecar) -> None:
-    created = sidecar.put("/api/oauth/corp", {
+def test_oauth_definitions_with_secret_and_private_key(fresh: Sidecar) -> None:
+    created = fresh.put("/api/oauth/corp", {
         "token_url": "https://127.0.0.1:9/token", "client_id": "app",
         "client_secret": CLIENT_SECRET, "scopes": ["system/Patient.rs"]})
     assert created.status_code == 201, created.text
@@ -243,12 +245,12 @@ def test_oauth_definitions_with_secret_and_private_key(sidecar: Sidecar) -> None
     assert view["client_secret"] == "set" and view["private_key"] == "not used"
     assert view["token"]["valid_until"] is None
     assert_no_secret(created)
-    assert CLIENT_SECRET not in sidecar.path.read_text()
+    assert CLIENT_SECRET not in fresh.path.read_text()
 
     key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()).decode()
-    switched = sidecar.put("/api/oauth/corp", {
+    switched = fresh.put("/api/oauth/corp", {
         "token_url": "https://127.0.0.1:9/token", "client_id": "app",
         "client_auth": "private_key_jwt", "private_key_pem": key, "key_id": "k1",
         "signing_alg": "ES384"})
@@ -256,41 +258,41 @@ def test_oauth_definitions_with_secret_and_private_key(sidecar: Sidecar) -> None
     assert switched.json()["private_key"] == "set"
     assert switched.json()["client_secret"] == "not used"
     assert "PRIVATE KEY" not in switched.text
-    key_file = Path(sidecar.config()["oauth"]["corp"]["private_key_file"])
-    assert key_file.parent == sidecar.secrets_dir
+    key_file = Path(fresh.config()["oauth"]["corp"]["private_key_file"])
+    assert key_file.parent == fresh.secrets_dir
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert sidecar.api.get("/api/oauth").json()["items"][0]["name"] == "corp"
-    assert sidecar.delete("/api/oauth/corp").status_code == 204
+    assert fresh.api.get("/api/oauth").json()["items"][0]["name"] == "corp"
+    assert fresh.delete("/api/oauth/corp").status_code == 204
     assert not key_file.exists()
 
 
-def test_ca_bundle_uploaded_and_used_by_a_custom_connection(sidecar: Sidecar) -> None:
-    pem = sidecar.pki.ca_bundle_path.read_bytes()
-    other = sidecar.pki.other_ca_bundle_path.read_bytes()
-    body = {"url": sidecar.upstream.base_url, "listen": f"127.0.0.1:{sidecar.port}",
+def test_ca_bundle_uploaded_and_used_by_a_custom_connection(fresh: Sidecar) -> None:
+    pem = fresh.pki.ca_bundle_path.read_bytes()
+    other = fresh.pki.other_ca_bundle_path.read_bytes()
+    body = {"url": fresh.upstream.base_url, "listen": f"127.0.0.1:{fresh.port}",
             "auth": {"basic": "first"}, "tls": {"verify": "custom", "ca_bundle": "corp-ca"}}
     try:
-        up = sidecar.api.put("/api/ca-bundles/corp-ca", content=other,
-                             headers={**sidecar.auth, "Content-Type": "application/x-pem-file"})
+        up = fresh.api.put("/api/ca-bundles/corp-ca", content=other,
+                             headers={**fresh.auth, "Content-Type": "application/x-pem-file"})
         assert up.status_code == 201, up.text
         assert up.json()["certificates"][0]["is_ca"] is True
         assert up.json()["certificates"][0]["not_after"].endswith("Z")
-        assert sidecar.put("/api/connections/main", body).status_code == 200
-        assert sidecar.api.get("/api/connections/main").json()["tls"]["ca_bundle"] == "corp-ca"
+        assert fresh.put("/api/connections/main", body).status_code == 200
+        assert fresh.api.get("/api/connections/main").json()["tls"]["ca_bundle"] == "corp-ca"
         # Trusting the other CA: the upstream's certificate no longer verifies.
-        assert sidecar.through().headers.get("X-Sidecar-Error") == "upstream-tls"
-        replaced = sidecar.api.put("/api/ca-bundles/corp-ca", content=pem,
-                                   headers=sidecar.auth)
+        assert fresh.through().headers.get("X-Sidecar-Error") == "upstream-tls"
+        replaced = fresh.api.put("/api/ca-bundles/corp-ca", content=pem,
+                                   headers=fresh.auth)
         assert replaced.status_code == 200
-        assert sidecar.through().status_code == 200
-        assert sidecar.api.get("/api/ca-bundles/corp-ca").json()["used_by"] == ["main"]
-        in_use = sidecar.delete("/api/ca-bundles/corp-ca")
+        assert fresh.through().status_code == 200
+        assert fresh.api.get("/api/ca-bundles/corp-ca").json()["used_by"] == ["main"]
+        in_use = fresh.delete("/api/ca-bundles/corp-ca")
         assert in_use.status_code == 409 and "main" in in_use.json()["error"]
     finally:
         body["tls"] = {"verify": "skip"}
-        assert sidecar.put("/api/connections/main", body).status_code == 200
-    assert sidecar.delete("/api/ca-bundles/corp-ca").status_code == 204
-    assert sidecar.api.get("/api/ca-bundles").json() == {"items": []}
+        assert fresh.put("/api/connections/main", body).status_code == 200
+    assert fresh.delete("/api/ca-bundles/corp-ca").status_code == 204
+    assert fresh.api.get("/api/ca-bundles").json() == {"items": []}
 
 
 # -- bad input: 4xx, a clear message, nothing changed on disk -----------------------------------

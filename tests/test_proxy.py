@@ -3,6 +3,7 @@ real clients (httpx, requests, fhirpy) on its listening ports, forward and rever
 
 from __future__ import annotations
 
+import base64
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -289,13 +290,22 @@ def test_slow_upstream_times_out(running: Running) -> None:
 # -- logs ------------------------------------------------------------------------------------
 
 def test_log_lines_carry_no_secret_and_no_query(running: Running) -> None:
+    # Self-contained: every secret looked for below is sent or used by this test itself.
+    app_credentials = {"Authorization": "Bearer app-token", "Proxy-Authorization": "Basic eDp5"}
     with running.client() as client:
-        client.get(f"{running.base('good')}/Patient", params={"name": "findme-query-value"})
+        found = client.get(f"{running.base('good')}/Patient",
+                           params={"name": "findme-query-value"}, headers=app_credentials)
+        refused = client.get(f"{running.base('wrong-password')}/Patient",
+                             params={"name": "findme-query-value"}, headers=app_credentials)
+    assert found.status_code == 200 and refused.status_code == 401
     record = running.sidecar.wait_for_event(
         "request", lambda r: r.get("path") == "/fhir/Patient" and r.get("status") == 200)
     assert record["connection"] == "good" and record["method"] == "GET"
     assert {"ts", "level", "request_id", "duration_ms", "bytes_in", "bytes_out"} <= set(record)
+    running.sidecar.wait_for_event(
+        "request", lambda r: r.get("connection") == "wrong-password" and r.get("status") == 401)
     output = running.sidecar.output
+    wrong_basic = base64.b64encode(f"{UPSTREAM_USER}:not-the-password".encode()).decode()
     for secret in (UPSTREAM_PASSWORD, EXPECTED_BASIC.split()[1], "findme-query-value",
-                   "not-the-password", "app-token"):
+                   "not-the-password", wrong_basic, "app-token", "eDp5"):
         assert secret not in output
