@@ -9,6 +9,7 @@ after every kind of hostile or aborted request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -52,9 +53,8 @@ class Running:
         return sock
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Running]:
-    tmp = Path(tmp_path_factory.mktemp("limits"))
+@contextlib.contextmanager
+def limits_sidecar(tmp: Path, pki: TestPKI) -> Iterator[Running]:
     with ScriptedUpstream(pki.server()) as upstream, basic_sidecar(
             tmp, pki, upstream, connection="slow", admin=True,
             settings={"read_timeout_seconds": READ_TIMEOUT},
@@ -65,10 +65,26 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[
         yield Running(sidecar.process, upstream, sidecar.port, sidecar.admin)
 
 
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Running]:
+    """Shared by the tests that only send requests; a test that reloads or stops the sidecar
+    takes ``own``."""
+    with limits_sidecar(Path(tmp_path_factory.mktemp("limits")), pki) as running:
+        yield running
+
+
 @pytest.fixture
 def fresh(running: Running) -> Running:
+    """The shared sidecar, with the upstream's record of the previous test cleared."""
     running.upstream.clear()
     return running
+
+
+@pytest.fixture
+def own(tmp_path: Path, pki: TestPKI) -> Iterator[Running]:
+    """A sidecar of the test's own, for a test that reloads or stops it."""
+    with limits_sidecar(tmp_path, pki) as running:
+        yield running
 
 
 def scrape(admin: str) -> Samples:
@@ -314,8 +330,7 @@ def test_chunked_response_with_trailers_reaches_the_client(fresh: Running) -> No
     assert response.status_code == 200 and response.content == BODY
 
 
-def test_in_flight_returns_to_zero_after_hostile_and_aborted_requests(fresh: Running) -> None:
-    seen_before = len(fresh.sidecar.events("request"))
+def hostile_and_aborted_requests(fresh: Running) -> None:
     # The client leaves in the middle of its request body.
     with fresh.connect() as sock:
         sock.sendall(b"POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -334,6 +349,11 @@ def test_in_flight_returns_to_zero_after_hostile_and_aborted_requests(fresh: Run
     with fresh.connect() as sock:
         sock.sendall(get("Patient?delay=3"))
         wait_until(lambda: fresh.upstream.requests, message="the request to reach upstream")
+
+
+def test_in_flight_returns_to_zero_after_hostile_and_aborted_requests(fresh: Running) -> None:
+    seen_before = len(fresh.sidecar.events("request"))
+    hostile_and_aborted_requests(fresh)
     wait_until(lambda: in_flight(fresh.admin) == 0, MARGIN * 2,
                message="in-flight to return to 0")
     requests = fresh.sidecar.events("request")[seen_before:]
@@ -343,7 +363,8 @@ def test_in_flight_returns_to_zero_after_hostile_and_aborted_requests(fresh: Run
                         ("/fhir/Patient", "client-disconnected")], outcomes
 
 
-def test_limits_reload_live(fresh: Running) -> None:
+def test_limits_reload_live(own: Running) -> None:
+    fresh = own
     original = fresh.sidecar.config.read_text()
     config = yaml.safe_load(original)
     config["limits"]["max_request_header_bytes"] = 2048
@@ -391,8 +412,9 @@ def test_mitmproxy_inactivity_backstop_stays_above_every_configured_wait(tmp_pat
         assert context.options.tcp_timeout == 1230
 
 
-# Last: stops the module's sidecar.
-def test_sigterm_does_not_wait_for_leaked_requests(running: Running) -> None:
+def test_sigterm_does_not_wait_for_leaked_requests(own: Running) -> None:
+    running = own
+    hostile_and_aborted_requests(running)
     wait_until(lambda: in_flight(running.admin) == 0, message="in-flight to return to 0")
     start = time.monotonic()
     assert running.sidecar.stop() == 0
