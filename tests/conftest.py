@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.mitm_patches import restored
 from support.pki import TestPKI
 from support.sidecars import RunningSidecar, StartSidecar, Upstream, basic_sidecar
 from support.upstreams import Upstreams
@@ -16,6 +17,14 @@ from support.upstreams import Upstreams
 from sidecar.testkit.fhir_server import FhirTestServer
 
 pytest_plugins = ["support.oauth_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_mitmproxy_patches() -> Iterator[None]:
+    """Patches of mitmproxy made in the test process end with the test that made them
+    (support/mitm_patches.py)."""
+    with restored():
+        yield
 
 
 @pytest.fixture(scope="session")
