@@ -9,6 +9,7 @@ import ssl
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -188,12 +189,15 @@ def test_patients_can_be_created_read_and_searched(
     upstream_good: FhirTestServer, pki: TestPKI
 ) -> None:
     base = upstream_good.base_url
-    new = {"resourceType": "Patient", "name": [{"family": "Zyxwort", "given": ["Ada"]}]}
+    # The upstream lives for the whole session: a name no other run of this test has used,
+    # so a rerun (or another test's patient) cannot add a second match.
+    family = f"Zyxwort{uuid.uuid4().hex}"
+    new = {"resourceType": "Patient", "name": [{"family": family, "given": ["Ada"]}]}
     with client(pki.ca_bundle_path) as http:
         created = http.post(f"{base}/Patient", json=new)
         patient_id = created.json()["id"]
         read = http.get(f"{base}/Patient/{patient_id}")
-        found = http.get(f"{base}/Patient", params={"name": "zyx"})
+        found = http.get(f"{base}/Patient", params={"name": family[:-8].lower()})
         missing = http.get(f"{base}/Patient/does-not-exist")
 
     assert created.status_code == 201
