@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 from support.constants import basic_header
+from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
-from support.token_stub import TokenStub
 
 RELOAD_DEADLINE = 10.0
 
@@ -75,42 +75,47 @@ def _secret(tmp: Path, name: str, value: str) -> str:
 
 
 def test_a_skip_connection_upstream_never_carries_a_verified_connections_token(
-        tmp_path: Path, pki: TestPKI, untrusted_upstream: RawRecordingUpstream) -> None:
+        tmp_path: Path, pki: TestPKI, untrusted_upstream: RawRecordingUpstream,
+        oauth_provider: OAuthTestProvider) -> None:
     # The reproduction from the security review: `skipconn` and `other` share localhost:PORT;
     # `other` verifies against a CA that does not trust the server.
     up = untrusted_upstream
-    with TokenStub("other-client", "other-secret", token_prefix="OTHER-TOKEN") as stub:
-        proxy_port = free_port()
-        sidecar = _start(tmp_path, {
-            "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
-            "basic_auth": {"skip-user": {"username": "skip-user",
-                                         "password_file": _secret(tmp_path, "skip", "skip-pw")}},
-            "oauth": {"other": {"token_url": stub.token_url, "client_id": "other-client",
-                                "client_secret_file": _secret(tmp_path, "other", "other-secret")}},
-            "connections": {
-                "skipconn": {"url": f"https://localhost:{up.port}/skip",
-                             "auth": {"basic": "skip-user"}, "tls": {"verify": "skip"}},
-                "other": {"url": f"https://localhost:{up.port}/other", "auth": {"oauth": "other"},
-                          "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}},
-            },
-        })
-        client = KeepAliveClient(proxy_port)
-        try:
-            status, _, _ = client.get(f"http://localhost:{up.port}/skip/x")
-            assert status == 200
-            status, headers, body = client.get(f"http://localhost:{up.port}/other/Patient")
-        finally:
-            client.close()
-            assert sidecar.stop() == 0
-        assert status == 502, body
-        assert headers["x-sidecar-error"] == "upstream-tls"
-        assert stub.issued, "the sidecar should have fetched other's token"
+    other = oauth_provider.clients["basic"]
+    proxy_port = free_port()
+    sidecar = _start(tmp_path, {
+        "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
+        "basic_auth": {"skip-user": {"username": "skip-user",
+                                     "password_file": _secret(tmp_path, "skip", "skip-pw")}},
+        "oauth": {"other": {
+            "token_url": oauth_provider.token_url, "client_id": other.client_id,
+            "client_secret_file": _secret(tmp_path, "other", str(other.secret)),
+            "tls": {"verify": "custom", "ca_bundle": str(oauth_provider.ca_bundle)}}},
+        "connections": {
+            "skipconn": {"url": f"https://localhost:{up.port}/skip",
+                         "auth": {"basic": "skip-user"}, "tls": {"verify": "skip"}},
+            "other": {"url": f"https://localhost:{up.port}/other", "auth": {"oauth": "other"},
+                      "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}},
+        },
+    })
+    client = KeepAliveClient(proxy_port)
+    try:
+        status, _, _ = client.get(f"http://localhost:{up.port}/skip/x")
+        assert status == 200
+        status, headers, body = client.get(f"http://localhost:{up.port}/other/Patient")
+    finally:
+        client.close()
+        assert sidecar.stop() == 0
+    assert status == 502, body
+    assert headers["x-sidecar-error"] == "upstream-tls"
+    # The sidecar holds other's token (one, cached), so it had one to leak.
+    assert oauth_provider.stats()["issued"] == 1
 
     heads = up.heads()
     assert len(heads) == 1 and heads[0][1].startswith(b"GET /skip/x ")
     assert basic_header("skip-user", "skip-pw").encode() in heads[0][1]
     received = up.all_bytes()
-    assert b"OTHER-TOKEN" not in received
+    # The provider's access tokens are JWTs: base64url of '{"...', so they start with eyJ.
+    assert b"Bearer" not in received and b"eyJ" not in received
     assert b"/other/" not in received
 
 
