@@ -15,15 +15,17 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.bearer import BearerValidator
 from support.fhir_routes import fhir_upstream
+from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
-from support.token_stub import TokenStub
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -76,17 +78,49 @@ class Sidecar:
             "tls": {"verify": "custom", "ca_bundle": "test-ca"}})
         assert answer.status_code in (200, 201), answer.text
 
+    def through(self, connection: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.ports[connection]}/metadata",
+                         timeout=30, trust_env=False)
+
     def authorization_sent(self, connection: str) -> str:
+        return str(self.authorization_sent_headers(connection).get("authorization"))
+
+    def authorization_sent_headers(self, connection: str) -> Any:
+        """The headers the upstream received for one request through ``connection``."""
         before = len(self.upstream.requests_seen)
-        response = httpx.get(f"http://127.0.0.1:{self.ports[connection]}/metadata",
-                             timeout=30, trust_env=False)
+        response = self.through(connection)
         assert response.status_code == 200, response.text
         assert len(self.upstream.requests_seen) > before
-        return str(self.upstream.requests_seen[-1].headers.get("authorization"))
+        return self.upstream.requests_seen[-1].headers
 
     def close(self) -> None:
         self.api.close()
         assert self.process.stop() == 0
+
+
+def is_vschar(client_id: str) -> bool:
+    """RFC 6749 Appendix A: a client id is printable ASCII (VSCHAR, %x20-7E)."""
+    return all(0x20 <= ord(c) <= 0x7E for c in client_id)
+
+
+def issued_to(provider: OAuthTestProvider, client_id: str) -> bool:
+    return any(r["client_id"] == client_id and r["status"] == 200
+               for r in provider.recent_requests())
+
+
+def assert_refused_only_non_ascii(provider: OAuthTestProvider) -> None:
+    # Every definition keeps its token source, so a refused one is retried in the background.
+    refused = {basic_client_id(r) for r in provider.recent_requests() if r["status"] != 200}
+    assert refused == {v for v in TRICKY if not is_vschar(v)}
+
+
+def basic_client_id(token_request: dict[str, Any]) -> str:
+    """The client id in a token request's HTTP Basic header, form-urlencoding undone."""
+    scheme, value = token_request["authorization"].split(" ", 1)
+    assert scheme == "Basic"
+    client_id, secret = base64.b64decode(value).decode("ascii").split(":", 1)
+    assert unquote_plus(secret) == CLIENT_SECRET
+    return unquote_plus(client_id)
 
 
 def basic_username(header: str) -> str:
@@ -103,10 +137,11 @@ def upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-            upstream: FhirTestServer) -> Iterator[Sidecar]:
-    s = Sidecar(tmp_path_factory.mktemp("yaml"), pki, upstream)
+@pytest.fixture
+def sidecar(tmp_path: Path, pki: TestPKI, upstream: FhirTestServer) -> Iterator[Sidecar]:
+    """The test's own (a property test: its examples share it, and each one sets what it
+    reads back)."""
+    s = Sidecar(tmp_path, pki, upstream)
     s.start()
     assert s.put("/api/basic-auth/any", {"username": "first", "password": PASSWORD}
                  ).status_code == 201
@@ -115,15 +150,37 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
     s.close()
 
 
+@pytest.fixture(scope="module")
+def tricky_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthTestProvider]:
+    """The real authorization server, with one client registered per tricky client id (it
+    issues a token only for the exact id and secret)."""
+    clients = [{"client_id": value, "client_secret": CLIENT_SECRET,
+                "token_endpoint_auth_method": "client_secret_basic",
+                "grant_types": ["client_credentials"], "response_types": [], "redirect_uris": []}
+               for value in TRICKY]
+    provider = OAuthTestProvider.start(tmp_path_factory.mktemp("tricky-provider"),
+                                       extra_clients=clients)
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
 @pytest.mark.timeout(400)
-def test_tricky_strings_survive_write_read_restart(tmp_path: Path, pki: TestPKI,
-                                                   upstream: FhirTestServer) -> None:
+def test_tricky_strings_survive_write_read_restart(
+        tmp_path: Path, pki: TestPKI, upstream: FhirTestServer,
+        tricky_provider: OAuthTestProvider) -> None:
+    provider = tricky_provider
+    provider.reset()
+    bearer = BearerValidator(provider.jwks(), audience=provider.default_resource,
+                             issuer=provider.issuer)
     s = Sidecar(tmp_path, pki, upstream)
-    tls = {"verify": "custom", "ca_bundle": "test-ca"}
+    token_tls = {"verify": "custom", "ca_bundle": "token-ca"}
     with contextlib.ExitStack() as running:
-        stubs = [running.enter_context(TokenStub(value, CLIENT_SECRET)) for value in TRICKY]
         running.callback(s.close)
         s.start()
+        up = s.api.put("/api/ca-bundles/token-ca", content=provider.ca_bundle.read_bytes())
+        assert up.status_code == 201, up.text
         usernames: dict[str, str] = {}
         for i, value in enumerate(TRICKY):
             answer = s.put(f"/api/basic-auth/b{i}", {"username": value, "password": PASSWORD})
@@ -134,14 +191,24 @@ def test_tricky_strings_survive_write_read_restart(tmp_path: Path, pki: TestPKI,
                 usernames[f"b{i}"] = value
                 s.connection("basic", {"basic": f"b{i}"})
                 assert basic_username(s.authorization_sent("basic")) == value
-            answer = s.put(f"/api/oauth/o{i}", {"token_url": stubs[i].token_url,
+            answer = s.put(f"/api/oauth/o{i}", {"token_url": provider.token_url,
                                                 "client_id": value,
-                                                "client_secret": CLIENT_SECRET, "tls": tls})
+                                                "client_secret": CLIENT_SECRET,
+                                                "tls": token_tls})
             assert answer.status_code == 201, (value, answer.text)
             s.connection("oauth", {"oauth": f"o{i}"})
-            # The stub issues tokens only for the exact client id and secret.
-            assert s.authorization_sent("oauth").startswith("Bearer stub-"), value
-            assert stubs[i].issued and stubs[i].refused == 0, value
+            if is_vschar(value):
+                # The provider issues tokens only for the exact client id and secret.
+                assert bearer(s.authorization_sent_headers("oauth")) is None, value
+                assert issued_to(provider, value), value
+            else:
+                # RFC 6749 allows only printable ASCII in a client id: the real server refuses
+                # the request, but the exact id reached it (form-urlencoded, §2.3.1).
+                refused = s.through("oauth")
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["X-Sidecar-Error"] == "token-unavailable"
+                assert value in {basic_client_id(r) for r in provider.recent_requests()}
+        assert_refused_only_non_ascii(provider)
 
         s.restart()  # read by a fresh process, not only by the reload after each write
         for name, value in usernames.items():
@@ -150,11 +217,15 @@ def test_tricky_strings_survive_write_read_restart(tmp_path: Path, pki: TestPKI,
             assert s.api.get(f"/api/oauth/o{i}").json()["client_id"] == value
         last = len(TRICKY) - 1
         assert basic_username(s.authorization_sent("basic")) == usernames[f"b{last}"]
-        assert s.authorization_sent("oauth").startswith("Bearer stub-")
-        assert stubs[last].refused == 0
+        assert bearer(s.authorization_sent_headers("oauth")) is None
+        assert issued_to(provider, TRICKY[last])
+        assert_refused_only_non_ascii(provider)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The examples share the test's one sidecar on purpose (a process per example would take
+# minutes); each example writes the username it then reads back.
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(username=ANY_TEXT)
 def test_any_username_the_api_accepts_reaches_the_upstream_unchanged(sidecar: Sidecar,
                                                                       username: str) -> None:
