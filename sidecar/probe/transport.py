@@ -171,18 +171,17 @@ def handshake(channel: Channel, policy: UpstreamTlsPolicy, host: str, timeout: f
         outcome = conn.get_app_data()
         reason = outcome.reason if isinstance(outcome, HandshakeOutcome) and outcome.failed \
             else "handshake"
-        raise StepFailed(describe(reason, policy, host, _ssl_error_words(exc))) from None
+        words = describe(reason, policy, host, _ssl_error_words(exc))
+        shown = _peer_certificate(conn)  # what the server presented, to see who signed it
+        if shown is not None:
+            words += f" (it presented {shown.subject}, issued by {shown.issuer})"
+        raise StepFailed(words, certificate=certificate_facts(shown)) from None
     except TimeoutError:
         raise StepFailed(f"no TLS handshake with {host} within {timeout:g} s") from None
     except OSError as exc:
         raise StepFailed(f"TLS handshake with {host} failed: {exc.strerror or exc}") from None
     version = conn.get_protocol_version_name()
-    peer = conn.get_peer_certificate()
-    cert = None
-    if peer is not None:
-        parsed = peer.to_cryptography()
-        cert = PeerCertificate(parsed.subject.rfc4514_string(), parsed.issuer.rfc4514_string(),
-                               parsed.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    cert = _peer_certificate(conn)
     if policy.verify == "skip":
         how = "the certificate was not verified (verify: skip)"
     else:
@@ -195,6 +194,15 @@ def certificate_facts(cert: PeerCertificate | None) -> dict[str, str] | None:
     if cert is None:
         return None
     return {"subject": cert.subject, "issuer": cert.issuer, "not_after": cert.not_after}
+
+
+def _peer_certificate(conn: SSL.Connection) -> PeerCertificate | None:
+    peer = conn.get_peer_certificate()
+    if peer is None:
+        return None
+    parsed = peer.to_cryptography()
+    return PeerCertificate(parsed.subject.rfc4514_string(), parsed.issuer.rfc4514_string(),
+                           parsed.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 def _ssl_error_words(exc: SSL.Error) -> str:
