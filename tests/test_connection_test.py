@@ -314,6 +314,7 @@ def test_a_ca_that_does_not_trust_the_server(sidecar: Sidecar, pki: TestPKI) -> 
     assert tls["status"] == "failed"
     assert "is not signed by a CA in" in tls["detail"], tls["detail"]
     assert str(pki.ca_bundle_path) in tls["detail"]
+    assert "(refused certificate: CN=localhost)" in tls["detail"]
     for later in ("credentials", "metadata"):
         assert found[later]["status"] == "skipped" and found[later]["ms"] is None
         assert "earlier step failed" in found[later]["detail"]
@@ -401,20 +402,18 @@ def test_one_at_a_time_and_one_per_second(sidecar: Sidecar) -> None:
 def test_a_concurrent_test_is_refused_while_one_runs(sidecar: Sidecar,
                                                      oauth_provider: OAuthTestProvider) -> None:
     # The token endpoint answers late, so the first test is still running when the second
-    # arrives.
+    # arrives: it has reached the token endpoint (counted on arrival) and waits there.
     oauth_provider.fail("delay", delay_ms=3000)
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(sidecar.test, "oauth", "prov", True)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            second = sidecar.api.post("/api/oauth/prov/test", headers=sidecar.auth)
-            assert second.status_code == 429
-            if "is running" in second.json()["error"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: oauth_provider.stats()["token_requests"] >= 1, DEADLINE,
+                   message="the first test's token request")
+        second = sidecar.api.post("/api/oauth/prov/test", headers=sidecar.auth)
+        assert second.status_code == 429
         assert "is running" in second.json()["error"]
         assert second.headers["Retry-After"] == "1"
         assert steps(slow.result(timeout=DEADLINE))["credentials"]["status"] == "ok"
+    assert oauth_provider.stats()["token_requests"] == 1  # the refused one asked nobody
 
 
 def test_unknown_names_and_access(sidecar: Sidecar) -> None:
@@ -449,3 +448,51 @@ def test_read_only_mode_still_tests(sidecar: Sidecar) -> None:
         assert all(s["status"] == "ok" for s in found.values())
     finally:
         os.chmod(sidecar.path, stat.S_IMODE(mode))
+
+
+def test_through_an_egress_proxy(tmp_path: Path, pki: TestPKI, upstreams: Any) -> None:
+    from support.tinyproxy import Tinyproxy
+
+    good = upstreams.get("good")
+    proxy_password = "proxy-pw-Kd72x"  # tinyproxy.conf takes no quoting
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    (secrets / "proxy-pw").write_text(proxy_password + "\n")
+    (secrets / "wrong-proxy-pw").write_text("not-the-proxy-pw\n")
+    (secrets / "upstream-pw").write_text(UPSTREAM_PASSWORD + "\n")
+    trusted = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
+    admin = f"127.0.0.1:{free_port()}"
+    with Tinyproxy(tmp_path / "tinyproxy", auth=("egress", proxy_password)) as proxy:
+        config = write_config(tmp_path, {
+            "admin": {"listen": admin, "token_file": "secrets/admin-token"},
+            "basic_auth": {"up": {"username": UPSTREAM_USER,
+                                  "password_file": "secrets/upstream-pw"}},
+            "egress_proxies": {
+                "corp": {"url": proxy.url, "username": "egress",
+                         "password_file": "secrets/proxy-pw"},
+                "corp-wrong": {"url": proxy.url, "username": "egress",
+                               "password_file": "secrets/wrong-proxy-pw"}},
+            "connections": {
+                "through": {"url": good.base_url, "auth": {"basic": "up"}, "tls": trusted,
+                            "via": "corp"},
+                "refused": {"url": good.base_url, "auth": {"basic": "up"}, "tls": trusted,
+                            "via": "corp-wrong"}},
+        })
+        with SidecarProcess(config, tmp_path / "state"), \
+                httpx.Client(base_url=f"http://{admin}", trust_env=False,
+                             timeout=DEADLINE) as api:
+            auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            through = api.post("/api/connections/through/test", headers=auth)
+            found = steps(through)
+            assert all(s["status"] == "ok" for s in found.values()), found
+            assert "through egress proxy 'corp'" in found["connect"]["detail"]
+            assert f"localhost:{good.port}" in proxy.connects()
+            assert found["metadata"]["http_status"] == 200
+            refused = steps(api.post("/api/connections/refused/test", headers=auth))
+            assert refused["connect"]["status"] == "failed"
+            assert "refused the tunnel" in refused["connect"]["detail"]
+            assert "401 Unauthorized" in refused["connect"]["detail"]  # tinyproxy says 401
+            for response in (through,):
+                for form in secret_forms("egress", proxy_password):
+                    assert form.encode() not in response.content

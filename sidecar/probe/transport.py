@@ -172,10 +172,11 @@ def handshake(channel: Channel, policy: UpstreamTlsPolicy, host: str, timeout: f
         reason = outcome.reason if isinstance(outcome, HandshakeOutcome) and outcome.failed \
             else "handshake"
         words = describe(reason, policy, host, _ssl_error_words(exc))
-        shown = _peer_certificate(conn)  # what the server presented, to see who signed it
-        if shown is not None:
-            words += f" (it presented {shown.subject}, issued by {shown.issuer})"
-        raise StepFailed(words, certificate=certificate_facts(shown)) from None
+        if isinstance(outcome, HandshakeOutcome) and outcome.subject:
+            # OpenSSL keeps no peer certificate after a failed verification; the verify
+            # callback kept the subject of the one it refused.
+            words += f" (refused certificate: {outcome.subject})"
+        raise StepFailed(words) from None
     except TimeoutError:
         raise StepFailed(f"no TLS handshake with {host} within {timeout:g} s") from None
     except OSError as exc:
