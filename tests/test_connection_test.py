@@ -265,6 +265,11 @@ def test_a_working_basic_connection(sidecar: Sidecar, pki: TestPKI) -> None:
     assert metadata["software"] and "fhir-sidecar demo FHIR server" in metadata["software"]
     assert "CapabilityStatement" in metadata["detail"]
     assert response.headers["Cache-Control"] == "no-store"
+    # One log line per test, with the verdict and without the details.
+    line = wait_until(lambda: next((r for r in sidecar.process.events("connection_test")
+                                    if r.get("name") == "good"), None),
+                      DEADLINE, message="the test's log line")
+    assert line["ok"] is True and line["kind"] == "connection" and "failed_step" not in line
 
 
 def test_an_oauth_connection_reuses_the_token_unless_fresh(
@@ -315,6 +320,10 @@ def test_a_ca_that_does_not_trust_the_server(sidecar: Sidecar, pki: TestPKI) -> 
     assert "is not signed by a CA in" in tls["detail"], tls["detail"]
     assert str(pki.ca_bundle_path) in tls["detail"]
     assert "(refused certificate: CN=localhost)" in tls["detail"]
+    line = wait_until(lambda: next((r for r in sidecar.process.events("connection_test")
+                                    if r.get("name") == "wrong-ca"), None),
+                      DEADLINE, message="the test's log line")
+    assert line["ok"] is False and line["failed_step"] == "tls"
     for later in ("credentials", "metadata"):
         assert found[later]["status"] == "skipped" and found[later]["ms"] is None
         assert "earlier step failed" in found[later]["detail"]

@@ -8,6 +8,7 @@ it to one at a time per name and one per second. The steps are in :mod:`sidecar.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import tornado.web
@@ -17,6 +18,7 @@ from sidecar.admin.api_models import ProbeReport
 from sidecar.admin.config_store import ChangeRejected, check_name
 from sidecar.admin.console import Console
 from sidecar.admin.probe_gate import ProbeBusy
+from sidecar.logs import log_event
 from sidecar.probe.run import probe_connection, probe_oauth
 
 TRUE_WORDS = frozenset({"1", "true", "yes"})
@@ -53,6 +55,14 @@ class _ProbeHandler(ApiHandler):
                 report = await probe_oauth(snapshot, name, fresh)
         finally:
             gate.leave(key)
+        failed = next((step["step"] for step in report["steps"] if step["status"] == "failed"),
+                      None)
+        # Who tested what and the verdict; the details stay in the answer.
+        log_event("connection_test", logging.INFO,
+                  f"test of {self.words} {name!r}: "
+                  + (f"failed at step {failed}" if failed else "ok"),
+                  kind=report["kind"], name=name, ok=failed is None, failed_step=failed,
+                  fresh=fresh)
         self.reply(ProbeReport.model_validate(report).model_dump(mode="json"))
 
 
