@@ -338,6 +338,26 @@ def test_an_oauth_definition_whose_ca_does_not_trust_the_token_endpoint(
     assert oauth_provider.stats()["token_requests"] == 0
 
 
+def test_a_server_that_requires_a_client_certificate(tmp_path: Path, pki: TestPKI,
+                                                     upstreams: Any) -> None:
+    mtls = upstreams.get("mtls")
+    admin = f"127.0.0.1:{free_port()}"
+    (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    config = write_config(tmp_path, {
+        "admin": {"listen": admin, "token_file": "admin-token"},
+        "connections": {"mtls": {"url": mtls.base_url, "tls": {
+            "verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}}})
+    with SidecarProcess(config, tmp_path / "state"), \
+            httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=DEADLINE) as api:
+        found = steps(api.post("/api/connections/mtls/test",
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}))
+    # TLS 1.3 servers refuse the missing certificate after the client's handshake: the test
+    # waits for their verdict, so it is the TLS step that fails.
+    assert found["tls"]["status"] == "failed", found
+    assert "requires a client certificate and none is configured" in found["tls"]["detail"]
+    assert found["credentials"]["status"] == found["metadata"]["status"] == "skipped"
+
+
 def test_an_unreachable_port(sidecar: Sidecar) -> None:
     found = steps(sidecar.test("connections", "closed"))
     assert found["connect"]["status"] == "failed"

@@ -20,6 +20,8 @@ from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import HandshakeOutcome, describe
 
 HTTP1_ALPN = [b"http/1.1"]
+# How long a TLS 1.3 server may take to say whether it accepts the client certificate.
+POST_HANDSHAKE_WAIT_SECONDS = 3.0
 _CHUNK = 65536
 
 
@@ -44,6 +46,7 @@ class Channel:
         self.sock = sock
         self.tls = tls
         self.deadline = time.monotonic() + 30.0
+        self._early = b""  # application data read while waiting for the server's verdict
 
     def close(self) -> None:
         self.sock.close()
@@ -59,6 +62,9 @@ class Channel:
         """The next bytes from the target; b"" at its end."""
         if self.tls is None:
             return self._read_socket()
+        if self._early:
+            data, self._early = self._early, b""
+            return data
         while True:
             try:
                 return bytes(self.tls.recv(_CHUNK))
@@ -88,6 +94,35 @@ class Channel:
                     raise ConnectionResetError("the server closed the connection during the "
                                                "TLS handshake") from None
                 self.tls.bio_write(data)
+
+    def await_verdict(self, wait: float) -> None:
+        """After a TLS 1.3 handshake, wait up to ``wait`` seconds for the server's first
+        flight: session tickets when it accepted the client, a fatal alert (raised as
+        ``SSL.Error``) when it refused the client's certificate, which TLS 1.3 servers judge
+        only after the client's handshake is complete (as in ``check --online``)."""
+        assert self.tls is not None
+        deadline = time.monotonic() + wait
+        heard = False
+        while True:
+            try:
+                self._early += self.tls.recv(_CHUNK)
+                return  # application data: the server did not refuse us
+            except SSL.WantReadError:
+                if heard:
+                    return  # records processed without an alert (tickets)
+            except SSL.ZeroReturnError:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            readable, _, _ = select.select([self.sock], [], [], remaining)
+            if not readable:
+                return
+            data = self.sock.recv(_CHUNK)
+            if not data:
+                return
+            self.tls.bio_write(data)
+            heard = True
 
     def _flush(self) -> None:
         assert self.tls is not None
@@ -167,6 +202,8 @@ def handshake(channel: Channel, policy: UpstreamTlsPolicy, host: str, timeout: f
     channel.deadline = time.monotonic() + timeout
     try:
         channel.handshake()
+        if conn.get_protocol_version_name() == "TLSv1.3":
+            channel.await_verdict(min(timeout, POST_HANDSHAKE_WAIT_SECONDS))
     except SSL.Error as exc:
         outcome = conn.get_app_data()
         reason = outcome.reason if isinstance(outcome, HandshakeOutcome) and outcome.failed \
