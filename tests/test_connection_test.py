@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -27,6 +28,7 @@ from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 
+from sidecar.admin.probe_gate import ProbeBusy, ProbeGate
 from sidecar.testkit.fhir_app import IncomingRequest, Reply, error_reply, fhir_reply
 from sidecar.testkit.fhir_resources import capability_statement
 from sidecar.testkit.fhir_server import FhirTestServer, server_tls_context
@@ -466,6 +468,26 @@ def test_unknown_names_and_access(sidecar: Sidecar) -> None:
                DEADLINE, message="the failed-token wait to pass")
 
 
+def test_a_browser_session_needs_its_csrf_token(sidecar: Sidecar) -> None:
+    with httpx.Client(base_url=f"http://{sidecar.admin}", trust_env=False,
+                      timeout=DEADLINE) as browser:
+        login = browser.post("/login", data={"token": ADMIN_TOKEN})
+        assert login.status_code == 303
+        page = browser.get("/").text
+        [csrf] = set(re.findall(r'id="test-connections-good"[^>]*data-csrf="([^"]+)"', page,
+                                re.DOTALL))
+        without = browser.post("/api/connections/good/test")
+        assert without.status_code == 403 and "X-CSRF-Token" in without.json()["error"]
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            with_csrf = browser.post("/api/connections/good/test",
+                                     headers={"X-CSRF-Token": csrf})
+            if with_csrf.status_code != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(float(with_csrf.headers["Retry-After"]))  # the server's own backoff
+        assert steps(with_csrf)["metadata"]["status"] == "ok"
+
+
 def test_read_only_mode_still_tests(sidecar: Sidecar) -> None:
     mode = sidecar.path.stat().st_mode
     os.chmod(sidecar.path, 0o444)
@@ -525,3 +547,20 @@ def test_through_an_egress_proxy(tmp_path: Path, pki: TestPKI, upstreams: Any) -
             for response in (through,):
                 for form in secret_forms("egress", proxy_password):
                     assert form.encode() not in response.content
+
+
+def test_the_gate_counts_from_each_start() -> None:
+    now = [100.0]
+    gate = ProbeGate(clock=lambda: now[0])
+    gate.enter("a", "a")
+    with pytest.raises(ProbeBusy, match="is running") as running:
+        gate.enter("a", "a")
+    assert running.value.retry_after == 1
+    gate.enter("b", "b")  # another name is not held up
+    gate.leave("a")
+    now[0] += 0.4
+    with pytest.raises(ProbeBusy, match="less than 1 s ago") as soon:
+        gate.enter("a", "a")
+    assert soon.value.retry_after == 1
+    now[0] += 0.6
+    gate.enter("a", "a")  # a second after the last start

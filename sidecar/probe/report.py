@@ -64,8 +64,8 @@ class Report:
     def run(self, name: StepName) -> Iterator[Step]:
         """Time the block as step ``name``; :class:`StepFailed` inside it fails the step.
 
-        The block sets ``detail`` (and ``facts``) of the step it is given; after a failure
-        the block is not entered at all (use :attr:`failed` to skip the code that needs it).
+        The block sets ``detail`` (and ``facts``) of the step it is given. Callers check
+        :attr:`failed` before running a step: a step not run keeps its "skipped" default.
         """
         step = self.step(name)
         started = time.perf_counter()
