@@ -562,5 +562,5 @@ def test_the_gate_counts_from_each_start() -> None:
     with pytest.raises(ProbeBusy, match="less than 1 s ago") as soon:
         gate.enter("a", "a")
     assert soon.value.retry_after == 1
-    now[0] += 0.6
+    now[0] += 0.7
     gate.enter("a", "a")  # a second after the last start
