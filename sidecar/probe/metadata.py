@@ -29,6 +29,7 @@ class MetadataAnswer:
     status: int
     reason: str
     content_type: str
+    location: str  # a redirect's target ("" without one)
     body: bytes
     complete: bool  # the whole body was read (not cut at MAX_BODY_BYTES)
 
@@ -88,12 +89,11 @@ def _read_answer(client: h11.Connection, channel: Channel) -> MetadataAnswer:
 
 
 def _answer(response: h11.Response, body: bytes, complete: bool) -> MetadataAnswer:
-    content_type = ""
-    for name, value in response.headers:
-        if name == b"content-type":
-            content_type = value.decode("latin-1")
+    found = {name: value.decode("latin-1") for name, value in response.headers
+             if name in (b"content-type", b"location")}
     return MetadataAnswer(response.status_code, response.reason.decode("latin-1"),
-                          content_type, body, complete)
+                          found.get(b"content-type", ""), found.get(b"location", ""), body,
+                          complete)
 
 
 def judge(answer: MetadataAnswer) -> tuple[str, dict[str, Any]]:
@@ -103,7 +103,7 @@ def judge(answer: MetadataAnswer) -> tuple[str, dict[str, Any]]:
     status = f"{answer.status} {answer.reason}".strip()
     document = _json(answer.body) if answer.complete else None
     if not 200 <= answer.status < 300:
-        words = _refusal_words(answer.status)
+        words = _refusal_words(answer.status, answer.location)
         issue = _outcome_text(document)
         raise StepFailed(f"the FHIR server answered {status}{words}"
                          + (f": {issue}" if issue else ""), **facts)
@@ -127,7 +127,9 @@ def judge(answer: MetadataAnswer) -> tuple[str, dict[str, Any]]:
             f", software {facts['software'] or 'not named'}", facts)
 
 
-def _refusal_words(status: int) -> str:
+def _refusal_words(status: int, location: str) -> str:
+    if 300 <= status < 400:
+        return f" (a redirect to {location or 'nowhere'}: is the base URL right?)"
     if status == 401:
         return " (the credentials were refused)"
     if status == 403:
