@@ -179,6 +179,8 @@ def connect(target: Target, timeout: float) -> tuple[Channel, str]:
     except OSError as exc:
         raise StepFailed(f"cannot connect to {target.address}: {exc.strerror or exc}") from None
     peer = sock.getpeername()[0]
+    if addresses == [target.host]:  # an IP address: nothing was resolved
+        return Channel(sock), f"connected to {peer} port {target.port}"
     return Channel(sock), f"{target.host} resolved to {', '.join(addresses)}; connected to " \
                           f"{peer} port {target.port}"
 
