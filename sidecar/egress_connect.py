@@ -1,4 +1,5 @@
-"""A blocking CONNECT tunnel through an egress proxy, for ``check --online``.
+"""A blocking CONNECT tunnel through an egress proxy, for ``check --online`` and the
+connection test (:mod:`sidecar.probe`).
 
 The socket returned carries bytes to ``host:port`` through the proxy; the caller runs the
 upstream's TLS inside it under the connection's own policy, as the proxy leg does.
@@ -19,8 +20,8 @@ class TunnelRefused(OSError):
 
 def open_tunnel(proxy: EgressProxy, host: str, port: int, timeout: float) -> socket.socket:
     if proxy.scheme != "http":
-        raise TunnelRefused(f"{proxy.describe()}: check --online tunnels through http:// "
-                            "proxies only")
+        raise TunnelRefused(f"{proxy.describe()}: check --online and the connection test "
+                            "tunnel through http:// proxies only")
     try:
         sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
     except OSError as exc:

@@ -141,9 +141,13 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
         listeners.bound = False  # /readyz answers 503 from now on
         start_draining(master)
 
+    def close_listeners() -> None:
+        listeners.closed = True  # before the update: a reload in between must not reopen
+        master.options.update(mode=[])
+
     stopping = GracefulStop(
         begin_draining=begin_draining,
-        close_listeners=lambda: master.options.update(mode=[]),
+        close_listeners=close_listeners,
         listening=lambda: bool(proxyserver.listen_addrs()),
         in_flight=metrics.in_flight_total,
     )

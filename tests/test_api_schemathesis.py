@@ -76,7 +76,7 @@ def test_api_conforms_to_its_openapi_document(running: tuple[str, SidecarProcess
     schema = schemathesis.openapi.from_dict(_loopback_only(document))
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 16  # 4 resources x (list, read, put, delete)
+    assert len(operations) == 18  # 4 resources x (list, read, put, delete), 2 tests
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
 
     for operation in operations:

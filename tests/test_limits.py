@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -330,37 +331,52 @@ def test_chunked_response_with_trailers_reaches_the_client(fresh: Running) -> No
     assert response.status_code == 200 and response.content == BODY
 
 
-def hostile_and_aborted_requests(fresh: Running) -> None:
+def hostile_and_aborted_requests(fresh: Running, mark: str) -> None:
+    """Four requests whose IDs are ``{mark}-1`` to ``-4``: aborted mid-body, reset by the
+    upstream, chunked with trailers (answered), left while the upstream is silent."""
+
+    def head(method: str, path: str, extra: str = "", n: int = 0) -> bytes:
+        return (f"{method} /fhir/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"X-Request-ID: {mark}-{n}\r\n{extra}\r\n").encode()
+
     # The client leaves in the middle of its request body.
     with fresh.connect() as sock:
-        sock.sendall(b"POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b"{" * 10)
+        sock.sendall(head("POST", "Patient", "Content-Length: 1000\r\n", 1) + b"{" * 10)
         wait_until(lambda: in_flight(fresh.admin) == 1, message="the request to start")
     # The upstream resets the connection.
     with fresh.connect() as sock:
-        sock.sendall(get("reset"))
+        sock.sendall(head("GET", "reset", n=2))
         status, headers, _ = read_response(sock)
         assert status == 502 and headers["x-sidecar-error"] == "upstream-unreachable"
     # A request with trailers; and the client leaves while the upstream is silent.
     with fresh.connect() as sock:
-        sock.sendall(b"POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\nX-T: 1\r\n\r\n")
+        sock.sendall(head("POST", "Patient", "Transfer-Encoding: chunked\r\n", 3)
+                     + b"1\r\n{\r\n0\r\nX-T: 1\r\n\r\n")
         assert read_response(sock)[0] == 200
     with fresh.connect() as sock:
-        sock.sendall(get("Patient?delay=3"))
+        sock.sendall(head("GET", "Patient?delay=3", n=4))
         wait_until(lambda: fresh.upstream.requests, message="the request to reach upstream")
 
 
 def test_in_flight_returns_to_zero_after_hostile_and_aborted_requests(fresh: Running) -> None:
-    seen_before = len(fresh.sidecar.events("request"))
-    hostile_and_aborted_requests(fresh)
+    # Each request names itself: the log lines of earlier tests on this shared sidecar may
+    # still be arriving.
+    mark = f"in-flight-{time.monotonic_ns()}"
+    hostile_and_aborted_requests(fresh, mark)
     wait_until(lambda: in_flight(fresh.admin) == 0, MARGIN * 2,
                message="in-flight to return to 0")
-    requests = fresh.sidecar.events("request")[seen_before:]
-    outcomes = [(r["path"], r.get("error")) for r in requests]
-    assert outcomes == [("/fhir/Patient", "client-disconnected"),
-                        ("/fhir/reset", "upstream-unreachable"), ("/fhir/Patient", None),
-                        ("/fhir/Patient", "client-disconnected")], outcomes
+
+    def ours() -> list[dict[str, Any]] | None:
+        found = [r for r in fresh.sidecar.events("request")
+                 if str(r.get("request_id", "")).startswith(mark)]
+        return found if len(found) >= 4 else None
+
+    requests = wait_until(ours, MARGIN, message="the four request log lines")
+    outcomes = sorted((r["request_id"][-1], r["path"], r.get("error")) for r in requests)
+    assert outcomes == [("1", "/fhir/Patient", "client-disconnected"),
+                        ("2", "/fhir/reset", "upstream-unreachable"),
+                        ("3", "/fhir/Patient", None),
+                        ("4", "/fhir/Patient", "client-disconnected")], outcomes
 
 
 def test_limits_reload_live(own: Running) -> None:
@@ -414,7 +430,7 @@ def test_mitmproxy_inactivity_backstop_stays_above_every_configured_wait(tmp_pat
 
 def test_sigterm_does_not_wait_for_leaked_requests(own: Running) -> None:
     running = own
-    hostile_and_aborted_requests(running)
+    hostile_and_aborted_requests(running, f"leaked-{time.monotonic_ns()}")
     wait_until(lambda: in_flight(running.admin) == 0, message="in-flight to return to 0")
     start = time.monotonic()
     assert running.sidecar.stop() == 0

@@ -280,3 +280,45 @@ def test_bad_shutdown_settings_name_the_field(tmp_path: Path, text: str, field: 
     with pytest.raises(ConfigError) as failure:
         _load(tmp_path, text)
     assert f"{tmp_path / 'c.yaml'}: {field}:" in str(failure.value)
+
+
+def test_an_admin_change_during_the_drain_opens_no_listener(
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
+    token = "drain-admin-token-Zt41"
+    (tmp_path / "admin-token").write_text(token + "\n")
+    ports = Ports(free_port(), free_port())
+    path = _config(tmp_path, pki, upstreams, ports, {"delay_seconds": 0, "drain_seconds": 30})
+    text = path.read_text().replace(f"listen: 127.0.0.1:{ports.admin}",
+                                    f"listen: 127.0.0.1:{ports.admin}\n  token_file: admin-token")
+    assert "token_file" in text
+    path.write_text(text)
+    sidecar = SidecarProcess(path, tmp_path / "state").start()
+    server = upstreams.get("good")
+    slow = threading.Thread(target=lambda: httpx.get(
+        f"http://127.0.0.1:{ports.listen}/slow?seconds=20", timeout=60, trust_env=False),
+        daemon=True)
+    slow.start()
+    try:
+        wait_until(lambda: any("seconds=20" in r.path for r in server.requests_seen), 30,
+                   message="the slow request to reach the upstream")
+        sidecar.signal(signal.SIGTERM)
+        sidecar.wait_for_event("listeners_closed", timeout=20)
+        assert _refused(ports.listen)
+        # The slow request holds the drain open; a change through the admin API now adds a
+        # connection with a listener of its own and moves nothing back.
+        new_port = free_port()
+        answer = httpx.put(
+            f"http://127.0.0.1:{ports.admin}/api/connections/late",
+            json={"url": server.base_url, "listen": f"127.0.0.1:{new_port}",
+                  "tls": {"verify": "skip"}},
+            headers={"Authorization": f"Bearer {token}"}, timeout=20, trust_env=False)
+        assert answer.status_code in (201, 503), answer.text
+        # Listeners open asynchronously after a reload: watch the ports for a while.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert _refused(new_port), "a listener opened after shutdown closed them"
+            assert _refused(ports.listen), "a closed listener opened again"
+            time.sleep(0.05)  # pacing the watch, not waiting for anything
+    finally:
+        assert sidecar.stop() == 0
+    slow.join(30)

@@ -69,10 +69,18 @@ class ApiHandler(BoundedBody):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(body, indent=2) + "\n")
 
-    def authorize(self, write: bool) -> None:
-        """Raise ChangeRejected unless this request carries the admin token (or a session)."""
+    def authorize(self, write: bool, changes: bool = True) -> None:
+        """Raise ChangeRejected unless this request carries the admin token (or a session).
+
+        ``write``: a POST, PUT or DELETE, which a session must send with its CSRF token.
+        ``changes``: it changes the configuration, which read-only mode refuses (a connection
+        test is a write that changes nothing, so it works in read-only mode too).
+        """
         console = self.console
         if not console.auth.token_configured():
+            if write and not changes:
+                raise ChangeRejected(403, "testing needs the admin token, and no readable "
+                                          "admin.token_file is configured")
             if not write:
                 raise ChangeRejected(403, "this admin listener is not on loopback, so reading "
                                           "the API needs the admin token, and no readable "
@@ -102,7 +110,7 @@ class ApiHandler(BoundedBody):
                                                   self.request.headers.get("X-CSRF-Token")):
                 raise ChangeRejected(403, "missing or wrong X-CSRF-Token for this session")
         reason = console.read_only_reason()
-        if write and reason is not None:
+        if write and changes and reason is not None:
             raise ChangeRejected(403, reason)
 
     def _handle_request_exception(self, e: BaseException) -> None:

@@ -195,6 +195,43 @@ class CaBundle(ApiModel):
     problem: str | None
 
 
+class ProbeCertificate(ApiModel):
+    subject: str
+    issuer: str
+    not_after: str = Field(description="When the certificate expires (UTC, ISO 8601)")
+
+
+class ProbeStep(ApiModel):
+    step: Literal["connect", "tls", "credentials", "metadata"]
+    title: str
+    status: Literal["ok", "failed", "skipped"] = Field(description=(
+        "skipped: an earlier step failed, or the step does not apply (plain http://, no "
+        "credentials configured); detail says which"))
+    ms: float | None = Field(description="How long the step took, in milliseconds")
+    detail: str = Field(description="What happened, in plain words (redacted)")
+    certificate: ProbeCertificate | None = Field(description="tls: the server's certificate")
+    tls_version: str | None
+    http_status: int | None = Field(description="metadata: the status of GET [base]/metadata")
+    fhir_version: str | None = Field(description="metadata: the CapabilityStatement's "
+                                                 "fhirVersion")
+    software: str | None = Field(description="metadata: the CapabilityStatement's software "
+                                             "name (and version)")
+    token_reused: bool | None = Field(description=(
+        "credentials: the cached token was used (no token request); false after a fetch"))
+    token_expires_in_seconds: int | None
+
+
+class ProbeReport(ApiModel):
+    """The answer of POST /api/connections/{name}/test and POST /api/oauth/{name}/test"""
+
+    kind: Literal["connection", "oauth"]
+    name: Name
+    url: str = Field(description="The connection's URL, or the definition's token endpoint")
+    ok: bool = Field(description="No step failed")
+    started_at: str
+    steps: list[ProbeStep]
+
+
 class Error(ApiModel):
     error: str
     problems: list[str] = Field(description="One line per problem: FILE: field.path: what is "
@@ -209,4 +246,5 @@ def _list_of(model: type[ApiModel]) -> type[ApiModel]:
 
 REQUESTS: tuple[type[ApiModel], ...] = (ConnectionInput, BasicAuthInput, OAuthInput)
 RESOURCES: tuple[type[ApiModel], ...] = (Connection, BasicAuth, OAuth, CaBundle)
+RESULTS: tuple[type[ApiModel], ...] = (ProbeReport,)
 LISTS = {model.__name__: _list_of(model) for model in RESOURCES}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.admin.auth import AdminAuth
 from sidecar.admin.config_store import ConfigStore
 from sidecar.admin.host_check import is_loopback_listen
+from sidecar.admin.probe_gate import ProbeGate
 from sidecar.admin.readiness import StatusSources
 from sidecar.admin.views import Views
 
@@ -23,6 +24,8 @@ class Console:
     # Off loopback, other machines (other pods) can reach the listener: then reading the
     # configuration needs the admin token too.
     reads_need_token: bool
+    # Who is being tested now, and when each was last tested (the Test button's limits).
+    probes: ProbeGate = field(default_factory=ProbeGate)
 
     @classmethod
     def create(cls, sources: StatusSources, secrets_dir: Path, listen_host: str) -> Console:

@@ -10,12 +10,14 @@ import tornado.web
 from sidecar.admin.api import api_handlers
 from sidecar.admin.console import Console
 from sidecar.admin.dashboard import dashboard_handlers
+from sidecar.admin.probe_api import probe_handlers
 from sidecar.admin.readiness import StatusSources
 
 
 def console_handlers(console: Console) -> list[tuple[str, type[tornado.web.RequestHandler],
                                                       dict[str, Any]]]:
-    return [*api_handlers(console), *dashboard_handlers(console)]
+    # The tests' routes go first: /api/... ends in a catch-all for unknown resources.
+    return [*probe_handlers(console), *api_handlers(console), *dashboard_handlers(console)]
 
 
 def mount_console(app: tornado.web.Application, sources: StatusSources, secrets_dir: Path,

@@ -61,7 +61,8 @@ WRITE_ERRORS = {
 def _schemas() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         (m, "validation") for m in api_models.REQUESTS]
-    responses: tuple[type[BaseModel], ...] = (*api_models.RESOURCES, api_models.Error,
+    responses: tuple[type[BaseModel], ...] = (*api_models.RESOURCES, *api_models.RESULTS,
+                                              api_models.Error,
                                               *api_models.LISTS.values())
     models += [(m, "serialization") for m in responses]
     _, generated = models_json_schema(models, ref_template="#/components/schemas/{model}",
@@ -105,6 +106,36 @@ def _resource(tag: str, view: str, body: dict[str, Any] | None) -> dict[str, Any
     }
 
 
+def _probe(tag: str, what: str, steps: str) -> dict[str, Any]:
+    """``POST .../{name}/test``: docs/admin-api.md#testing-a-connection."""
+    return {
+        "parameters": [
+            {"name": "name", "in": "path", "required": True, "schema": NAME},
+            {"name": "fresh", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "1, true or yes: fetch a new token instead of reusing the cached "
+                            "one (the cache is left as it is)"}],
+        "post": {
+            "tags": [tag], "summary": f"Test {what}: {steps}",
+            "operationId": f"test_{tag.split()[0].lower()}",
+            "description": "Runs the real path once and answers each step with ok, failed "
+                           "or skipped, the time it took and a redacted plain-words detail. "
+                           "Needs the admin token; works in read-only mode (it changes "
+                           "nothing). One test at a time per name, at most one per second.",
+            "security": [{"adminToken": []}],
+            "responses": {
+                "200": {"description": "The steps (ok is false when one failed)",
+                        **_json(_ref("ProbeReport"))},
+                "400": WRITE_ERRORS["400"],
+                "404": _error("No such name"),
+                **ACCESS_ERRORS,
+                "429": _error("A test of this name is running or started less than a second "
+                              "ago, or too many failed authentication attempts; retry after "
+                              "Retry-After seconds"),
+            },
+        },
+    }
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
@@ -117,6 +148,11 @@ def openapi_document() -> dict[str, Any]:
         resource = _resource(tag, view, request)
         paths[f"/api/{prefix}"] = resource["list"]
         paths[f"/api/{prefix}/{{name}}"] = resource["item"]
+    paths["/api/connections/{name}/test"] = _probe(
+        "connections", "a connection", "connect, TLS, credentials, GET [base]/metadata")
+    paths["/api/oauth/{name}/test"] = _probe(
+        "OAuth definitions", "an OAuth definition", "connect and TLS to the token endpoint, "
+        "a token")
     return {
         "openapi": "3.1.0",
         "info": {

@@ -86,6 +86,17 @@ class FetchedToken:
     bound_to: str | None = None  # cnf.x5t#S256 of a certificate-bound JWT token (RFC 8705)
 
 
+@dataclass(frozen=True)
+class ProbeToken:
+    """A token for a connection test (:meth:`TokenSource.token_for_test`)."""
+
+    value: str = field(repr=False)
+    reused: bool  # the cached token, no request to the token endpoint
+    expires_in: float  # seconds left
+    scopes: tuple[str, ...]
+    token_url: str
+
+
 class TokenObserver(Protocol):
     """Metrics hooks (docs/metrics.md)."""
 
@@ -323,6 +334,40 @@ class TokenSource:
         return FetchedToken(token_url=endpoint.token_url, scopes=self._granted(issued),
                             expires_in=lifetime, expires_in_defaulted=defaulted,
                             bound_to=issued.bound_thumbprint)
+
+    async def token_for_test(self, fresh: bool) -> ProbeToken:
+        """A token for a connection test (docs/admin-api.md#testing-a-connection).
+
+        Without ``fresh``: the path a request takes, the cached token while it is usable, else
+        a fetch whose token is cached for the requests too. With ``fresh``: one new token
+        request that leaves the cache and the backoff alone, as ``fetch_once`` does.
+        Raises :class:`TokenUnavailable`.
+        """
+        if fresh:
+            try:
+                endpoint = await self._get_endpoint()
+                issued = await endpoint.request_token()
+            except EndpointFailure as exc:
+                raise self._unavailable(exc) from None
+            lifetime, _ = self._lifetime(issued)
+            return ProbeToken(issued.access_token, False, lifetime, self._granted(issued),
+                             endpoint.token_url)
+        cached = self.cached_token()
+        value = cached if cached is not None else await self.token()
+        current = self._current
+        left = current.expires_wall - time.time() if current is not None else 0.0
+        return ProbeToken(value, cached is not None, max(0.0, left),
+                         current.scopes if current is not None else (), self.token_url)
+
+    @property
+    def tls(self) -> UpstreamTlsPolicy:
+        """The TLS policy of the token endpoint (the definition's ``tls``)."""
+        return self._tls
+
+    @property
+    def via(self) -> EgressProxy | None:
+        """The egress proxy token requests tunnel through, if any."""
+        return self._via
 
     @property
     def client_cert_pem(self) -> bytes | None:

@@ -7,12 +7,14 @@ user's own mitmproxy (``mitmdump -s addons/fhir_sidecar.py``) it builds one from
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions
 
 from sidecar.config.errors import ConfigError
 from sidecar.live import LiveConfig
+from sidecar.logs import log_event
 from sidecar.snapshot import Snapshot
 
 SwapCallback = Callable[[Snapshot, Snapshot], None]
@@ -40,6 +42,13 @@ class SidecarConfig:
                           "fhir-sidecar config file (YAML). Sets the listeners it defines.")
 
     def configure(self, updated: set[str]) -> None:
+        if "save_stream_file" in updated and getattr(ctx.options, "save_stream_file", None):
+            # mitmproxy saves each request as it went upstream, the credentials we added
+            # included; the sidecar cannot take them out first (mitmproxy's own addons run
+            # before a script's).
+            log_event("saved_flows_hold_credentials", logging.WARNING,
+                      "flows saved with -w / save_stream_file include the Authorization "
+                      "header the sidecar added: keep that file as secret as the credentials")
         if "sidecar_config" not in updated or not ctx.options.sidecar_config:
             return
         try:

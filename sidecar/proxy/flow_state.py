@@ -33,6 +33,13 @@ class FlowState:
     links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
     links_done_for: http.Response | None = field(default=None, repr=False)
 
+    def __deepcopy__(self, memo: dict[int, object]) -> dict[str, str | None]:
+        # mitmproxy deep-copies flow.metadata whenever it saves or copies a flow (-w, replay,
+        # the web UI). The state holds the snapshot (secrets, TLS contexts, token sources) and
+        # the bearer token: what leaves the flow is its name and request ID, nothing else.
+        return {"connection": self.connection.name if self.connection is not None else None,
+                "request_id": self.request_id}
+
 
 REQUEST_ID_MAX_CHARS = 128
 # Visible ASCII only: the ID is copied into upstream requests and every log line.

@@ -84,6 +84,9 @@ class Listeners:
         self._config = config
         # Set by the runner once mitmproxy has bound every listener (``/readyz``).
         self.bound = False
+        # Set by the runner when shutdown closes the listeners: a reload after that (an admin
+        # API change during the drain) must not open them again.
+        self.closed = False
         config.on_swap(self._swapped)
 
     def running(self) -> None:
@@ -94,6 +97,8 @@ class Listeners:
             ctx.options.update(mode=listener_modes(current))
 
     def _swapped(self, old: Snapshot, new: Snapshot) -> None:
+        if self.closed:
+            return
         modes = listener_modes(new)
         if modes != listener_modes(old):
             ctx.options.update(mode=modes)
