@@ -505,7 +505,8 @@ def test_no_secret_token_or_query_in_logs_metrics_or_readiness(running: Running)
     secrets = [UPSTREAM_PASSWORD, WRONG_PASSWORD, INLINE_PASSWORD, str(oauth_client.secret),
                DOWN_SECRET, APP_TOKEN, QUERY_SECRET, *issued]
     for user, password in ((UPSTREAM_USER, UPSTREAM_PASSWORD), (UPSTREAM_USER, WRONG_PASSWORD),
-                           (UPSTREAM_USER, INLINE_PASSWORD), (oauth_client.client_id, str(oauth_client.secret)),
+                           (UPSTREAM_USER, INLINE_PASSWORD),
+                           (oauth_client.client_id, str(oauth_client.secret)),
                            ("down-client", DOWN_SECRET)):
         secrets.append(base64.b64encode(f"{user}:{password}".encode()).decode())
     # JSON may escape non-ASCII characters; look for that spelling too.
