@@ -112,9 +112,55 @@ class LastError(ApiModel):
     at: str | None
 
 
+Light = Literal["green", "amber", "red"]
+
+
+class HealthView(ApiModel):
+    """The connection's status light (docs/admin-api.md#the-status-light)"""
+
+    light: Light
+    reason: str = Field(description="The worst finding, or why the light is green")
+    reasons: list[str] = Field(description="Every finding, worst first; empty when green")
+
+
+class ExpiryView(ApiModel):
+    expires_at: str = Field(description="UTC, ISO 8601")
+    days_left: int = Field(description="Whole days left, rounded down; negative once expired")
+    light: Light = Field(description="red under 7 days (or expired), amber under 30")
+
+
+class CertificatesView(ApiModel):
+    ca_bundle: ExpiryView | None = Field(description=(
+        "The earliest expiry among the CA bundle's certificates (verify: custom)"))
+    client_cert: ExpiryView | None = Field(description="The TLS client certificate's expiry")
+
+
+class ConnectionToken(ApiModel):
+    """The OAuth token the connection's requests carry (no value, ever)"""
+
+    definition: Name
+    usable: bool = Field(description="A cached token may be sent now")
+    valid_until: str | None
+    issued_at: str | None = Field(description="When the cached token was asked for")
+    seconds_left: int | None
+    lifetime_seconds: int | None
+    last_error: str | None = Field(description="The last token request's failure (redacted); "
+                                               "null once one succeeded")
+
+
+class TrendView(ApiModel):
+    """Requests and errors per minute over the last hour, oldest minute first (60 each)"""
+
+    since: str = Field(description="The start of the oldest minute (UTC, ISO 8601)")
+    requests: list[int]
+    errors: list[int]
+
+
 class ConnectionStatus(ApiModel):
-    requests_recent: dict[str, int] = Field(description="Requests of the last minutes, by "
+    requests_recent: dict[str, int] = Field(description="Requests of the last 5 minutes, by "
                                                         "status class")
+    errors_recent: dict[str, int] = Field(description="Requests of the last 5 minutes that "
+                                                      "ended in an error, by error word")
     in_flight: int
     last_status: int | None
     last_error: LastError | None
@@ -132,6 +178,10 @@ class Connection(ApiModel):
     rewrite_links: bool
     read_only: ReadOnly
     status: ConnectionStatus
+    health: HealthView
+    token: ConnectionToken | None = Field(description="Connections with an OAuth definition")
+    certificates: CertificatesView
+    trend: TrendView
 
 
 class BasicAuth(ApiModel):
@@ -186,11 +236,13 @@ class CertificateView(ApiModel):
     subject: str
     not_after: str | None
     is_ca: bool
+    expiry: ExpiryView | None
 
 
 class CaBundle(ApiModel):
     name: Name
     certificates: list[CertificateView]
+    expiry: ExpiryView | None = Field(description="The earliest expiry of its certificates")
     used_by: list[str] = Field(description="Connections, and OAuth definitions as oauth:NAME")
     problem: str | None
 

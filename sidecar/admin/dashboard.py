@@ -11,6 +11,7 @@ The session is checked from the cookie before a form's body is read; bodies are 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import quote
@@ -21,6 +22,7 @@ import tornado.web
 from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
+from sidecar.admin.glance import sparkline, token_bar, when
 from sidecar.admin.guard import BoundedBody, with_body
 from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAlg, TlsVerify
 
@@ -92,7 +94,8 @@ class DashboardHandler(BoundedBody):
             session=session, csrf=session.csrf if session else "",
             read_only=read_only, can_edit=session is not None and read_only is None,
             done=self.get_query_argument("done", ""), error=error, problems=problems or [],
-            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES, **extra)
+            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES,
+            now=time.time(), when=when, sparkline=sparkline, token_bar=token_bar, **extra)
         self.finish(html)
 
     @with_body
@@ -189,6 +192,15 @@ class ConnectionsPage(DashboardHandler):
             body["read_timeout_seconds"] = existing.read_timeout_seconds
         created, _ = store.put_connection(name, body)
         return f"connection {name} {'created' if created else 'saved'}"
+
+
+class ConnectionsLive(DashboardHandler):
+    """The live cells of every connection row (light, token, trend, counts, last error), which
+    static/glance.js fetches every 10 s and puts in place of the page's."""
+
+    page, template = "connections", "connections_live.html"
+    SUPPORTED_METHODS = ("GET",)
+    body_limit = 0
 
 
 class BasicAuthPage(DashboardHandler):
@@ -320,6 +332,7 @@ def dashboard_handlers(console: Console) -> list[tuple[str, type[tornado.web.Req
     return [
         (r"/", ConnectionsPage, args),
         (r"/connections", ConnectionsPage, args),
+        (r"/connections/live", ConnectionsLive, args),
         (r"/basic-auth", BasicAuthPage, args),
         (r"/oauth", OAuthPage, args),
         (r"/ca-bundles", CaBundlesPage, args),
