@@ -96,7 +96,9 @@ def connection_health(inputs: HealthInputs, now: float) -> Health:
 
 def _errors(inputs: HealthInputs, now: float) -> list[tuple[Light, str]]:
     found: list[tuple[Light, str]] = []
-    failures = {k: n for k, n in sorted(inputs.errors_recent.items()) if n and is_failure(k)}
+    # The most frequent kind first.
+    failures = {k: n for k, n in sorted(inputs.errors_recent.items(), key=lambda i: (-i[1], i[0]))
+                if n and is_failure(k)}
     last, at = inputs.last_error, inputs.last_error_at
     failing_now = (last is not None and at is not None and is_failure(last)
                    and now - at < WINDOW_SECONDS
