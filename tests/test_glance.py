@@ -7,6 +7,7 @@ fresh."""
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,11 +37,12 @@ class Glance:
         self.tmp = tmp
         self.admin = f"127.0.0.1:{free_port()}"
         self.ports = {"main": free_port(), "wrong-ca": free_port(), "soon": free_port(),
-                      "later": free_port(), "oauth-down": free_port()}
+                      "later": free_port(), "oauth-down": free_port(), "mtls": free_port()}
         (tmp / "secrets").mkdir()
         (tmp / "secrets" / "pw").write_text(UPSTREAM_PASSWORD + "\n")
         (tmp / "secrets" / "client").write_text("glance-client-secret-Kx20\n")
         good, other_ca = upstreams.get("good"), upstreams.get("other_ca")
+        client = pki.client_identity(name="glance-client")
         trusted = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
         self.trusted, self.other_ca = trusted, other_ca
         self.other_ca_bundle = str(pki.other_ca_bundle_path)
@@ -59,6 +61,8 @@ class Glance:
                 "verify": "custom",
                 "ca_bundle": str(bundle_with_soon_expiring_ca(pki, "glance-later", 20.5))}),
             "oauth-down": conn("oauth-down", good.base_url, trusted, oauth="down"),
+            "mtls": conn("mtls", upstreams.get("mtls").base_url, {
+                **trusted, "client_cert": str(client.cert), "client_key": str(client.key)}),
         }
         self.config = {
             "admin": {"listen": self.admin},
@@ -173,7 +177,12 @@ def test_certificate_expiry_and_token_lights(glance: Glance) -> None:
                                "reasons": ["CA bundle expires in 20 days"]}
     main = glance.connection("main")
     assert main["certificates"]["ca_bundle"]["light"] == "green"  # ten years
+    assert main["certificates"]["client_cert"] is None
     assert main["token"] is None
+    mtls = glance.connection("mtls")
+    assert mtls["certificates"]["client_cert"]["light"] == "green"
+    assert mtls["certificates"]["client_cert"]["days_left"] in (363, 364)  # a year, less a bit
+    assert {r.status_code for r in glance.send("mtls", 1)} == {200}
     # Expiring CA bundles still verify: requests work, and the light stays what the dates say.
     assert {r.status_code for r in glance.send("soon", 2)} == {200}
     assert glance.connection("soon")["health"]["light"] == "red"
@@ -193,6 +202,9 @@ def test_certificate_expiry_and_token_lights(glance: Glance) -> None:
     assert 'data-live="health" data-light="red"' in _row(page, "oauth-down")
     assert 'data-light="red" data-days="3"' in _row(page, "soon")
     assert 'data-light="amber" data-days="20"' in _row(page, "later")
+    assert re.search(r'data-light="green" data-days="36[34]">client cert: <time datetime="'
+                     r'[0-9T:-]+Z" title="[0-9: -]+ UTC">36[34] days left</time>',
+                     _row(page, "mtls"))
 
 
 def _row(html: str, connection: str) -> str:
