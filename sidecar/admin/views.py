@@ -1,6 +1,7 @@
 """What the dashboard and the API show of each resource: its settings and its live state.
 
 Built from the live snapshot, the metrics' status board and the token sources' ``status()``.
+A connection's status light is :func:`sidecar.health.connection_health` of what they say.
 Secrets appear only as ``"set"`` / ``"not set"``; no value, token or header is ever included.
 ``read_only`` says why the API will not change a definition (it reads files or environment
 variables the config file names), or is null.
