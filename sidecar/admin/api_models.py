@@ -72,9 +72,15 @@ TlsInput = _api_input(
     ca_bundle=(NameReference | None, Field(default=None, description=(
         "The name of a CA bundle uploaded with PUT /api/ca-bundles/{name} (never a path)"))))
 
+def _via_input() -> Any:
+    return (NameReference | None, Field(default=None, description=(
+        "The name of an egress proxy (GET /api/egress-proxies) to tunnel through. PUT replaces "
+        "the whole definition, so null and omitting it both mean a direct connection")))
+
+
 ConnectionInput = _api_input(
     ConnectionSettings, "ConnectionInput", "A connection, as PUT /api/connections/{name} takes it",
-    tls=(TlsInput, Field(default_factory=TlsInput)))
+    tls=(TlsInput, Field(default_factory=TlsInput)), via=_via_input())
 
 BasicAuthInput = _api_input(
     BasicAuthDefinition, "BasicAuthInput", "A Basic Auth definition, as PUT "
@@ -88,10 +94,16 @@ OAuthInput = _api_input(
     client_secret=_secret("The new client secret (write-only; omit to keep the current one)"),
     tls=(TlsInput, Field(default_factory=TlsInput)),
     private_key_pem=_secret("PEM private key for private_key_jwt (write-only; omit to keep "
-                            "the current one)"))
+                            "the current one)"),
+    via=_via_input())
 
 
 # -- response bodies ------------------------------------------------------------------------
+
+Via = Annotated[Name | None, Field(description=(
+    "The egress proxy (GET /api/egress-proxies) its upstream traffic tunnels through; null "
+    "for a direct connection"))]
+
 
 class TlsView(ApiModel):
     verify: TlsVerify
@@ -176,6 +188,7 @@ class Connection(ApiModel):
     timeout_seconds: float
     read_timeout_seconds: float
     rewrite_links: bool
+    via: Via
     read_only: ReadOnly
     status: ConnectionStatus
     health: HealthView
@@ -227,6 +240,7 @@ class OAuth(ApiModel):
     extra_params: dict[str, str]
     default_expires_in: int
     tls: TlsView
+    via: Via
     read_only: ReadOnly
     used_by: list[Name]
     token: TokenView
@@ -245,6 +259,25 @@ class CaBundle(ApiModel):
     expiry: ExpiryView | None = Field(description="The earliest expiry of its certificates")
     used_by: list[str] = Field(description="Connections, and OAuth definitions as oauth:NAME")
     problem: str | None
+
+
+class EgressProxy(ApiModel):
+    """An egress proxy (read-only: egress proxies are defined in the config file)"""
+
+    name: Name
+    url: str = Field(description="scheme://host:port of the proxy (never credentials)")
+    username_set: bool = Field(description="Whether CONNECT sends Proxy-Authorization (the "
+                                           "username itself is not shown)")
+    password: UsedSecretState = Field(description=(
+        "Whether the proxy password can be read now; \"not used\" without a username. "
+        "The value is never shown"))
+    password_source: Literal["file", "env"] | None = Field(description=(
+        "Where the config file takes the password from; null without a username"))
+    tls_verify: TlsVerify | None = Field(description=(
+        "How the sidecar verifies an https:// proxy's certificate; null for http://"))
+    read_only: str = Field(description="Why the API does not change it: always set")
+    used_by: list[str] = Field(description="Connections whose via names it, and OAuth "
+                                           "definitions as oauth:NAME")
 
 
 class ProbeCertificate(ApiModel):
@@ -297,6 +330,6 @@ def _list_of(model: type[ApiModel]) -> type[ApiModel]:
 
 
 REQUESTS: tuple[type[ApiModel], ...] = (ConnectionInput, BasicAuthInput, OAuthInput)
-RESOURCES: tuple[type[ApiModel], ...] = (Connection, BasicAuth, OAuth, CaBundle)
+RESOURCES: tuple[type[ApiModel], ...] = (Connection, BasicAuth, OAuth, CaBundle, EgressProxy)
 RESULTS: tuple[type[ApiModel], ...] = (ProbeReport,)
 LISTS = {model.__name__: _list_of(model) for model in RESOURCES}

@@ -29,7 +29,8 @@ from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAl
 HERE = Path(__file__).parent
 TEMPLATES = tornado.template.Loader(str(HERE / "templates"))
 PAGES = (("connections", "/", "Connections"), ("basic-auth", "/basic-auth", "Basic Auth"),
-         ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"))
+         ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"),
+         ("egress-proxies", "/egress-proxies", "Egress proxies"))
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart framing and the form's other fields
 LOGIN_BODY_BYTES = 8 * 1024
 # The options of the forms' select fields, in the order shown.
@@ -187,6 +188,7 @@ class ConnectionsPage(DashboardHandler):
                 raise ChangeRejected(422, "timeout_seconds must be a number") from None
             if not math.isfinite(body["timeout_seconds"]):
                 raise ChangeRejected(422, "timeout_seconds must be a finite number")
+        body["via"] = self.optional("via")
         if existing is not None:  # settings the form does not show are kept
             body["rewrite_links"] = existing.rewrite_links
             body["read_timeout_seconds"] = existing.read_timeout_seconds
@@ -241,6 +243,7 @@ class OAuthPage(DashboardHandler):
                 body[key] = self.field(key)
         if self.field("signing_alg"):
             body["signing_alg"] = self.field("signing_alg")
+        body["via"] = self.optional("via")
         if existing is not None:  # settings the form does not show are kept
             if existing.resource:
                 body["resource"] = existing.resource
@@ -274,6 +277,16 @@ class CaBundlesPage(DashboardHandler):
             raise ChangeRejected(422, "choose a PEM file (or paste PEM text) to upload")
         created, _ = store.put_ca_bundle(name, pem)
         return f"CA bundle {name} {'uploaded' if created else 'replaced'}"
+
+
+class EgressProxiesPage(DashboardHandler):
+    """Read-only: egress proxies are the config file's (docs/admin-api.md#egress-proxies)."""
+
+    page, template = "egress-proxies", "egress_proxies.html"
+
+    def act(self) -> str:
+        raise ChangeRejected(405, "egress proxies are read-only here: define them in the "
+                                  "config file (egress_proxies)")
 
 
 class LoginPage(DashboardHandler):
@@ -336,6 +349,7 @@ def dashboard_handlers(console: Console) -> list[tuple[str, type[tornado.web.Req
         (r"/basic-auth", BasicAuthPage, args),
         (r"/oauth", OAuthPage, args),
         (r"/ca-bundles", CaBundlesPage, args),
+        (r"/egress-proxies", EgressProxiesPage, args),
         (r"/login", LoginPage, args),
         (r"/logout", LogoutPage, args),
         (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "static")}),

@@ -13,6 +13,7 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from sidecar.admin import api_models as api
 from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
@@ -27,6 +28,10 @@ from sidecar.health import (
 )
 from sidecar.metrics import ConnectionActivity
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
+from sidecar.egress import EgressProxy
+
+EGRESS_READ_ONLY = ("egress proxies are defined in the config file (egress_proxies); the API and "
+                    "the dashboard show them and assign them with via, but do not change them")
 
 
 class Views:
@@ -77,6 +82,7 @@ class Views:
             timeout_seconds=conn.timeout_seconds,
             read_timeout_seconds=conn.read_timeout_seconds,
             rewrite_links=conn.rewrite_links,
+            via=conn.via,
             read_only=self.store.read_only_definition("connections", name),
             status=api.ConnectionStatus(
                 requests_recent=requests_recent,
@@ -164,6 +170,7 @@ class Views:
             extra_params=dict(d.extra_params),
             default_expires_in=d.default_expires_in,
             tls=self.tls(d.tls),
+            via=d.via,
             read_only=self.store.read_only_definition("oauth", name),
             used_by=sorted(c for c, conn in self.store.config.connections.items()
                            if conn.auth.oauth == name),
@@ -175,6 +182,30 @@ class Views:
                 scopes=list(status.scopes) if status else [],
                 last_result=self.sources.metrics.board.token(name).last_result,
             ),
+        ))
+
+    def egress_proxies(self) -> list[dict[str, Any]]:
+        return [self.egress_proxy(n) for n in sorted(self.store.config.egress_proxies)]
+
+    def egress_proxy(self, name: str) -> dict[str, Any]:
+        config = self.store.config
+        d = config.egress_proxies[name]
+        has_user = d.username is not None
+        used_by = sorted(c for c, conn in config.connections.items() if conn.via == name)
+        used_by += sorted(f"oauth:{o}" for o, od in config.oauth.items() if od.via == name)
+        https = urlsplit(d.url).scheme.lower() == "https"
+        return _body(api.EgressProxy(
+            name=name,
+            # Rebuilt from host and port: nothing of the configured text but those is shown.
+            url=EgressProxy.from_url(name, d.url).url,
+            username_set=has_user,
+            password=secret_state(d.password_file, d.password_env, None) if has_user
+            else "not used",
+            password_source=None if not has_user
+            else "env" if d.password_env is not None else "file",
+            tls_verify=(d.tls.verify if d.tls else "default") if https else None,
+            read_only=EGRESS_READ_ONLY,
+            used_by=used_by,
         ))
 
     def ca_bundles(self) -> list[dict[str, Any]]:
