@@ -539,7 +539,8 @@ class ConfigStore:
 
     def _via_from_api(self, body: dict[str, Any]) -> dict[str, Any]:
         """``via`` names an egress proxy of the config file; null (or leaving it out: a PUT
-        replaces the whole definition) means a direct connection (docs/admin-api.md#via)."""
+        replaces the whole definition) means a direct connection
+        (docs/admin-api.md#egress-proxies)."""
         via = body.pop("via", None)
         if via is None:
             return body
