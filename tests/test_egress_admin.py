@@ -17,7 +17,7 @@ import pytest
 import yaml
 from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.tinyproxy import Tinyproxy
 
 from sidecar.testkit.fhir_server import FhirTestServer
@@ -281,3 +281,36 @@ def test_the_dashboard_shows_proxies_and_sets_via(setup: Setup) -> None:
         assert_no_leak(oauth_page.content)
         assert '<option value="open" selected>' in oauth_page.text
         browser.post("/oauth", data={"_csrf": csrf, "name": "form-oauth", "action": "delete"})
+
+
+def test_a_proxy_url_with_userinfo_is_refused_without_showing_it(tmp_path: Path) -> None:
+    """The config refuses user:password@ in a proxy URL; a reload that tries it is rejected,
+    and no answer (API, dashboard, metrics) nor the log shows the userinfo in any form."""
+    admin = f"127.0.0.1:{free_port()}"
+    proxy_port = free_port()
+    config = write_config(tmp_path, {
+        "admin": {"listen": admin},
+        "egress_proxies": {"corp": {"url": f"http://127.0.0.1:{proxy_port}"}},
+        "connections": {"main": {"url": "https://127.0.0.1:9/fhir", "via": "corp"}},
+    })
+    process = SidecarProcess(config, tmp_path / "state").start()
+    try:
+        with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30) as client:
+            data = yaml.safe_load(config.read_text())
+            data["egress_proxies"]["corp"]["url"] = (
+                f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy_port}")
+            config.write_text(yaml.safe_dump(data))
+            wait_until(lambda: "egress_proxies.corp.url" in client.get("/").text, 60,
+                       message="the reload with userinfo to be rejected")
+            answers = [client.get(path) for path in
+                       ("/", "/egress-proxies", "/api/egress-proxies",
+                        "/api/egress-proxies/corp", "/api/connections/main", "/metrics")]
+            for answer in answers:
+                assert answer.status_code == 200, answer.request.url
+                assert_no_leak(answer.content)
+            assert "must not contain a user name or password" in answers[0].text
+            assert client.get("/api/egress-proxies/corp").json()["url"] == \
+                f"http://127.0.0.1:{proxy_port}"  # the last good config stays live
+    finally:
+        assert process.stop() == 0
+    assert_no_leak(process.output.encode())
