@@ -261,7 +261,7 @@ class EgressProxiesHandler(ApiHandler):
 
     @with_body
     def refuse(self, name: str | None = None) -> None:
-        self.set_header("Allow", "GET, HEAD")
+        self.set_header("Allow", "GET")
         raise ChangeRejected(405, "egress proxies are read-only here: define them in the "
                                   "config file (egress_proxies) and assign them with via")
 
