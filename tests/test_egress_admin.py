@@ -140,7 +140,7 @@ def test_the_api_lists_proxies_without_any_credential(setup: Setup) -> None:
     assert setup.get("/api/connections/fixed").json()["via"] == "open"
 
 
-def test_reading_proxies_needs_the_token_off_loopback_only_like_other_reads(
+def test_reading_proxies_is_open_on_a_loopback_listener_like_other_reads(
         setup: Setup) -> None:
     # The admin listener is on loopback: reads are open there, as for every other resource.
     anonymous = setup.client.get("/api/egress-proxies")
