@@ -19,6 +19,7 @@ from sidecar.admin import api_models as api
 from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
 from sidecar.admin.readiness import StatusSources, _iso, _iso_dt
 from sidecar.config.models import TlsSettings
+from sidecar.egress import EgressProxy
 from sidecar.health import (
     HealthInputs,
     TokenState,
@@ -28,7 +29,6 @@ from sidecar.health import (
 )
 from sidecar.metrics import ConnectionActivity
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
-from sidecar.egress import EgressProxy
 
 EGRESS_READ_ONLY = ("egress proxies are defined in the config file (egress_proxies); the API and "
                     "the dashboard show them and assign them with via, but do not change them")
