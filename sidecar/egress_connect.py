@@ -2,14 +2,21 @@
 connection test (:mod:`sidecar.probe`).
 
 The socket returned carries bytes to ``host:port`` through the proxy; the caller runs the
-upstream's TLS inside it under the connection's own policy, as the proxy leg does.
+upstream's TLS inside it under the connection's own policy, as the proxy leg does. An
+``https://`` proxy is reached over TLS verified by its own ``tls`` policy; the upstream's TLS
+then runs inside that TLS. The stdlib cannot layer one ``SSLSocket`` over another, so the
+caller gets one end of a socket pair and a relay thread (:mod:`sidecar.egress_relay`) carries
+its bytes through the proxy's TLS.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 
 from sidecar.egress import EgressProxy
+from sidecar.egress_relay import relay_through
+from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
 _MAX_HEAD_BYTES = 16384
 
@@ -19,13 +26,13 @@ class TunnelRefused(OSError):
 
 
 def open_tunnel(proxy: EgressProxy, host: str, port: int, timeout: float) -> socket.socket:
-    if proxy.scheme != "http":
-        raise TunnelRefused(f"{proxy.describe()}: check --online and the connection test "
-                            "tunnel through http:// proxies only")
     try:
-        sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+        sock: socket.socket = socket.create_connection((proxy.host, proxy.port),
+                                                       timeout=timeout)
     except OSError as exc:
         raise TunnelRefused(f"cannot reach {proxy.describe()}: {exc.strerror or exc}") from None
+    if proxy.scheme == "https":
+        sock = _tls_to_proxy(proxy, sock)
     try:
         sock.sendall(_connect_request(proxy, host, port))
         status_line = _read_status_line(sock)
@@ -38,7 +45,28 @@ def open_tunnel(proxy: EgressProxy, host: str, port: int, timeout: float) -> soc
         sock.close()
         answer = " ".join(parts[1:])[:120] or "no status line"
         raise TunnelRefused(f"{proxy.describe()} refused the tunnel to {host}:{port}: {answer}")
+    if isinstance(sock, ssl.SSLSocket):
+        return relay_through(sock)
     return sock
+
+
+def _tls_to_proxy(proxy: EgressProxy, sock: socket.socket) -> ssl.SSLSocket:
+    """The TLS to an https:// proxy, verified under the proxy definition's ``tls``; a failure
+    names the proxy and says why in the words every TLS leg uses."""
+    policy = proxy.tls
+    assert policy is not None  # compiled for every https:// proxy
+    try:
+        return policy.stdlib_context().wrap_socket(sock, server_hostname=policy.sni_for(
+            proxy.host))
+    except ssl.SSLError as exc:
+        sock.close()
+        reason = reason_of_stdlib_error(exc) or "handshake"
+        words = describe(reason, policy, proxy.host, stdlib_error_detail(exc))
+        raise TunnelRefused(f"TLS to {proxy.describe()} failed: {words}") from None
+    except OSError as exc:
+        sock.close()
+        raise TunnelRefused(f"TLS to {proxy.describe()} failed: {exc.strerror or exc}") \
+            from None
 
 
 def _connect_request(proxy: EgressProxy, host: str, port: int) -> bytes:

@@ -36,6 +36,7 @@ from sidecar.errors import ErrorKind
 from sidecar.observe import NO_CONNECTION, TokenResult
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 from sidecar.tls.verdict import TLS_FAILURE_REASONS
+from sidecar.trends import MinuteRing
 
 if TYPE_CHECKING:
     from sidecar.live import LiveConfig, ReloadOutcome
@@ -122,7 +123,9 @@ class ConnectionActivity:
     """What one connection has been doing; times are epoch seconds."""
 
     name: str
-    recent: RecentCounts = field(default_factory=RecentCounts)
+    recent: RecentCounts = field(default_factory=RecentCounts)  # by status class
+    errors_recent: RecentCounts = field(default_factory=RecentCounts)  # by error word
+    trend: MinuteRing = field(default_factory=MinuteRing)  # the last hour, per minute
     requests: int = 0
     in_flight: int = 0
     last_request_at: float | None = None
@@ -183,9 +186,10 @@ class StatusBoard:
     def keep_only(self, connections: Iterable[str], definitions: Iterable[str]) -> None:
         """Forget what was removed from the config ("-" counts unrouted requests: kept)."""
         keep = {*connections, NO_CONNECTION}
-        # A removed connection's requests still in flight keep their count until they finish.
-        self._connections = {k: v for k, v in self._connections.items()
-                             if k in keep or v.in_flight}
+        # A removed connection's requests still in flight keep their count until they finish;
+        # its history goes at once, so a connection added again by that name starts fresh.
+        self._connections = {k: v if k in keep else _fresh(v)
+                             for k, v in self._connections.items() if k in keep or v.in_flight}
         wanted = set(definitions)
         self._tokens = {k: v for k, v in self._tokens.items() if k in wanted}
 
@@ -204,9 +208,11 @@ class StatusBoard:
         activity.in_flight -= 1
         activity.requests += 1
         activity.recent.add(status_class(status))
+        activity.trend.add(now, error is not None)
         activity.last_request_at = now
         activity.last_status = status
         if error is not None:
+            activity.errors_recent.add(error)
             activity.last_error, activity.last_error_at = error, now
         elif status is not None:
             activity.last_upstream_answer_at = now
@@ -222,6 +228,11 @@ class StatusBoard:
 
     def token_expiry(self, definition: str, expires_at: float) -> None:
         self.token(definition).expires_at = expires_at
+
+
+def _fresh(activity: ConnectionActivity) -> ConnectionActivity:
+    """Only the in-flight count of a removed connection: nothing of its past."""
+    return ConnectionActivity(activity.name, in_flight=activity.in_flight)
 
 
 # -- Prometheus ------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def test_reads_list_everything_and_never_a_secret(sidecar: Sidecar) -> None:
     sidecar.through()
     for path in ("/api/connections", "/api/basic-auth", "/api/oauth", "/api/ca-bundles",
                  "/api/connections/main", "/api/basic-auth/first", "/api/openapi.json",
-                 "/", "/basic-auth", "/oauth", "/ca-bundles", "/login"):
+                 "/", "/connections/live", "/basic-auth", "/oauth", "/ca-bundles", "/login"):
         response = sidecar.api.get(path)
         assert response.status_code == 200, (path, response.text)
         assert response.headers["Cache-Control"] == "no-store"

@@ -427,7 +427,7 @@ def test_off_loopback_reads_need_the_token_and_probes_do_not(
     bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with httpx.Client(base_url=base, trust_env=False, timeout=30) as client:
         for path in ("/healthz", "/readyz", "/readyz?verbose=1", "/metrics",
-                     "/static/dashboard.css", "/login"):
+                     "/static/dashboard.css", "/static/glance.js", "/login"):
             assert client.get(path).status_code == 200, path
         for path in ("/api/connections", "/api/connections/hidden-conn", "/api/basic-auth",
                      "/api/oauth", "/api/ca-bundles", "/api/openapi.json"):
@@ -435,7 +435,8 @@ def test_off_loopback_reads_need_the_token_and_probes_do_not(
             assert refused.status_code == 401, path
             assert "hidden" not in refused.text
             assert client.get(path, headers=bearer).status_code == 200, path
-        for path in ("/", "/connections", "/basic-auth", "/oauth", "/ca-bundles"):
+        for path in ("/", "/connections", "/connections/live", "/basic-auth", "/oauth",
+                     "/ca-bundles"):
             page = client.get(path)
             assert page.status_code == 401, path
             assert "hidden" not in page.text and 'id="login-form"' in page.text

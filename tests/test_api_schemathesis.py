@@ -39,6 +39,8 @@ def running(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[str, SidecarProcess]
     config = write_config(tmp_path, {
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "basic_auth": {"b": {"username": "svc", "password_file": "secrets/pw"}},
+        "egress_proxies": {"e": {"url": "http://127.0.0.1:9", "username": "svc",
+                                 "password_file": "secrets/pw"}},
         "connections": {"c": {"url": "https://127.0.0.1:9/fhir", "auth": {"basic": "b"},
                               "tls": {"verify": "custom",
                                       "ca_bundle": str(pki.ca_bundle_path)}}},
@@ -76,7 +78,8 @@ def test_api_conforms_to_its_openapi_document(running: tuple[str, SidecarProcess
     schema = schemathesis.openapi.from_dict(_loopback_only(document))
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 18  # 4 resources x (list, read, put, delete), 2 tests
+    # 4 resources x (list, read, put, delete), egress proxies (list, read), 2 tests
+    assert len(operations) == 20
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
 
     for operation in operations:

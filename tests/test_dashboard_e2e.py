@@ -62,6 +62,8 @@ def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: TestPKI,
     config = write_config(tmp_path, {
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "basic_auth": {"old": {"username": "old", "password_file": "secrets/pw"}},
+        "egress_proxies": {"corp-proxy": {"url": "http://127.0.0.1:9", "username": "proxysvc",
+                                          "password_file": "secrets/pw"}},
         "connections": {"main": {"url": upstream.base_url, "listen": f"127.0.0.1:{port}",
                                  "tls": {"verify": "skip"}}},
     })
@@ -161,6 +163,21 @@ def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: TestPKI,
         sync_api.expect(page.locator("#connection-main")).to_contain_text("custom (corp-ca)")
         sync_api.expect(page.locator("#connection-main")).to_contain_text("upstream-tls")
         shot("5-connections")
+
+        # The egress proxies page, from the nav; then via set in the connection form.
+        page.click("nav >> text=Egress proxies")
+        sync_api.expect(page.locator("#proxy-corp-proxy")).to_contain_text("http://127.0.0.1:9")
+        sync_api.expect(page.locator("#proxy-corp-proxy")).to_contain_text("password set")
+        assert "unused-pw-Ty31" not in page.content() and "proxysvc" not in page.content()
+        shot("6-egress-proxies")
+        page.goto(f"{base}/")
+        page.click("#edit-connection-main summary")
+        page.select_option("#edit-connection-main select[name=via]", "corp-proxy")
+        page.click("#edit-connection-main form.edit button[type=submit]")
+        expect_done("connection main saved")
+        assert "via: corp-proxy" in config.read_text()
+        page.goto(f"{base}/egress-proxies")
+        sync_api.expect(page.locator("#proxy-corp-proxy")).to_contain_text("main")
 
     persisted = config.read_text()
     assert "web" in persisted and "corp-ca" in persisted

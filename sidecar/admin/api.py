@@ -245,6 +245,29 @@ class CaBundlesHandler(ApiHandler):
         self.finish()
 
 
+class EgressProxiesHandler(ApiHandler):
+    """Read-only: egress proxies are the config file's (docs/admin-api.md#egress-proxies)."""
+
+    @with_body
+    def get(self, name: str | None = None) -> None:
+        views = self.console.views
+        if name is None:
+            self.reply({"items": views.egress_proxies()})
+            return
+        check_name(name, "egress_proxies")
+        if name not in self.console.store.config.egress_proxies:
+            raise ChangeRejected(404, f"no egress proxy named {name!r}")
+        self.reply(views.egress_proxy(name))
+
+    @with_body
+    def refuse(self, name: str | None = None) -> None:
+        self.set_header("Allow", "GET")
+        raise ChangeRejected(405, "egress proxies are read-only here: define them in the "
+                                  "config file (egress_proxies) and assign them with via")
+
+    put = post = delete = patch = refuse
+
+
 def _named(name: str | None) -> str:
     if name is None:
         raise ChangeRejected(405, "PUT and DELETE need a name: /api/<resource>/<name>")
@@ -270,7 +293,8 @@ def api_handlers(console: Console) -> list[tuple[str, type[tornado.web.RequestHa
     for prefix, handler in (("connections", ConnectionsHandler),
                             ("basic-auth", BasicAuthHandler),
                             ("oauth", OAuthHandler),
-                            ("ca-bundles", CaBundlesHandler)):
+                            ("ca-bundles", CaBundlesHandler),
+                            ("egress-proxies", EgressProxiesHandler)):
         found += [(rf"/api/{prefix}/?", handler, args),
                   (rf"/api/{prefix}/([^/]+)", handler, args)]
     found.append((r"/api(/.*)?", ApiNotFound, args))

@@ -72,9 +72,15 @@ TlsInput = _api_input(
     ca_bundle=(NameReference | None, Field(default=None, description=(
         "The name of a CA bundle uploaded with PUT /api/ca-bundles/{name} (never a path)"))))
 
+def _via_input() -> Any:
+    return (NameReference | None, Field(default=None, description=(
+        "The name of an egress proxy (GET /api/egress-proxies) to tunnel through. PUT replaces "
+        "the whole definition, so null and omitting it both mean a direct connection")))
+
+
 ConnectionInput = _api_input(
     ConnectionSettings, "ConnectionInput", "A connection, as PUT /api/connections/{name} takes it",
-    tls=(TlsInput, Field(default_factory=TlsInput)))
+    tls=(TlsInput, Field(default_factory=TlsInput)), via=_via_input())
 
 BasicAuthInput = _api_input(
     BasicAuthDefinition, "BasicAuthInput", "A Basic Auth definition, as PUT "
@@ -88,10 +94,16 @@ OAuthInput = _api_input(
     client_secret=_secret("The new client secret (write-only; omit to keep the current one)"),
     tls=(TlsInput, Field(default_factory=TlsInput)),
     private_key_pem=_secret("PEM private key for private_key_jwt (write-only; omit to keep "
-                            "the current one)"))
+                            "the current one)"),
+    via=_via_input())
 
 
 # -- response bodies ------------------------------------------------------------------------
+
+Via = Annotated[Name | None, Field(description=(
+    "The egress proxy (GET /api/egress-proxies) its upstream traffic tunnels through; null "
+    "for a direct connection"))]
+
 
 class TlsView(ApiModel):
     verify: TlsVerify
@@ -112,9 +124,55 @@ class LastError(ApiModel):
     at: str | None
 
 
+Light = Literal["green", "amber", "red"]
+
+
+class HealthView(ApiModel):
+    """The connection's status light (docs/admin-api.md#the-status-light)"""
+
+    light: Light
+    reason: str = Field(description="The worst finding, or why the light is green")
+    reasons: list[str] = Field(description="Every finding, worst first; empty when green")
+
+
+class ExpiryView(ApiModel):
+    expires_at: str = Field(description="UTC, ISO 8601")
+    days_left: int = Field(description="Whole days left, rounded down; negative once expired")
+    light: Light = Field(description="red under 7 days (or expired), amber under 30")
+
+
+class CertificatesView(ApiModel):
+    ca_bundle: ExpiryView | None = Field(description=(
+        "The earliest expiry among the CA bundle's certificates (verify: custom)"))
+    client_cert: ExpiryView | None = Field(description="The TLS client certificate's expiry")
+
+
+class ConnectionToken(ApiModel):
+    """The OAuth token the connection's requests carry (no value, ever)"""
+
+    definition: Name
+    usable: bool = Field(description="A cached token may be sent now")
+    valid_until: str | None
+    issued_at: str | None = Field(description="When the cached token was asked for")
+    seconds_left: int | None
+    lifetime_seconds: int | None
+    last_error: str | None = Field(description="The last token request's failure (redacted); "
+                                               "null once one succeeded")
+
+
+class TrendView(ApiModel):
+    """Requests and errors per minute over the last hour, oldest minute first (60 each)"""
+
+    since: str = Field(description="The start of the oldest minute (UTC, ISO 8601)")
+    requests: list[int]
+    errors: list[int]
+
+
 class ConnectionStatus(ApiModel):
-    requests_recent: dict[str, int] = Field(description="Requests of the last minutes, by "
+    requests_recent: dict[str, int] = Field(description="Requests of the last 5 minutes, by "
                                                         "status class")
+    errors_recent: dict[str, int] = Field(description="Requests of the last 5 minutes that "
+                                                      "ended in an error, by error word")
     in_flight: int
     last_status: int | None
     last_error: LastError | None
@@ -130,8 +188,13 @@ class Connection(ApiModel):
     timeout_seconds: float
     read_timeout_seconds: float
     rewrite_links: bool
+    via: Via
     read_only: ReadOnly
     status: ConnectionStatus
+    health: HealthView
+    token: ConnectionToken | None = Field(description="Connections with an OAuth definition")
+    certificates: CertificatesView
+    trend: TrendView
 
 
 class BasicAuth(ApiModel):
@@ -177,6 +240,7 @@ class OAuth(ApiModel):
     extra_params: dict[str, str]
     default_expires_in: int
     tls: TlsView
+    via: Via
     read_only: ReadOnly
     used_by: list[Name]
     token: TokenView
@@ -186,13 +250,34 @@ class CertificateView(ApiModel):
     subject: str
     not_after: str | None
     is_ca: bool
+    expiry: ExpiryView | None
 
 
 class CaBundle(ApiModel):
     name: Name
     certificates: list[CertificateView]
+    expiry: ExpiryView | None = Field(description="The earliest expiry of its certificates")
     used_by: list[str] = Field(description="Connections, and OAuth definitions as oauth:NAME")
     problem: str | None
+
+
+class EgressProxy(ApiModel):
+    """An egress proxy (read-only: egress proxies are defined in the config file)"""
+
+    name: Name
+    url: str = Field(description="scheme://host:port of the proxy (never credentials)")
+    username_set: bool = Field(description="Whether CONNECT sends Proxy-Authorization (the "
+                                           "username itself is not shown)")
+    password: UsedSecretState = Field(description=(
+        "Whether the proxy password can be read now; \"not used\" without a username. "
+        "The value is never shown"))
+    password_source: Literal["file", "env"] | None = Field(description=(
+        "Where the config file takes the password from; null without a username"))
+    tls_verify: TlsVerify | None = Field(description=(
+        "How the sidecar verifies an https:// proxy's certificate; null for http://"))
+    read_only: str = Field(description="Why the API does not change it: always set")
+    used_by: list[str] = Field(description="Connections whose via names it, and OAuth "
+                                           "definitions as oauth:NAME")
 
 
 class ProbeCertificate(ApiModel):
@@ -245,6 +330,6 @@ def _list_of(model: type[ApiModel]) -> type[ApiModel]:
 
 
 REQUESTS: tuple[type[ApiModel], ...] = (ConnectionInput, BasicAuthInput, OAuthInput)
-RESOURCES: tuple[type[ApiModel], ...] = (Connection, BasicAuth, OAuth, CaBundle)
+RESOURCES: tuple[type[ApiModel], ...] = (Connection, BasicAuth, OAuth, CaBundle, EgressProxy)
 RESULTS: tuple[type[ApiModel], ...] = (ProbeReport,)
 LISTS = {model.__name__: _list_of(model) for model in RESOURCES}

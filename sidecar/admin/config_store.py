@@ -50,7 +50,8 @@ MAX_UPLOAD_BYTES = 256 * 1024  # a CA bundle or private key; far above any real 
 
 Kind = Literal["connections", "basic_auth", "oauth"]
 KIND_WORDS: dict[str, str] = {"connections": "connection", "basic_auth": "Basic Auth definition",
-                              "oauth": "OAuth definition", "ca_bundles": "CA bundle"}
+                              "oauth": "OAuth definition", "ca_bundles": "CA bundle",
+                              "egress_proxies": "egress proxy"}
 _CA_FILE = re.compile(rf"ca-({NAME_RULE})\.pem")
 # Secret files this module wrote: "<kind>-<name>.<field>.<random>"; a version is removed once a
 # change leaves the config no longer naming it.
@@ -297,7 +298,7 @@ class ConfigStore:
         check_name(name, "oauth")
         check_no_references(body)
         self._require_editable("oauth", name)
-        body = dict(body)
+        body = self._via_from_api(dict(body))
         client_secret = _pop_secret(body, "client_secret")
         key_pem = _pop_secret(body, "private_key_pem")
         if key_pem is not None:
@@ -333,7 +334,7 @@ class ConfigStore:
         check_name(name, "connections")
         check_no_references(body)
         self._require_editable("connections", name)
-        body = dict(body)
+        body = self._via_from_api(dict(body))
         if isinstance(body.get("tls"), dict):
             body["tls"] = self._tls_from_api(body["tls"])
         auth = body.get("auth")
@@ -535,6 +536,23 @@ class ConfigStore:
                                           f"(PUT /api/ca-bundles/{ref})")
             tls["ca_bundle"] = str(bundle)
         return tls
+
+    def _via_from_api(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``via`` names an egress proxy of the config file; null (or leaving it out: a PUT
+        replaces the whole definition) means a direct connection
+        (docs/admin-api.md#egress-proxies)."""
+        via = body.pop("via", None)
+        if via is None:
+            return body
+        proxies = self.config.egress_proxies
+        if not isinstance(via, str) or via not in proxies:
+            known = ", ".join(sorted(proxies)) or "none are configured"
+            shown = repr(via) if isinstance(via, str) and is_valid_name(via) else "that value"
+            raise ChangeRejected(422, "via must name an egress proxy of the config file; "
+                                      "nothing was changed",
+                                 [f"via: no egress proxy named {shown} (known: {known})"])
+        body["via"] = via
+        return body
 
     def _managed_secrets(self) -> Iterator[Path]:
         """The secret files this module wrote that the live config names."""

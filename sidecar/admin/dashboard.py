@@ -11,6 +11,7 @@ The session is checked from the cookie before a form's body is read; bodies are 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import quote
@@ -21,13 +22,15 @@ import tornado.web
 from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
+from sidecar.admin.glance import sparkline, token_bar, when
 from sidecar.admin.guard import BoundedBody, with_body
 from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAlg, TlsVerify
 
 HERE = Path(__file__).parent
 TEMPLATES = tornado.template.Loader(str(HERE / "templates"))
 PAGES = (("connections", "/", "Connections"), ("basic-auth", "/basic-auth", "Basic Auth"),
-         ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"))
+         ("oauth", "/oauth", "OAuth"), ("ca-bundles", "/ca-bundles", "CA bundles"),
+         ("egress-proxies", "/egress-proxies", "Egress proxies"))
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart framing and the form's other fields
 LOGIN_BODY_BYTES = 8 * 1024
 # The options of the forms' select fields, in the order shown.
@@ -92,7 +95,8 @@ class DashboardHandler(BoundedBody):
             session=session, csrf=session.csrf if session else "",
             read_only=read_only, can_edit=session is not None and read_only is None,
             done=self.get_query_argument("done", ""), error=error, problems=problems or [],
-            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES, **extra)
+            last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES,
+            now=time.time(), when=when, sparkline=sparkline, token_bar=token_bar, **extra)
         self.finish(html)
 
     @with_body
@@ -184,11 +188,21 @@ class ConnectionsPage(DashboardHandler):
                 raise ChangeRejected(422, "timeout_seconds must be a number") from None
             if not math.isfinite(body["timeout_seconds"]):
                 raise ChangeRejected(422, "timeout_seconds must be a finite number")
+        body["via"] = self.optional("via")
         if existing is not None:  # settings the form does not show are kept
             body["rewrite_links"] = existing.rewrite_links
             body["read_timeout_seconds"] = existing.read_timeout_seconds
         created, _ = store.put_connection(name, body)
         return f"connection {name} {'created' if created else 'saved'}"
+
+
+class ConnectionsLive(DashboardHandler):
+    """The live cells of every connection row (light, token, trend, counts, last error), which
+    static/glance.js fetches every 10 s and puts in place of the page's."""
+
+    page, template = "connections", "connections_live.html"
+    SUPPORTED_METHODS = ("GET",)
+    body_limit = 0
 
 
 class BasicAuthPage(DashboardHandler):
@@ -229,6 +243,7 @@ class OAuthPage(DashboardHandler):
                 body[key] = self.field(key)
         if self.field("signing_alg"):
             body["signing_alg"] = self.field("signing_alg")
+        body["via"] = self.optional("via")
         if existing is not None:  # settings the form does not show are kept
             if existing.resource:
                 body["resource"] = existing.resource
@@ -262,6 +277,16 @@ class CaBundlesPage(DashboardHandler):
             raise ChangeRejected(422, "choose a PEM file (or paste PEM text) to upload")
         created, _ = store.put_ca_bundle(name, pem)
         return f"CA bundle {name} {'uploaded' if created else 'replaced'}"
+
+
+class EgressProxiesPage(DashboardHandler):
+    """Read-only: egress proxies are the config file's (docs/admin-api.md#egress-proxies)."""
+
+    page, template = "egress-proxies", "egress_proxies.html"
+
+    def act(self) -> str:
+        raise ChangeRejected(405, "egress proxies are read-only here: define them in the "
+                                  "config file (egress_proxies)")
 
 
 class LoginPage(DashboardHandler):
@@ -320,9 +345,11 @@ def dashboard_handlers(console: Console) -> list[tuple[str, type[tornado.web.Req
     return [
         (r"/", ConnectionsPage, args),
         (r"/connections", ConnectionsPage, args),
+        (r"/connections/live", ConnectionsLive, args),
         (r"/basic-auth", BasicAuthPage, args),
         (r"/oauth", OAuthPage, args),
         (r"/ca-bundles", CaBundlesPage, args),
+        (r"/egress-proxies", EgressProxiesPage, args),
         (r"/login", LoginPage, args),
         (r"/logout", LogoutPage, args),
         (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "static")}),

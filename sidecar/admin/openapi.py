@@ -148,6 +148,11 @@ def openapi_document() -> dict[str, Any]:
         resource = _resource(tag, view, request)
         paths[f"/api/{prefix}"] = resource["list"]
         paths[f"/api/{prefix}/{{name}}"] = resource["item"]
+    # Egress proxies are the config file's: read-only here (docs/admin-api.md#egress-proxies).
+    egress = _resource("egress proxies", "EgressProxy", None)
+    paths["/api/egress-proxies"] = egress["list"]
+    item = egress["item"]
+    paths["/api/egress-proxies/{name}"] = {"parameters": item["parameters"], "get": item["get"]}
     paths["/api/connections/{name}/test"] = _probe(
         "connections", "a connection", "connect, TLS, credentials, GET [base]/metadata")
     paths["/api/oauth/{name}/test"] = _probe(
@@ -159,7 +164,8 @@ def openapi_document() -> dict[str, Any]:
             "title": "fhir-sidecar admin API",
             "version": __version__,
             "description": "Create, replace and delete connections, Basic Auth and OAuth "
-                           "definitions and CA bundles of a running fhir-sidecar. Changes are "
+                           "definitions and CA bundles of a running fhir-sidecar, and read its "
+                           "egress proxies (defined in the config file only). Changes are "
                            "validated, written to the config file and reloaded live. Secret "
                            "fields are write-only: reads say only \"set\" or \"not set\". "
                            "Secrets are given as values and stored in the sidecar's own "

@@ -73,6 +73,8 @@ class TokenStatus:
     last_refresh: dt.datetime | None  # when a token was last obtained (UTC)
     last_error: str | None  # the last attempt's failure; None once an attempt succeeded
     scopes: tuple[str, ...]  # granted scopes of the cached token
+    issued_at: dt.datetime | None = None  # when the cached token was asked for (UTC)
+    usable: bool = False  # the cached token may be sent now (not within the expiry skew)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class _CachedToken:
     refresh_at: float  # monotonic
     expires_wall: float  # epoch seconds
     scopes: tuple[str, ...]
+    issued_wall: float = 0.0  # epoch seconds: when the token request was sent
 
 
 # Keys the settings fingerprint so equal settings compare equal without the fingerprint being a
@@ -321,6 +324,8 @@ class TokenSource:
             last_refresh=self._last_refresh,
             last_error=str(self._last_failure.reason) if self._last_failure else None,
             scopes=current.scopes if current is not None else (),
+            issued_at=_utc(current.issued_wall) if current is not None else None,
+            usable=current is not None and time.monotonic() < current.usable_until,
         )
 
     async def fetch_once(self) -> FetchedToken:
@@ -484,6 +489,7 @@ class TokenSource:
             refresh_at=started_mono + self._policy.refresh_delay(lifetime),
             expires_wall=started_wall + lifetime,
             scopes=self._granted(issued),
+            issued_wall=started_wall,
         )
 
     def _record_success(self, cached: _CachedToken) -> None:

@@ -44,9 +44,13 @@ class IssuedCert:
 
 
 class Authority:
-    """A self-signed CA whose leaf certificates carry exactly the names they are given."""
+    """A self-signed CA whose leaf certificates carry exactly the names they are given.
 
-    def __init__(self, name: str) -> None:
+    ``not_after``: when the CA certificate expires (default: in ten years); a CA that expires
+    soon shows how the dashboard warns about it.
+    """
+
+    def __init__(self, name: str, *, not_after: dt.datetime | None = None) -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
@@ -60,7 +64,7 @@ class Authority:
             .serial_number(x509.random_serial_number())
             # Backdated a year, so leaves valid only in the past still chain to a valid CA.
             .not_valid_before(now - dt.timedelta(days=365))
-            .not_valid_after(now + dt.timedelta(days=_CA_DAYS))
+            .not_valid_after(not_after or now + dt.timedelta(days=_CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False,
