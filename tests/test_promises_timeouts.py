@@ -1,0 +1,60 @@
+"""docs/configuration.md: "`timeout_seconds` bounds connecting, the TLS handshake and the wait for
+response headers". The handshake bound is checked against a blackhole upstream: it accepts the
+TCP connection (the kernel completes it) and never says a word of TLS. No non-routable address
+is used: everything stays on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from support.pki import TestPKI
+from support.sidecar_process import SidecarProcess, free_port, write_config
+
+TIMEOUT = 2
+
+
+def test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound(
+        tmp_path: Path, pki: TestPKI) -> None:
+    """Promise (docs/configuration.md): "`timeout_seconds` bounds connecting, the TLS
+    handshake and the wait for response headers"; docs/errors.md: `upstream-timeout` 504."""
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as blackhole:
+        blackhole.settimeout(0.2)
+
+        def accept() -> None:  # hold every connection open, read nothing, send nothing
+            while not stop.is_set():
+                try:
+                    accepted.append(blackhole.accept()[0])
+                except TimeoutError:
+                    continue
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        port = free_port()
+        config = write_config(tmp_path, {
+            "admin": {"listen": None},
+            "connections": {"c": {
+                "url": f"https://localhost:{blackhole.getsockname()[1]}/fhir",
+                "listen": f"127.0.0.1:{port}", "timeout_seconds": TIMEOUT,
+                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+        })
+        try:
+            with SidecarProcess(config, tmp_path / "state"):
+                began = time.monotonic()
+                answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60,
+                                   trust_env=False)
+                took = time.monotonic() - began
+        finally:
+            stop.set()
+            acceptor.join(5)
+            for conn in accepted:
+                conn.close()
+    assert accepted, "the sidecar never connected to the blackhole"
+    assert answer.status_code == 504, answer.text
+    assert answer.headers["X-Sidecar-Error"] == "upstream-timeout"
+    # Bounded by timeout_seconds, not by mitmproxy's own much longer backstop.
+    assert TIMEOUT - 0.5 <= took < TIMEOUT + 10, took
