@@ -19,7 +19,7 @@ from sidecar.errors import ErrorKind
 
 REPO = Path(__file__).resolve().parents[1]
 SKIPPED_DIRS = {".git", ".venv", ".venv-py312", "node_modules", "__pycache__", ".mypy_cache",
-                ".ruff_cache", ".pytest_cache"}
+                ".ruff_cache", ".pytest_cache", "mutants"}
 
 
 def repo_files(*suffixes: str) -> list[Path]:

@@ -72,3 +72,20 @@ def test_request_id_is_kept_only_when_short_and_visible_ascii(given_id: str | No
     result = request_id_from(given_id)
     assert (result == given_id) is kept
     assert 1 <= len(result) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in result)
+
+
+# -- exact words (each kills a mutant of .ci/mutate, docs/testing.md) ----------------------------
+
+def test_a_fold_is_refused_in_exact_words() -> None:
+    assert header_problem([(b"X-N", b"first\r\n second")]) == (
+        "the header X-N is folded over several lines (obs-fold), "
+        "which HTTP/1.1 no longer allows")
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    (b"(" * 40, "'" + "(" * 40 + "'"),  # exactly at the limit: whole, no ellipsis
+    (b"(" * 41, "'" + "(" * 40 + "...'"),  # one over: cut, with an ellipsis
+    (b"X\rN", "'X\\x0dN'"),
+])
+def test_a_bad_name_is_quoted_cut_at_40_characters(name: bytes, shown: str) -> None:
+    assert header_problem([(name, b"v")]) == f"the header name {shown} is not a valid HTTP token"

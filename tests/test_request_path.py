@@ -240,3 +240,54 @@ def test_a_path_without_dots_or_escapes_is_forwarded_unchanged(path: str) -> Non
     if any(c in path for c in ".%\\;"):
         return
     assert resolve(path).path == path
+
+
+# -- exact words and corner cases (each kills a mutant of .ci/mutate, docs/testing.md) -----------
+
+@pytest.mark.parametrize(("target", "base", "words"), [
+    ("/fhir/a b", None, "the request target contains a control character or a space"),
+    ("fhir/Patient", None, "the request path must start with '/'"),
+    ("/fhir/../..", None, "the path climbs above '/' with '..'"),
+    ("/fhir/../admin", "/fhir", "the path leaves the connection's base path /fhir with '..'"),
+    ("/fhir/Patient/..%2fadmin", None, "a path segment hides '..' or '.' behind an encoded "
+                                       "slash or a backslash (%2F, %5C or \\)"),
+    ("/fhir/Patient/..%2Fadmin", None, "a path segment hides '..' or '.' behind an encoded "
+                                       "slash or a backslash (%2F, %5C or \\)"),
+    ("/fhir/Patient/..%5cadmin", None, "a path segment hides '..' or '.' behind an encoded "
+                                       "slash or a backslash (%2F, %5C or \\)"),
+    ("/fhir/Patient/..%5Cadmin", None, "a path segment hides '..' or '.' behind an encoded "
+                                       "slash or a backslash (%2F, %5C or \\)"),
+    ("/fhir/Patient/x\\..", None, "a path segment hides '..' or '.' behind an encoded "
+                                  "slash or a backslash (%2F, %5C or \\)"),
+    ("/fhir/Patient/..;x", None, "a path segment hides '..' or '.' before a ';' parameter"),
+    ("/fhir/Patient/%252e%252e", None, "a path segment hides '..' or '.' behind repeated "
+                                       "percent-encoding"),
+])
+def test_each_refusal_says_why_in_its_own_words(target: str, base: str | None,
+                                                words: str) -> None:
+    # These words are the body of the app's 400 (docs/errors.md): the app learns what to fix.
+    with pytest.raises(UnsafePath) as refused:
+        resolve(target) if base is None else confine(target, base)
+    assert str(refused.value) == words
+
+
+def test_stepping_out_of_the_base_path_is_remembered_past_a_later_shallower_dot_dot() -> None:
+    # The lowest point is kept over every '..', not just the last one: here the last '..'
+    # leaves one segment, but the first left none -- the path was outside /fhir on the way.
+    assert resolve("/fhir/../fhir/Patient/..").lowest_depth == 0
+    with pytest.raises(UnsafePath, match="leaves the connection's base path /fhir"):
+        confine("/fhir/../fhir/Patient/..", "/fhir")
+
+
+def test_a_dot_segment_that_appears_only_after_the_fourth_decoding_is_refused() -> None:
+    # %2525252e is %2e after three rounds of percent-decoding; the fourth look must still
+    # recognise the encoded dots, before the ';' parameter that some servers strip.
+    with pytest.raises(UnsafePath, match="hides"):
+        resolve("/fhir/Patient/%2525252e%2525252e;x")
+
+
+@pytest.mark.parametrize("target", ["/fhir/Patient/caf%E9", "/fhir/Patient/caf%E9;v=1",
+                                    "/fhir/Patient/%FF%FE%2e"])
+def test_escapes_that_are_not_utf8_are_forwarded_as_sent(target: str) -> None:
+    # Latin-1 escapes are not UTF-8; the look for hidden dots must not choke on them.
+    assert resolve(target).path == target
