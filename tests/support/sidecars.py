@@ -6,12 +6,12 @@ Two fixtures in tests/conftest.py hand out a ``StartSidecar``:
 - ``start_module_sidecar`` (module scope): for a sidecar shared by the tests of a module, which
   read it or restore what they change; it stops when the module ends.
 
-``start(config, directory=None, env=None)`` writes any config dict (into ``directory``, or a
-fresh one: put files the config names there first), starts the process, waits for its ready
-line and returns a ``RunningSidecar`` with the listeners the config gave it. ``start.basic()``
-does the same for the common case, ``basic_sidecar_config``: one Basic connection to a TLS
-upstream. At the end each process gets SIGTERM and must exit 0; a test that needs the whole log
-of a stopped sidecar calls ``RunningSidecar.stop()`` itself.
+``start(config, directory=None, env=None)`` writes any config dict into ``directory`` (put the
+files it names there first; a fresh directory when none is given), starts the process, waits
+for its ready line and returns a ``RunningSidecar`` with the listeners the config gave it.
+``start.basic()`` does the same for the common case, ``basic_sidecar_config``: one Basic
+connection to a TLS upstream. At the end each process gets SIGTERM and must exit 0; a test
+that needs the whole log of a stopped sidecar calls ``RunningSidecar.stop()`` itself.
 
 The config must say where the admin listener is (an address, or ``None`` for none): its
 default port would collide between tests running side by side.
