@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support.mitm_patches import restored
 from support.pki import TestPKI
-from support.sidecars import RunningSidecar, StartSidecar, Upstream, basic_sidecar
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
 from sidecar.testkit.fhir_server import FhirTestServer
@@ -69,16 +68,24 @@ def upstream_mtls(upstreams: Upstreams) -> FhirTestServer:
     return upstreams.get("mtls")
 
 
+def _starter(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+             upstreams: Upstreams) -> Iterator[StartSidecar]:
+    with ExitStack() as running:
+        yield StartSidecar(running, lambda: Path(tmp_path_factory.mktemp("sidecar")), pki,
+                           lambda: upstreams.get("good"))
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture
 def start_sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
                   upstreams: Upstreams) -> Iterator[StartSidecar]:
-    """``start_sidecar(upstream=None, **options)`` runs a sidecar with one Basic connection to
-    ``upstream`` (default: the good one) until the module ends; options as in
-    ``support.sidecars.basic_sidecar``."""
-    with ExitStack() as running:
-        def start(upstream: Upstream | None = None, **options: Any) -> RunningSidecar:
-            directory = Path(tmp_path_factory.mktemp("sidecar"))
-            return running.enter_context(basic_sidecar(
-                directory, pki, upstream or upstreams.get("good"), **options))
-        yield start
+    """``start_sidecar(config)`` / ``start_sidecar.basic(...)`` run a real sidecar until the
+    test ends (see support/sidecars.py)."""
+    yield from _starter(tmp_path_factory, pki, upstreams)
+
+
+@pytest.fixture(scope="module")
+def start_module_sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+                         upstreams: Upstreams) -> Iterator[StartSidecar]:
+    """The same, until the module ends: for tests that read a shared sidecar, or restore what
+    they change."""
+    yield from _starter(tmp_path_factory, pki, upstreams)

@@ -31,7 +31,8 @@ import pytest
 import yaml
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import SidecarProcess, free_port, wait_until
+from support.sidecars import RunningSidecar, StartSidecar
 
 from sidecar.admin.auth import MAX_DELAY_SECONDS, Throttle
 
@@ -102,13 +103,23 @@ def rss_bytes(pid: int) -> int:
 @dataclass
 class Hardened:
     tmp: Path
-    config: Path
-    process: SidecarProcess
-    admin_port: int
+    sidecar: RunningSidecar
     upstream: RawRecordingUpstream
     canary: bytes
     canary_path: Path
     answers: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> Path:
+        return self.sidecar.config_path
+
+    @property
+    def process(self) -> SidecarProcess:
+        return self.sidecar.process
+
+    @property
+    def admin_port(self) -> int:
+        return self.sidecar.admin_port
 
     @property
     def api(self) -> str:
@@ -127,7 +138,16 @@ class Hardened:
 
 
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Hardened]:
+def collector(pki: TestPKI) -> Iterator[RawRecordingUpstream]:
+    """Where an attacker would send what the sidecar read."""
+    with RawRecordingUpstream(pki.server(name="collector")) as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory, collector: RawRecordingUpstream,
+             start_module_sidecar: StartSidecar) -> Hardened:
+    # The file the attacker is after lies outside the config's directory, which is under tmp.
     tmp = Path(tmp_path_factory.mktemp("hardening"))
     canary = f"CANARY-{secrets.token_hex(16)}".encode()
     host_dir, config_dir = tmp / "host", tmp / "config"
@@ -136,18 +156,12 @@ def hardened(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator
     canary_path = host_dir / "shadow"
     canary_path.write_bytes(canary + b"\n")
     (config_dir / "admin-token").write_text(ADMIN_TOKEN + "\n")
-    admin_port = free_port()
-    config = write_config(config_dir, {
-        "admin": {"listen": f"127.0.0.1:{admin_port}", "token_file": "admin-token",
+    sidecar = start_module_sidecar({
+        "admin": {"listen": f"127.0.0.1:{free_port()}", "token_file": "admin-token",
                   "allowed_hosts": ["sidecar.internal"]},
-    })
-    with RawRecordingUpstream(pki.server(name="collector")) as upstream:
-        process = SidecarProcess(config, tmp / "state",
-                                 env={"CANARY_ENV": canary.decode()}).start()
-        try:
-            yield Hardened(tmp, config, process, admin_port, upstream, canary, canary_path)
-        finally:
-            assert process.stop() == 0
+    }, directory=config_dir, env={"CANARY_ENV": canary.decode()})
+    assert sidecar.admin_token == ADMIN_TOKEN
+    return Hardened(tmp, sidecar, collector, canary, canary_path)
 
 
 # -- 1. no file read ---------------------------------------------------------------------------
@@ -408,16 +422,16 @@ def test_the_backoff_doubles_up_to_a_short_bound_and_is_forgotten() -> None:
 # -- 7. an admin listener on the network ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def exposed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, SidecarProcess]]:
+def exposed(tmp_path_factory: pytest.TempPathFactory,
+            start_module_sidecar: StartSidecar) -> tuple[int, SidecarProcess]:
     tmp = Path(tmp_path_factory.mktemp("exposed"))
     (tmp / "admin-token").write_text(ADMIN_TOKEN + "\n")
     port = free_port()
-    config = write_config(tmp, {
+    sidecar = start_module_sidecar({
         "admin": {"listen": f"0.0.0.0:{port}", "token_file": "admin-token"},
         "connections": {"hidden-conn": {"url": "https://fhir.hidden.example/R4"}},
-    })
-    with SidecarProcess(config, tmp / "state") as process:
-        yield port, process
+    }, directory=tmp)
+    return port, sidecar.process
 
 
 def test_off_loopback_reads_need_the_token_and_probes_do_not(
@@ -453,15 +467,15 @@ def test_off_loopback_reads_need_the_token_and_probes_do_not(
     assert send(port, "GET", "/healthz", host=f"127.0.0.9:{port}").status == 421
 
 
-def test_off_loopback_without_a_token_file_the_api_is_closed(tmp_path: Path) -> None:
+def test_off_loopback_without_a_token_file_the_api_is_closed(
+        start_sidecar: StartSidecar) -> None:
     port = free_port()
-    config = write_config(tmp_path, {
+    start_sidecar({
         "admin": {"listen": f"0.0.0.0:{port}"},
         "connections": {"hidden-conn": {"url": "https://fhir.hidden.example/R4"}},
     })
-    with SidecarProcess(config, tmp_path / "state"), \
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False,
-                         timeout=30) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False,
+                      timeout=30) as client:
         closed = client.get("/api/connections")
         assert closed.status_code == 403 and "admin.token_file" in closed.json()["error"]
         assert "hidden" not in client.get("/").text

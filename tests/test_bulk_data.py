@@ -27,7 +27,8 @@ from support.bulk_data_server import (
 )
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import SidecarProcess, free_port, wait_until
+from support.sidecars import StartSidecar
 from test_streaming import MAX_RSS_GROWTH, rss_bytes
 
 POLL_DEADLINE = 20.0
@@ -52,33 +53,40 @@ class BulkSetup:
 
 
 @pytest.fixture
-def bulk(tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
-         bearer_validator: BearerValidator) -> Iterator[BulkSetup]:
-    smart = oauth_provider.clients["rs384"]
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "smart.pem").write_bytes(smart.private_key_pem or b"")
+def bulk_servers(pki: TestPKI, bearer_validator: BearerValidator
+                 ) -> Iterator[tuple[BulkDataServer, BulkDataServer]]:
+    """The FHIR server checking the provider's tokens, and the storage host it points at."""
     with BulkDataServer(pki.server(name="bulk-fhir"), auth=bearer_validator) as fhir, \
             BulkDataServer(pki.server(name="bulk-storage"), auth=None,
                            host_name="localhost") as storage:
         fhir.storage_base = storage.origin
-        listen, proxy = free_port(), free_port()
-        config = write_config(tmp_path, {
-            "admin": {"listen": None},
-            "proxy": {"listen": f"127.0.0.1:{proxy}"},
-            "oauth": {"smart": {
-                "token_url": oauth_provider.token_url, "client_id": smart.client_id,
-                "client_auth": "private_key_jwt", "private_key_file": "keys/smart.pem",
-                "key_id": smart.key_id, "signing_alg": "RS384",
-                "scopes": list(oauth_provider.scopes),
-                "tls": {"verify": "custom", "ca_bundle": str(oauth_provider.ca_bundle)}}},
-            "connections": {"bulk": {
-                "url": fhir.base_url, "listen": f"127.0.0.1:{listen}",
-                "auth": {"oauth": "smart"},
-                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
-        with SidecarProcess(config, tmp_path / "state") as sidecar:
-            yield BulkSetup(fhir, storage, sidecar, f"http://127.0.0.1:{listen}",
-                            f"http://127.0.0.1:{proxy}", pki.ca_bundle_path)
+        yield fhir, storage
+
+
+@pytest.fixture
+def bulk(tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
+         bulk_servers: tuple[BulkDataServer, BulkDataServer],
+         start_sidecar: StartSidecar) -> BulkSetup:
+    fhir, storage = bulk_servers
+    smart = oauth_provider.clients["rs384"]
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "smart.pem").write_bytes(smart.private_key_pem or b"")
+    sidecar = start_sidecar({
+        "admin": {"listen": None},
+        "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+        "oauth": {"smart": {
+            "token_url": oauth_provider.token_url, "client_id": smart.client_id,
+            "client_auth": "private_key_jwt", "private_key_file": "keys/smart.pem",
+            "key_id": smart.key_id, "signing_alg": "RS384",
+            "scopes": list(oauth_provider.scopes),
+            "tls": {"verify": "custom", "ca_bundle": str(oauth_provider.ca_bundle)}}},
+        "connections": {"bulk": {
+            "url": fhir.base_url, "listen": f"127.0.0.1:{free_port()}",
+            "auth": {"oauth": "smart"},
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+    }, directory=tmp_path)
+    return BulkSetup(fhir, storage, sidecar.process, sidecar.base,
+                     f"http://127.0.0.1:{sidecar.proxy_port}", pki.ca_bundle_path)
 
 
 def kick_off(s: BulkSetup, session: requests.Session, path: str = "/$export") -> str:

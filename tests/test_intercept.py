@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import SidecarProcess, free_port, wait_until
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
 from sidecar.testkit.fhir_server import FhirTestServer
@@ -40,13 +40,11 @@ class Proxy:
                             proxy=f"http://127.0.0.1:{self.port}")
 
 
-def _start(tmp: Path, pki: TestPKI, server: FhirTestServer, intercept: bool) -> Proxy:
-    port = free_port()
-    ca_export = tmp / "exported" / "sidecar-ca.pem"
-    proxy: dict[str, object] = {"listen": f"127.0.0.1:{port}"}
+def _start(start: StartSidecar, pki: TestPKI, server: FhirTestServer, intercept: bool) -> Proxy:
+    proxy: dict[str, object] = {"listen": f"127.0.0.1:{free_port()}"}
     if intercept:
         proxy.update(intercept_https=True, ca_cert_export="exported/sidecar-ca.pem")
-    config = write_config(tmp, {
+    sidecar = start({
         "proxy": proxy,
         "admin": {"listen": None},
         "basic_auth": {"b": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}},
@@ -54,29 +52,20 @@ def _start(tmp: Path, pki: TestPKI, server: FhirTestServer, intercept: bool) -> 
             "url": f"https://localhost:{server.port}/fhir", "auth": {"basic": "b"},
             "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
     })
-    return Proxy(SidecarProcess(config, tmp / "state").start(), port, server, ca_export)
+    assert sidecar.proxy_port is not None
+    return Proxy(sidecar.process, sidecar.proxy_port, server,
+                 sidecar.directory / "exported" / "sidecar-ca.pem")
 
 
 @pytest.fixture(scope="module")
-def intercepting(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-                 upstreams: Upstreams) -> Iterator[Proxy]:
-    proxy = _start(Path(tmp_path_factory.mktemp("intercept")), pki, upstreams.get("good"),
-                   intercept=True)
-    try:
-        yield proxy
-    finally:
-        assert proxy.sidecar.stop() == 0
+def intercepting(start_module_sidecar: StartSidecar, pki: TestPKI,
+                 upstreams: Upstreams) -> Proxy:
+    return _start(start_module_sidecar, pki, upstreams.get("good"), intercept=True)
 
 
 @pytest.fixture(scope="module")
-def refusing(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-             upstreams: Upstreams) -> Iterator[Proxy]:
-    proxy = _start(Path(tmp_path_factory.mktemp("no-intercept")), pki, upstreams.get("good"),
-                   intercept=False)
-    try:
-        yield proxy
-    finally:
-        assert proxy.sidecar.stop() == 0
+def refusing(start_module_sidecar: StartSidecar, pki: TestPKI, upstreams: Upstreams) -> Proxy:
+    return _start(start_module_sidecar, pki, upstreams.get("good"), intercept=False)
 
 
 def _trusting(ca: Path) -> ssl.SSLContext:
@@ -165,12 +154,13 @@ def test_without_opt_in_the_refusal_explains_what_to_do(refusing: Proxy) -> None
 
 def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: TestPKI,
                                                oauth_provider: OAuthTestProvider,
-                                               bearer_validator: BearerValidator) -> None:
+                                               bearer_validator: BearerValidator,
+                                               start_sidecar: StartSidecar) -> None:
     client = oauth_provider.clients["basic"]
     (tmp_path / "client-secret").write_text(str(client.secret) + "\n")
     port = free_port()
     with fhir_upstream(pki.server(name="intercept-oauth"), auth=bearer_validator) as server:
-        config = write_config(tmp_path, {
+        sidecar = start_sidecar({
             "proxy": {"listen": f"127.0.0.1:{port}", "intercept_https": True,
                       "ca_cert_export": "sidecar-ca.pem"},
             "admin": {"listen": None},
@@ -181,18 +171,15 @@ def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: TestPKI,
             "connections": {"ehr": {
                 "url": server.base_url, "auth": {"oauth": "smart"},
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
-        sidecar = SidecarProcess(config, tmp_path / "state").start()
-        try:
-            ca_export = tmp_path / "sidecar-ca.pem"
-            wait_until(ca_export.exists, message="the exported CA certificate")
-            proxy = Proxy(sidecar, port, server, ca_export)
-            with proxy.client(_trusting(ca_export)) as app:
-                first = app.get(f"{server.base_url}/Patient/example",
-                                headers={"Authorization": "Basic dGhlLWFwcDpvd24="})
-                second = app.get(f"{server.base_url}/metadata")
-        finally:
-            assert sidecar.stop() == 0
+        }, directory=tmp_path)
+        ca_export = tmp_path / "sidecar-ca.pem"
+        wait_until(ca_export.exists, message="the exported CA certificate")
+        proxy = Proxy(sidecar.process, port, server, ca_export)
+        with proxy.client(_trusting(ca_export)) as app:
+            first = app.get(f"{server.base_url}/Patient/example",
+                            headers={"Authorization": "Basic dGhlLWFwcDpvd24="})
+            second = app.get(f"{server.base_url}/metadata")
+        sidecar.stop()  # the whole log, to its last line, is read below
     assert first.status_code == 200, first.text
     assert second.status_code == 200, second.text
     seen = [r.headers["authorization"] for r in server.requests_seen]
@@ -201,4 +188,4 @@ def test_intercepted_https_gets_an_oauth_token(tmp_path: Path, pki: TestPKI,
     # One token for both requests; the app's own credential never reached the upstream.
     assert sum(1 for r in oauth_provider.recent_requests()
                if r.get("client_id") == client.client_id) == 1
-    assert "dGhlLWFwcDpvd24=" not in sidecar.output
+    assert "dGhlLWFwcDpvd24=" not in sidecar.process.output

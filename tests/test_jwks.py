@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import RunningSidecar, StartSidecar
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 LIVE_DEADLINE = 10.0
@@ -72,51 +73,61 @@ def assertion_kid(request: dict[str, Any]) -> str:
 
 # --- the published set ------------------------------------------------------------------------
 
-class PublishedSetup:
-    def __init__(self, tmp: Path):
-        keys = tmp / "keys"
-        self.epic = {slot: write_key(keys / f"epic-{slot}.pem",
-                                     "ec" if slot == "next" else "rsa", KEY_CREATED[slot])
-                     for slot in ("current", "next", "previous")}
-        self.other = write_key(keys / "other.pem", "ec")
-        (tmp / "admin-token").write_text("a-long-admin-token-for-the-test\n")
-        self.admin_port = free_port()
-        self.config: dict[str, Any] = {
-            "proxy": {"listen": f"127.0.0.1:{free_port()}"},
-            "admin": {"listen": f"127.0.0.1:{self.admin_port}", "token_file": "admin-token"},
-            "oauth": {
-                "epic": {"token_url": "https://127.0.0.1:9/token", "client_id": "epic-app",
-                         "client_auth": "private_key_jwt",
-                         "private_key_file": "keys/epic-current.pem",
-                         "next_private_key_file": "keys/epic-next.pem",
-                         "previous_private_key_file": "keys/epic-previous.pem"},
-                "other": {"token_url": "https://127.0.0.1:9/token", "client_id": "other-app",
-                          "client_auth": "private_key_jwt", "signing_alg": "ES384",
-                          "private_key_file": "keys/other.pem", "key_id": "other-2026"},
-                "secret": {"token_url": "https://127.0.0.1:9/token", "client_id": "plain",
-                           "client_secret": "not-a-key-and-never-published"},
-            },
-        }
-        self.path = write_config(tmp, self.config)
-        self.sidecar = SidecarProcess(self.path, tmp / "state")
+@dataclass(frozen=True)
+class Published:
+    epic: dict[str, PrivateKey]
+    other: PrivateKey
+    running: RunningSidecar
+
+    @property
+    def sidecar(self) -> SidecarProcess:
+        return self.running.process
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.running.config
+
+    @property
+    def path(self) -> Path:
+        return self.running.config_path
+
+    @property
+    def admin_port(self) -> int:
+        return self.running.admin_port
 
     def admin(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=30,
-                         trust_env=False)
+        return httpx.get(f"{self.running.admin_url}{path}", timeout=30, trust_env=False)
 
 
 @pytest.fixture
-def published(tmp_path: Path) -> Iterator[PublishedSetup]:
-    s = PublishedSetup(tmp_path)
-    s.sidecar.start()
-    try:
-        yield s
-    finally:
-        assert s.sidecar.stop() == 0, s.sidecar.output[-5000:]
+def published(tmp_path: Path, start_sidecar: StartSidecar) -> Published:
+    keys = tmp_path / "keys"
+    epic = {slot: write_key(keys / f"epic-{slot}.pem", "ec" if slot == "next" else "rsa",
+                            KEY_CREATED[slot])
+            for slot in ("current", "next", "previous")}
+    other = write_key(keys / "other.pem", "ec")
+    (tmp_path / "admin-token").write_text("a-long-admin-token-for-the-test\n")
+    running = start_sidecar({
+        "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+        "admin": {"listen": f"127.0.0.1:{free_port()}", "token_file": "admin-token"},
+        "oauth": {
+            "epic": {"token_url": "https://127.0.0.1:9/token", "client_id": "epic-app",
+                     "client_auth": "private_key_jwt",
+                     "private_key_file": "keys/epic-current.pem",
+                     "next_private_key_file": "keys/epic-next.pem",
+                     "previous_private_key_file": "keys/epic-previous.pem"},
+            "other": {"token_url": "https://127.0.0.1:9/token", "client_id": "other-app",
+                      "client_auth": "private_key_jwt", "signing_alg": "ES384",
+                      "private_key_file": "keys/other.pem", "key_id": "other-2026"},
+            "secret": {"token_url": "https://127.0.0.1:9/token", "client_id": "plain",
+                       "client_secret": "not-a-key-and-never-published"},
+        },
+    }, directory=tmp_path)
+    return Published(epic, other, running)
 
 
 def test_jwks_endpoint_serves_every_slot_public_only_without_a_token(
-        published: PublishedSetup) -> None:
+        published: Published) -> None:
     s = published
     refused = httpx.put(f"http://127.0.0.1:{s.admin_port}/api/basic-auth/x", timeout=30,
                         json={"username": "u", "password": "p"}, trust_env=False)
@@ -141,7 +152,7 @@ def test_jwks_endpoint_serves_every_slot_public_only_without_a_token(
     assert published_key.is_private is False
 
 
-def test_cli_prints_the_same_set(published: PublishedSetup) -> None:
+def test_cli_prints_the_same_set(published: Published) -> None:
     result = run_jwks_cli(published.path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
@@ -158,7 +169,7 @@ def signing_key_samples(metrics_text: str) -> dict[tuple[str, str, str], float]:
             for sample in family.samples}
 
 
-def test_key_created_metric_per_definition_kid_and_slot(published: PublishedSetup) -> None:
+def test_key_created_metric_per_definition_kid_and_slot(published: Published) -> None:
     s = published
     samples = signing_key_samples(s.admin("/metrics").text)
     expected = {("epic", thumbprint(key), slot): float(KEY_CREATED[slot])
@@ -167,7 +178,7 @@ def test_key_created_metric_per_definition_kid_and_slot(published: PublishedSetu
     assert set(samples) - set(expected) == {("other", "other-2026", "current")}
 
 
-def test_removed_slot_leaves_set_and_metric_on_reload(published: PublishedSetup) -> None:
+def test_removed_slot_leaves_set_and_metric_on_reload(published: Published) -> None:
     s = published
     gone = thumbprint(s.epic["previous"])
     del s.config["oauth"]["epic"]["previous_private_key_file"]
@@ -243,7 +254,7 @@ JWKS_URI_CLIENT = "sidecar-jwks-uri"
 
 
 def test_live_rotation_is_accepted_at_once_by_a_server_caching_the_jwks_uri(
-        tmp_path: Path, pki: TestPKI) -> None:
+        tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> None:
     keys = {name: write_key(tmp_path / "keys" / f"{name}.pem") for name in ("a", "b", "c")}
     admin_port = free_port()
     relay = RecordingRelay(f"http://127.0.0.1:{admin_port}/.well-known/jwks.json")
@@ -270,9 +281,9 @@ def test_live_rotation_is_accepted_at_once_by_a_server_caching_the_jwks_uri(
                     "auth": {"oauth": "epic"},
                     "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
             }
-            path = write_config(tmp_path, config)
-            with SidecarProcess(path, tmp_path / "state").start() as sidecar:
-                _rotate_and_check(sidecar, provider, relay, config, path, conn_port, keys)
+            sidecar = start_sidecar(config, directory=tmp_path)
+            _rotate_and_check(sidecar.process, provider, relay, config, sidecar.config_path,
+                              conn_port, keys)
     finally:
         provider.stop()
         relay.close()
@@ -327,7 +338,7 @@ def _rotate_and_check(sidecar: SidecarProcess, provider: OAuthTestProvider,
     assert assertion_kid(third[0]) == thumbprint(keys["c"])
 
 
-def test_admin_api_shows_kids_and_slots_read_only(published: PublishedSetup) -> None:
+def test_admin_api_shows_kids_and_slots_read_only(published: Published) -> None:
     s = published
     view = s.admin("/api/oauth/epic").json()
     assert view["signing_keys"] == [

@@ -9,7 +9,6 @@ after every kind of hostile or aborted request.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import socket
@@ -27,7 +26,7 @@ from support.constants import EXPECTED_BASIC
 from support.pki import TestPKI
 from support.scripted_upstream import BODY, ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
-from support.sidecars import basic_sidecar
+from support.sidecars import StartSidecar
 
 from sidecar.snapshot import Snapshot
 
@@ -54,24 +53,28 @@ class Running:
         return sock
 
 
-@contextlib.contextmanager
-def limits_sidecar(tmp: Path, pki: TestPKI) -> Iterator[Running]:
-    with ScriptedUpstream(pki.server()) as upstream, basic_sidecar(
-            tmp, pki, upstream, connection="slow", admin=True,
-            settings={"read_timeout_seconds": READ_TIMEOUT},
-            extra={"shutdown": {"drain_seconds": DRAIN_SECONDS},
-                   "limits": {"client_header_timeout_seconds": HEADER_TIMEOUT,
-                              "client_idle_timeout_seconds": IDLE_TIMEOUT}}) as sidecar:
-        assert sidecar.admin is not None
-        yield Running(sidecar.process, upstream, sidecar.port, sidecar.admin)
+@pytest.fixture(scope="module")
+def scripted(pki: TestPKI) -> Iterator[ScriptedUpstream]:
+    with ScriptedUpstream(pki.server()) as upstream:
+        yield upstream
+
+
+def limits_sidecar(start: StartSidecar, upstream: ScriptedUpstream) -> Running:
+    sidecar = start.basic(
+        upstream, connection="slow", admin=True,
+        settings={"read_timeout_seconds": READ_TIMEOUT},
+        extra={"shutdown": {"drain_seconds": DRAIN_SECONDS},
+               "limits": {"client_header_timeout_seconds": HEADER_TIMEOUT,
+                          "client_idle_timeout_seconds": IDLE_TIMEOUT}})
+    assert sidecar.admin is not None
+    return Running(sidecar.process, upstream, sidecar.port, sidecar.admin)
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Running]:
+def running(scripted: ScriptedUpstream, start_module_sidecar: StartSidecar) -> Running:
     """Shared by the tests that only send requests; a test that reloads or stops the sidecar
     takes ``own``."""
-    with limits_sidecar(Path(tmp_path_factory.mktemp("limits")), pki) as running:
-        yield running
+    return limits_sidecar(start_module_sidecar, scripted)
 
 
 @pytest.fixture
@@ -82,10 +85,10 @@ def fresh(running: Running) -> Running:
 
 
 @pytest.fixture
-def own(tmp_path: Path, pki: TestPKI) -> Iterator[Running]:
-    """A sidecar of the test's own, for a test that reloads or stops it."""
-    with limits_sidecar(tmp_path, pki) as running:
-        yield running
+def own(pki: TestPKI, start_sidecar: StartSidecar) -> Iterator[Running]:
+    """A sidecar (and scripted upstream) of the test's own, for a test that reloads or stops it."""
+    with ScriptedUpstream(pki.server()) as upstream:
+        yield limits_sidecar(start_sidecar, upstream)
 
 
 def scrape(admin: str) -> Samples:

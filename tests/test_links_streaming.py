@@ -38,8 +38,8 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(start_sidecar: StartSidecar, upstreams: Upstreams) -> Setup:
-    running = start_sidecar(connection="big")
+def setup(start_module_sidecar: StartSidecar, upstreams: Upstreams) -> Setup:
+    running = start_module_sidecar.basic(connection="big")
     return Setup(running.process, upstreams.get("good"), running.port)
 
 

@@ -59,8 +59,8 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(start_sidecar: StartSidecar, upstreams: Upstreams) -> Setup:
-    running = start_sidecar(connection="paged", proxy=True)
+def setup(start_module_sidecar: StartSidecar, upstreams: Upstreams) -> Setup:
+    running = start_module_sidecar.basic(connection="paged", proxy=True)
     assert running.proxy_port is not None
     family = "Pager" + uuid.uuid4().hex[:8]
     result = Setup(running.process, upstreams.get("good"), running.port, running.proxy_port,

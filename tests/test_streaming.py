@@ -23,8 +23,8 @@ def rss_bytes(pid: int, field: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def sidecar(start_sidecar: StartSidecar) -> tuple[SidecarProcess, str]:
-    running = start_sidecar(connection="big")
+def sidecar(start_module_sidecar: StartSidecar) -> tuple[SidecarProcess, str]:
+    running = start_module_sidecar.basic(connection="big")
     return running.process, running.base
 
 

@@ -1,13 +1,27 @@
-"""The set-up most tests share: a real sidecar with one Basic connection to a TLS upstream.
+"""The one way tests start a real sidecar: ``fhir-sidecar run`` on a config written for the test.
 
-The ``start_sidecar`` fixture (tests/conftest.py) starts one per call and stops them all when
-the module ends; ``basic_sidecar`` is the same as a context manager for other scopes.
+Two fixtures in tests/conftest.py hand out a ``StartSidecar``:
+
+- ``start_sidecar`` (function scope): every sidecar it starts stops when the test ends.
+- ``start_module_sidecar`` (module scope): for a sidecar shared by the tests of a module, which
+  read it or restore what they change; it stops when the module ends.
+
+``start(config, directory=None, env=None)`` writes any config dict into ``directory`` (put the
+files it names there first; a fresh directory when none is given), starts the process, waits
+for its ready line and returns a ``RunningSidecar`` with the listeners the config gave it.
+``start.basic()`` does the same for the common case, ``basic_sidecar_config``: one Basic
+connection to a TLS upstream. At the end each process gets SIGTERM and must exit 0; a test
+that needs the whole log of a stopped sidecar calls ``RunningSidecar.stop()`` itself.
+
+The config must say where the admin listener is (an address, or ``None`` for none): its
+default port would collide between tests running side by side.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +31,8 @@ from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
 
+Config = dict[str, Any]
+
 
 class Upstream(Protocol):
     """A loopback TLS server with a certificate from ``pki.ca`` for localhost."""
@@ -25,13 +41,52 @@ class Upstream(Protocol):
     def port(self) -> int: ...
 
 
+def _port(listen: str | None) -> int | None:
+    # HOST:PORT or [V6]:PORT. Not ListenAddress.parse: importing the config models (pydantic)
+    # would add a quarter second to every test run that needs none of them.
+    return None if listen is None else int(listen.rpartition(":")[2])
+
+
 @dataclass(frozen=True)
 class RunningSidecar:
+    """A started sidecar and the listeners its config gave it."""
+
     process: SidecarProcess
-    connection: str
-    port: int  # the connection's own listener
-    proxy_port: int | None  # the forward proxy listener, when asked for
-    admin: str | None  # host:port of the admin listener, when asked for
+    config: Config  # as written to ``config_path``
+    ports: dict[str, int]  # each connection's own listener, by connection name
+    proxy_port: int | None  # the forward proxy listener
+    admin: str | None  # HOST:PORT of the admin listener
+    admin_token: str | None  # the content of admin.token_file
+
+    @classmethod
+    def of(cls, process: SidecarProcess, config: Config) -> RunningSidecar:
+        admin = config["admin"]
+        token_file = admin.get("token_file")
+        token = None if token_file is None else \
+            (process.config.parent / token_file).read_text(encoding="utf-8").strip()
+        ports = {name: int(c["listen"].rpartition(":")[2])
+                 for name, c in config.get("connections", {}).items() if c.get("listen")}
+        return cls(process, config, ports, _port(config.get("proxy", {}).get("listen")),
+                   admin["listen"], token)
+
+    @property
+    def config_path(self) -> Path:
+        return self.process.config
+
+    @property
+    def directory(self) -> Path:
+        """Where the config is; relative paths in it start here."""
+        return self.process.config.parent
+
+    @property
+    def connection(self) -> str:
+        """The one connection with a listener of its own."""
+        [name] = self.ports
+        return name
+
+    @property
+    def port(self) -> int:
+        return self.ports[self.connection]
 
     @property
     def base(self) -> str:
@@ -40,14 +95,30 @@ class RunningSidecar:
 
     @property
     def proxies(self) -> dict[str, str]:
-        assert self.proxy_port is not None, "started without proxy=True"
+        assert self.proxy_port is not None, "started without a proxy listener"
         return {"http": f"http://{LOOPBACK}:{self.proxy_port}"}
+
+    @property
+    def admin_port(self) -> int:
+        port = _port(self.admin)
+        assert port is not None, "started without an admin listener"
+        return port
+
+    @property
+    def admin_url(self) -> str:
+        assert self.admin is not None, "started without an admin listener"
+        return f"http://{self.admin}"
+
+    def stop(self) -> None:
+        """SIGTERM; the sidecar must exit 0. Stopping twice is stopping once."""
+        code = self.process.stop()
+        assert code == 0, f"the sidecar exited with {code}:\n{self.process.output[-5000:]}"
 
 
 def basic_sidecar_config(
     pki: TestPKI, upstream: Upstream, *, connection: str, port: int,
-    settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    settings: Config | None = None,
+) -> Config:
     """A config with Basic credentials for ``connection`` to ``upstream``'s /fhir, trusting only
     ``pki.ca``; ``settings`` are added to the connection's own keys."""
     return {
@@ -61,29 +132,50 @@ def basic_sidecar_config(
     }
 
 
-StartSidecar = Callable[..., RunningSidecar]
-"""The ``start_sidecar`` fixture: ``start_sidecar(upstream=None, **basic_sidecar options)``."""
-
-
 @contextlib.contextmanager
-def basic_sidecar(
-    directory: Path, pki: TestPKI, upstream: Upstream, *, connection: str = "fhir",
-    proxy: bool = False, admin: bool = False, settings: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Iterator[RunningSidecar]:
-    """Runs the sidecar on ``basic_sidecar_config`` until the block ends.
+def running_sidecar(directory: Path, config: Config,
+                    env: dict[str, str] | None = None) -> Iterator[RunningSidecar]:
+    """Runs the sidecar on ``config``, written to ``directory``, until the block ends."""
+    if "listen" not in config.get("admin", {}):
+        raise ValueError("give admin.listen (an address or None): the default port would "
+                         "collide between tests")
+    process = SidecarProcess(write_config(directory, config), directory / "state", env=env)
+    try:
+        process.start()
+        sidecar = RunningSidecar.of(process, config)
+        yield sidecar
+    except BaseException:
+        process.stop()
+        raise
+    sidecar.stop()
 
-    ``proxy``/``admin`` add those listeners on free ports; ``extra`` adds top-level sections.
-    """
-    port = free_port()
-    config = basic_sidecar_config(pki, upstream, connection=connection, port=port,
-                                  settings=settings)
-    proxy_port = free_port() if proxy else None
-    admin_address = f"{LOOPBACK}:{free_port()}" if admin else None
-    if proxy_port is not None:
-        config["proxy"] = {"listen": f"{LOOPBACK}:{proxy_port}"}
-    if admin_address is not None:
-        config["admin"] = {"listen": admin_address}
-    config.update(extra or {})
-    with SidecarProcess(write_config(directory, config), directory / "state") as process:
-        yield RunningSidecar(process, connection, port, proxy_port, admin_address)
+
+class StartSidecar:
+    """What ``start_sidecar`` and ``start_module_sidecar`` hand out; see the module docstring."""
+
+    def __init__(self, running: ExitStack, new_directory: Callable[[], Path], pki: TestPKI,
+                 default_upstream: Callable[[], Upstream]):
+        self._running = running
+        self._new_directory = new_directory
+        self._pki = pki
+        self._default_upstream = default_upstream
+
+    def __call__(self, config: Config, *, directory: Path | None = None,
+                 env: dict[str, str] | None = None) -> RunningSidecar:
+        return self._running.enter_context(
+            running_sidecar(directory or self._new_directory(), config, env))
+
+    def basic(self, upstream: Upstream | None = None, *, connection: str = "fhir",
+              proxy: bool = False, admin: bool = False, settings: Config | None = None,
+              extra: Config | None = None) -> RunningSidecar:
+        """``basic_sidecar_config`` to ``upstream`` (default: the good one). ``proxy``/``admin``
+        add those listeners on free ports; ``extra`` adds top-level sections."""
+        config = basic_sidecar_config(self._pki, upstream or self._default_upstream(),
+                                      connection=connection, port=free_port(),
+                                      settings=settings)
+        if proxy:
+            config["proxy"] = {"listen": f"{LOOPBACK}:{free_port()}"}
+        if admin:
+            config["admin"] = {"listen": f"{LOOPBACK}:{free_port()}"}
+        config.update(extra or {})
+        return self(config)
