@@ -1,8 +1,9 @@
 """Health and trends in a real headless browser (Debian's chromium driven by Playwright): log
-in, read the status lights of a working connection and of one whose CA does not trust its
-server, the sparkline SVG (and that the page refreshes it by itself), relative times with the
-exact UTC time on hover, the OAuth token's lifetime bar (the real oidc-provider), and the days
-left of a CA bundle that expires soon; then the same in read-only mode. Screenshots of each
+in, read the status lights of a working connection (green), of one whose CA does not trust its
+server (red) and of one whose CA bundle expires in 20 days (amber), the sparkline SVG (and
+that the page refreshes it by itself), relative times with the exact UTC time on hover, the
+OAuth token's lifetime bar (the real oidc-provider), and the days left of a CA bundle that
+expires soon; then the same in read-only mode. Screenshots of each
 page go to the test's tmp folder (docs/admin-api.md#health-and-trends)."""
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def test_lights_trends_times_and_expiry_in_the_browser(
     shots = tmp_path / "screenshots"
     shots.mkdir()
     soon_bundle = bundle_with_soon_expiring_ca(pki, "browser-soon", 5.5)
+    later_bundle = bundle_with_soon_expiring_ca(pki, "browser-later", 20.5)
 
     def send(name: str, count: int) -> set[int]:
         return {httpx.get(f"http://127.0.0.1:{ports[name]}/metadata", timeout=30,
@@ -117,11 +119,15 @@ def test_lights_trends_times_and_expiry_in_the_browser(
         sync_api.expect(row("wrong-ca").locator("td.health .reason")).to_contain_text(
             "failing: upstream-tls")
         expect_light("soon", "red")  # its CA bundle expires in 5 days
+        expect_light("later", "amber")  # its CA bundle expires in 20 days
+        sync_api.expect(row("later").locator("td.health .reason")).to_contain_text(
+            "CA bundle expires in 20 days")
+        sync_api.expect(row("later").locator(".expiry")).to_have_attribute("data-light", "amber")
         sync_api.expect(row("soon").locator(".expiry")).to_have_attribute("data-light", "red")
         sync_api.expect(row("soon").locator(".expiry")).to_contain_text("CA: 5 days left")
         expect_exact_on_hover(row("soon").locator(".expiry time"), r"^5 days left$")
         # Sparklines: one per connection, with both series of 60 minutes.
-        assert page.locator("svg.sparkline").count() == 4
+        assert page.locator("svg.sparkline").count() == 5
         spark = row("wrong-ca").locator("svg.sparkline")
         sync_api.expect(spark).to_have_attribute("data-errors", str(wrong_ca_errors))
         for series in ("requests", "errors"):
@@ -157,7 +163,8 @@ def test_lights_trends_times_and_expiry_in_the_browser(
     with SidecarProcess(config, tmp_path / "state"):
         api = httpx.Client(base_url=f"{base}/api", trust_env=False, timeout=30,
                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        for name, bundle in (("soon-ca", soon_bundle), ("corp-ca", pki.ca_bundle_path)):
+        for name, bundle in (("soon-ca", soon_bundle), ("later-ca", later_bundle),
+                             ("corp-ca", pki.ca_bundle_path)):
             uploaded = api.put(f"/ca-bundles/{name}", content=bundle.read_bytes(),
                                headers={"Content-Type": "application/x-pem-file"})
             assert uploaded.status_code == 201, uploaded.text
@@ -166,7 +173,13 @@ def test_lights_trends_times_and_expiry_in_the_browser(
             "url": good.base_url, "listen": f"127.0.0.1:{ports['soon']}",
             "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "soon-ca"}})
         assert made.status_code == 201, made.text
+        ports["later"] = free_port()
+        made = api.put("/connections/later", json={
+            "url": good.base_url, "listen": f"127.0.0.1:{ports['later']}",
+            "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "later-ca"}})
+        assert made.status_code == 201, made.text
         assert send("main", 2) == {200}
+        assert send("later", 1) == {200}
         assert send("soon", 1) == {200}
         assert send("wrong-ca", 3) == {502}
 
