@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
+import socket
 import ssl
 import tomllib
 from pathlib import Path
@@ -12,6 +14,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from sidecar.testkit import ports
 from sidecar.testkit.pki import DemoPKI
 from sidecar.testkit.ports import free_port
 from sidecar.testkit.token_server import TokenServer
@@ -98,3 +101,28 @@ def test_token_prefix_is_kept(tmp_path: Path) -> None:
 def test_a_server_certificate_needs_a_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one hostname"):
         DemoPKI(tmp_path).server(())
+
+
+def test_free_port_stays_in_the_configured_range_and_skips_taken_ports(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with contextlib.ExitStack() as held:
+        low = 23500
+        for port in range(low, low + 8):  # all but the last port of the range are in use
+            sock = held.enter_context(socket.socket())
+            with contextlib.suppress(OSError):  # taken by someone else already: just as good
+                sock.bind(("127.0.0.1", port))
+        monkeypatch.setenv(ports.PORT_RANGE_ENV, f"{low}-{low + 8}")
+        assert ports.free_port() == low + 8
+    monkeypatch.setenv(ports.PORT_RANGE_ENV, "24000-24099")
+    given = [ports.free_port() for _ in range(20)]
+    assert all(24000 <= p <= 24099 for p in given), given
+    assert len(set(given)) == 20, "a port was handed out twice in a row"
+
+
+@pytest.mark.parametrize("value", ["24000", "24000-", "x-y", "99-2000", "30000-20000",
+                                   "20000-70000"])
+def test_a_bad_port_range_is_refused_in_words(monkeypatch: pytest.MonkeyPatch,
+                                              value: str) -> None:
+    monkeypatch.setenv(ports.PORT_RANGE_ENV, value)
+    with pytest.raises(ValueError, match=r"FHIR_SIDECAR_TEST_PORTS=.*expected LOW-HIGH"):
+        ports.free_port()
