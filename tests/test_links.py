@@ -285,3 +285,65 @@ def test_adapter_leaves_streamed_bodies_alone(links: LinkRewriter) -> None:
     rewrite_links(response, _adapter_state(links))
     assert response.raw_content is raw
     assert response.headers["Content-Location"] == f"{APP}/x"
+
+
+# -- the full scanner on hostile bodies: anything inconsistent is left alone ------------------
+
+_U = UP.encode()
+
+
+@pytest.mark.parametrize("raw", [
+    b'"' + _U + b'/x"',                                           # a string, not an object
+    b"123 " + _U,                                                 # a bare literal
+    b',{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}',   # a comma first
+    b'{{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}}',  # an object as a key
+    b'{["link"]:[{"url":"' + _U + b'/x"}],"resourceType":"Bundle"}',  # an array as a key
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}}]}',   # } closes an array
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"]}]}',   # ] closes an object
+    b'{"resourceType":"Bundle","link":[{"url"::"' + _U + b'/x"}]}',   # two colons
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}{}',  # two documents
+    b'{"resourceType":"Bundle","link":[[{"url":"' + _U + b'/x"}]]}',  # a list in the list
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]',     # cut off
+])
+def test_json_that_is_not_one_consistent_document_is_left_alone(links: LinkRewriter,
+                                                                 raw: bytes) -> None:
+    from sidecar.links import _json_bundle_link_urls
+
+    assert _json_bundle_link_urls(raw) == []
+    assert links.body(raw, "application/fhir+json") is raw
+
+
+def test_json_keys_and_urls_with_broken_escapes_are_not_rewritten(links: LinkRewriter) -> None:
+    # A key that does not decode is no key the scanner knows; a URL token that does not
+    # decode is not rewritten, though written with escapes its neighbour is.
+    escaped = UP.replace("/", "\\/")
+    raw = ('{"resourceType":"Bundle","\\q":1,"link":[{"url":"' + escaped + '/a\\q"},'
+           '{"url":"' + escaped + '/b"}]}').encode()
+    assert links.body(raw, "application/fhir+json") == raw.replace(
+        (escaped + "/b").encode(), f"{APP}/b".encode())
+
+
+def test_xml_urls_without_a_value_or_outside_the_base_are_left_alone(links: LinkRewriter
+                                                                     ) -> None:
+    ns = b'<Bundle xmlns="http://hl7.org/fhir">'
+    raw = (ns + b'<link><url/></link><link><url id="u"></url></link>'
+           b'<link><url value="https://other.example/r4?a=1&amp;b=2"/></link>'
+           b'<link><url value="https://other.example/r4?a=1&amp;b=\xff"/></link>'
+           b'<link><url value="' + _U + b'/p?a=1&amp;b=\xff"/></link>'
+           b"</Bundle>")
+    # Only the value under the base changes, and only its prefix: the bytes after it
+    # (an escaped ampersand, a byte that is not UTF-8) stay as they were.
+    assert links.body(raw, "application/fhir+xml") == raw.replace(_U + b"/p",
+                                                                  APP.encode() + b"/p")
+    no_links = ns + b'<type value="' + _U + b'"/></Bundle>'
+    assert links.body(no_links, "application/fhir+xml") is no_links
+
+
+def test_a_subclass_gets_a_rewriter_of_its_own_class() -> None:
+    class Recording(LinkRewriter):
+        pass
+
+    upstream = Upstream.from_url(UP)
+    made = Recording.between(upstream, APP)
+    assert type(made) is Recording and made.url(f"{UP}/x") == f"{APP}/x"
+    assert type(LinkRewriter.between(upstream, APP)) is LinkRewriter  # the shared one
