@@ -322,8 +322,8 @@ def _json_bundle_link_urls(content: bytes, skip_entries: bool = False
                         top.link_owner.candidates.append(match.span())
                     elif top.key == _K_URL and top.file_owner is not None:
                         files = top.file_owner.files
-                        if files is not None:
-                            files.append(match.span())
+                        assert files is not None  # set with file_owner, at the list's [
+                        files.append(match.span())
                     elif top.key == _K_RESOURCE_TYPE:
                         top.resource_type = _json_key(token)
                     elif len(stack) == 1 and top.key in MANIFEST_STRING_KEYS:

@@ -183,7 +183,7 @@ class StreamingLinks:
         elif len(stack) == 3 and top[2] == "url" and stack[0][2] == "link":
             if self._resource_type == "Bundle":
                 self._edit(start, end, self._links._json_string)
-            elif self._resource_type is None:
+            else:  # not known yet: any other resourceType has ended tokenizing (_decide)
                 self._hold(start, end, is_file=False)
         elif len(stack) == 3 and top[2] == "url" and stack[0][2] in MANIFEST_FILE_LISTS \
                 and stack[1][0] == "a" and self._resource_type is None:
@@ -331,6 +331,8 @@ class _Codec:
 
             self._brotli_in = brotli.Decompressor()
             self._brotli_out = brotli.Compressor(quality=1)
+        else:  # the caller checks STREAMABLE_CODINGS first (proxy/response_links.py)
+            raise ValueError(f"not a streamable content coding: {coding!r}")
 
     def decode(self, data: bytes) -> bytes:
         if self._brotli_in is not None:

@@ -15,6 +15,7 @@ import httpx
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecars import StartSidecar
 from support.tinyproxy import Tinyproxy
 from support.tls_front import TlsFront
 
@@ -94,3 +95,51 @@ def test_the_connection_test_tunnels_through_an_https_proxy(tmp_path: Path,
                 assert form not in answer.content
         for form in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
             assert form not in process.output
+
+
+def test_app_requests_tunnel_through_an_https_proxy(tmp_path: Path, pki: TestPKI,
+                                                    start_sidecar: StartSidecar) -> None:
+    """The request path itself (not only the checks): TLS to the proxy under the proxy's own
+    ``tls``, CONNECT inside it, the upstream's TLS inside that; a proxy whose certificate the
+    configured CA did not sign fails the request with words that name the proxy."""
+    (tmp_path / "proxy-password").write_text(PROXY_PASSWORD + "\n")
+    upstream_tls = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
+    with Tinyproxy(tmp_path / "tinyproxy", auth=(PROXY_USER, PROXY_PASSWORD)) as proxy, \
+            TlsFront(pki.server(name="https-proxy-front-3"), proxy.port) as front, \
+            RawRecordingUpstream(pki.server(name="https-proxy-upstream-3")) as upstream:
+        def definition(ca_bundle: Path) -> dict[str, object]:
+            return {"url": front.url, "username": PROXY_USER, "password_file": "proxy-password",
+                    "tls": {"verify": "custom", "ca_bundle": str(ca_bundle)}}
+
+        upstream_url = f"https://localhost:{upstream.port}/fhir"
+        sidecar = start_sidecar({
+            "admin": {"listen": None},
+            "egress_proxies": {"tlscorp": definition(pki.ca_bundle_path),
+                               "wrongca": definition(pki.other_ca_bundle_path)},
+            "connections": {
+                "through": {"url": upstream_url, "tls": upstream_tls, "via": "tlscorp",
+                            "listen": f"127.0.0.1:{free_port()}"},
+                "wrongca": {"url": upstream_url, "tls": upstream_tls, "via": "wrongca",
+                            "listen": f"127.0.0.1:{free_port()}"}},
+        }, directory=tmp_path)
+        through = f"http://127.0.0.1:{sidecar.ports['through']}"
+        for _ in range(2):  # the second one may reuse the tunnel or open another
+            answer = httpx.get(f"{through}/Patient/raw", timeout=60, trust_env=False)
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"resourceType": "Patient", "id": "raw"}
+        assert f"localhost:{upstream.port}" in proxy.connects(), proxy.log()
+        assert front.handshakes >= 1
+        assert b"GET /fhir/Patient/raw HTTP/1.1" in upstream.all_bytes()
+        before = len(upstream.all_bytes())
+        failed = httpx.get(f"http://127.0.0.1:{sidecar.ports['wrongca']}/Patient/raw",
+                           timeout=60, trust_env=False)
+        assert failed.status_code == 502, failed.text
+        assert "TLS to the proxy failed" in failed.text, failed.text
+        assert "egress proxy 'wrongca'" in failed.text, failed.text
+        assert len(upstream.all_bytes()) == before  # nothing reached the upstream
+        pair = f"{PROXY_USER}:{PROXY_PASSWORD}".encode()
+        for form in (PROXY_PASSWORD.encode(), base64.b64encode(pair)):
+            assert form not in answer.content + failed.content
+    sidecar.stop()
+    for form in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
+        assert form not in sidecar.process.output

@@ -285,3 +285,167 @@ def test_adapter_leaves_streamed_bodies_alone(links: LinkRewriter) -> None:
     rewrite_links(response, _adapter_state(links))
     assert response.raw_content is raw
     assert response.headers["Content-Location"] == f"{APP}/x"
+
+
+# -- the full scanner on hostile bodies: anything inconsistent is left alone ------------------
+
+_U = UP.encode()
+
+
+@pytest.mark.parametrize("raw", [
+    b'"' + _U + b'/x"',                                           # a string, not an object
+    b"123 " + _U,                                                 # a bare literal
+    b',{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}',   # a comma first
+    b'{{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}}',  # an object as a key
+    b'{["link"]:[{"url":"' + _U + b'/x"}],"resourceType":"Bundle"}',  # an array as a key
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}}]}',   # } closes an array
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"]}]}',   # ] closes an object
+    b'{"resourceType":"Bundle","link":[{"url"::"' + _U + b'/x"}]}',   # two colons
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}{}',  # two documents
+    b'{"resourceType":"Bundle","link":[[{"url":"' + _U + b'/x"}]]}',  # a list in the list
+    b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]',     # cut off
+])
+def test_json_that_is_not_one_consistent_document_is_left_alone(links: LinkRewriter,
+                                                                 raw: bytes) -> None:
+    from sidecar.links import _json_bundle_link_urls
+
+    assert _json_bundle_link_urls(raw) == []
+    assert links.body(raw, "application/fhir+json") is raw
+
+
+def test_json_keys_and_urls_with_broken_escapes_are_not_rewritten(links: LinkRewriter) -> None:
+    # A key that does not decode is no key the scanner knows; a URL token that does not
+    # decode is not rewritten, though written with escapes its neighbour is.
+    escaped = UP.replace("/", "\\/")
+    raw = ('{"resourceType":"Bundle","\\q":1,"link":[{"url":"' + escaped + '/a\\q"},'
+           '{"url":"' + escaped + '/b"}]}').encode()
+    assert links.body(raw, "application/fhir+json") == raw.replace(
+        (escaped + "/b").encode(), f"{APP}/b".encode())
+
+
+def test_xml_urls_without_a_value_or_outside_the_base_are_left_alone(links: LinkRewriter
+                                                                     ) -> None:
+    ns = b'<Bundle xmlns="http://hl7.org/fhir">'
+    raw = (ns + b'<link><url/></link><link><url id="u"></url></link>'
+           b'<link><url value="https://other.example/r4?a=1&amp;b=2"/></link>'
+           b'<link><url value="https://other.example/r4?a=1&amp;b=\xff"/></link>'
+           b'<link><url value="' + _U + b'/p?a=1&amp;b=\xff"/></link>'
+           b"</Bundle>")
+    # Only the value under the base changes, and only its prefix: the bytes after it
+    # (an escaped ampersand, a byte that is not UTF-8) stay as they were.
+    assert links.body(raw, "application/fhir+xml") == raw.replace(_U + b"/p",
+                                                                  APP.encode() + b"/p")
+    no_links = ns + b'<type value="' + _U + b'"/></Bundle>'
+    assert links.body(no_links, "application/fhir+xml") is no_links
+
+
+def test_a_subclass_gets_a_rewriter_of_its_own_class() -> None:
+    class Recording(LinkRewriter):
+        pass
+
+    upstream = Upstream.from_url(UP)
+    made = Recording.between(upstream, APP)
+    assert type(made) is Recording and made.url(f"{UP}/x") == f"{APP}/x"
+    assert type(LinkRewriter.between(upstream, APP)) is LinkRewriter  # the shared one
+
+
+def test_adapter_leaves_a_body_it_cannot_decode_alone(links: LinkRewriter) -> None:
+    from mitmproxy import http
+
+    from sidecar.proxy.response_links import rewrite_links
+
+    raw = b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}'  # says gzip, is not
+    response = http.Response.make(200, b"", {"Content-Type": "application/fhir+json",
+                                             "Content-Encoding": "gzip",
+                                             "Location": f"{UP}/x"})
+    response.raw_content = raw
+    rewrite_links(response, _adapter_state(links))
+    assert response.raw_content is raw
+    assert response.headers["Location"] == f"{APP}/x"  # the headers still are rewritten
+
+
+@pytest.mark.parametrize(("method", "status", "headers"), [
+    ("HEAD", 200, {}),
+    ("GET", 204, {}),
+    ("GET", 304, {}),
+    ("GET", 200, {"Content-Encoding": "gzip, br"}),   # a stack of codings
+    ("GET", 200, {"Content-Encoding": "zstd"}),       # one it cannot undo while streaming
+    ("GET", 200, {"Content-Type": "application/fhir+ndjson"}),
+])
+def test_chunked_bodies_that_cannot_hold_links_stream_untouched(
+        links: LinkRewriter, method: str, status: int, headers: dict[str, str]) -> None:
+    """No size, nothing to rewrite: the body is left to mitmproxy, unchanged and uncounted."""
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    from sidecar.proxy.response_links import stream_body
+
+    flow = tflow.tflow()
+    flow.request.method = method
+    flow.response = http.Response.make(status)
+    del flow.response.headers["content-length"]
+    # Set after make(), which drops a Content-Encoding its (empty) content does not have.
+    flow.response.headers.update({"Content-Type": "application/fhir+json", **headers,
+                                  "Transfer-Encoding": "chunked"})
+    stream_body(flow, _adapter_state(links))
+    assert flow.response.stream is False
+    assert "content-length" not in flow.response.headers
+
+
+def test_a_chunked_body_collected_whole_is_decoded_or_passed_as_received(
+        links: LinkRewriter) -> None:
+    """Below the threshold a chunked body is collected and rewritten whole; a body its coding
+    does not decode (or without links) goes out exactly as it came."""
+    import gzip
+
+    from mitmproxy import http
+
+    from sidecar.proxy.response_links import _CollectThenStream
+
+    def collect(body: bytes, coding: str) -> bytes:
+        headers = {"Content-Type": "application/fhir+json"}
+        if coding:
+            headers["Content-Encoding"] = coding
+        response = http.Response.make(200, b"", headers)
+        stream = _CollectThenStream(links, "json", response, threshold=1 << 20)
+        assert stream(body[:10]) == b"" and stream(body[10:]) == b""  # held: below threshold
+        return stream(b"")
+
+    raw = b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}'
+    assert gzip.decompress(collect(gzip.compress(raw), "gzip")) == raw.replace(
+        _U, APP.encode())
+    assert collect(raw, "") == raw.replace(_U, APP.encode())
+    assert collect(raw, "gzip") == raw  # says gzip, is not
+    other = b'{"resourceType":"Patient","id":"' + _U + b'"}'
+    assert collect(gzip.compress(other), "gzip") == gzip.compress(other)
+
+
+@pytest.mark.parametrize(("threshold", "collected"), [("1m", True), (None, False)])
+def test_a_chunked_bundle_is_collected_only_under_a_threshold(
+        links: LinkRewriter, threshold: str | None, collected: bool) -> None:
+    """mitmproxy's ``stream_large_bodies`` (set by the sidecar, a user's mitmproxy may clear
+    it): with it a chunked Bundle is collected to be rewritten; without it mitmproxy buffers
+    the whole body and the buffered rewrite applies."""
+    from mitmproxy import http
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.test import taddons, tflow
+
+    from sidecar.proxy.response_links import stream_body
+
+    server = Proxyserver()  # declares the option; never started here
+    with taddons.context(server) as context:
+        context.configure(server, stream_large_bodies=threshold)
+        flow = tflow.tflow()
+        flow.response = http.Response.make(200)
+        del flow.response.headers["content-length"]
+        flow.response.headers.update({"Content-Type": "application/fhir+json",
+                                      "Transfer-Encoding": "chunked"})
+        state = _adapter_state(links)
+        stream_body(flow, state)
+        stream = flow.response.stream
+        assert callable(stream) is collected
+        if callable(stream):
+            raw = b'{"resourceType":"Bundle","link":[{"url":"' + _U + b'/x"}]}'
+            out = [stream(raw), stream(b"")]
+            assert b"".join(bytes(part) for part in out) == raw.replace(_U, APP.encode())
+            assert state.bytes_out == len(raw.replace(_U, APP.encode()))

@@ -12,6 +12,7 @@ import zlib
 from typing import Any
 
 import brotli
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from test_links_fast import (
@@ -148,3 +149,108 @@ def test_a_stream_step_with_nothing_to_send_yet_sends_no_chunk() -> None:
     assert step(b'"https://fhir.exa') == []  # the URL is not complete yet
     assert step(b'mple.com/r4/x"}],') == b'"' + APP.encode() + b'/x"}],'
     assert state.bytes_out == len(head) + len(APP) + 7
+
+
+# -- hostile and cut-off bodies: each passes unchanged once it is not a Bundle's head ----------
+
+U = UP.encode()
+A = APP.encode()
+
+
+@pytest.mark.parametrize("raw", [
+    b'"just a string"',                    # not an object
+    b"12345",                              # a number, not an object
+    b"[1, 2]",                             # an array at the top
+    b',{"resourceType":"Bundle"}',         # a comma before anything
+    b'{{"resourceType":"Bundle"}}',        # an object where a key belongs
+    b'{["resourceType"]}',                 # an array where a key belongs
+    b'{"resourceType":"Bundle"]',          # a closer of the wrong kind
+    b'{"resourceType"::"Bundle"}',         # two colons
+    b'{"resourceType":"Bundle", "link":[{"url":"' + U + b'/x"}',  # cut off: no closers
+    b'{"resourceType":"Bundle","note":"cut',                        # cut inside a string
+])
+@pytest.mark.parametrize("cut", [1, 7, 1000])
+def test_malformed_json_before_the_links_passes_unchanged(raw: bytes, cut: int) -> None:
+    out = _stream(raw, "json", [cut])
+    if b'"url":"' in raw:  # the link itself was complete: rewritten, the rest kept as it is
+        assert out == raw.replace(U, A)
+    else:
+        assert out == raw
+
+
+def test_a_number_cut_by_the_chunk_boundary_is_read_whole() -> None:
+    stream = StreamingLinks(LINKS, "json")
+    out = stream.feed(b'{"resourceType":"Bundle","tag":["a","b"],"total":12')
+    assert not stream.passing
+    out += stream.feed(b'34,"link":[{"url":"' + U + b'/p"}],"entry":[')
+    assert stream.passing
+    assert out + stream.finish() == (b'{"resourceType":"Bundle","tag":["a","b"],"total":1234,'
+                                     b'"link":[{"url":"'
+                                     + A + b'/p"}],"entry":[')
+
+
+def test_a_bundle_cut_off_before_its_end_keeps_its_rewritten_links() -> None:
+    head = b'{"resourceType":"Bundle","link":[{"url":"' + U + b'/p"}],"type":"search'
+    stream = StreamingLinks(LINKS, "json")
+    out = stream.feed(head)
+    assert not stream.passing
+    assert out + stream.finish() == head.replace(U, A)
+
+
+def test_links_held_for_resource_type_wait_behind_rewritten_file_urls() -> None:
+    """A manifest with a stray ``link`` before its file lists: the link URL waits for a
+    resourceType that never comes (and then goes out unchanged), the file URLs behind it are
+    rewritten as soon as the manifest is recognised but sent only after the held link."""
+    link = b'{"link":[{"url":"' + U + b'/l"}],'
+    files = b'"output":[{"type":"Patient","url":"' + U + b'/f.ndjson"}],'
+    members = b'"transactionTime":"2026-01-01T00:00:00Z","request":"' + U + b'/$export"'
+    stream = StreamingLinks(LINKS, "json")
+    out = stream.feed(link + files + members)
+    assert out == b'{"link":[{"url":'  # held from the undecided link URL on
+    errors = b',"error":[{"url":"' + U + b'/e.ndjson"}]}'  # recognised: rewritten at once
+    out += stream.feed(errors) + stream.finish()
+    expected = link + files.replace(U, A) + members + errors.replace(U, A)
+    assert out == expected
+    assert LINKS.body(link + files + members + errors, "application/json") == expected
+
+
+def test_file_urls_of_a_bundle_are_not_file_urls() -> None:
+    """File URLs held for the manifest members go out unchanged once resourceType says
+    Bundle; the Bundle's held link URLs (behind them) are rewritten."""
+    raw = (b'{"output":[{"url":"' + U + b'/f"}],"link":[{"url":"' + U + b'/l"}],'
+           b'"resourceType":"Bundle"}')
+    for cut in (5, 30, 60, len(raw)):
+        assert _stream(raw, "json", [cut]) == (b'{"output":[{"url":"' + U + b'/f"}],'
+                                               b'"link":[{"url":"' + A + b'/l"}],'
+                                               b'"resourceType":"Bundle"}'), cut
+
+
+@pytest.mark.parametrize("raw", [
+    b'<Bundle xmlns="http://hl7.org/fhir"></link></Bundle>',  # a closer of the wrong kind
+    b'<Bundle xmlns="http://hl7.org/fhir"><type value="searchset"/><lin',  # cut in a tag
+    b'<Bundle xmlns="http://hl7.org/fhir"><link><url valu',
+    b'<Bundle xmlns="http://hl7.org/fhir"><link>< url value="' + U + b'/x"/></link></Bundle>',
+])
+@pytest.mark.parametrize("cut", [3, 40, 1000])
+def test_malformed_xml_passes_unchanged(raw: bytes, cut: int) -> None:
+    assert _stream(raw, "xml", [cut]) == raw
+
+
+def test_an_xml_url_without_a_value_is_left_as_it_is() -> None:
+    raw = (b'<Bundle xmlns="http://hl7.org/fhir"><link><url/></link><link><url id="a">'
+           b'</url></link><link><url value="' + U + b'/p"/></link><entry/></Bundle>')
+    assert _stream(raw, "xml", [20, 60]) == raw.replace(U, A)
+
+
+def test_a_deflate_body_fed_one_byte_first_is_understood() -> None:
+    raw = json.dumps({"resourceType": "Bundle", "link": [{"url": f"{UP}/x"}]}).encode()
+    coded = zlib.compress(raw)
+    body = StreamingBody(LINKS, "json", "deflate")
+    out = body.feed(coded[:1])  # one byte cannot tell zlib-wrapped from raw deflate
+    out += body.feed(coded[1:]) + body.finish()
+    assert json.loads(zlib.decompress(out))["link"][0]["url"] == f"{APP}/x"
+
+
+def test_only_streamable_codings_are_accepted() -> None:
+    with pytest.raises(ValueError, match="compress"):
+        StreamingBody(LINKS, "json", "compress")

@@ -4,11 +4,13 @@ gets none of them. Also fails loudly when a mitmproxy internal they use changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mitmproxy import http
 from support.sidecar_process import write_config
 
@@ -69,6 +71,124 @@ def test_cached_hook_dispatch_follows_the_addon_chain() -> None:
         assert calls == ["first", "first", "halting", "halting"]
 
     asyncio.run(scenario())
+
+
+
+def test_cached_dispatch_keeps_mitmproxys_rules_for_odd_chains(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Nested addons and a hook name bound to something not callable go through mitmproxy's
+    own dispatch (children called, the error logged, the rest of the chain still run);
+    ``update`` handlers get each flow after its hook, as in mitmproxy; the lookup is cached
+    while the chain stays the same."""
+    import asyncio
+    import logging
+
+    from mitmproxy import options
+    from mitmproxy.master import Master
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.test import tflow
+
+    calls: list[str] = []
+
+    class Recording:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def request(self, flow: http.HTTPFlow) -> None:
+            calls.append(self.name)
+
+    class Updating(Recording):
+        def update(self, flows: list[object]) -> None:
+            calls.append(f"update {len(flows)}")
+
+    class Parent:
+        def __init__(self) -> None:
+            self.addons = [Recording("child")]
+
+    class NotCallable:
+        request = "not a hook"
+
+    async def scenario() -> None:
+        master = Master(options.Options())
+        speedups.cache_hook_dispatch(master.addons)
+        manager_class = type(master.addons)
+        speedups.cache_hook_dispatch(master.addons)  # twice: still the one caching manager
+        assert type(master.addons) is manager_class
+        first = Recording("first")
+        master.addons.add(first)
+        flow = tflow.tflow()
+        for _ in range(2):  # the second time from the cache
+            await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "first"]
+        updating = Updating("updating")
+        master.addons.add(updating)
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls[2:] == ["first", "updating", "update 1"]
+        from mitmproxy.proxy.server_hooks import ClientConnectedHook
+        calls.clear()
+        await master.addons.handle_lifecycle(ClientConnectedHook(tflow.tclient_conn()))
+        assert calls == []  # no flow: no update
+        master.addons.remove(updating)
+        parent = Parent()
+        master.addons.add(parent)
+        calls.clear()
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "child"]
+        master.addons.remove(parent)
+        odd = NotCallable()
+        master.addons.add(odd, Recording("late"))
+        calls.clear()
+        with caplog.at_level(logging.ERROR):
+            await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        assert calls == ["first", "late"]
+        assert "Addon handler request" in caplog.text and "not callable" in caplog.text
+
+    asyncio.run(scenario())
+
+
+def test_gc_housekeeping_collects_until_done() -> None:
+    import asyncio
+    import gc
+
+    collections: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            collections.append(info["generation"])
+
+    async def scenario() -> asyncio.Task[None] | None:
+        housekeeping = speedups.GcHousekeeping()
+        housekeeping.done()  # before running: nothing to stop
+        housekeeping.running()
+        task = housekeeping._task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while len(collections) < 2:  # two rounds: it keeps collecting
+            assert loop.time() < deadline, "no full collection"
+            await asyncio.sleep(0.05)
+        housekeeping.done()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=30)  # type: ignore[arg-type]
+        return task
+
+    gc.callbacks.append(seen)
+    try:
+        task = asyncio.run(scenario())
+    finally:
+        gc.callbacks.remove(seen)
+        gc.unfreeze()  # running() froze this test process's objects
+    assert task is not None and task.cancelled()
+
+
+def test_a_mitmproxy_without_type_checks_is_left_as_it_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mitmproxy release without ``MessageData.__post_init__`` (nothing to skip) gets no
+    no-op added: the tweak reports it found nothing."""
+    from mitmproxy.http import MessageData
+
+    monkeypatch.delattr(MessageData, "__post_init__")
+    assert speedups.skip_message_type_checks() is False
+    assert "__post_init__" not in MessageData.__dict__
 
 
 def _config(tmp_path: Path) -> Path:

@@ -228,3 +228,11 @@ def test_unknown_groups_are_not_hinted() -> None:
     conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
     assert offer_key_share_first(conn, "brainpoolP256r1") is False
     assert offer_key_share_first(conn, "x25519") is True
+
+
+def test_a_name_openssl_refuses_to_check_fails_loudly() -> None:
+    """Never a connection without the name check: an embedded NUL (which OpenSSL refuses as
+    a host name) raises instead of leaving verification off."""
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    with pytest.raises(RuntimeError, match="refused to enable hostname verification"):
+        enable_hostname_verification(conn, "fhir\x00.example.org")

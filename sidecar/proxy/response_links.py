@@ -50,8 +50,7 @@ def rewrite_links(response: http.Response, state: FlowState) -> None:
         body = response.get_content(strict=True)
     except ValueError:
         return  # a content encoding we cannot undo: leave the body as it is
-    if body is None:
-        return
+    assert body is not None  # there is raw content (above)
     rewritten = links.body(body, response.headers.get("content-type"))
     if rewritten is not body:
         response.content = rewritten
@@ -145,8 +144,7 @@ class _CollectThenStream:
             body = encoding.decode(raw, self._coding) if self._coding else raw
         except ValueError:
             return raw
-        if not isinstance(body, bytes):
-            return raw
+        assert isinstance(body, bytes)  # what each of STREAMABLE_CODINGS decodes to
         rewritten = self._links.body(body, self._content_type)
         if rewritten is body:
             return raw
