@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                ("overall", overall, OVERALL_FLOOR)):
         ok = value >= floor
         failed |= not ok
-        print(f"{name}: {value:.1f}% branch coverage (floor {floor:g}%) {'ok' if ok else 'FAIL'}")
+        print(f"{name}: {value:.2f}% branch coverage (floor {floor:g}%) {'ok' if ok else 'FAIL'}")
     return 1 if failed else 0
 
 
