@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from xml.sax.saxutils import escape as xml_escape
-from xml.sax.saxutils import unescape as xml_unescape
 
 from sidecar.bundle_scan import (
     MANIFEST_COMPLETE,
@@ -221,13 +220,35 @@ class LinkRewriter:
         if b"&" not in raw:
             return None
         try:
-            value = xml_unescape(raw.decode(), {"&quot;": '"', "&apos;": "'"})
-        except UnicodeDecodeError:
+            value = xml_unescape(raw.decode())
+        except (UnicodeDecodeError, ValueError):
             return None
         rewritten = self.url(value)
         if rewritten is value:
             return None
         return xml_escape(rewritten, {'"': "&quot;", "'": "&apos;"}).encode()
+
+
+_XML_REFERENCE = re.compile(r"&(?:#([0-9]{1,7})|#x([0-9a-fA-F]{1,6})|(lt|gt|amp|quot|apos));")
+_XML_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
+
+
+def xml_unescape(text: str) -> str:
+    """An attribute value as an XML parser reads it: the five predefined entities and character
+    references (``&#47;``, ``&#x2F;``), which a serializer may use for any character of a URL.
+    ``ValueError`` for a reference to a character XML does not allow."""
+
+    def character(match: re.Match[str]) -> str:
+        decimal, hexadecimal, name = match.groups()
+        if name is not None:
+            return _XML_ENTITIES[name]
+        code = int(decimal) if decimal is not None else int(hexadecimal, 16)
+        if code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD \
+                or 0x10000 <= code <= 0x10FFFF:
+            return chr(code)
+        raise ValueError(f"character reference to U+{code:04X}")
+
+    return _XML_REFERENCE.sub(character, text)
 
 
 @functools.lru_cache(maxsize=256)

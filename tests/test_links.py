@@ -228,6 +228,29 @@ def test_xml_with_escaped_prefix_is_reescaped_only_there() -> None:
         f'<Bundle><link><url value="{APP}/Patient?x=1&amp;y=2"/></link></Bundle>'.encode())
 
 
+@pytest.mark.parametrize("spelled", [
+    "https:&#47;&#47;fhir.example.com&#x2F;r4",       # character references, decimal and hex
+    "&#104;ttps://fhir.example.com/r4",
+    "https://fhir.example.com&#x2f;r4",
+])
+def test_xml_link_spelled_with_character_references_is_rewritten(
+        links: LinkRewriter, spelled: str) -> None:
+    # An XML parser (the app's) reads these as the upstream's URL: left alone, the app would
+    # follow the next page around the sidecar.
+    raw = f'<Bundle><link><url value="{spelled}/Patient?page=2"/></link></Bundle>'.encode()
+    assert links.body(raw, "application/fhir+xml") == (
+        f'<Bundle><link><url value="{APP}/Patient?page=2"/></link></Bundle>'.encode())
+
+
+@pytest.mark.parametrize("reference", ["&#0;", "&#xD800;", "&#1114112;", "&#x110000;"])
+def test_xml_reference_to_a_forbidden_character_is_left_alone(
+        links: LinkRewriter, reference: str) -> None:
+    # Not well-formed XML: the value is left as it is, like any body the sidecar is unsure of.
+    raw = (f'<Bundle><link><url value="https:&#47;&#47;fhir.example.com/r4/{reference}"/>'
+           '</link></Bundle>').encode()
+    assert links.body(raw, "application/fhir+xml") == raw
+
+
 @pytest.mark.parametrize("raw", [
     f'<Bundle><link><url value="{UP}/x"/></link>'.encode(),                # unclosed
     f'<Bundle><link><url value="{UP}/x"/></Bundle></link>'.encode(),       # crossed
