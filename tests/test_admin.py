@@ -9,7 +9,6 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
 from sidecar.admin import ListenerState, StatusSources, build_app, start_admin
@@ -212,7 +212,8 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: Upstreams,
-            oauth_provider_process: OAuthTestProvider) -> Iterator[Running]:
+            oauth_provider_process: OAuthTestProvider,
+            start_module_sidecar: StartSidecar) -> Running:
     """One sidecar for the module's read-only tests: they send traffic and compare metrics
     before and after, and change nothing (a reload gets its own sidecar)."""
     provider = oauth_provider_process
@@ -248,7 +249,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: U
     provider.reset()
     provider.settings(ttl=3600)
     try:
-        config = write_config(tmp, {
+        config: dict[str, Any] = {
             "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "basic_auth": {
@@ -265,24 +266,17 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: U
                          "client_id": "down-client", "client_secret_file": "secrets/down"},
             },
             "connections": connections,
-        })
-        sidecar = SidecarProcess(config, tmp / "state",
-                                 env={"ADMIN_TEST_CLIENT_SECRET": str(client.secret)}).start()
-        try:
-            ready = sidecar.events("ready")[0]
-            assert ready["admin"] == f"127.0.0.1:{admin_port}"
-            wait_until(lambda: readyz(ready["admin"], verbose=True).json()["oauth"]["real"][
-                "token_valid_until"], 30, message="the first token")
-        except BaseException:
-            sidecar.stop()
-            raise
+        }
+        sidecar = start_module_sidecar(
+            config, directory=tmp, env={"ADMIN_TEST_CLIENT_SECRET": str(client.secret)}).process
+        ready = sidecar.events("ready")[0]
+        assert ready["admin"] == f"127.0.0.1:{admin_port}"
+        wait_until(lambda: readyz(ready["admin"], verbose=True).json()["oauth"]["real"][
+            "token_valid_until"], 30, message="the first token")
     finally:
         provider.reset()
-    try:
-        yield Running(sidecar, ready["admin"], ports, proxy_port, config, provider,
-                      pki.ca_bundle_path, upstreams.get("good"))
-    finally:
-        assert sidecar.stop() == 0
+    return Running(sidecar, ready["admin"], ports, proxy_port, sidecar.config, provider,
+                   pki.ca_bundle_path, upstreams.get("good"))
 
 
 def test_healthz_and_readyz_answer_once_ready(running: Running) -> None:
@@ -419,12 +413,13 @@ class Reloadable:
         return httpx.Client(timeout=30, trust_env=False)
 
 
-def test_reloads_are_counted_by_result(tmp_path: Path, pki: TestPKI,
-                                       upstreams: Upstreams) -> None:
+def test_reloads_are_counted_by_result(tmp_path: Path, pki: TestPKI, upstreams: Upstreams,
+                                       start_sidecar: StartSidecar) -> None:
     admin_port, listen_port = free_port(), free_port()
     config = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
-    with SidecarProcess(config, tmp_path / "state") as sidecar:
-        _count_reloads(Reloadable(sidecar, f"127.0.0.1:{admin_port}", config, listen_port))
+    sidecar = start_sidecar(config, directory=tmp_path)
+    _count_reloads(Reloadable(sidecar.process, f"127.0.0.1:{admin_port}", sidecar.config_path,
+                              listen_port))
 
 
 def _count_reloads(running: Reloadable) -> None:
@@ -523,60 +518,60 @@ def test_no_secret_token_or_query_in_logs_metrics_or_readiness(running: Running)
 # -- the real process: start, drain, failures ---------------------------------------------------
 
 def _small_config(tmp_path: Path, pki: TestPKI, upstreams: Upstreams, admin_port: int,
-                  listen_port: int) -> Path:
+                  listen_port: int) -> dict[str, Any]:
+    """One Basic connection "good"; its password file is written to ``tmp_path``."""
     (tmp_path / "pw").write_text(UPSTREAM_PASSWORD + "\n")
-    return write_config(tmp_path, {
+    return {
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "basic_auth": {"b": {"username": UPSTREAM_USER, "password_file": "pw"}},
         "connections": {"good": {
             "url": f"https://localhost:{upstreams.get('good').port}/fhir",
             "listen": f"127.0.0.1:{listen_port}", "auth": {"basic": "b"},
             "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-    })
+    }
 
 
 def test_readiness_503_until_listeners_are_bound_and_while_draining(
-        tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
+        tmp_path: Path, pki: TestPKI, upstreams: Upstreams, start_sidecar: StartSidecar) -> None:
     admin_port, listen_port = free_port(), free_port()
-    path = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
+    config = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
     admin = f"127.0.0.1:{admin_port}"
     server = upstreams.get("good")
-    sidecar = SidecarProcess(path, tmp_path / "state").start(wait_ready=False)
-    try:
-        seen: list[int] = []
+    running = start_sidecar(config, directory=tmp_path, wait_ready=False)
+    sidecar = running.process
+    seen: list[int] = []
 
-        def answered_ready() -> bool:
-            assert sidecar.proc is not None and sidecar.proc.poll() is None, sidecar.output
-            try:
-                status = readyz(admin).status_code
-            except httpx.TransportError:  # the admin listener is not bound yet
-                return False
-            seen.append(status)
-            return status == 200
+    def answered_ready() -> bool:
+        assert sidecar.proc is not None and sidecar.proc.poll() is None, sidecar.output
+        try:
+            status = readyz(admin).status_code
+        except httpx.TransportError:  # the admin listener is not bound yet
+            return False
+        seen.append(status)
+        return status == 200
 
-        wait_until(answered_ready, 30, interval=0.005, message="/readyz to answer 200")
-        # The admin listener is up before the proxy listeners: whatever it answered before
-        # they were bound was 503, never 200 too early.
-        assert set(seen[:-1]) <= {503} and seen[-1] == 200, seen
-        assert sidecar.wait_for_event("ready")["admin"] == admin
-        with httpx.Client(trust_env=False, timeout=30) as client:
-            assert client.get(f"http://127.0.0.1:{listen_port}/metadata").status_code == 200
+    wait_until(answered_ready, 30, interval=0.005, message="/readyz to answer 200")
+    # The admin listener is up before the proxy listeners: whatever it answered before
+    # they were bound was 503, never 200 too early.
+    assert set(seen[:-1]) <= {503} and seen[-1] == 200, seen
+    assert sidecar.wait_for_event("ready")["admin"] == admin
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        assert client.get(f"http://127.0.0.1:{listen_port}/metadata").status_code == 200
 
-        results: list[int] = []
-        slow = threading.Thread(target=lambda: results.append(httpx.get(
-            f"http://127.0.0.1:{listen_port}/slow?seconds=3", timeout=30,
-            trust_env=False).status_code))
-        slow.start()
-        wait_until(lambda: any(r.path.startswith("/fhir/slow") for r in server.requests_seen),
-                   message="the slow request to reach the upstream")
-        sidecar.signal(signal.SIGTERM)
-        wait_until(lambda: readyz(admin).status_code == 503, 10,
-                   message="/readyz to answer 503 while draining")
-        assert not results, "the slow request finished before readiness was checked"
-        slow.join(30)
-        assert results == [200]
-    finally:
-        assert sidecar.stop() == 0
+    results: list[int] = []
+    slow = threading.Thread(target=lambda: results.append(httpx.get(
+        f"http://127.0.0.1:{listen_port}/slow?seconds=3", timeout=30,
+        trust_env=False).status_code))
+    slow.start()
+    wait_until(lambda: any(r.path.startswith("/fhir/slow") for r in server.requests_seen),
+               message="the slow request to reach the upstream")
+    sidecar.signal(signal.SIGTERM)
+    wait_until(lambda: readyz(admin).status_code == 503, 10,
+               message="/readyz to answer 503 while draining")
+    assert not results, "the slow request finished before readiness was checked"
+    slow.join(30)
+    assert results == [200]
+    running.stop()
 
 
 def test_a_taken_admin_port_is_a_config_error(tmp_path: Path, pki: TestPKI,
@@ -589,7 +584,7 @@ def test_a_taken_admin_port_is_a_config_error(tmp_path: Path, pki: TestPKI,
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        path = _small_config(tmp_path, pki, upstreams, port, free_port())
+        path = write_config(tmp_path, _small_config(tmp_path, pki, upstreams, port, free_port()))
         result = subprocess.run([sys.executable, "-m", "sidecar", "run", "-c", str(path),
                                  "--state-dir", str(tmp_path / "s")],
                                 capture_output=True, text=True, timeout=60)
@@ -598,30 +593,30 @@ def test_a_taken_admin_port_is_a_config_error(tmp_path: Path, pki: TestPKI,
     assert "Traceback" not in result.stderr
 
 
-def test_text_log_format_and_level(tmp_path: Path, pki: TestPKI, upstreams: Upstreams) -> None:
+def test_text_log_format_and_level(tmp_path: Path, pki: TestPKI, upstreams: Upstreams,
+                                   start_sidecar: StartSidecar) -> None:
     admin_port, listen_port = free_port(), free_port()
-    path = _small_config(tmp_path, pki, upstreams, admin_port, listen_port)
-    sidecar = SidecarProcess(path, tmp_path / "state",
-                             args=("--log-format", "text", "--log-level", "warning"))
-    sidecar.start(wait_ready=False)
-    try:
-        def ready() -> bool:
-            try:
-                return readyz(f"127.0.0.1:{admin_port}").status_code == 200
-            except httpx.TransportError:
-                return False
+    running = start_sidecar(_small_config(tmp_path, pki, upstreams, admin_port, listen_port),
+                            directory=tmp_path, wait_ready=False,
+                            args=("--log-format", "text", "--log-level", "warning"))
+    sidecar = running.process
 
-        wait_until(ready, 30, message="/readyz to answer 200")
-        with httpx.Client(trust_env=False, timeout=30) as client:
-            client.get(f"http://127.0.0.1:{listen_port}/metadata",
-                       params={"q": QUERY_SECRET})  # info: below the level, not logged
-            client.get(f"http://127.0.0.1:{listen_port}/status/503",
-                       headers={"X-Request-ID": "rid-text-1"})  # a 5xx is a warning
-        line = wait_until(lambda: next((x for x in sidecar.stdout_lines
-                                        if "rid-text-1" in x), None),
-                          message="the warning request line")
-    finally:
-        assert sidecar.stop() == 0
+    def ready() -> bool:
+        try:
+            return readyz(f"127.0.0.1:{admin_port}").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, 30, message="/readyz to answer 200")
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        client.get(f"http://127.0.0.1:{listen_port}/metadata",
+                   params={"q": QUERY_SECRET})  # info: below the level, not logged
+        client.get(f"http://127.0.0.1:{listen_port}/status/503",
+                   headers={"X-Request-ID": "rid-text-1"})  # a 5xx is a warning
+    line = wait_until(lambda: next((x for x in sidecar.stdout_lines
+                                    if "rid-text-1" in x), None),
+                      message="the warning request line")
+    running.stop()
     assert not line.startswith("{")
     assert "request" in line and "status=503" in line and "path=/fhir/status/503" in line
     assert not any(x.lstrip().startswith("{") for x in sidecar.stdout_lines)

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from support.constants import basic_header
 from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.watch import POLL_SECONDS
@@ -51,7 +52,7 @@ def open_upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
 
 
 class Sidecar:
-    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer,
+    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer, start: StartSidecar,
                  token: bool = True):
         self.tmp, self.pki, self.upstream = tmp, pki, upstream
         self.port = free_port()
@@ -64,7 +65,7 @@ class Sidecar:
             admin["token_file"] = "secrets/admin-token"
         # "first" and "fixed" read files the operator named: the API shows them, read-only.
         # "main" names no file: the API may change it (and assign "first" to it).
-        self.path = write_config(tmp, {
+        self.running = start({
             "admin": admin,
             "basic_auth": {"first": {"username": "svc", "password_file": "secrets/pw"}},
             "connections": {
@@ -72,9 +73,9 @@ class Sidecar:
                          "auth": {"basic": "first"}, "tls": {"verify": "skip"}},
                 "fixed": {"url": upstream.base_url,
                           "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
+        }, directory=tmp)
+        self.path, self.process = self.running.config_path, self.running.process
         self.secrets_dir = tmp / "state" / "secrets"
-        self.process = SidecarProcess(self.path, tmp / "state")
         self.api = httpx.Client(base_url=f"http://{self.admin}", trust_env=False, timeout=30)
         self.auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -97,26 +98,26 @@ class Sidecar:
 
     def close(self) -> None:
         self.api.close()
-        assert self.process.stop() == 0
+        self.running.stop()
         for secret in SECRETS[1:]:
             assert secret not in self.process.output, "a secret reached the log"
 
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-            open_upstream: FhirTestServer) -> Iterator[Sidecar]:
+            open_upstream: FhirTestServer,
+            start_module_sidecar: StartSidecar) -> Iterator[Sidecar]:
     """Shared by the tests that change nothing (reads, refused writes); a test that writes
     through the API takes ``fresh``, so no test sees another's changes."""
-    s = Sidecar(tmp_path_factory.mktemp("api"), pki, open_upstream)
-    s.process.start()
+    s = Sidecar(tmp_path_factory.mktemp("api"), pki, open_upstream, start_module_sidecar)
     yield s
     s.close()
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer) -> Iterator[Sidecar]:
-    s = Sidecar(tmp_path, pki, open_upstream)
-    s.process.start()
+def fresh(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer,
+          start_sidecar: StartSidecar) -> Iterator[Sidecar]:
+    s = Sidecar(tmp_path, pki, open_upstream, start_sidecar)
     yield s
     s.close()
 
@@ -495,10 +496,10 @@ def test_read_only_config_file(fresh: Sidecar) -> None:
         os.chmod(fresh.path, stat.S_IMODE(mode))
 
 
-def test_without_a_token_file_everything_is_read_only(tmp_path: Path, pki: TestPKI,
-                                                      open_upstream: FhirTestServer) -> None:
-    s = Sidecar(tmp_path, pki, open_upstream, token=False)
-    s.process.start()
+def test_without_a_token_file_everything_is_read_only(
+        tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer,
+        start_sidecar: StartSidecar) -> None:
+    s = Sidecar(tmp_path, pki, open_upstream, start_sidecar, token=False)
     try:
         before = disk_state(tmp_path)
         response = s.put("/api/basic-auth/x", {"username": "u", "password": "p"})

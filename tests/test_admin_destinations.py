@@ -19,7 +19,8 @@ import pytest
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import SidecarProcess, free_port
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -46,13 +47,14 @@ class Running:
 
 
 @pytest.fixture
-def running(tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer) -> Iterator[Running]:
+def running(tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer,
+            start_sidecar: StartSidecar) -> Iterator[Running]:
     (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
     (tmp_path / "hospital-password").write_text(UPSTREAM_PASSWORD + "\n")
     admin = f"127.0.0.1:{free_port()}"
     # No file of the operator's in the connections themselves, so the API may edit them.
     tls = {"verify": "default"}
-    config = write_config(tmp_path, {
+    config = {
         "admin": {"listen": admin, "token_file": "admin-token"},
         "basic_auth": {
             "hospital": {"username": UPSTREAM_USER, "password_file": "hospital-password"},
@@ -64,10 +66,10 @@ def running(tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer) -> Iter
             "lab": {"url": upstream_good.base_url, "listen": f"127.0.0.1:{free_port()}",
                     "auth": {"basic": "inline"}, "tls": tls},
         },
-    })
-    with RawRecordingUpstream(pki.server(name="collector")) as collector, \
-            SidecarProcess(config, tmp_path / "state") as process:
-        r = Running(config, admin, process, upstream_good, collector)
+    }
+    with RawRecordingUpstream(pki.server(name="collector")) as collector:
+        sidecar = start_sidecar(config, directory=tmp_path)
+        r = Running(sidecar.config_path, admin, sidecar.process, upstream_good, collector)
         uploaded = httpx.put(f"http://{admin}/api/ca-bundles/{r.ca_name}",
                              content=pki.ca_bundle_path.read_bytes(), trust_env=False,
                              timeout=30, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})

@@ -5,14 +5,14 @@ document (status codes, content types, bodies). Bounded: a few examples per oper
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import SidecarProcess, free_port
+from support.sidecars import StartSidecar
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -31,12 +31,13 @@ EXAMPLES_PER_OPERATION = 6
 
 
 @pytest.fixture
-def running(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[str, SidecarProcess]]:
+def running(tmp_path: Path, pki: TestPKI,
+            start_sidecar: StartSidecar) -> tuple[str, SidecarProcess]:
     admin = f"127.0.0.1:{free_port()}"
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin-token").write_text(ADMIN_TOKEN + "\n")
     (tmp_path / "secrets" / "pw").write_text("fuzz-pw-Ha20\n")
-    config = write_config(tmp_path, {
+    process = start_sidecar({
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "basic_auth": {"b": {"username": "svc", "password_file": "secrets/pw"}},
         "egress_proxies": {"e": {"url": "http://127.0.0.1:9", "username": "svc",
@@ -44,9 +45,8 @@ def running(tmp_path: Path, pki: TestPKI) -> Iterator[tuple[str, SidecarProcess]
         "connections": {"c": {"url": "https://127.0.0.1:9/fhir", "auth": {"basic": "b"},
                               "tls": {"verify": "custom",
                                       "ca_bundle": str(pki.ca_bundle_path)}}},
-    })
-    with SidecarProcess(config, tmp_path / "state") as process:
-        yield f"http://{admin}", process
+    }, directory=tmp_path).process
+    return f"http://{admin}", process
 
 
 def _loopback_only(document: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.fhir_routes import FhirAppForTests, fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 
 from sidecar.admin.probe_gate import ProbeBusy, ProbeGate
 from sidecar.testkit.fhir_app import IncomingRequest, Reply, error_reply, fhir_reply
@@ -137,7 +138,7 @@ def secret_forms(identity: str, secret: str) -> set[str]:
 class Sidecar:
     def __init__(self, tmp: Path, pki: TestPKI, provider: OAuthTestProvider,
                  good: FhirTestServer, other_ca: FhirTestServer, bearer: FhirTestServer,
-                 echo: FhirTestServer, echo_token: EchoingTokenEndpoint):
+                 echo: FhirTestServer, echo_token: EchoingTokenEndpoint, start: StartSidecar):
         self.tmp = tmp
         self.admin = f"127.0.0.1:{free_port()}"
         secrets = tmp / "secrets"
@@ -157,7 +158,7 @@ class Sidecar:
                     "client_auth": method, "client_secret_file": "secrets/echo-client",
                     "tls": trusted}
 
-        self.path = write_config(tmp, {
+        self.running = start({
             "admin": {"listen": self.admin, "token_file": "secrets/admin-token"},
             "basic_auth": {
                 "up": {"username": UPSTREAM_USER, "password_file": "secrets/upstream-pw"},
@@ -187,8 +188,8 @@ class Sidecar:
                 "echo-refused": {"url": f"{echo.base_url}/refuse", "auth": {"basic": "echo"},
                                  "tls": trusted},
             },
-        })
-        self.process = SidecarProcess(self.path, tmp / "state")
+        }, directory=tmp)
+        self.path, self.process = self.running.config_path, self.running.process
         self.api = httpx.Client(base_url=f"http://{self.admin}", trust_env=False,
                                 timeout=DEADLINE)
         self.auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -234,15 +235,14 @@ def echo_token(pki: TestPKI) -> Iterator[EchoingTokenEndpoint]:
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: Any,
             oauth_provider_process: OAuthTestProvider, bearer_upstream: FhirTestServer,
-            echo_upstream: FhirTestServer, echo_token: EchoingTokenEndpoint
-            ) -> Iterator[Sidecar]:
+            echo_upstream: FhirTestServer, echo_token: EchoingTokenEndpoint,
+            start_module_sidecar: StartSidecar) -> Iterator[Sidecar]:
     s = Sidecar(tmp_path_factory.mktemp("probe"), pki, oauth_provider_process,
                 upstreams.get("good"), upstreams.get("other_ca"), bearer_upstream,
-                echo_upstream, echo_token)
-    s.process.start()
+                echo_upstream, echo_token, start_module_sidecar)
     yield s
     s.api.close()
-    assert s.process.stop() == 0
+    s.running.stop()
     for secret in (ECHO_PASSWORD, ECHO_CLIENT_SECRET, WRONG_PASSWORD, UPSTREAM_PASSWORD):
         assert secret not in s.process.output, "a secret reached the log"
 
@@ -346,16 +346,16 @@ def test_an_oauth_definition_whose_ca_does_not_trust_the_token_endpoint(
 
 
 def test_a_server_that_requires_a_client_certificate(tmp_path: Path, pki: TestPKI,
-                                                     upstreams: Any) -> None:
+                                                     upstreams: Any,
+                                                     start_sidecar: StartSidecar) -> None:
     mtls = upstreams.get("mtls")
     admin = f"127.0.0.1:{free_port()}"
     (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
-    config = write_config(tmp_path, {
+    start_sidecar({
         "admin": {"listen": admin, "token_file": "admin-token"},
         "connections": {"mtls": {"url": mtls.base_url, "tls": {
-            "verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}}})
-    with SidecarProcess(config, tmp_path / "state"), \
-            httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=DEADLINE) as api:
+            "verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}}}, directory=tmp_path)
+    with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=DEADLINE) as api:
         found = steps(api.post("/api/connections/mtls/test",
                                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}))
     # TLS 1.3 servers refuse the missing certificate after the client's handshake: the test
@@ -506,7 +506,8 @@ def test_read_only_mode_still_tests(sidecar: Sidecar) -> None:
         os.chmod(sidecar.path, stat.S_IMODE(mode))
 
 
-def test_through_an_egress_proxy(tmp_path: Path, pki: TestPKI, upstreams: Any) -> None:
+def test_through_an_egress_proxy(tmp_path: Path, pki: TestPKI, upstreams: Any,
+                                 start_sidecar: StartSidecar) -> None:
     from support.tinyproxy import Tinyproxy
 
     good = upstreams.get("good")
@@ -520,7 +521,7 @@ def test_through_an_egress_proxy(tmp_path: Path, pki: TestPKI, upstreams: Any) -
     trusted = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
     admin = f"127.0.0.1:{free_port()}"
     with Tinyproxy(tmp_path / "tinyproxy", auth=("egress", proxy_password)) as proxy:
-        config = write_config(tmp_path, {
+        start_sidecar({
             "admin": {"listen": admin, "token_file": "secrets/admin-token"},
             "basic_auth": {"up": {"username": UPSTREAM_USER,
                                   "password_file": "secrets/upstream-pw"}},
@@ -534,10 +535,9 @@ def test_through_an_egress_proxy(tmp_path: Path, pki: TestPKI, upstreams: Any) -
                             "via": "corp"},
                 "refused": {"url": good.base_url, "auth": {"basic": "up"}, "tls": trusted,
                             "via": "corp-wrong"}},
-        })
-        with SidecarProcess(config, tmp_path / "state"), \
-                httpx.Client(base_url=f"http://{admin}", trust_env=False,
-                             timeout=DEADLINE) as api:
+        }, directory=tmp_path)
+        with httpx.Client(base_url=f"http://{admin}", trust_env=False,
+                          timeout=DEADLINE) as api:
             auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
             through = api.post("/api/connections/through/test", headers=auth)
             found = steps(through)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 import yaml
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import free_port
+from support.sidecars import StartSidecar
 
 ADMIN_TOKEN = "forms-admin-token-Qp58"
 CONFIG_PASSWORD = "forms-pw-Lk40"
@@ -21,19 +22,18 @@ def _csrf(html: str) -> str:
     return found.group(1)
 
 
-def test_delete_forms_render_and_delete(tmp_path: Path) -> None:
+def test_delete_forms_render_and_delete(tmp_path: Path, start_sidecar: StartSidecar) -> None:
     admin = f"127.0.0.1:{free_port()}"
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin-token").write_text(ADMIN_TOKEN + "\n")
     (tmp_path / "secrets" / "pw").write_text(CONFIG_PASSWORD + "\n")
-    config = write_config(tmp_path, {
+    config = start_sidecar({
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "basic_auth": {"from-config": {"username": "svc", "password_file": "secrets/pw"}},
         "connections": {"spare-conn": {"url": "https://127.0.0.1:9/fhir"}},
-    })
-    with SidecarProcess(config, tmp_path / "state"), \
-            httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30,
-                         follow_redirects=True) as client:
+    }, directory=tmp_path).config_path
+    with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30,
+                      follow_redirects=True) as client:
         assert client.post("/login", data={"token": ADMIN_TOKEN}).status_code in (200, 303)
         csrf = _csrf(client.get("/basic-auth").text)
         made = client.post("/basic-auth", data={"_csrf": csrf, "action": "save",
@@ -79,16 +79,16 @@ def test_delete_forms_render_and_delete(tmp_path: Path) -> None:
     assert "from-config" in text
 
 
-def test_saving_a_connection_form_keeps_settings_the_form_does_not_show(tmp_path: Path) -> None:
+def test_saving_a_connection_form_keeps_settings_the_form_does_not_show(
+        tmp_path: Path, start_sidecar: StartSidecar) -> None:
     admin = f"127.0.0.1:{free_port()}"
     (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
-    config = write_config(tmp_path, {
+    config = start_sidecar({
         "admin": {"listen": admin, "token_file": "admin-token"},
         "connections": {"kept": {"url": "https://127.0.0.1:9/fhir", "read_timeout_seconds": 7,
                                  "rewrite_links": False}},
-    })
-    with SidecarProcess(config, tmp_path / "state"), \
-            httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30) as client:
+    }, directory=tmp_path).config_path
+    with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30) as client:
         assert client.post("/login", data={"token": ADMIN_TOKEN}).status_code in (200, 303)
         csrf = re.search(r'name="_csrf" value="([^"]+)"', client.get("/connections").text)
         assert csrf is not None

@@ -21,7 +21,8 @@ from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.glance import bundle_with_soon_expiring_ca
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import free_port
+from support.sidecars import StartSidecar
 
 CHROMIUM = Path("/usr/bin/chromium")
 ADMIN_TOKEN = "glance-admin-token-Rt62"
@@ -54,7 +55,7 @@ def browser_page() -> Iterator[Any]:
 
 def test_lights_trends_times_and_expiry_in_the_browser(
         tmp_path: Path, pki: TestPKI, upstreams: Any, oauth_provider: OAuthTestProvider,
-        browser_page: Any) -> None:
+        browser_page: Any, start_sidecar: StartSidecar) -> None:
     page = browser_page
     problems: list[str] = []  # script errors and refused resources (the CSP) fail the test
     page.on("pageerror", lambda error: problems.append(str(error)))
@@ -71,7 +72,7 @@ def test_lights_trends_times_and_expiry_in_the_browser(
     (secrets / "pw").write_text(UPSTREAM_PASSWORD + "\n")
     (secrets / "client").write_text(str(oauth_provider.clients["basic"].secret) + "\n")
     trusted = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
-    config = write_config(tmp_path, {
+    settings = {
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "basic_auth": {"up": {"username": UPSTREAM_USER, "password_file": "secrets/pw"}},
         "oauth": {"prov": {"token_url": oauth_provider.token_url,
@@ -86,7 +87,7 @@ def test_lights_trends_times_and_expiry_in_the_browser(
             "wrong-ca": {"url": other_ca.base_url, "listen": f"127.0.0.1:{ports['wrong-ca']}",
                          "auth": {"basic": "up"}, "tls": trusted},
             "tokens": {"url": good.base_url, "auth": {"oauth": "prov"}, "tls": trusted}},
-    })
+    }
     base = f"http://{admin}"
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -160,48 +161,50 @@ def test_lights_trends_times_and_expiry_in_the_browser(
             page.goto(f"{base}{path}")
             page.screenshot(path=str(shots / f"{label}-{name}.png"), full_page=True)
 
-    with SidecarProcess(config, tmp_path / "state"):
-        api = httpx.Client(base_url=f"{base}/api", trust_env=False, timeout=30,
-                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        for name, bundle in (("soon-ca", soon_bundle), ("later-ca", later_bundle),
-                             ("corp-ca", pki.ca_bundle_path)):
-            uploaded = api.put(f"/ca-bundles/{name}", content=bundle.read_bytes(),
-                               headers={"Content-Type": "application/x-pem-file"})
-            assert uploaded.status_code == 201, uploaded.text
-        ports["soon"] = free_port()
-        made = api.put("/connections/soon", json={
-            "url": good.base_url, "listen": f"127.0.0.1:{ports['soon']}",
-            "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "soon-ca"}})
-        assert made.status_code == 201, made.text
-        ports["later"] = free_port()
-        made = api.put("/connections/later", json={
-            "url": good.base_url, "listen": f"127.0.0.1:{ports['later']}",
-            "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "later-ca"}})
-        assert made.status_code == 201, made.text
-        assert send("main", 2) == {200}
-        assert send("later", 1) == {200}
-        assert send("soon", 1) == {200}
-        assert send("wrong-ca", 3) == {502}
+    running = start_sidecar(settings, directory=tmp_path)
+    config = running.config_path
+    api = httpx.Client(base_url=f"{base}/api", trust_env=False, timeout=30,
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    for name, bundle in (("soon-ca", soon_bundle), ("later-ca", later_bundle),
+                         ("corp-ca", pki.ca_bundle_path)):
+        uploaded = api.put(f"/ca-bundles/{name}", content=bundle.read_bytes(),
+                           headers={"Content-Type": "application/x-pem-file"})
+        assert uploaded.status_code == 201, uploaded.text
+    ports["soon"] = free_port()
+    made = api.put("/connections/soon", json={
+        "url": good.base_url, "listen": f"127.0.0.1:{ports['soon']}",
+        "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "soon-ca"}})
+    assert made.status_code == 201, made.text
+    ports["later"] = free_port()
+    made = api.put("/connections/later", json={
+        "url": good.base_url, "listen": f"127.0.0.1:{ports['later']}",
+        "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "later-ca"}})
+    assert made.status_code == 201, made.text
+    assert send("main", 2) == {200}
+    assert send("later", 1) == {200}
+    assert send("soon", 1) == {200}
+    assert send("wrong-ca", 3) == {502}
 
+    page.goto(f"{base}/")
+    page.click("#login-link")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#login-form button[type=submit]")
+    sync_api.expect(page.locator("#done")).to_contain_text("logged in")
+    assert page.locator("form.edit").count() > 0  # writable: the forms are shown
+    check_pages("1-writable", 3)
+
+    mode = config.stat().st_mode
+    os.chmod(config, 0o444)
+    try:
         page.goto(f"{base}/")
-        page.click("#login-link")
-        page.fill("#token", ADMIN_TOKEN)
-        page.click("#login-form button[type=submit]")
-        sync_api.expect(page.locator("#done")).to_contain_text("logged in")
-        assert page.locator("form.edit").count() > 0  # writable: the forms are shown
-        check_pages("1-writable", 3)
-
-        mode = config.stat().st_mode
-        os.chmod(config, 0o444)
-        try:
-            page.goto(f"{base}/")
-            sync_api.expect(page.locator("#read-only")).to_contain_text("read-only")
-            assert page.locator("form.edit").count() == 0  # no forms in read-only mode
-            assert send("wrong-ca", 3) == {502}
-            check_pages("2-read-only", 6)
-        finally:
-            os.chmod(config, stat.S_IMODE(mode))
-        api.close()
+        sync_api.expect(page.locator("#read-only")).to_contain_text("read-only")
+        assert page.locator("form.edit").count() == 0  # no forms in read-only mode
+        assert send("wrong-ca", 3) == {502}
+        check_pages("2-read-only", 6)
+    finally:
+        os.chmod(config, stat.S_IMODE(mode))
+    api.close()
+    running.stop()
 
     assert sorted(p.name for p in shots.iterdir()) == sorted(
         f"{label}-{name}.png" for label in ("1-writable", "2-read-only")

@@ -17,7 +17,8 @@ import pytest
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import free_port
+from support.sidecars import StartSidecar
 
 CHROMIUM = Path("/usr/bin/chromium")
 ADMIN_TOKEN = "button-admin-token-Qw19"
@@ -69,7 +70,7 @@ def press_test(page: Any, kind: str, name: str) -> dict[str, tuple[str, str]]:
 
 def test_test_buttons_show_the_steps(tmp_path: Path, pki: TestPKI, upstreams: Any,
                                      oauth_provider: OAuthTestProvider,
-                                     browser_page: Any) -> None:
+                                     browser_page: Any, start_sidecar: StartSidecar) -> None:
     page = browser_page
     good, other_ca = upstreams.get("good"), upstreams.get("other_ca")
     admin = f"127.0.0.1:{free_port()}"
@@ -79,7 +80,7 @@ def test_test_buttons_show_the_steps(tmp_path: Path, pki: TestPKI, upstreams: An
     (secrets / "pw").write_text(UPSTREAM_PASSWORD + "\n")
     (secrets / "client").write_text(str(oauth_provider.clients["basic"].secret) + "\n")
     trusted = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
-    config = write_config(tmp_path, {
+    settings = {
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "basic_auth": {"up": {"username": UPSTREAM_USER, "password_file": "secrets/pw"}},
         "oauth": {"prov": {"token_url": oauth_provider.token_url,
@@ -91,7 +92,7 @@ def test_test_buttons_show_the_steps(tmp_path: Path, pki: TestPKI, upstreams: An
         "connections": {
             "main": {"url": good.base_url, "auth": {"basic": "up"}, "tls": trusted},
             "wrong-ca": {"url": other_ca.base_url, "auth": {"basic": "up"}, "tls": trusted}},
-    })
+    }
     base = f"http://{admin}"
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -127,29 +128,31 @@ def test_test_buttons_show_the_steps(tmp_path: Path, pki: TestPKI, upstreams: An
         assert oauth_provider.stats()["token_requests"] == before + 1
         shot(f"{label}-oauth")
 
-    with SidecarProcess(config, tmp_path / "state"):
-        # Before logging in, the buttons are there but need a session.
+    running = start_sidecar(settings, directory=tmp_path)
+    config = running.config_path
+    # Before logging in, the buttons are there but need a session.
+    page.goto(f"{base}/")
+    sync_api.expect(page.locator("#connection-main button.test-button")).to_be_disabled()
+    page.click("#login-link")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#login-form button[type=submit]")
+    sync_api.expect(page.locator("#done")).to_contain_text("logged in")
+    assert page.locator("form.edit").count() > 0  # writable: the forms are shown
+
+    check_connections("1-writable")
+    check_oauth("2-writable")
+
+    mode = config.stat().st_mode
+    os.chmod(config, 0o444)
+    try:
         page.goto(f"{base}/")
-        sync_api.expect(page.locator("#connection-main button.test-button")).to_be_disabled()
-        page.click("#login-link")
-        page.fill("#token", ADMIN_TOKEN)
-        page.click("#login-form button[type=submit]")
-        sync_api.expect(page.locator("#done")).to_contain_text("logged in")
-        assert page.locator("form.edit").count() > 0  # writable: the forms are shown
-
-        check_connections("1-writable")
-        check_oauth("2-writable")
-
-        mode = config.stat().st_mode
-        os.chmod(config, 0o444)
-        try:
-            page.goto(f"{base}/")
-            sync_api.expect(page.locator("#read-only")).to_contain_text("read-only")
-            assert page.locator("form.edit").count() == 0  # no forms in read-only mode
-            check_connections("3-read-only")
-            check_oauth("4-read-only")
-        finally:
-            os.chmod(config, stat.S_IMODE(mode))
+        sync_api.expect(page.locator("#read-only")).to_contain_text("read-only")
+        assert page.locator("form.edit").count() == 0  # no forms in read-only mode
+        check_connections("3-read-only")
+        check_oauth("4-read-only")
+    finally:
+        os.chmod(config, stat.S_IMODE(mode))
+    running.stop()
 
     assert sorted(p.name for p in shots.iterdir()) == [
         "1-writable-connections.png", "2-writable-oauth.png", "3-read-only-connections.png",

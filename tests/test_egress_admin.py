@@ -17,7 +17,8 @@ import pytest
 import yaml
 from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 from support.tinyproxy import Tinyproxy
 
 from sidecar.testkit.fhir_server import FhirTestServer
@@ -52,15 +53,15 @@ def disk_state(directory: Path) -> dict[str, bytes]:
 
 
 class Setup:
-    def __init__(self, tmp: Path, pki: TestPKI, proxy: Tinyproxy,
-                 upstream: FhirTestServer) -> None:
+    def __init__(self, tmp: Path, pki: TestPKI, proxy: Tinyproxy, upstream: FhirTestServer,
+                 start: StartSidecar) -> None:
         self.tmp, self.proxy, self.upstream = tmp, proxy, upstream
         self.port = free_port()
         self.admin = f"127.0.0.1:{free_port()}"
         (tmp / "secrets").mkdir()
         (tmp / "secrets" / "admin-token").write_text(ADMIN_TOKEN + "\n")
         (tmp / "secrets" / "proxy-password").write_text(PROXY_PASSWORD + "\n")
-        self.path = write_config(tmp, {
+        self.running = start({
             "admin": {"listen": self.admin, "token_file": "secrets/admin-token"},
             "egress_proxies": {
                 "corp": {"url": proxy.url, "username": PROXY_USER,
@@ -77,9 +78,9 @@ class Setup:
                 "fixed": {"url": "https://127.0.0.1:9/fhir", "via": "open",
                           "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}},
             },
-        })
-        self.process = SidecarProcess(self.path, tmp / "state",
-                                      env={PASSWORD_ENV: ENV_PASSWORD})
+        }, directory=tmp, env={PASSWORD_ENV: ENV_PASSWORD})
+        self.path = self.running.config_path
+        self.process = self.running.process
         self.client = httpx.Client(base_url=f"http://{self.admin}", trust_env=False,
                                    timeout=30, follow_redirects=True)
         self.auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -103,18 +104,16 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+          start_module_sidecar: StartSidecar) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("egress-admin"))
     with Tinyproxy(tmp / "tinyproxy", auth=(PROXY_USER, PROXY_PASSWORD)) as proxy, \
             fhir_upstream(pki.server(name="egress-admin-upstream")) as upstream:
-        s = Setup(tmp, pki, proxy, upstream)
-        s.process.start()
-        try:
+        s = Setup(tmp, pki, proxy, upstream, start_module_sidecar)
+        with s.client:
             yield s
-        finally:
-            s.client.close()
-            assert s.process.stop() == 0
-            assert_no_leak(s.process.output.encode())
+        s.running.stop()  # before the proxy and upstream go, and to read the whole log
+        assert_no_leak(s.process.output.encode())
 
 
 def test_the_api_lists_proxies_without_any_credential(setup: Setup) -> None:
@@ -283,34 +282,33 @@ def test_the_dashboard_shows_proxies_and_sets_via(setup: Setup) -> None:
         browser.post("/oauth", data={"_csrf": csrf, "name": "form-oauth", "action": "delete"})
 
 
-def test_a_proxy_url_with_userinfo_is_refused_without_showing_it(tmp_path: Path) -> None:
+def test_a_proxy_url_with_userinfo_is_refused_without_showing_it(
+        tmp_path: Path, start_sidecar: StartSidecar) -> None:
     """The config refuses user:password@ in a proxy URL; a reload that tries it is rejected,
     and no answer (API, dashboard, metrics) nor the log shows the userinfo in any form."""
     admin = f"127.0.0.1:{free_port()}"
     proxy_port = free_port()
-    config = write_config(tmp_path, {
+    running = start_sidecar({
         "admin": {"listen": admin},
         "egress_proxies": {"corp": {"url": f"http://127.0.0.1:{proxy_port}"}},
         "connections": {"main": {"url": "https://127.0.0.1:9/fhir", "via": "corp"}},
-    })
-    process = SidecarProcess(config, tmp_path / "state").start()
-    try:
-        with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30) as client:
-            data = yaml.safe_load(config.read_text())
-            data["egress_proxies"]["corp"]["url"] = (
-                f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy_port}")
-            config.write_text(yaml.safe_dump(data))
-            wait_until(lambda: "egress_proxies.corp.url" in client.get("/").text, 60,
-                       message="the reload with userinfo to be rejected")
-            answers = [client.get(path) for path in
-                       ("/", "/egress-proxies", "/api/egress-proxies",
-                        "/api/egress-proxies/corp", "/api/connections/main", "/metrics")]
-            for answer in answers:
-                assert answer.status_code == 200, answer.request.url
-                assert_no_leak(answer.content)
-            assert "must not contain a user name or password" in answers[0].text
-            assert client.get("/api/egress-proxies/corp").json()["url"] == \
-                f"http://127.0.0.1:{proxy_port}"  # the last good config stays live
-    finally:
-        assert process.stop() == 0
+    }, directory=tmp_path)
+    config, process = running.config_path, running.process
+    with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30) as client:
+        data = yaml.safe_load(config.read_text())
+        data["egress_proxies"]["corp"]["url"] = (
+            f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy_port}")
+        config.write_text(yaml.safe_dump(data))
+        wait_until(lambda: "egress_proxies.corp.url" in client.get("/").text, 60,
+                   message="the reload with userinfo to be rejected")
+        answers = [client.get(path) for path in
+                   ("/", "/egress-proxies", "/api/egress-proxies",
+                    "/api/egress-proxies/corp", "/api/connections/main", "/metrics")]
+        for answer in answers:
+            assert answer.status_code == 200, answer.request.url
+            assert_no_leak(answer.content)
+        assert "must not contain a user name or password" in answers[0].text
+        assert client.get("/api/egress-proxies/corp").json()["url"] == \
+            f"http://127.0.0.1:{proxy_port}"  # the last good config stays live
+    running.stop()
     assert_no_leak(process.output.encode())

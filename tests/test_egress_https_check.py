@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import free_port, write_config
 from support.sidecars import StartSidecar
 from support.tinyproxy import Tinyproxy
 from support.tls_front import TlsFront
@@ -62,8 +62,8 @@ def test_check_online_tunnels_through_an_https_proxy(tmp_path: Path, pki: TestPK
         assert form not in output.encode()
 
 
-def test_the_connection_test_tunnels_through_an_https_proxy(tmp_path: Path,
-                                                            pki: TestPKI) -> None:
+def test_the_connection_test_tunnels_through_an_https_proxy(
+        tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> None:
     (tmp_path / "proxy-password").write_text(PROXY_PASSWORD + "\n")
     (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
     admin = f"127.0.0.1:{free_port()}"
@@ -71,30 +71,30 @@ def test_the_connection_test_tunnels_through_an_https_proxy(tmp_path: Path,
     with Tinyproxy(tmp_path / "tinyproxy", auth=(PROXY_USER, PROXY_PASSWORD)) as proxy, \
             TlsFront(pki.server(name="https-proxy-front-2"), proxy.port) as front, \
             RawRecordingUpstream(pki.server(name="https-proxy-upstream-2")) as upstream:
-        config = write_config(tmp_path, {
+        running = start_sidecar({
             "admin": {"listen": admin, "token_file": "admin-token"},
             "egress_proxies": {"tlscorp": {
                 "url": front.url, "username": PROXY_USER, "password_file": "proxy-password",
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
             "connections": {"through": {"url": f"https://localhost:{upstream.port}/fhir",
                                         "tls": upstream_tls, "via": "tlscorp"}},
-        })
-        with SidecarProcess(config, tmp_path / "state") as process:
-            answer = httpx.post(f"http://{admin}/api/connections/through/test", timeout=60,
-                                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                                trust_env=False)
-            assert answer.status_code == 200, answer.text
-            steps = {s["step"]: s for s in answer.json()["steps"]}
-            assert steps["connect"]["status"] == "ok", steps
-            assert "egress proxy 'tlscorp'" in steps["connect"]["detail"]
-            assert steps["tls"]["status"] == "ok", steps
-            assert steps["tls"]["certificate"]["subject"] == "CN=localhost"
-            assert f"localhost:{upstream.port}" in proxy.connects()
-            pair = f"{PROXY_USER}:{PROXY_PASSWORD}".encode()
-            for form in (PROXY_PASSWORD.encode(), base64.b64encode(pair)):
-                assert form not in answer.content
+        }, directory=tmp_path)
+        answer = httpx.post(f"http://{admin}/api/connections/through/test", timeout=60,
+                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                            trust_env=False)
+        assert answer.status_code == 200, answer.text
+        steps = {s["step"]: s for s in answer.json()["steps"]}
+        assert steps["connect"]["status"] == "ok", steps
+        assert "egress proxy 'tlscorp'" in steps["connect"]["detail"]
+        assert steps["tls"]["status"] == "ok", steps
+        assert steps["tls"]["certificate"]["subject"] == "CN=localhost"
+        assert f"localhost:{upstream.port}" in proxy.connects()
+        pair = f"{PROXY_USER}:{PROXY_PASSWORD}".encode()
+        for form in (PROXY_PASSWORD.encode(), base64.b64encode(pair)):
+            assert form not in answer.content
+        running.stop()
         for form in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
-            assert form not in process.output
+            assert form not in running.process.output
 
 
 def test_app_requests_tunnel_through_an_https_proxy(tmp_path: Path, pki: TestPKI,

@@ -26,6 +26,7 @@ from support.constants import basic_header
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 from support.tinyproxy import Tinyproxy
 
 PROXY_USER = "svc-egress"
@@ -106,7 +107,8 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+          start_module_sidecar: StartSidecar) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("egress"))
     secrets = tmp / "secrets"
     secrets.mkdir()
@@ -129,7 +131,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Se
                 settings["via"] = via
             return settings
 
-        config = write_config(tmp, {
+        sidecar = start_module_sidecar({
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "basic_auth": {"fhir": {"username": FHIR_USER, "password": FHIR_PASSWORD}},
             "egress_proxies": {
@@ -149,14 +151,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Se
                 "direct": connection("direct", upstream.port, None),
                 "refused": connection("refused", upstream.port, "strict"),
             },
-        })
-        sidecar = SidecarProcess(config, tmp / "state", env=AMBIENT_PROXY_ENV).start()
-        try:
-            yield Setup(sidecar, proxy, upstream, untrusted, ports, admin_port,
-                        dead_proxy_port, refusing)
-        finally:
-            refusing.close()
-            assert sidecar.stop() == 0
+        }, directory=tmp, env=AMBIENT_PROXY_ENV)
+        yield Setup(sidecar.process, proxy, upstream, untrusted, ports, admin_port,
+                    dead_proxy_port, refusing)
+        sidecar.stop()  # before its proxies and upstreams go
+        refusing.close()
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import pytest
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 from support.tinyproxy import Tinyproxy
 
 from sidecar.credentials.oauth import RefreshPolicy, TokenSource, TokenUnavailable
@@ -48,7 +49,7 @@ def _authority(url: str) -> str:
 
 def test_the_sidecar_discovers_and_fetches_its_token_through_the_proxy(
         tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
-        proxy: Tinyproxy) -> None:
+        proxy: Tinyproxy, start_sidecar: StartSidecar) -> None:
     client = oauth_provider.clients["basic"]
     assert client.secret is not None
     (tmp_path / "secrets").mkdir()
@@ -56,7 +57,7 @@ def test_the_sidecar_discovers_and_fetches_its_token_through_the_proxy(
     (tmp_path / "secrets" / "client-secret").write_text(client.secret + "\n")
     listen = free_port()
     with RawRecordingUpstream(pki.server(name="egress-token-upstream")) as upstream:
-        config = write_config(tmp_path, {
+        settings = {
             "admin": {"listen": None},
             "egress_proxies": {"corp": {"url": proxy.url, "username": PROXY_USER,
                                         "password_file": "secrets/proxy-password"}},
@@ -72,27 +73,27 @@ def test_the_sidecar_discovers_and_fetches_its_token_through_the_proxy(
                 "listen": f"127.0.0.1:{listen}", "auth": {"oauth": "idp"},
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)},
                 "via": "corp"}},
-        })
+        }
         env = _ambient_proxies(free_port())
-        with SidecarProcess(config, tmp_path / "state", env=env) as sidecar:
-            response = httpx.get(f"http://127.0.0.1:{listen}/fhir/Patient/1", timeout=30,
-                                 trust_env=False)
-            assert response.status_code == 200, response.text + sidecar.output
-            head = upstream.wait_for_heads(1)[0][1]
-            assert b"Authorization: Bearer " in head
-            assert b"proxy-authorization" not in upstream.all_bytes().lower()
-            # Discovery, the token request and the FHIR request all went through the proxy.
-            idp = _authority(oauth_provider.issuer)
-            idp = _authority(oauth_provider.issuer)
-            connects = wait_until(lambda: proxy.connects() if len(proxy.connects()) >= 3
-                                  else None, message="three CONNECTs")
-            assert connects.count(idp) >= 2, connects  # the SMART document, then the token
-            assert f"localhost:{upstream.port}" in connects
-            assert set(connects) == {idp, f"localhost:{upstream.port}"}
-            password_forms = [PROXY_PASSWORD.encode(),
-                              base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode())]
-            for form in password_forms:
-                assert form not in sidecar.output.encode()
+        sidecar = start_sidecar(settings, directory=tmp_path, env=env).process
+        response = httpx.get(f"http://127.0.0.1:{listen}/fhir/Patient/1", timeout=30,
+                             trust_env=False)
+        assert response.status_code == 200, response.text + sidecar.output
+        head = upstream.wait_for_heads(1)[0][1]
+        assert b"Authorization: Bearer " in head
+        assert b"proxy-authorization" not in upstream.all_bytes().lower()
+        # Discovery, the token request and the FHIR request all went through the proxy.
+        idp = _authority(oauth_provider.issuer)
+        idp = _authority(oauth_provider.issuer)
+        connects = wait_until(lambda: proxy.connects() if len(proxy.connects()) >= 3
+                              else None, message="three CONNECTs")
+        assert connects.count(idp) >= 2, connects  # the SMART document, then the token
+        assert f"localhost:{upstream.port}" in connects
+        assert set(connects) == {idp, f"localhost:{upstream.port}"}
+        password_forms = [PROXY_PASSWORD.encode(),
+                          base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode())]
+        for form in password_forms:
+            assert form not in sidecar.output.encode()
 
 
 def _source(provider: OAuthTestProvider, via: EgressProxy | None, **overrides: object

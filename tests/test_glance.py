@@ -18,7 +18,8 @@ import pytest
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.glance import bundle_with_soon_expiring_ca, spark_counts, svg_of
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
 DEADLINE = 60.0
@@ -95,11 +96,11 @@ class Glance:
 
 @pytest.fixture
 def glance(tmp_path: Path, pki: TestPKI, upstreams: Upstreams,
-           closed_port: int) -> Iterator[Glance]:
+           closed_port: int, start_sidecar: StartSidecar) -> Iterator[Glance]:
     setup = Glance(tmp_path, pki, upstreams, closed_port)
-    with SidecarProcess(setup.path, tmp_path / "state"):
+    start_sidecar(setup.config, directory=tmp_path)
+    with setup.api:
         yield setup
-    setup.api.close()
 
 
 def test_lights_and_sparklines_follow_real_requests(glance: Glance) -> None:

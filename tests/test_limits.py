@@ -188,39 +188,39 @@ def test_head_just_under_the_limit_is_forwarded(fresh: Running) -> None:
     assert padding in fresh.upstream.raw()
 
 
-def test_unterminated_50_mb_heads_keep_memory_flat(tmp_path: Path, pki: TestPKI) -> None:
+def test_unterminated_50_mb_heads_keep_memory_flat(tmp_path: Path, pki: TestPKI,
+                                                   start_sidecar: StartSidecar) -> None:
     # Default limits (a 30 s header deadline): the whole flood is read, and thrown away.
     port = free_port()
     with ScriptedUpstream(pki.server()) as upstream:
-        config = write_config(tmp_path, {
+        process = start_sidecar({
             "admin": {"listen": None},
             "connections": {"flood": {
                 "url": f"https://localhost:{upstream.port}/fhir", "listen": f"127.0.0.1:{port}",
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
-        with SidecarProcess(config, tmp_path / "state") as process:
-            assert process.proc is not None
-            with httpx.Client(trust_env=False, timeout=30) as client:  # warm up
-                assert client.get(f"http://127.0.0.1:{port}/fhir/Patient").status_code == 200
-            upstream.clear()
-            baseline = rss(process.proc.pid, "VmRSS")
-            line = b"X-Flood: " + b"a" * (1024 * 1024 - 11) + b"\r\n"
-            sockets = [socket.create_connection(("127.0.0.1", port), timeout=30)
-                       for _ in range(4)]
-            try:
+        }, directory=tmp_path).process
+        assert process.proc is not None
+        with httpx.Client(trust_env=False, timeout=30) as client:  # warm up
+            assert client.get(f"http://127.0.0.1:{port}/fhir/Patient").status_code == 200
+        upstream.clear()
+        baseline = rss(process.proc.pid, "VmRSS")
+        line = b"X-Flood: " + b"a" * (1024 * 1024 - 11) + b"\r\n"
+        sockets = [socket.create_connection(("127.0.0.1", port), timeout=30)
+                   for _ in range(4)]
+        try:
+            for sock in sockets:
+                sock.sendall(b"GET /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            for _ in range(50):  # 4 x 50 MB, interleaved, never terminated
                 for sock in sockets:
-                    sock.sendall(b"GET /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                for _ in range(50):  # 4 x 50 MB, interleaved, never terminated
-                    for sock in sockets:
-                        sock.sendall(line)
-                growth = rss(process.proc.pid, "VmHWM") - baseline
-                assert growth < MAX_RSS_GROWTH, f"RSS grew by {growth >> 20} MiB"
-                answers = [read_response(sock) for sock in sockets]
-            finally:
-                for sock in sockets:
-                    sock.close()
-            assert [status for status, _, _ in answers] == [431] * 4
-            assert upstream.connections == 0
+                    sock.sendall(line)
+            growth = rss(process.proc.pid, "VmHWM") - baseline
+            assert growth < MAX_RSS_GROWTH, f"RSS grew by {growth >> 20} MiB"
+            answers = [read_response(sock) for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert [status for status, _, _ in answers] == [431] * 4
+        assert upstream.connections == 0
 
 
 # -- client deadlines ---------------------------------------------------------------------------

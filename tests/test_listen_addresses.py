@@ -22,6 +22,7 @@ from support.constants import basic_header
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 
 from sidecar.config.models import ListenAddress
 from sidecar.routing import Router, Upstream
@@ -72,21 +73,23 @@ def _connection(up: RawRecordingUpstream, auth: str, pki: TestPKI, **extra: Any
 
 def test_two_listeners_on_one_port_reach_their_own_upstreams(
         tmp_path: Path, pki: TestPKI,
-        two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream]) -> None:
+        two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream],
+        start_sidecar: StartSidecar) -> None:
     up_a, up_b = two_upstreams
     port = free_port()
-    config = write_config(tmp_path, {
+    settings = {
         "admin": {"listen": None},
         "basic_auth": _secrets(tmp_path, a="pw-a", b="pw-b"),
         "connections": {
             "conn-a": _connection(up_a, "a", pki, listen=f"127.0.0.1:{port}"),
             "conn-b": _connection(up_b, "b", pki, listen=f"{SECOND_LOOPBACK}:{port}"),
         },
-    })
-    with SidecarProcess(config, tmp_path / "state"):
-        for _ in range(2):  # b first too: order of arrival must not matter
-            assert _get(SECOND_LOOPBACK, port, "/Patient/b")[0] == 200
-            assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
+    }
+    running = start_sidecar(settings, directory=tmp_path)
+    for _ in range(2):  # b first too: order of arrival must not matter
+        assert _get(SECOND_LOOPBACK, port, "/Patient/b")[0] == 200
+        assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
+    running.stop()
     assert [head.split(b" ")[1] for _, head in up_a.heads()] == [b"/fhir/Patient/a"] * 2
     assert [head.split(b" ")[1] for _, head in up_b.heads()] == [b"/fhir/Patient/b"] * 2
     _only_own_credentials(up_a, "a", "b")
@@ -95,7 +98,8 @@ def test_two_listeners_on_one_port_reach_their_own_upstreams(
 
 def test_a_reload_adds_a_listener_on_a_taken_port_of_another_host(
         tmp_path: Path, pki: TestPKI,
-        two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream]) -> None:
+        two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream],
+        start_sidecar: StartSidecar) -> None:
     up_a, up_b = two_upstreams
     port = free_port()
     settings: dict[str, Any] = {
@@ -103,25 +107,24 @@ def test_a_reload_adds_a_listener_on_a_taken_port_of_another_host(
         "basic_auth": _secrets(tmp_path, a="pw-a", b="pw-b"),
         "connections": {"conn-a": _connection(up_a, "a", pki, listen=f"127.0.0.1:{port}")},
     }
-    sidecar = SidecarProcess(write_config(tmp_path, settings), tmp_path / "state").start()
-    try:
-        assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
+    running = start_sidecar(settings, directory=tmp_path)
+    sidecar = running.process
+    assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
 
-        # A wildcard on the same port overlaps: rejected, naming the field; a still serves.
-        settings["connections"]["conn-b"] = _connection(up_b, "b", pki,
-                                                        listen=f"0.0.0.0:{port}")
-        _reload(sidecar, tmp_path, settings, "config_rejected")
-        rejected = sidecar.events("config_rejected")[-1]["message"]
-        assert f"connections.conn-b.listen: 0.0.0.0:{port} overlaps 127.0.0.1:{port}" in rejected
-        assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
+    # A wildcard on the same port overlaps: rejected, naming the field; a still serves.
+    settings["connections"]["conn-b"] = _connection(up_b, "b", pki,
+                                                    listen=f"0.0.0.0:{port}")
+    _reload(sidecar, tmp_path, settings, "config_rejected")
+    rejected = sidecar.events("config_rejected")[-1]["message"]
+    assert f"connections.conn-b.listen: 0.0.0.0:{port} overlaps 127.0.0.1:{port}" in rejected
+    assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
 
-        settings["connections"]["conn-b"]["listen"] = f"{SECOND_LOOPBACK}:{port}"
-        _reload(sidecar, tmp_path, settings, "config_reloaded")
-        wait_until(lambda: _answers(SECOND_LOOPBACK, port), RELOAD_DEADLINE,
-                   message="the new listener")
-        assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
-    finally:
-        assert sidecar.stop() == 0
+    settings["connections"]["conn-b"]["listen"] = f"{SECOND_LOOPBACK}:{port}"
+    _reload(sidecar, tmp_path, settings, "config_reloaded")
+    wait_until(lambda: _answers(SECOND_LOOPBACK, port), RELOAD_DEADLINE,
+               message="the new listener")
+    assert _get("127.0.0.1", port, "/Patient/a")[0] == 200
+    running.stop()
     assert {head.split(b" ")[1] for _, head in up_b.heads()} == {b"/fhir/Patient/b"}
     assert {head.split(b" ")[1] for _, head in up_a.heads()} == {b"/fhir/Patient/a"}
     _only_own_credentials(up_a, "a", "b")
@@ -146,28 +149,30 @@ def _reload(sidecar: SidecarProcess, tmp: Path, settings: dict[str, Any], event:
 
 def test_forward_proxy_tells_connections_apart_by_port(
         tmp_path: Path, pki: TestPKI,
-        two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream]) -> None:
+        two_upstreams: tuple[RawRecordingUpstream, RawRecordingUpstream],
+        start_sidecar: StartSidecar) -> None:
     up_a, up_b = two_upstreams
     proxy_port = free_port()
-    config = write_config(tmp_path, {
+    settings = {
         "admin": {"listen": None},
         "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
         "basic_auth": _secrets(tmp_path, a="pw-a", b="pw-b"),
         # Same host, same base path: only the port differs.
         "connections": {"conn-a": _connection(up_a, "a", pki),
                         "conn-b": _connection(up_b, "b", pki)},
-    })
-    with SidecarProcess(config, tmp_path / "state"):
-        for up in (up_b, up_a, up_b):
-            assert _get("127.0.0.1", proxy_port,
-                        f"http://localhost:{up.port}/fhir/Patient")[0] == 200
-        # No port: the scheme's default, which neither connection is on.
-        status, headers, _ = _get("127.0.0.1", proxy_port, "http://localhost/fhir/Patient")
-        assert status == 403 and headers["x-sidecar-error"] == "no-route"
-        other = free_port()
-        status, headers, _ = _get("127.0.0.1", proxy_port,
-                                  f"http://localhost:{other}/fhir/Patient")
-        assert status == 403 and headers["x-sidecar-error"] == "no-route"
+    }
+    running = start_sidecar(settings, directory=tmp_path)
+    for up in (up_b, up_a, up_b):
+        assert _get("127.0.0.1", proxy_port,
+                    f"http://localhost:{up.port}/fhir/Patient")[0] == 200
+    # No port: the scheme's default, which neither connection is on.
+    status, headers, _ = _get("127.0.0.1", proxy_port, "http://localhost/fhir/Patient")
+    assert status == 403 and headers["x-sidecar-error"] == "no-route"
+    other = free_port()
+    status, headers, _ = _get("127.0.0.1", proxy_port,
+                              f"http://localhost:{other}/fhir/Patient")
+    assert status == 403 and headers["x-sidecar-error"] == "no-route"
+    running.stop()
     assert len(up_a.heads()) == 1 and len(up_b.heads()) == 2
     _only_own_credentials(up_a, "a", "b")
     _only_own_credentials(up_b, "b", "a")

@@ -15,6 +15,7 @@ from support.constants import basic_header
 from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -29,6 +30,8 @@ def open_upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
 
 
 class Setup:
+    sidecar: SidecarProcess
+
     def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer):
         self.tmp, self.pki, self.upstream = tmp, pki, upstream
         self.port = free_port()
@@ -43,7 +46,10 @@ class Setup:
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
         }
         self.path = write_config(tmp, self.config)
-        self.sidecar = SidecarProcess(self.path, tmp / "state")
+
+    def start(self, start_sidecar: StartSidecar) -> None:
+        """Runs the sidecar on ``config`` as it is now, until the test ends."""
+        self.sidecar = start_sidecar(self.config, directory=self.tmp).process
 
     def write_secret(self, name: str, value: str) -> None:
         (self.tmp / "secrets" / name).write_text(value + "\n")
@@ -70,11 +76,11 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer) -> Iterator[Setup]:
+def setup(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer,
+          start_sidecar: StartSidecar) -> Setup:
     s = Setup(tmp_path, pki, open_upstream)
-    s.sidecar.start()
-    yield s
-    assert s.sidecar.stop() == 0
+    s.start(start_sidecar)
+    return s
 
 
 def test_password_rewritten_in_place(setup: Setup) -> None:
@@ -83,8 +89,8 @@ def test_password_rewritten_in_place(setup: Setup) -> None:
     setup.auth_becomes(basic_header("svc", "second-password"))
 
 
-def test_kubernetes_symlink_swap(tmp_path: Path, pki: TestPKI,
-                                 open_upstream: FhirTestServer) -> None:
+def test_kubernetes_symlink_swap(tmp_path: Path, pki: TestPKI, open_upstream: FhirTestServer,
+                                 start_sidecar: StartSidecar) -> None:
     # The layout kubelet gives a Secret volume: files are symlinks through ..data, and an
     # update swaps ..data to a new timestamped directory in one rename.
     secrets = tmp_path / "k8s"
@@ -103,10 +109,10 @@ def test_kubernetes_symlink_swap(tmp_path: Path, pki: TestPKI,
     s = Setup(tmp_path, pki, open_upstream)
     s.config["basic_auth"]["b"]["password_file"] = "k8s/password"
     s.save()
-    with s.sidecar:
-        s.auth_becomes(basic_header("svc", "k8s-one"))
-        publish("2026_11_26_v2", "k8s-two")
-        s.auth_becomes(basic_header("svc", "k8s-two"))
+    s.start(start_sidecar)
+    s.auth_becomes(basic_header("svc", "k8s-one"))
+    publish("2026_11_26_v2", "k8s-two")
+    s.auth_becomes(basic_header("svc", "k8s-two"))
 
 
 def test_ca_bundle_replaced_at_same_path(setup: Setup) -> None:
@@ -262,6 +268,7 @@ def _reload_failures(admin_port: int) -> float:
 @pytest.mark.parametrize("empty_text", ["", "  \n\t\n"])
 def test_config_truncated_under_traffic_keeps_serving(tmp_path: Path, pki: TestPKI,
                                                       open_upstream: FhirTestServer,
+                                                      start_sidecar: StartSidecar,
                                                       empty_text: str) -> None:
     s = Setup(tmp_path, pki, open_upstream)
     admin_port = free_port()
@@ -285,30 +292,30 @@ def test_config_truncated_under_traffic_keeps_serving(tmp_path: Path, pki: TestP
                     failures.append(repr(exc))
                 answered[0] += 1
 
-    with s.sidecar:
-        failed_before = _reload_failures(admin_port)
-        traffic = threading.Thread(target=client)
-        traffic.start()
-        try:
-            with s.path.open("w", encoding="utf-8") as out:  # truncated in place
-                out.write(empty_text)
-            record = s.sidecar.wait_for_event(
-                "config_rejected", lambda r: "is empty" in r.get("message", ""),
-                timeout=LIVE_DEADLINE)
-            assert record["message"].startswith(f"{s.path}: the config file is empty")
-            wait_until(lambda: _reload_failures(admin_port) > failed_before, LIVE_DEADLINE,
-                       message="the failed reload to be counted")
-            served_while_empty = answered[0]
-            wait_until(lambda: answered[0] > served_while_empty + 20, LIVE_DEADLINE,
-                       message="requests answered while the file is empty")
+    s.start(start_sidecar)
+    failed_before = _reload_failures(admin_port)
+    traffic = threading.Thread(target=client)
+    traffic.start()
+    try:
+        with s.path.open("w", encoding="utf-8") as out:  # truncated in place
+            out.write(empty_text)
+        record = s.sidecar.wait_for_event(
+            "config_rejected", lambda r: "is empty" in r.get("message", ""),
+            timeout=LIVE_DEADLINE)
+        assert record["message"].startswith(f"{s.path}: the config file is empty")
+        wait_until(lambda: _reload_failures(admin_port) > failed_before, LIVE_DEADLINE,
+                   message="the failed reload to be counted")
+        served_while_empty = answered[0]
+        wait_until(lambda: answered[0] > served_while_empty + 20, LIVE_DEADLINE,
+                   message="requests answered while the file is empty")
 
-            reloads = s.reload_events("config_reloaded")
-            s.path.write_text(good_text, encoding="utf-8")
-            wait_until(lambda: s.reload_events("config_reloaded") > reloads, LIVE_DEADLINE,
-                       message="the restored config to be reloaded")
-        finally:
-            done.set()
-            traffic.join(30)
-        assert failures == []
-        assert s.get().status_code == 200
-        assert s.last_auth() == basic_header("svc", "first-password")
+        reloads = s.reload_events("config_reloaded")
+        s.path.write_text(good_text, encoding="utf-8")
+        wait_until(lambda: s.reload_events("config_reloaded") > reloads, LIVE_DEADLINE,
+                   message="the restored config to be reloaded")
+    finally:
+        done.set()
+        traffic.join(30)
+    assert failures == []
+    assert s.get().status_code == 200
+    assert s.last_auth() == basic_header("svc", "first-password")

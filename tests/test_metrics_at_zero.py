@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -61,7 +62,7 @@ def has_connection(found: Samples, name: str) -> bool:
 
 def test_configured_series_start_at_zero_and_follow_reloads(
         tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer,
-        oauth_provider: OAuthTestProvider) -> None:
+        oauth_provider: OAuthTestProvider, start_sidecar: StartSidecar) -> None:
     admin = f"127.0.0.1:{free_port()}"
     tls = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
     client = oauth_provider.clients["basic"]
@@ -81,49 +82,48 @@ def test_configured_series_start_at_zero_and_follow_reloads(
             "plain-http": {"url": "http://127.0.0.1:9/fhir"},
         },
     }
-    path = write_config(tmp_path, config)
-    with SidecarProcess(path, tmp_path / "state") as sidecar:
-        found = scrape(admin)
-        for name, tls_on in (("with-basic", True), ("with-oauth", True),
-                             ("plain-http", False)):
-            for key in connection_series(name, tls_on):
-                assert found.get(key) == 0.0, key
-        assert not any(key in found for key in (
-            series("fhir_sidecar_upstream_tls_failures_total", connection="plain-http",
-                   reason=reason) for reason in TLS_REASONS))
-        for result in ("success", "http_error", "invalid_response", "network"):
-            assert series("fhir_sidecar_token_requests_total", definition="o",
-                          result=result) in found
-
-        # A reload adds one connection and removes another.
-        config["connections"]["added"] = {"url": upstream_good.base_url, "tls": tls}
-        del config["connections"]["plain-http"]
-        reloads = len(sidecar.events("config_reloaded"))
-        write_config(tmp_path, config)
-        wait_until(lambda: len(sidecar.events("config_reloaded")) > reloads, 10,
-                   message="the reload")
-        found = scrape(admin)
-        for key in connection_series("added", tls=True):
+    sidecar = start_sidecar(config, directory=tmp_path).process
+    found = scrape(admin)
+    for name, tls_on in (("with-basic", True), ("with-oauth", True),
+                         ("plain-http", False)):
+        for key in connection_series(name, tls_on):
             assert found.get(key) == 0.0, key
-        assert not has_connection(found, "plain-http")
+    assert not any(key in found for key in (
+        series("fhir_sidecar_upstream_tls_failures_total", connection="plain-http",
+               reason=reason) for reason in TLS_REASONS))
+    for result in ("success", "http_error", "invalid_response", "network"):
+        assert series("fhir_sidecar_token_requests_total", definition="o",
+                      result=result) in found
 
-        # Traffic on a kept connection counts on top of the zeros, as usual.
-        port = config["connections"]["with-basic"]["listen"].rsplit(":", 1)[1]
-        assert httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=30,
-                         trust_env=False).status_code == 200
-        found = scrape(admin)
-        assert found[series("fhir_sidecar_requests_total", connection="with-basic",
-                            method="GET", status_class="2xx")] == 1.0
-        assert found[series("fhir_sidecar_requests_total", connection="with-basic",
-                            method="GET", status_class="5xx")] == 0.0
+    # A reload adds one connection and removes another.
+    config["connections"]["added"] = {"url": upstream_good.base_url, "tls": tls}
+    del config["connections"]["plain-http"]
+    reloads = len(sidecar.events("config_reloaded"))
+    write_config(tmp_path, config)
+    wait_until(lambda: len(sidecar.events("config_reloaded")) > reloads, 10,
+               message="the reload")
+    found = scrape(admin)
+    for key in connection_series("added", tls=True):
+        assert found.get(key) == 0.0, key
+    assert not has_connection(found, "plain-http")
 
-        # The removed definition's series go too.
-        del config["connections"]["with-oauth"]
-        del config["oauth"]
-        reloads = len(sidecar.events("config_reloaded"))
-        write_config(tmp_path, config)
-        wait_until(lambda: len(sidecar.events("config_reloaded")) > reloads, 10,
-                   message="the second reload")
-        found = scrape(admin)
-        assert not has_connection(found, "with-oauth")
-        assert not any(dict(labels).get("definition") == "o" for _, labels in found)
+    # Traffic on a kept connection counts on top of the zeros, as usual.
+    port = config["connections"]["with-basic"]["listen"].rsplit(":", 1)[1]
+    assert httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=30,
+                     trust_env=False).status_code == 200
+    found = scrape(admin)
+    assert found[series("fhir_sidecar_requests_total", connection="with-basic",
+                        method="GET", status_class="2xx")] == 1.0
+    assert found[series("fhir_sidecar_requests_total", connection="with-basic",
+                        method="GET", status_class="5xx")] == 0.0
+
+    # The removed definition's series go too.
+    del config["connections"]["with-oauth"]
+    del config["oauth"]
+    reloads = len(sidecar.events("config_reloaded"))
+    write_config(tmp_path, config)
+    wait_until(lambda: len(sidecar.events("config_reloaded")) > reloads, 10,
+               message="the second reload")
+    found = scrape(admin)
+    assert not has_connection(found, "with-oauth")
+    assert not any(dict(labels).get("definition") == "o" for _, labels in found)

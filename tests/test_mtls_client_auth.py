@@ -30,7 +30,8 @@ from support.bearer import BearerValidator
 from support.bulk_data_server import BulkDataServer
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import SidecarProcess, free_port, wait_until
+from support.sidecars import StartSidecar
 
 from sidecar.config.models import OAuthDefinition
 from sidecar.credentials.cert_binding import bound_thumbprint, certificate_thumbprint
@@ -169,7 +170,8 @@ def sidecar_config(world: MtlsWorld, pki: TestPKI, tmp: Path, fhir: BulkDataServ
 
 
 @pytest.fixture
-def setup(world: MtlsWorld, pki: TestPKI, tmp_path: Path) -> Iterator[Setup]:
+def setup(world: MtlsWorld, pki: TestPKI, tmp_path: Path,
+          start_sidecar: StartSidecar) -> Iterator[Setup]:
     world.provider.reset()
     validator = BearerValidator(world.provider.jwks(), audience=world.provider.default_resource,
                                 issuer=world.provider.issuer)
@@ -177,9 +179,8 @@ def setup(world: MtlsWorld, pki: TestPKI, tmp_path: Path) -> Iterator[Setup]:
                         client_ca=world.client_ca, bound_tokens=True) as fhir:
         ports = {name: free_port() for name in ("pki", "self", "mismatch", "stranger")}
         config = sidecar_config(world, pki, tmp_path, fhir, ports)
-        path = write_config(tmp_path, config)
-        with SidecarProcess(path, tmp_path / "state") as sidecar:
-            yield Setup(world, fhir, tmp_path, config, ports, sidecar)
+        sidecar = start_sidecar(config, directory=tmp_path).process
+        yield Setup(world, fhir, tmp_path, config, ports, sidecar)
 
 
 def thumbprint(path: Path) -> str:

@@ -9,7 +9,8 @@ from itertools import count
 from pathlib import Path
 
 import httpx
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 
 OLD_TOKEN = "admin-token-before-rotation-Kq83"
 NEW_TOKEN = "admin-token-after-rotation-Mv27"
@@ -22,16 +23,18 @@ def _csrf(html: str) -> str:
     return found.group(1)
 
 
-def test_rotating_the_admin_token_file_ends_existing_sessions(tmp_path: Path) -> None:
+def test_rotating_the_admin_token_file_ends_existing_sessions(
+        tmp_path: Path, start_sidecar: StartSidecar) -> None:
     """Promise (docs/admin-api.md): "Rotating the token file ends existing sessions."."""
     admin = f"127.0.0.1:{free_port()}"
     (tmp_path / "secrets").mkdir()
     token_file = tmp_path / "secrets" / "admin-token"
     token_file.write_text(OLD_TOKEN + "\n")
-    config = write_config(tmp_path, {
+    running = start_sidecar({
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "connections": {"c": {"url": "https://127.0.0.1:9/fhir"}},
-    })
+    }, directory=tmp_path)
+    config, sidecar = running.config_path, running.process
     names = (f"made-{i}" for i in count())
 
     def create(client: httpx.Client, csrf: str) -> tuple[str, httpx.Response]:
@@ -40,9 +43,8 @@ def test_rotating_the_admin_token_file_ends_existing_sessions(tmp_path: Path) ->
             "_csrf": csrf, "action": "save", "name": name, "username": "u",
             "password": "rotation-pw-Tt52"})
 
-    with SidecarProcess(config, tmp_path / "state") as sidecar, \
-            httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30,
-                         follow_redirects=True) as session:
+    with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30,
+                      follow_redirects=True) as session:
         assert session.post("/login", data={"token": OLD_TOKEN}).status_code in (200, 303)
         csrf = _csrf(session.get("/basic-auth").text)
         name, made = create(session, csrf)

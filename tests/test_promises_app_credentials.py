@@ -16,7 +16,8 @@ import httpx
 import pytest
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import SidecarProcess, free_port
+from support.sidecars import StartSidecar
 
 APP_SECRET = "app-own-secret-4f1c9e"
 APP_PROXY_SECRET = "app-proxy-secret-77ab2d"
@@ -51,7 +52,8 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+          start_module_sidecar: StartSidecar) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("promises-credentials"))
     home = tmp / "home"
     home.mkdir()
@@ -60,7 +62,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Se
         base = f"https://localhost:{upstream.port}"
         proxy_port, admin_port = free_port(), free_port()
         listen_ports = {"open": free_port(), "basic": free_port()}
-        config = write_config(tmp, {
+        sidecar = start_module_sidecar({
             "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "basic_auth": {"sidecar": {"username": BASIC_USER, "password": BASIC_PASSWORD}},
@@ -71,12 +73,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Se
                 "basic": {"url": f"{base}/basic", "tls": custom, "auth": {"basic": "sidecar"},
                           "listen": f"127.0.0.1:{listen_ports['basic']}"},
             },
-        })
-        sidecar = SidecarProcess(config, tmp / "state", env={"HOME": str(home)}).start()
-        try:
-            yield Setup(sidecar, upstream, proxy_port, listen_ports, home)
-        finally:
-            assert sidecar.stop() == 0
+        }, directory=tmp, env={"HOME": str(home)})
+        yield Setup(sidecar.process, upstream, proxy_port, listen_ports, home)
 
 
 @pytest.fixture

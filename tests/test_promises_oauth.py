@@ -17,7 +17,8 @@ from support.bearer import BearerValidator
 from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -48,7 +49,7 @@ class RejectWhenEnabled:
 
 class Setup:
     def __init__(self, tmp: Path, pki: TestPKI, provider: OAuthTestProvider,
-                 upstream: FhirTestServer) -> None:
+                 upstream: FhirTestServer, start: StartSidecar) -> None:
         self.provider, self.upstream = provider, upstream
         (tmp / "secrets").mkdir()
         client = provider.clients["basic"]
@@ -66,7 +67,7 @@ class Setup:
                 "auth": {"oauth": "o"},
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
         }
-        self.sidecar = SidecarProcess(write_config(tmp, config), tmp / "state")
+        self.sidecar = start(config, directory=tmp).process
 
     def get(self) -> httpx.Response:
         return httpx.get(f"http://127.0.0.1:{self.port}/metadata", timeout=30, trust_env=False)
@@ -87,15 +88,10 @@ def check(bearer_validator: BearerValidator) -> RejectWhenEnabled:
 
 @pytest.fixture
 def setup(tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
-          check: RejectWhenEnabled) -> Iterator[Setup]:
+          check: RejectWhenEnabled, start_sidecar: StartSidecar) -> Iterator[Setup]:
     oauth_provider.settings(ttl=TTL)
     with fhir_upstream(pki.server(name="oauth-promises"), auth=check) as upstream:
-        s = Setup(tmp_path, pki, oauth_provider, upstream)
-        s.sidecar.start()
-        try:
-            yield s
-        finally:
-            assert s.sidecar.stop() == 0, s.sidecar.output[-5000:]
+        yield Setup(tmp_path, pki, oauth_provider, upstream, start_sidecar)
 
 
 def test_token_outage_keeps_serving_the_valid_token_then_answers_token_unavailable(

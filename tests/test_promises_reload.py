@@ -24,7 +24,8 @@ import pytest
 from support.constants import basic_header
 from support.fhir_routes import fhir_upstream
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -32,7 +33,8 @@ DEADLINE = 15.0  # the promise is about a second; a loaded 2-core machine gets s
 
 
 class Setup:
-    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer) -> None:
+    def __init__(self, tmp: Path, pki: TestPKI, upstream: FhirTestServer,
+                 start: StartSidecar) -> None:
         self.tmp, self.upstream = tmp, upstream
         self.port, self.admin_port = free_port(), free_port()
         (tmp / "secrets").mkdir()
@@ -45,8 +47,8 @@ class Setup:
                 "auth": {"basic": "b"},
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
         }
-        self.path = write_config(tmp, self.config)
-        self.sidecar = SidecarProcess(self.path, tmp / "state")
+        self.sidecar = start(self.config, directory=tmp).process
+        self.path = self.sidecar.config
 
     def save(self) -> None:
         write_config(self.tmp, self.config)
@@ -68,14 +70,9 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, pki: TestPKI) -> Iterator[Setup]:
+def setup(tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> Iterator[Setup]:
     with fhir_upstream(pki.server(name="reload-promises")) as upstream:
-        s = Setup(tmp_path, pki, upstream)
-        s.sidecar.start()
-        try:
-            yield s
-        finally:
-            assert s.sidecar.stop() == 0
+        yield Setup(tmp_path, pki, upstream, start_sidecar)
 
 
 def _taken_port(s: Setup, taken: int) -> str:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import httpx
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import free_port
+from support.sidecars import StartSidecar
 
 TIMEOUT = 2
 
 
 def test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound(
-        tmp_path: Path, pki: TestPKI) -> None:
+        tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> None:
     """Promise (docs/configuration.md): "`timeout_seconds` bounds connecting, the TLS
     handshake and the wait for response headers"; docs/errors.md: `upstream-timeout` 504."""
     accepted: list[socket.socket] = []
@@ -35,19 +36,19 @@ def test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound(
         acceptor = threading.Thread(target=accept, daemon=True)
         acceptor.start()
         port = free_port()
-        config = write_config(tmp_path, {
+        config = {
             "admin": {"listen": None},
             "connections": {"c": {
                 "url": f"https://localhost:{blackhole.getsockname()[1]}/fhir",
                 "listen": f"127.0.0.1:{port}", "timeout_seconds": TIMEOUT,
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
+        }
         try:
-            with SidecarProcess(config, tmp_path / "state"):
-                began = time.monotonic()
-                answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60,
-                                   trust_env=False)
-                took = time.monotonic() - began
+            start_sidecar(config, directory=tmp_path)
+            began = time.monotonic()
+            answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60,
+                               trust_env=False)
+            took = time.monotonic() - began
         finally:
             stop.set()
             acceptor.join(5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ import requests
 from fhirpy import SyncFHIRClient
 from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecar_process import SidecarProcess, free_port
+from support.sidecars import StartSidecar
 from support.upstreams import Upstreams
 
 from sidecar.testkit.fhir_server import FhirTestServer
@@ -49,8 +49,8 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
-            upstreams: Upstreams) -> Iterator[Running]:
+def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: Upstreams,
+            start_module_sidecar: StartSidecar) -> Running:
     tmp = Path(tmp_path_factory.mktemp("sidecar"))
     (tmp / "secrets").mkdir()
     (tmp / "secrets" / "upstream-password").write_text(UPSTREAM_PASSWORD + "\n")
@@ -86,7 +86,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
         conn["listen"] = f"127.0.0.1:{ports[name]}"
         conn.setdefault("auth", {"basic": "upstream"})
     proxy_port = free_port()
-    config = write_config(tmp, {
+    config = {
         "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
         "admin": {"listen": None},
         "basic_auth": {
@@ -94,16 +94,13 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
             "wrong": {"username": UPSTREAM_USER, "password_file": "secrets/wrong-password"},
         },
         "connections": connections,
-    })
+    }
     # The default mode must use certifi's bundle only, even when the environment names ours.
     env = {"SSL_CERT_FILE": str(pki.ca_bundle_path), "REQUESTS_CA_BUNDLE": str(pki.ca_bundle_path),
            "CURL_CA_BUNDLE": str(pki.ca_bundle_path)}
-    sidecar = SidecarProcess(config, tmp / "state", env=env).start()
-    try:
-        servers = {k: upstreams.get(k) for k in ("good", "other_ca", "mtls")}
-        yield Running(sidecar, ports, proxy_port, servers, pki.ca_bundle_path)
-    finally:
-        assert sidecar.stop() == 0
+    sidecar = start_module_sidecar(config, directory=tmp, env=env)
+    servers = {k: upstreams.get(k) for k in ("good", "other_ca", "mtls")}
+    return Running(sidecar.process, ports, proxy_port, servers, pki.ca_bundle_path)
 
 
 def _last_auth(running: Running, name: str = "good") -> str | None:

@@ -16,7 +16,8 @@ from support.bearer import BearerValidator
 from support.fhir_routes import fhir_upstream
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -47,7 +48,7 @@ class RejectOnce:
 
 class OAuthSetup:
     def __init__(self, tmp: Path, pki: TestPKI, provider: OAuthTestProvider,
-                 upstream: FhirTestServer):
+                 upstream: FhirTestServer, start: StartSidecar):
         self.tmp, self.provider, self.upstream = tmp, provider, upstream
         (tmp / "secrets").mkdir()
         basic_client = provider.clients["basic"]
@@ -88,8 +89,8 @@ class OAuthSetup:
                 "switch": conn("switch", {"basic": "up"}),
             },
         }
-        self.path = write_config(tmp, self.config)
-        self.sidecar = SidecarProcess(self.path, tmp / "state")
+        self.sidecar = start(self.config, directory=tmp).process
+        self.path = self.sidecar.config
 
     def save(self) -> None:
         write_config(self.tmp, self.config)
@@ -103,16 +104,11 @@ class OAuthSetup:
 
 @pytest.fixture
 def setup(tmp_path: Path, pki: TestPKI, oauth_provider: OAuthTestProvider,
-          bearer_validator: BearerValidator) -> Iterator[tuple[OAuthSetup, RejectOnce]]:
+          bearer_validator: BearerValidator,
+          start_sidecar: StartSidecar) -> Iterator[tuple[OAuthSetup, RejectOnce]]:
     check = RejectOnce(bearer_validator)
     with fhir_upstream(pki.server(name="oauth-upstream"), auth=check) as upstream:
-        s = OAuthSetup(tmp_path, pki, oauth_provider, upstream)
-        s.sidecar.start()
-        try:
-            yield s, check
-        finally:
-            code = s.sidecar.stop()
-            assert code == 0, s.sidecar.output[-5000:]
+        yield OAuthSetup(tmp_path, pki, oauth_provider, upstream, start_sidecar), check
 
 
 def test_bearer_tokens_injected_and_shared(setup: tuple[OAuthSetup, RejectOnce]) -> None:

@@ -23,7 +23,8 @@ import pytest
 from support.constants import basic_header
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import SidecarProcess, free_port, wait_until
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
@@ -131,13 +132,14 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+          start_module_sidecar: StartSidecar) -> Iterator[Setup]:
     tmp = Path(tmp_path_factory.mktemp("hygiene"))
     with RawRecordingUpstream(pki.server(name="raw-hygiene")) as upstream:
         custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
         reverse_port, proxy_port, admin_port = free_port(), free_port(), free_port()
         base = f"https://localhost:{upstream.port}"
-        config = write_config(tmp, {
+        sidecar = start_module_sidecar({
             "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "basic_auth": {name: {"username": f"user-{name}", "password": f"pw-{name}"}
@@ -148,12 +150,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Se
                 "other": {"url": f"{base}/other", "auth": {"basic": "other"}, "tls": custom},
                 "skip": {"url": f"{base}/skip", "auth": {"basic": "skip"}, "tls": custom},
             },
-        })
-        sidecar = SidecarProcess(config, tmp / "state").start()
-        try:
-            yield Setup(sidecar, upstream, reverse_port, proxy_port, admin_port)
-        finally:
-            assert sidecar.stop() == 0
+        }, directory=tmp)
+        yield Setup(sidecar.process, upstream, reverse_port, proxy_port, admin_port)
 
 
 @pytest.fixture
@@ -431,14 +429,14 @@ class TokenSetup:
 
 
 @pytest.fixture(scope="module")
-def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI
-                ) -> Iterator[TokenSetup]:
+def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+                start_module_sidecar: StartSidecar) -> Iterator[TokenSetup]:
     tmp = Path(tmp_path_factory.mktemp("hostile-token"))
     with RawRecordingUpstream(pki.server(name="raw-token")) as upstream, \
             HostileTokenEndpoint(pki.server(name="hostile-token"), HOSTILE_TOKENS) as endpoint:
         custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
         ports = {name: free_port() for name in HOSTILE_TOKENS}
-        config = write_config(tmp, {
+        sidecar = start_module_sidecar({
             "admin": {"listen": None},
             "oauth": {name: {"token_url": f"https://localhost:{endpoint.port}/token",
                              "client_id": name, "client_secret": "client-secret-value",
@@ -447,12 +445,8 @@ def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI
                                    "listen": f"127.0.0.1:{ports[name]}",
                                    "auth": {"oauth": name}, "tls": custom}
                             for name in HOSTILE_TOKENS},
-        })
-        sidecar = SidecarProcess(config, tmp / "state").start()
-        try:
-            yield TokenSetup(sidecar, upstream, endpoint, ports)
-        finally:
-            assert sidecar.stop() == 0
+        }, directory=tmp)
+        yield TokenSetup(sidecar.process, upstream, endpoint, ports)
 
 
 @pytest.mark.parametrize("name", [n for n in HOSTILE_TOKENS if n != "good"])

@@ -29,7 +29,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer, server_tls_context
 
@@ -130,7 +131,8 @@ def echo_endpoint(pki: TestPKI) -> Iterator[EchoingTokenEndpoint]:
 
 def test_echoed_credentials_reach_no_one(tmp_path: Path, pki: TestPKI,
                                          upstream_good: FhirTestServer,
-                                         echo_endpoint: EchoingTokenEndpoint) -> None:
+                                         echo_endpoint: EchoingTokenEndpoint,
+                                         start_sidecar: StartSidecar) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "admin-token").write_text(ADMIN_TOKEN + "\n")
@@ -155,18 +157,18 @@ def test_echoed_credentials_reach_no_one(tmp_path: Path, pki: TestPKI,
     }
     ports = {name: free_port() for name in definitions}
     admin = f"127.0.0.1:{free_port()}"
-    config = write_config(tmp_path, {
+    running = start_sidecar({
         "admin": {"listen": admin, "token_file": "secrets/admin-token"},
         "oauth": definitions,
         "connections": {f"via-{name}": {"url": upstream_good.base_url,
                                         "listen": f"127.0.0.1:{ports[name]}",
                                         "auth": {"oauth": name}, "tls": tls}
                         for name in definitions},
-    })
+    }, directory=tmp_path)
+    config, sidecar = running.config_path, running.process
     shown: dict[str, str] = {}
-    sidecar = SidecarProcess(config, tmp_path / "state")
-    with sidecar, httpx.Client(base_url=f"http://{admin}", trust_env=False,
-                               timeout=30) as admin_client:
+    with httpx.Client(base_url=f"http://{admin}", trust_env=False,
+                      timeout=30) as admin_client:
         def oauth_errors() -> dict[str, Any] | None:
             report = admin_client.get("/readyz", params={"verbose": "1"}).json()
             errors = {n: d["last_error"] for n, d in report["oauth"].items()}
@@ -189,6 +191,7 @@ def test_echoed_credentials_reach_no_one(tmp_path: Path, pki: TestPKI,
         page = admin_client.get("/oauth")
         assert page.status_code == 200 and "echo-basic" in page.text
         shown["dashboard OAuth page"] = page.text
+    running.stop()
     online = subprocess.run(
         [sys.executable, "-m", "sidecar", "check", "--online", "-c", str(config)],
         capture_output=True, text=True, timeout=120, check=False)
@@ -257,25 +260,26 @@ class EchoingBrokenUpstream:
 
 
 def test_an_upstream_echoing_the_credential_in_a_broken_answer_leaks_nothing(
-        tmp_path: Path, pki: TestPKI) -> None:
+        tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> None:
     (tmp_path / "basic-secret").write_text(BASIC_SECRET + "\n")
     port = free_port()
     with EchoingBrokenUpstream(pki) as upstream:
-        config = write_config(tmp_path, {
+        running = start_sidecar({
             "admin": {"listen": None},
             "basic_auth": {"b": {"username": CLIENT_ID, "password_file": "basic-secret"}},
             "connections": {"broken": {
                 "url": f"https://localhost:{upstream.port}/fhir",
                 "listen": f"127.0.0.1:{port}", "auth": {"basic": "b"},
                 "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        })
-        with SidecarProcess(config, tmp_path / "state") as sidecar:
-            answer = httpx.get(f"http://127.0.0.1:{port}/Patient/1", trust_env=False,
-                               timeout=DEADLINE)
-            assert upstream.answered.is_set(), "the request never reached the upstream"
-            assert answer.status_code == 502, answer.text
-            outcome = answer.json()
-            assert outcome["resourceType"] == "OperationOutcome"
-            wait_until(lambda: sidecar.events("request"), DEADLINE, message="the request log")
+        }, directory=tmp_path)
+        sidecar = running.process
+        answer = httpx.get(f"http://127.0.0.1:{port}/Patient/1", trust_env=False,
+                           timeout=DEADLINE)
+        assert upstream.answered.is_set(), "the request never reached the upstream"
+        assert answer.status_code == 502, answer.text
+        outcome = answer.json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        wait_until(lambda: sidecar.events("request"), DEADLINE, message="the request log")
+        running.stop()
         assert_no_secret("the 502 to the app", answer.text, set())
         assert_no_secret("the process output", sidecar.output, set())

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, write_config
+from support.sidecars import StartSidecar
 from support.tls_matrix import MatrixServer, server_context
 
 from sidecar.credentials.oauth import TokenUnavailable
@@ -166,7 +167,8 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+def matrix(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory,
+           start_module_sidecar: StartSidecar) -> Iterator[Matrix]:
     tmp = tmp_path_factory.mktemp("tls-matrix")
     with ExitStack() as stack:
         servers = {c.name: stack.enter_context(MatrixServer(c.server(pki), c.url_host))
@@ -177,8 +179,6 @@ def matrix(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
             c.name: {"url": servers[c.name].url("/fhir"), "tls": c.tls(pki),
                      "listen": f"127.0.0.1:{listen_ports[c.name]}"}
             for c in CASES}
-        write_config(tmp, {"admin": {"listen": f"127.0.0.1:{admin_port}"},
-                           "connections": connections}, name="proxy.yaml")
         oauth: dict[str, Any] = {}
         for c in CASES:
             client = {"client_id": "matrix", "client_secret": "matrix-secret",
@@ -188,8 +188,10 @@ def matrix(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
                                             "discover_from": servers[c.name].url("/fhir")}
         legs_config = write_config(tmp, {"admin": {"listen": None}, "connections": connections,
                                          "oauth": oauth}, name="legs.yaml")
-        sidecar = stack.enter_context(SidecarProcess(tmp / "proxy.yaml", tmp / "state"))
-        yield Matrix(servers, load_snapshot(legs_config), sidecar, listen_ports, admin_port)
+        sidecar = start_module_sidecar({"admin": {"listen": f"127.0.0.1:{admin_port}"},
+                                        "connections": connections}, directory=tmp)
+        yield Matrix(servers, load_snapshot(legs_config), sidecar.process, listen_ports,
+                     admin_port)
 
 
 def proxy_verdict(matrix: Matrix, case: Case) -> str:

@@ -9,11 +9,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 from support.tls_matrix import MatrixServer, server_context
 
 from sidecar.config.models import TlsSettings
@@ -54,15 +56,15 @@ def cipher_servers(pki: TestPKI) -> Iterator[dict[str, MatrixServer]]:
 
 
 def test_an_upstream_without_forward_secret_aead_suites_is_refused_saying_why(
-        cipher_servers: dict[str, MatrixServer], pki: TestPKI, tmp_path: Path) -> None:
+        cipher_servers: dict[str, MatrixServer], pki: TestPKI, tmp_path: Path,
+        start_sidecar: StartSidecar) -> None:
     ports = {name: free_port() for name in cipher_servers}
     connections = {
         name: {"url": server.url("/fhir"), "listen": f"127.0.0.1:{ports[name]}",
                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}
         for name, server in cipher_servers.items()}
-    config = write_config(tmp_path, {"admin": {"listen": None}, "connections": connections})
-    with SidecarProcess(config, tmp_path / "state"), \
-            httpx.Client(trust_env=False, timeout=30) as client:
+    start_sidecar({"admin": {"listen": None}, "connections": connections}, directory=tmp_path)
+    with httpx.Client(trust_env=False, timeout=30) as client:
         answers = {name: client.get(f"http://127.0.0.1:{port}/Patient")
                    for name, port in ports.items()}
     assert answers["ecdhe-gcm"].status_code == 200
@@ -99,9 +101,9 @@ _TLS13_AEAD_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
                       "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_CCM_SHA256"}
 
 
-def skip_config(tmp_path: Path, listen_port: int, base: str = "/fhir") -> Path:
+def skip_settings(listen_port: int, base: str = "/fhir") -> dict[str, Any]:
     # Nothing listens on the upstream port: the warnings come from loading the config alone.
-    return write_config(tmp_path, {
+    return {
         "admin": {"listen": None},
         "connections": {"lab": {"url": f"https://localhost:9{base}",
                                 "listen": f"127.0.0.1:{listen_port}",
@@ -109,7 +111,11 @@ def skip_config(tmp_path: Path, listen_port: int, base: str = "/fhir") -> Path:
         "oauth": {"lab-token": {"token_url": "https://localhost:9/token",
                                 "client_id": "lab", "client_secret_env": "LAB_SECRET",
                                 "tls": {"verify": "skip"}}},
-    })
+    }
+
+
+def skip_config(tmp_path: Path, listen_port: int, base: str = "/fhir") -> Path:
+    return write_config(tmp_path, skip_settings(listen_port, base))
 
 
 def skip_warnings(sidecar: SidecarProcess) -> list[str]:
@@ -117,22 +123,23 @@ def skip_warnings(sidecar: SidecarProcess) -> list[str]:
             if ".verify: skip" in r["message"]]
 
 
-def test_verify_skip_is_logged_at_every_load(tmp_path: Path) -> None:
+def test_verify_skip_is_logged_at_every_load(tmp_path: Path,
+                                             start_sidecar: StartSidecar) -> None:
     listen_port = free_port()
-    config = skip_config(tmp_path, listen_port)
-    sidecar = SidecarProcess(config, tmp_path / "state", env={"LAB_SECRET": "s"})
-    with sidecar:
-        at_start = skip_warnings(sidecar)
-        assert len(at_start) == 2, sidecar.output
-        assert any("connections.lab.tls.verify: skip" in m for m in at_start)
-        assert any("oauth.lab-token.tls.verify: skip" in m for m in at_start)
-        assert all(str(config) in m and "not checked" in m for m in at_start)
+    running = start_sidecar(skip_settings(listen_port), directory=tmp_path,
+                            env={"LAB_SECRET": "s"})
+    config, sidecar = running.config_path, running.process
+    at_start = skip_warnings(sidecar)
+    assert len(at_start) == 2, sidecar.output
+    assert any("connections.lab.tls.verify: skip" in m for m in at_start)
+    assert any("oauth.lab-token.tls.verify: skip" in m for m in at_start)
+    assert all(str(config) in m and "not checked" in m for m in at_start)
 
-        skip_config(tmp_path, listen_port, base="/r4")  # a reload that keeps verify: skip
-        sidecar.signal(signal.SIGHUP)
-        wait_until(lambda: len(skip_warnings(sidecar)) >= 4, LIVE_DEADLINE,
-                   message="the skip warnings of the reload")
-        assert sidecar.events("config_reloaded")
+    skip_config(tmp_path, listen_port, base="/r4")  # a reload that keeps verify: skip
+    sidecar.signal(signal.SIGHUP)
+    wait_until(lambda: len(skip_warnings(sidecar)) >= 4, LIVE_DEADLINE,
+               message="the skip warnings of the reload")
+    assert sidecar.events("config_reloaded")
 
 
 def test_check_lists_every_verify_skip(tmp_path: Path) -> None:

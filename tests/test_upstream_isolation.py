@@ -21,6 +21,7 @@ from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
+from support.sidecars import StartSidecar
 
 RELOAD_DEADLINE = 10.0
 
@@ -45,10 +46,10 @@ class KeepAliveClient:
         self._conn.close()
 
 
-def _start(tmp: Path, config: dict[str, Any]) -> SidecarProcess:
+def _start(start_sidecar: StartSidecar, tmp: Path, config: dict[str, Any]) -> SidecarProcess:
+    """Started in ``tmp``; a test that reads the whole log stops it itself."""
     (tmp / "secrets").mkdir(exist_ok=True)
-    path = write_config(tmp, {"admin": {"listen": None}, **config})
-    return SidecarProcess(path, tmp / "state").start()
+    return start_sidecar({"admin": {"listen": None}, **config}, directory=tmp).process
 
 
 def _reload(sidecar: SidecarProcess, tmp: Path, config: dict[str, Any]) -> None:
@@ -76,13 +77,13 @@ def _secret(tmp: Path, name: str, value: str) -> str:
 
 def test_a_skip_connection_upstream_never_carries_a_verified_connections_token(
         tmp_path: Path, pki: TestPKI, untrusted_upstream: RawRecordingUpstream,
-        oauth_provider: OAuthTestProvider) -> None:
+        oauth_provider: OAuthTestProvider, start_sidecar: StartSidecar) -> None:
     # The reproduction from the security review: `skipconn` and `other` share localhost:PORT;
     # `other` verifies against a CA that does not trust the server.
     up = untrusted_upstream
     other = oauth_provider.clients["basic"]
     proxy_port = free_port()
-    sidecar = _start(tmp_path, {
+    sidecar = _start(start_sidecar, tmp_path, {
         "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
         "basic_auth": {"skip-user": {"username": "skip-user",
                                      "password_file": _secret(tmp_path, "skip", "skip-pw")}},
@@ -120,10 +121,11 @@ def test_a_skip_connection_upstream_never_carries_a_verified_connections_token(
 
 
 def test_two_connections_on_one_upstream_keep_separate_reused_connections(
-        tmp_path: Path, untrusted_upstream: RawRecordingUpstream) -> None:
+        tmp_path: Path, untrusted_upstream: RawRecordingUpstream,
+        start_sidecar: StartSidecar) -> None:
     up = untrusted_upstream
     proxy_port = free_port()
-    sidecar = _start(tmp_path, {
+    sidecar = _start(start_sidecar, tmp_path, {
         "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
         "basic_auth": {
             "a": {"username": "user-a", "password_file": _secret(tmp_path, "a", "pw-a")},
@@ -155,10 +157,11 @@ def test_two_connections_on_one_upstream_keep_separate_reused_connections(
     assert [len(c.heads) for c in up.connections] == [4, 2]
 
 
-def test_plain_http_upstreams_are_not_shared_between_connections(tmp_path: Path) -> None:
+def test_plain_http_upstreams_are_not_shared_between_connections(
+        tmp_path: Path, start_sidecar: StartSidecar) -> None:
     with RawRecordingUpstream(None) as up:
         proxy_port = free_port()
-        sidecar = _start(tmp_path, {
+        sidecar = _start(start_sidecar, tmp_path, {
             "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
             "basic_auth": {
                 "a": {"username": "user-a", "password_file": _secret(tmp_path, "a", "pw-a")},
@@ -185,10 +188,11 @@ def test_plain_http_upstreams_are_not_shared_between_connections(tmp_path: Path)
 
 
 def test_consecutive_requests_of_one_connection_reuse_its_upstream_connection(
-        tmp_path: Path, untrusted_upstream: RawRecordingUpstream) -> None:
+        tmp_path: Path, untrusted_upstream: RawRecordingUpstream,
+        start_sidecar: StartSidecar) -> None:
     up = untrusted_upstream
     port = free_port()
-    sidecar = _start(tmp_path, {
+    sidecar = _start(start_sidecar, tmp_path, {
         "basic_auth": {"a": {"username": "user-a",
                              "password_file": _secret(tmp_path, "a", "pw-a")}},
         "connections": {"main": {"url": f"https://localhost:{up.port}/fhir",
@@ -209,7 +213,7 @@ def test_consecutive_requests_of_one_connection_reuse_its_upstream_connection(
 @pytest.mark.parametrize("listener", ["reverse", "forward"])
 def test_a_reload_that_tightens_tls_is_not_bypassed_by_a_kept_upstream_connection(
         tmp_path: Path, pki: TestPKI, untrusted_upstream: RawRecordingUpstream,
-        listener: str) -> None:
+        listener: str, start_sidecar: StartSidecar) -> None:
     up = untrusted_upstream
     port = free_port()
     connection: dict[str, Any] = {"url": f"https://localhost:{up.port}/fhir",
@@ -225,7 +229,7 @@ def test_a_reload_that_tightens_tls_is_not_bypassed_by_a_kept_upstream_connectio
     else:
         config["proxy"] = {"listen": f"127.0.0.1:{port}"}
         target = f"http://localhost:{up.port}/fhir/Patient"
-    sidecar = _start(tmp_path, config)
+    sidecar = _start(start_sidecar, tmp_path, config)
     client = KeepAliveClient(port)
     try:
         assert client.get(target)[0] == 200
@@ -243,7 +247,8 @@ def test_a_reload_that_tightens_tls_is_not_bypassed_by_a_kept_upstream_connectio
 
 
 def test_a_reload_that_changes_credentials_opens_a_new_upstream_connection(
-        tmp_path: Path, untrusted_upstream: RawRecordingUpstream) -> None:
+        tmp_path: Path, untrusted_upstream: RawRecordingUpstream,
+        start_sidecar: StartSidecar) -> None:
     up = untrusted_upstream
     port = free_port()
     config: dict[str, Any] = {
@@ -253,7 +258,7 @@ def test_a_reload_that_changes_credentials_opens_a_new_upstream_connection(
                                  "listen": f"127.0.0.1:{port}", "auth": {"basic": "a"},
                                  "tls": {"verify": "skip"}}},
     }
-    sidecar = _start(tmp_path, config)
+    sidecar = _start(start_sidecar, tmp_path, config)
     client = KeepAliveClient(port)
     try:
         assert client.get("/Patient")[0] == 200

@@ -6,9 +6,12 @@ Two fixtures in tests/conftest.py hand out a ``StartSidecar``:
 - ``start_module_sidecar`` (module scope): for a sidecar shared by the tests of a module, which
   read it or restore what they change; it stops when the module ends.
 
-``start(config, directory=None, env=None)`` writes any config dict into ``directory`` (put the
-files it names there first; a fresh directory when none is given), starts the process, waits
-for its ready line and returns a ``RunningSidecar`` with the listeners the config gave it.
+``start(config, directory=None, env=None, args=(), wait_ready=True)`` writes any config dict
+into ``directory`` (put the files it names there first; a fresh directory when none is given),
+starts the process (``env`` added to the test's environment, ``args`` after
+``run -c CONFIG --state-dir DIR``), waits for its ready line (``wait_ready=False``: only for
+the process to start, for a test that watches the start-up or logs in text) and returns a
+``RunningSidecar`` with the listeners the config gave it.
 ``start.basic()`` does the same for the common case, ``basic_sidecar_config``: one Basic
 connection to a TLS upstream. At the end each process gets SIGTERM and must exit 0; a test
 that needs the whole log of a stopped sidecar calls ``RunningSidecar.stop()`` itself.
@@ -133,15 +136,17 @@ def basic_sidecar_config(
 
 
 @contextlib.contextmanager
-def running_sidecar(directory: Path, config: Config,
-                    env: dict[str, str] | None = None) -> Iterator[RunningSidecar]:
+def running_sidecar(directory: Path, config: Config, env: dict[str, str] | None = None,
+                    args: tuple[str, ...] = (), wait_ready: bool = True
+                    ) -> Iterator[RunningSidecar]:
     """Runs the sidecar on ``config``, written to ``directory``, until the block ends."""
     if "listen" not in config.get("admin", {}):
         raise ValueError("give admin.listen (an address or None): the default port would "
                          "collide between tests")
-    process = SidecarProcess(write_config(directory, config), directory / "state", env=env)
+    process = SidecarProcess(write_config(directory, config), directory / "state", env=env,
+                             args=args)
     try:
-        process.start()
+        process.start(wait_ready)
         sidecar = RunningSidecar.of(process, config)
         yield sidecar
     except BaseException:
@@ -161,9 +166,10 @@ class StartSidecar:
         self._default_upstream = default_upstream
 
     def __call__(self, config: Config, *, directory: Path | None = None,
-                 env: dict[str, str] | None = None) -> RunningSidecar:
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 wait_ready: bool = True) -> RunningSidecar:
         return self._running.enter_context(
-            running_sidecar(directory or self._new_directory(), config, env))
+            running_sidecar(directory or self._new_directory(), config, env, args, wait_ready))
 
     def basic(self, upstream: Upstream | None = None, *, connection: str = "fhir",
               proxy: bool = False, admin: bool = False, settings: Config | None = None,
