@@ -20,6 +20,7 @@ from sidecar.live import LiveConfig
 from sidecar.observe import NullObserver
 from sidecar.proxy import request_routing as routing_module
 from sidecar.proxy.config_source import SidecarConfig
+from sidecar.proxy.flow_state import REQUEST_ID, state_of
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
 
@@ -51,8 +52,12 @@ def test_a_fault_while_routing_refuses_the_request_and_keeps_the_app_credentials
     assert flow.response is not None, "the request would have gone to attacker.example"
     assert flow.response.status_code == 500
     assert flow.response.headers[ERROR_HEADER] == "internal-error"
-    assert b"nothing was sent upstream" in (flow.response.content or b"")
+    assert b"failed while routing the request; nothing was sent upstream" in (
+        flow.response.content or b"")
     assert "Authorization" not in flow.request.headers
+    state = state_of(flow)
+    assert state is not None and state.snapshot is sidecar._config.current()
+    assert state.connection is None and state.error == "internal-error"
     assert any("injected fault" in (r.exc_text or "") or r.exc_info for r in caplog.records)
     assert "app-secret" not in caplog.text
 
@@ -64,3 +69,24 @@ def test_without_a_fault_the_same_request_is_refused_as_unrouted(sidecar: Routin
     sidecar.requestheaders(flow)
     assert flow.response is not None
     assert flow.response.headers[ERROR_HEADER] == "no-route"
+
+
+def test_a_fault_after_routing_keeps_the_state_the_request_was_routed_with(
+        sidecar: Routing, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fault strikes after the flow's state is made: the refusal reuses it (its request ID
+    # and connection), rather than making a second one.
+    monkeypatch.setattr(routing_module.LinkRewriter, "between", _boom)
+    flow = tflow.tflow()
+    flow.request.host, flow.request.port, flow.request.path = "fhir.example", 80, "/base/x"
+    flow.request.headers[REQUEST_ID] = "app-request-7"
+    flow.request.headers["Authorization"] = "Bearer app-secret"
+    sidecar.requestheaders(flow)
+    assert flow.response is not None
+    assert flow.response.headers[ERROR_HEADER] == "internal-error"
+    assert flow.response.headers[REQUEST_ID] == "app-request-7"
+    state = state_of(flow)
+    assert state is not None and state.connection is not None
+    assert state.connection.name == "fhir"
+    assert state.request_id == "app-request-7"
+    assert "Authorization" not in flow.request.headers
+    assert flow.request.host == "fhir.example" and flow.request.scheme == "http"

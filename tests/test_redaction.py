@@ -7,7 +7,9 @@ them, so a form the redactor forgets fails the test.
 from __future__ import annotations
 
 import base64
+import html
 import json
+from collections.abc import Callable
 from urllib.parse import quote, quote_plus
 
 import pytest
@@ -112,3 +114,69 @@ def test_any_secret_in_any_form_is_gone(identity: str, secret: str, before: str,
         assert REDACTED in shown
         for part in outside_markers(shown):
             assert form not in part
+
+
+def test_a_credential_keeps_its_scheme_name_and_loses_its_value() -> None:
+    assert GENERIC.scrub("Authorization: Bearer abcdefgh123") == \
+        "Authorization: Bearer [redacted]"
+    assert GENERIC.scrub("authorization: basic dXNlcjpwYXNz") == \
+        "authorization: basic [redacted]"
+
+
+def test_control_characters_become_single_spaces() -> None:
+    assert GENERIC.scrub("a\x00b\x1bc\x7fd\u2028e") == "a b c d e"
+
+
+def test_the_marker_is_the_documented_word() -> None:
+    assert REDACTED == "[redacted]"
+    assert Redactor(["hunter22"]).scrub("pw=hunter22") == "pw=[redacted]"
+
+
+@pytest.mark.parametrize("secret", ['"päss\\wörd"', "<a\"b'&c>/ ü"])
+@pytest.mark.parametrize("encode", [
+    pytest.param(lambda s: json.dumps(s)[1:-1], id="json-ascii"),
+    pytest.param(lambda s: json.dumps(s, ensure_ascii=False)[1:-1], id="json-unicode"),
+    pytest.param(lambda s: html.escape(s), id="html-quoted"),
+    pytest.param(lambda s: html.escape(s, quote=False), id="html-unquoted"),
+    pytest.param(lambda s: quote(s), id="url-path"),
+])
+def test_each_escaped_form_goes_whole(secret: str, encode: Callable[[str], str]) -> None:
+    # Exact output: a form cut short by one character would leave that character shown.
+    form = encode(secret)
+    assert Redactor([secret]).scrub(f"echo {form} end") == f"echo {REDACTED} end"
+
+
+def test_the_percent_encoded_pair_form_of_client_secret_basic_goes_whole() -> None:
+    # RFC 6749 §2.3.1 with quote(): "/" encoded too, a space as %20 (quote_plus makes "+").
+    identity, secret = "svc/a b", "p/w d"
+    for pair in (f"{quote(identity, safe='')}:{quote(secret, safe='')}",
+                 f"{quote_plus(identity, safe='')}:{quote_plus(secret, safe='')}"):
+        for form in b64_variants(pair.encode()):
+            shown = Redactor(pairs=[(identity, secret)]).scrub(f"Basic: {form} end")
+            assert shown == f"Basic: {REDACTED} end", pair
+
+
+def test_only_base64_padding_is_optional() -> None:
+    # b"abW" encodes to "YWJX" in both alphabets: a form without its last "X" is no form.
+    assert base64.b64encode(b"abW") == base64.urlsafe_b64encode(b"abW") == b"YWJX"
+    redactor = Redactor(["abW"])
+    assert redactor.scrub("YWJX") == REDACTED
+    assert redactor.scrub("YWJ.") == "YWJ."
+
+
+def test_every_secret_and_every_pair_is_known() -> None:
+    redactor = Redactor(secrets=["first-secret", None, "second-secret"],
+                        pairs=[("id1", "third-secret"), ("id2", None), ("id3", "fourth-secret")])
+    shown = redactor.scrub("first-secret second-secret third-secret fourth-secret",
+                           limit=10_000)
+    assert shown == " ".join([REDACTED] * 4)
+    assert repr(Redactor()) == "Redactor(0 forms)"
+
+
+def test_the_cap_counts_the_ellipsis_and_cuts_nothing_that_fits() -> None:
+    assert GENERIC.scrub("x" * MAX_SHOWN_CHARS) == "x" * MAX_SHOWN_CHARS
+    assert MAX_SHOWN_CHARS == 300
+    cut = GENERIC.scrub("x" * (MAX_SHOWN_CHARS + 1))
+    assert cut == "x" * (MAX_SHOWN_CHARS - 3) + "..."
+    assert GENERIC.scrub("abcdef", limit=3) == "..."
+    assert GENERIC.scrub("abcdef", limit=4) == "a..."

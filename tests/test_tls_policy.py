@@ -7,18 +7,23 @@ from __future__ import annotations
 import gc
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 from support.pki import TestPKI
 
 from sidecar.config.models import TlsSettings
+from sidecar.testkit.pki import ServerIdentity
 from sidecar.tls.openssl_bindings import enable_hostname_verification, offer_key_share_first
 from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy, retire_connection
+from sidecar.tls.verdict import HandshakeOutcome
 
 PQ_HYBRID = "X25519MLKEM768"
 
@@ -236,3 +241,162 @@ def test_a_name_openssl_refuses_to_check_fails_loudly() -> None:
     conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
     with pytest.raises(RuntimeError, match="refused to enable hostname verification"):
         enable_hostname_verification(conn, "fhir\x00.example.org")
+
+
+def server_for(identity: ServerIdentity, alpn: list[str] | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(identity.cert_chain, identity.key)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def proxy_leg(policy: UpstreamTlsPolicy, port: int, name: str,
+              alpn: list[bytes] | None = None) -> tuple[SSL.Connection, SSL.Error | None]:
+    """The proxy leg's handshake to ``port`` for ``name``; the connection and any refusal."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        conn = policy.new_openssl_connection(name, alpn=alpn)
+        try:
+            Pump(conn, sock).run(conn.do_handshake)
+        except SSL.Error as exc:
+            return conn, exc
+    return conn, None
+
+
+def test_the_proxy_leg_refuses_what_its_policy_refuses_and_records_why(
+        pki: TestPKI, policy: UpstreamTlsPolicy) -> None:
+    cases = [(pki.server_wrong_host(), "hostname_mismatch"),
+             (pki.server_from_other_ca(), "unknown_ca"),
+             # Named only in its subject CN: never a name (NEVER_CHECK_SUBJECT).
+             (pki.server_exactly("cn-only", common_name="localhost"), "hostname_mismatch")]
+    for identity, reason in cases:
+        with lenient_tls_server(server_for(identity), 1) as port:
+            conn, error = proxy_leg(policy, port, "localhost")
+        assert error is not None, reason
+        outcome = conn.get_app_data()
+        assert isinstance(outcome, HandshakeOutcome)
+        assert outcome.failed and outcome.reason == reason
+
+
+def test_skip_checks_no_name_and_alpn_is_offered(pki: TestPKI,
+                                                 policy: UpstreamTlsPolicy) -> None:
+    skip = compile_tls_policy(TlsSettings(verify="skip"))
+    with lenient_tls_server(server_for(pki.server_wrong_host()), 1) as port:
+        conn, error = proxy_leg(skip, port, "localhost")
+    assert error is None
+    with lenient_tls_server(server_for(pki.server(name="alpn"), ["http/1.1"]), 1) as port:
+        conn, error = proxy_leg(policy, port, "localhost", alpn=[b"h2", b"http/1.1"])
+    assert error is None
+    assert conn.get_alpn_proto_negotiated() == b"http/1.1"
+    outcome = conn.get_app_data()
+    assert isinstance(outcome, HandshakeOutcome) and not outcome.failed
+
+
+def test_the_stdlib_leg_handshakes_at_connect_resumes_and_tolerates_a_ragged_close(
+        pki: TestPKI, policy: UpstreamTlsPolicy) -> None:
+    context = policy.stdlib_context()
+    with tls_server(stdlib_server(pki), 2) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls_sock:
+            assert tls_sock.version() is not None  # the handshake ran at connect
+            assert tls_sock.recv(1) == b"x"
+            session = tls_sock.session
+            tls_sock.sendall(b"y")
+            # The server closes without close_notify, as many do: that is an end, no error.
+            assert tls_sock.recv(1) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost",
+                                    session=session) as again:
+            assert again.recv(1) == b"x"
+            assert again.session_reused
+            again.sendall(b"y")
+
+
+def test_the_stdlib_memory_bio_leg_resumes_a_session(pki: TestPKI,
+                                                     policy: UpstreamTlsPolicy) -> None:
+    context = policy.stdlib_context()
+
+    def connect(port: int, session: ssl.SSLSession | None) -> ssl.SSLObject:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(incoming, outgoing, server_hostname="localhost",
+                               session=session)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            def pump(step: Callable[[], object]) -> object:
+                while True:
+                    try:
+                        result = step()
+                    except ssl.SSLWantReadError:
+                        sock.sendall(outgoing.read())
+                        data = sock.recv(65536)
+                        assert data, "server closed the connection"
+                        incoming.write(data)
+                    else:
+                        sock.sendall(outgoing.read())
+                        return result
+            pump(obj.do_handshake)
+            assert pump(lambda: obj.read(1)) == b"x"
+            pump(lambda: obj.write(b"y"))
+        return obj
+
+    with tls_server(stdlib_server(pki), 2) as port:
+        first = connect(port, None)
+        assert not first.session_reused
+        second = connect(port, first.session)
+    assert second.session_reused
+
+
+def test_both_legs_present_the_client_certificate_with_its_chain(
+        pki: TestPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issued by the CA the policy does not trust, so OpenSSL cannot complete the chain from
+    # the policy's trust store by itself: only the configured chain can carry the issuer.
+    issued = pki.other_ca.issue(common_name="mtls client", san=["client.demo.internal"],
+                                usages=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+    chain = tmp_path / "client-chain.pem"  # the leaf and then its issuer
+    chain.write_bytes(issued.chain_pem + pki.other_ca_bundle_path.read_bytes())
+    key = tmp_path / "client.key"
+    key.write_bytes(issued.key_pem)
+    policy = compile_tls_policy(TlsSettings(verify="custom", ca_bundle=pki.ca_bundle_path,
+                                            client_cert=chain, client_key=key))
+    server = server_for(pki.server(name="mtls-server"))
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.load_verify_locations(pki.other_ca_bundle_path)
+    seen: list[int] = []
+
+    def serve_one(listener: socket.socket) -> None:
+        raw, _ = listener.accept()
+        with raw, suppress(ssl.SSLError, OSError), \
+                server.wrap_socket(raw, server_side=True) as tls_sock:
+            if hasattr(tls_sock, "get_unverified_chain"):  # Python 3.13
+                seen.append(len(tls_sock.get_unverified_chain()))
+            tls_sock.sendall(b"x")
+            tls_sock.recv(1)
+
+    # The stdlib leg writes the identity to a private temporary directory only.
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    for leg in ("stdlib", "proxy"):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            thread = threading.Thread(target=serve_one, args=(listener,), daemon=True)
+            thread.start()
+            port = listener.getsockname()[1]
+            if leg == "stdlib":
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        policy.stdlib_context().wrap_socket(
+                            raw, server_hostname="localhost") as tls_sock:
+                    assert tls_sock.recv(1) == b"x"
+                    tls_sock.sendall(b"y")
+            else:
+                _, error = proxy_leg(policy, port, "localhost")
+                assert error is None
+            thread.join(timeout=10)
+    assert sorted(tmp_path.iterdir()) == before
+    if sys.version_info >= (3, 13):
+        assert seen == [2, 2], "the client's chain arrives whole on both legs"
+
+
+def test_a_name_openssl_cannot_check_is_refused_in_words() -> None:
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    with pytest.raises(RuntimeError) as err:
+        enable_hostname_verification(conn, "fhir\x00.example")
+    assert str(err.value) == \
+        "OpenSSL refused to enable hostname verification for 'fhir\\x00.example'"
