@@ -400,3 +400,21 @@ def test_a_name_openssl_cannot_check_is_refused_in_words() -> None:
         enable_hostname_verification(conn, "fhir\x00.example")
     assert str(err.value) == \
         "OpenSSL refused to enable hostname verification for 'fhir\\x00.example'"
+
+
+def test_a_bundle_with_non_ascii_text_works_on_the_stdlib_leg_too(
+        tmp_path: Path, pki: TestPKI) -> None:
+    """The token, discovery and check --online legs read a CA bundle as the proxy leg does:
+    a comment in UTF-8 around the PEM blocks is not an error on either."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Zertifizierungsstelle für Tests, Ünïcødé\n".encode()
+                       + pki.ca_bundle_path.read_bytes())
+    policy = compile_tls_policy(TlsSettings(verify="custom", ca_bundle=bundle))
+    context = policy.stdlib_context()
+    with tls_server(stdlib_server(pki), 1) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls_sock:
+        assert tls_sock.recv(1) == b"x"
+    with lenient_tls_server(server_for(pki.server(name="non-ascii")), 1) as port:
+        _, error = proxy_leg(policy, port, "localhost")
+    assert error is None

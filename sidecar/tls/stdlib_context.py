@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import certifi
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from sidecar.tls.protocol import MINIMUM_VERSION, TLS12_CIPHERS
 
@@ -62,7 +64,11 @@ def build_stdlib_context(policy: UpstreamTlsPolicy) -> PolicySSLContext:
     elif policy.ca_pem is None:  # default: certifi's bundle, never SSL_CERT_FILE & co.
         ctx.load_verify_locations(cafile=certifi.where())
     else:
-        ctx.load_verify_locations(cadata=policy.ca_pem.decode("ascii", "replace"))
+        # DER, read as the proxy leg reads the bundle (its certificates only): text around the
+        # PEM blocks, such as a comment in any encoding, is not for the stdlib to parse.
+        ctx.load_verify_locations(cadata=b"".join(
+            cert.public_bytes(Encoding.DER)
+            for cert in x509.load_pem_x509_certificates(policy.ca_pem)))
     if policy.client_cert_pem is not None:
         _load_client_cert(ctx, policy.client_cert_pem, policy.client_key_pem)
     return ctx
