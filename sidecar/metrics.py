@@ -292,6 +292,11 @@ class SidecarMetrics:
                                         "When the connection's TLS client certificate expires "
                                         "(epoch seconds; connections with client_cert only).",
                                         ["connection"], registry=r)
+        self.oauth_client_cert_expiry = Gauge(
+            f"{PREFIX}_oauth_client_cert_expiry_timestamp_seconds",
+            "When the TLS client certificate an OAuth definition presents to its token endpoint "
+            "expires (epoch seconds; definitions with tls.client_cert only).",
+            ["definition"], registry=r)
         self.signing_key_created = Gauge(
             f"{PREFIX}_signing_key_created_timestamp_seconds",
             "When each published private_key_jwt signing key was created (epoch seconds; the "
@@ -310,6 +315,7 @@ class SidecarMetrics:
             self.reloads.labels(result)
         self._ca_connections: set[str] = set()
         self._client_cert_connections: set[str] = set()
+        self._client_cert_definitions: set[str] = set()
         self._token_definitions: set[str] = set()
         self._signing_keys: set[tuple[str, str, str]] = set()
         self._egress_proxies: set[str] = set()
@@ -393,6 +399,7 @@ class SidecarMetrics:
         for gone in self._client_cert_connections - with_client_cert:
             self.client_cert_expiry.remove(gone)
         self._client_cert_connections = with_client_cert
+        self._oauth_client_certs_loaded(snapshot)
         self._signing_keys_loaded(snapshot)
         definitions = set(snapshot.token_sources)
         for gone in self._token_definitions - definitions:
@@ -411,6 +418,17 @@ class SidecarMetrics:
                 self.token_requests.labels(definition, result)
         self._export_connections(snapshot)
         self.board.keep_only(snapshot.connections, definitions)
+
+    def _oauth_client_certs_loaded(self, snapshot: Snapshot) -> None:
+        with_client_cert: set[str] = set()
+        for name, source in snapshot.token_sources.items():
+            expires = client_cert_expiry(source.tls)
+            if expires is not None:
+                self.oauth_client_cert_expiry.labels(name).set(expires.timestamp())
+                with_client_cert.add(name)
+        for gone in self._client_cert_definitions - with_client_cert:
+            self.oauth_client_cert_expiry.remove(gone)
+        self._client_cert_definitions = with_client_cert
 
     def _signing_keys_loaded(self, snapshot: Snapshot) -> None:
         labels: set[tuple[str, str, str]] = set()

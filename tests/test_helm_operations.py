@@ -134,7 +134,8 @@ def test_alerts_cover_tokens_tls_reloads_and_certificate_expiry(base: dict[str, 
         "FhirSidecarConfigReloadFailing": {"fhir_sidecar_config_reloads_total"},
         "FhirSidecarCaBundleExpiresSoon": {"fhir_sidecar_ca_bundle_expiry_timestamp_seconds"},
         "FhirSidecarClientCertificateExpiresSoon": {
-            "fhir_sidecar_client_cert_expiry_timestamp_seconds"},
+            "fhir_sidecar_client_cert_expiry_timestamp_seconds",
+            "fhir_sidecar_oauth_client_cert_expiry_timestamp_seconds"},
     }
     for name, names in reads.items():
         assert names <= EXPORTED, f"{name} reads metrics the sidecar does not export"
@@ -152,7 +153,10 @@ def test_alerts_cover_tokens_tls_reloads_and_certificate_expiry(base: dict[str, 
 def test_expiry_alerts_follow_certificate_expiry_days() -> None:
     docs = chart.render(with_values(GATEWAY, prometheusRule={"enabled": True,
                                                              "certificateExpiryDays": 30}))
-    assert _rules(docs)["FhirSidecarCaBundleExpiresSoon"]["expr"].endswith("< 30 * 86400")
+    rules = _rules(docs)
+    assert rules["FhirSidecarCaBundleExpiresSoon"]["expr"].endswith("< 30 * 86400")
+    # Both halves of the client certificate alert (connections, OAuth definitions).
+    assert rules["FhirSidecarClientCertificateExpiresSoon"]["expr"].count("< 30 * 86400") == 2
 
 
 def _dashboard(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

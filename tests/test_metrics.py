@@ -31,6 +31,7 @@ CONTRACT = {
     "fhir_sidecar_upstream_tls_failures_total": {"connection", "reason"},
     "fhir_sidecar_ca_bundle_expiry_timestamp_seconds": {"connection"},
     "fhir_sidecar_client_cert_expiry_timestamp_seconds": {"connection"},
+    "fhir_sidecar_oauth_client_cert_expiry_timestamp_seconds": {"definition"},
     "fhir_sidecar_config_reloads_total": {"result"},
     "fhir_sidecar_config_last_reload_success_timestamp_seconds": set(),
     "fhir_sidecar_build_info": {"version"},
@@ -64,6 +65,7 @@ def exercise(metrics: SidecarMetrics) -> None:
     metrics.token_expiry("cerner", 2_000_000_000.0)
     metrics.ca_expiry.labels("good").set(1.0)
     metrics.client_cert_expiry.labels("good").set(1.0)
+    metrics.oauth_client_cert_expiry.labels("cerner").set(1.0)
 
 
 def test_names_and_labels_are_exactly_the_contract() -> None:

@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from joserfc.jwk import ECKey
+from prometheus_client.parser import text_string_to_metric_families
 from support.bearer import BearerValidator
 from support.bulk_data_server import BulkDataServer
 from support.oauth_provider import OAuthTestProvider
 from support.pki import TestPKI
-from support.sidecar_process import SidecarProcess, free_port, wait_until
+from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.sidecars import StartSidecar
 
 from sidecar.config.models import OAuthDefinition
@@ -41,14 +42,14 @@ KICKOFF = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
 LIVE_DEADLINE = 20.0
 
 
-def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+def self_signed(directory: Path, name: str, days: int = 30) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fhir-sidecar {name}")])
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=30))
+            .not_valid_after(now + dt.timedelta(days=days))
             .sign(key, hashes.SHA256()))
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -256,6 +257,123 @@ def test_a_rotated_certificate_is_used_after_the_live_reload(setup: Setup, pki: 
     last = setup.fhir.seen()[-1]
     assert bound_thumbprint(last.headers["authorization"].removeprefix("Bearer ")) == new
     assert setup.token_requests("sidecar-mtls-pki")[-1]["client_cert_x5t_s256"] == new
+
+
+def not_after(path: Path) -> float:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+
+
+@pytest.fixture
+def fhir(world: MtlsWorld, pki: TestPKI) -> Iterator[BulkDataServer]:
+    world.provider.reset()
+    validator = BearerValidator(world.provider.jwks(), audience=world.provider.default_resource,
+                                issuer=world.provider.issuer)
+    with BulkDataServer(pki.server(name="mtls-fhir"), auth=validator,
+                        client_ca=world.client_ca, bound_tokens=True) as server:
+        yield server
+
+
+def discovering_config(world: MtlsWorld, pki: TestPKI, tmp: Path, fhir: BulkDataServer,
+                       ports: dict[str, int]) -> dict[str, Any]:
+    """:func:`sidecar_config` with the certificate definitions discovering their endpoint."""
+    config = sidecar_config(world, pki, tmp, fhir, ports)
+    for name in ("pki", "self"):
+        definition = config["oauth"][name]
+        del definition["token_url"]
+        definition["discover_from"] = world.provider.fhir_base
+    return config
+
+
+def kick_off(port: int) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}/$export", headers=KICKOFF, timeout=30,
+                     trust_env=False)
+
+
+def test_certificate_auth_sends_token_requests_to_the_mtls_alias(
+        world: MtlsWorld, pki: TestPKI, tmp_path: Path, fhir: BulkDataServer,
+        start_sidecar: StartSidecar) -> None:
+    provider = world.provider
+    alias = f"{provider.issuer}/mtls/token"
+    provider.settings(smart_overrides={"mtls_endpoint_aliases": {"token_endpoint": alias}})
+    ports = {name: free_port() for name in ("pki", "self", "mismatch", "stranger")}
+    start_sidecar(discovering_config(world, pki, tmp_path, fhir, ports), directory=tmp_path)
+    for connection, client_id, cert in (("pki", "sidecar-mtls-pki", "certs/client.pem"),
+                                        ("self", "sidecar-mtls-self", "certs/self.pem")):
+        answer = kick_off(ports[connection])
+        assert answer.status_code == 202, answer.text
+        # "stranger" shares sidecar-mtls-self's client id: told apart by the certificate.
+        expected = thumbprint(tmp_path / cert)
+        requests = [r for r in provider.recent_requests() if r["client_id"] == client_id
+                    and r["client_cert_x5t_s256"] == expected]
+        assert [r for r in requests if r["status"] == 200], f"no token for {client_id}"
+        # The provider's own record: every token request came in on the alias path.
+        assert {r["path"] for r in requests} == {"/mtls/token"}
+    # "stranger" is configured with token_url: it keeps it.
+    assert kick_off(ports["stranger"]).status_code == 503
+    stranger = thumbprint(tmp_path / "certs/unregistered.pem")
+    assert {r["path"] for r in provider.recent_requests()
+            if r["client_cert_x5t_s256"] == stranger} == {"/token"}
+
+
+@pytest.mark.parametrize(("alias", "expected"), [
+    ("http://127.0.0.1:9/mtls/token",
+     "(read over https) names a plain http mtls_endpoint_aliases.token_endpoint"),
+    ("https://u:p@127.0.0.1:9/mtls/token",
+     "mtls_endpoint_aliases.token_endpoint carries user info"),
+    ("/mtls/token", "has no absolute http(s) mtls_endpoint_aliases.token_endpoint"),
+])
+def test_a_bad_mtls_alias_is_refused_like_a_bad_token_endpoint(
+        world: MtlsWorld, pki: TestPKI, tmp_path: Path, fhir: BulkDataServer,
+        start_sidecar: StartSidecar, alias: str, expected: str) -> None:
+    provider = world.provider
+    provider.settings(smart_overrides={"mtls_endpoint_aliases": {"token_endpoint": alias}})
+    ports = {name: free_port() for name in ("pki", "self", "mismatch", "stranger")}
+    start_sidecar(discovering_config(world, pki, tmp_path, fhir, ports), directory=tmp_path)
+    answer = kick_off(ports["pki"])
+    assert answer.status_code == 503
+    assert answer.headers["X-Sidecar-Error"] == "token-unavailable"
+    assert expected in answer.json()["issue"][0]["diagnostics"]
+    assert not [r for r in provider.recent_requests() if r["client_id"] == "sidecar-mtls-pki"]
+    assert not fhir.seen()
+
+
+def oauth_cert_expiries(admin: str) -> dict[str, float]:
+    text = httpx.get(f"http://{admin}/metrics", timeout=10, trust_env=False).text
+    return {s.labels["definition"]: s.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "fhir_sidecar_oauth_client_cert_expiry_timestamp_seconds"
+            for s in family.samples}
+
+
+def test_oauth_client_certificate_expiry_is_exported_and_follows_reloads(
+        world: MtlsWorld, pki: TestPKI, tmp_path: Path, fhir: BulkDataServer,
+        start_sidecar: StartSidecar) -> None:
+    ports = {name: free_port() for name in ("pki", "self", "mismatch", "stranger")}
+    config = sidecar_config(world, pki, tmp_path, fhir, ports)
+    config["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
+    # A definition without a client certificate has no series.
+    config["oauth"]["plain"] = {"token_url": world.provider.token_url, "client_id": "x",
+                                "client_auth": "client_secret_post",
+                                "client_secret_env": "MTLS_TEST_UNUSED_SECRET",
+                                "tls": {"verify": "custom",
+                                        "ca_bundle": str(world.provider.ca_bundle)}}
+    running = start_sidecar(config, directory=tmp_path, env={"MTLS_TEST_UNUSED_SECRET": "s"})
+    assert running.admin is not None
+    expected = {"pki": not_after(tmp_path / "certs/client.pem"),
+                "self": not_after(tmp_path / "certs/self.pem"),
+                "stranger": not_after(tmp_path / "certs/unregistered.pem")}
+    assert len(set(expected.values())) > 1  # the values say which certificate was read
+    assert oauth_cert_expiries(running.admin) == expected
+
+    # Reload: the definition that goes takes its series along; a new certificate is re-read.
+    del config["oauth"]["stranger"], config["connections"]["stranger"]
+    renewed, renewed_key = self_signed(tmp_path / "certs", "renewed", days=60)
+    config["oauth"]["self"]["tls"] |= {"client_cert": str(renewed),
+                                       "client_key": str(renewed_key)}
+    write_config(tmp_path, config)
+    reloaded = {"pki": expected["pki"], "self": not_after(renewed)}
+    wait_until(lambda: oauth_cert_expiries(running.admin or "") == reloaded,
+               timeout=LIVE_DEADLINE, interval=0.2, message="the reloaded expiry series")
 
 
 def run_check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -540,6 +540,22 @@ async def test_discovery_reports_what_the_server_cannot_do(
     assert oauth_provider.stats()["token_requests"] == 0
 
 
+@pytest.mark.parametrize("alias", ["/mtls/token", "http://u:p@127.0.0.1:9/mtls/token"])
+@async_test
+async def test_discovery_ignores_the_mtls_alias_for_other_client_auth(
+        oauth_provider: OAuthTestProvider, alias: str) -> None:
+    # RFC 8705 §5 aliases are for certificate client auth only (tests/test_mtls_client_auth.py):
+    # a secret goes to token_endpoint, even when the alias would be valid (resolved here).
+    target = oauth_provider.issuer + alias if alias.startswith("/") else alias
+    oauth_provider.settings(
+        smart_overrides={"mtls_endpoint_aliases": {"token_endpoint": target}})
+    source = make_source(oauth_provider, "basic", discover_from=oauth_provider.fhir_base)
+    async with opened(source):
+        await source.token()
+        assert source.token_url == oauth_provider.token_url
+    assert [r["path"] for r in oauth_provider.recent_requests()] == ["/token"]
+
+
 @pytest.mark.parametrize("discover", [False, True])
 @async_test
 async def test_token_endpoint_tls_ignores_the_environments_ca_settings(

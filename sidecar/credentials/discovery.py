@@ -2,6 +2,9 @@
 
 The document is ``<FHIR base>/.well-known/smart-configuration`` (SMART App Launch 2.x) and is
 fetched with the OAuth definition's own TLS policy, never the environment's CAs.
+A definition that authenticates with its TLS client certificate uses the document's
+``mtls_endpoint_aliases.token_endpoint`` instead when there is one (RFC 8705 §5; see
+docs/configuration.md, "Discovery").
 Besides ``token_endpoint`` it says which client authentication methods and signing algorithms
 the server accepts; a definition the server would reject is reported here, in words, instead of
 as an opaque ``invalid_client`` later.
@@ -35,6 +38,19 @@ class SmartConfiguration:
     token_endpoint: str
     auth_methods: tuple[str, ...] | None  # None: the server does not say
     signing_algs: tuple[str, ...] | None
+    mtls_token_endpoint: object = None  # mtls_endpoint_aliases.token_endpoint, unchecked
+
+    def token_endpoint_for(self, client_auth: str) -> str:
+        """The URL token requests go to: for certificate client authentication the mTLS
+        alias when the document has one, checked like ``token_endpoint``; else
+        ``token_endpoint``. Other methods ignore the alias, even a malformed one."""
+        if client_auth in CERTIFICATE_AUTH and self.mtls_token_endpoint is not None:
+            return _checked_endpoint(self.url, self.mtls_token_endpoint,
+                                     "mtls_endpoint_aliases.token_endpoint")
+        return self.token_endpoint
+
+
+CERTIFICATE_AUTH = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
 
 
 def smart_configuration_url(fhir_base: str) -> str:
@@ -67,26 +83,33 @@ def parse_smart_configuration(url: str, content: bytes) -> SmartConfiguration:
         raise EndpointFailure("invalid_response", "the SMART configuration is not JSON") from None
     if not isinstance(doc, dict):
         raise EndpointFailure("invalid_response", "the SMART configuration is not a JSON object")
-    token_endpoint = doc.get("token_endpoint")
-    if not isinstance(token_endpoint, str) or not _is_absolute_http_url(token_endpoint):
-        raise EndpointFailure("invalid_response",
-                              "the SMART configuration has no absolute http(s) token_endpoint")
-    # The client secret or assertion goes to this URL: it may not carry credentials of its own,
-    # nor take the secret off TLS when the document itself came over TLS.
-    parts = urlsplit(token_endpoint)
-    if parts.username is not None or parts.password is not None:
-        raise EndpointFailure("invalid_response",
-                              "the SMART configuration's token_endpoint carries user info")
-    if urlsplit(url).scheme == "https" and parts.scheme != "https":
-        raise EndpointFailure("invalid_response",
-                              "the SMART configuration (read over https) names a plain http "
-                              "token_endpoint")
+    token_endpoint = _checked_endpoint(url, doc.get("token_endpoint"), "token_endpoint")
+    aliases = doc.get("mtls_endpoint_aliases")
     return SmartConfiguration(
         url=url,
         token_endpoint=token_endpoint,
         auth_methods=_string_list(doc, "token_endpoint_auth_methods_supported"),
         signing_algs=_string_list(doc, "token_endpoint_auth_signing_alg_values_supported"),
+        mtls_token_endpoint=aliases.get("token_endpoint") if isinstance(aliases, dict) else None,
     )
+
+
+def _checked_endpoint(url: str, value: object, field: str) -> str:
+    """``value`` as a token endpoint read from the document at ``url``, or EndpointFailure."""
+    if not isinstance(value, str) or not _is_absolute_http_url(value):
+        raise EndpointFailure("invalid_response",
+                              f"the SMART configuration has no absolute http(s) {field}")
+    # The client secret or assertion goes to this URL: it may not carry credentials of its own,
+    # nor take the secret off TLS when the document itself came over TLS.
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        raise EndpointFailure("invalid_response",
+                              f"the SMART configuration's {field} carries user info")
+    if urlsplit(url).scheme == "https" and parts.scheme != "https":
+        raise EndpointFailure("invalid_response",
+                              "the SMART configuration (read over https) names a plain http "
+                              f"{field}")
+    return value
 
 
 def check_client_support(config: SmartConfiguration, client_auth: str,

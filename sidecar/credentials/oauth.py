@@ -454,7 +454,7 @@ class TokenSource:
             timeout=self._policy.request_timeout, redactor=self._redactor, via=self._via)
         signing_alg = d.signing_alg if d.client_auth == "private_key_jwt" else None
         check_client_support(config, d.client_auth, signing_alg)
-        return config.token_endpoint
+        return config.token_endpoint_for(d.client_auth)
 
     def _make_endpoint(self, token_url: str) -> TokenEndpoint:
         d = self.definition

@@ -22,6 +22,9 @@ import Provider, { errors } from 'oidc-provider';
 const cfg = JSON.parse(readFileSync(process.env.OAUTH_TEST_CONFIG, 'utf8'));
 const HOST = '127.0.0.1';
 const TOKEN_PATH = '/token';
+// The token endpoint again under another path, for RFC 8705 §5 mtls_endpoint_aliases: a test
+// names it in the SMART configuration (smart_overrides); records say which path was used.
+const MTLS_TOKEN_PATH = '/mtls/token';
 const SMART_PATH = '/fhir/.well-known/smart-configuration';
 const RECENT_LIMIT = 500;
 
@@ -201,6 +204,8 @@ provider.use(async (ctx, next) => {
     ctx.body = smartConfiguration();
     return;
   }
+  const requestedPath = ctx.path;
+  if (ctx.path === MTLS_TOKEN_PATH) ctx.path = TOKEN_PATH;
   if (ctx.path !== TOKEN_PATH) {
     await next();
     return;
@@ -224,18 +229,19 @@ provider.use(async (ctx, next) => {
   if (generation !== state.generation) return;
   if (ctx.status === 200) state.stats.issued += 1;
   else state.stats.failed += 1;
-  record(ctx);
+  record(ctx, requestedPath);
   if (ctx.status === 200 && state.settings.strip_expires_in && ctx.body && typeof ctx.body === 'object') {
     delete ctx.body.expires_in;
   }
 });
 
 // The form as oidc-provider parsed it (every parameter, known to it or not), for asserts.
-function record(ctx) {
+function record(ctx, path) {
   const params = { ...(ctx.oidc?.body ?? {}) };
   const cert = peerCertificate(ctx);
   state.recent.push({
     client_id: ctx.oidc?.client?.clientId ?? null,
+    path,
     authorization: ctx.get('authorization') || null,
     params,
     status: ctx.status,
