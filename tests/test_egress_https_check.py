@@ -93,8 +93,8 @@ def test_the_connection_test_tunnels_through_an_https_proxy(
         for form in (PROXY_PASSWORD.encode(), base64.b64encode(pair)):
             assert form not in answer.content
         running.stop()
-        for form in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
-            assert form not in running.process.output
+        for text in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
+            assert text not in running.process.output
 
 
 def test_app_requests_tunnel_through_an_https_proxy(tmp_path: Path, pki: TestPKI,
@@ -141,5 +141,5 @@ def test_app_requests_tunnel_through_an_https_proxy(tmp_path: Path, pki: TestPKI
         for form in (PROXY_PASSWORD.encode(), base64.b64encode(pair)):
             assert form not in answer.content + failed.content
     sidecar.stop()
-    for form in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
-        assert form not in sidecar.process.output
+    for text in (PROXY_PASSWORD, base64.b64encode(pair).decode()):
+        assert text not in sidecar.process.output

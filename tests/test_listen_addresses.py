@@ -255,4 +255,6 @@ def test_forward_routing_compares_the_port_as_written() -> None:
     assert name("http", "fhir.example.org", 9999) is None
     assert name("http", "other.example.org", 8080) == "plain"
     assert name("http", "other.example.org", 80) is None
-    assert router.forward("fhir.example.org", "/fhir/Patient").connection == "default"
+    route = router.forward("fhir.example.org", "/fhir/Patient")
+    assert route is not None
+    assert route.connection == "default"
