@@ -211,8 +211,11 @@ def test_ten_reloads_under_traffic_fail_no_request(setup: Setup) -> None:
         for i in range(10):
             before = setup.reload_events("config_reloaded")
             setup.write_secret("pw", f"rotated-{i}")
-            wait_until(lambda b=before: setup.reload_events("config_reloaded") > b,
-                       LIVE_DEADLINE, message=f"reload {i}")
+
+            def reloaded(b: int = before) -> bool:
+                return setup.reload_events("config_reloaded") > b
+
+            wait_until(reloaded, LIVE_DEADLINE, message=f"reload {i}")
     finally:
         done.set()
         for thread in threads:

@@ -17,7 +17,7 @@ from support.constants import EXPECTED_BASIC, UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.pki import TestPKI
 from support.sidecar_process import SidecarProcess, free_port
 from support.sidecars import StartSidecar
-from support.upstreams import Upstreams
+from support.upstreams import UpstreamKind, Upstreams
 
 from sidecar.testkit.fhir_server import FhirTestServer
 
@@ -58,7 +58,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, upstreams: U
     client = pki.client_identity()
     custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
 
-    def url(name: str, host: str = "localhost") -> str:
+    def url(name: UpstreamKind, host: str = "localhost") -> str:
         return f"https://{host}:{upstreams.get(name).port}/fhir"
 
     connections: dict[str, dict[str, Any]] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
+from typing import cast
 
 import certifi
 import pytest
@@ -53,7 +54,9 @@ def test_custom_trusts_exactly_its_bundle_on_both_legs(pki: TestPKI) -> None:
     assert stdlib.verify_mode == ssl.CERT_REQUIRED and stdlib.check_hostname
     cas = stdlib.get_ca_certs()
     assert len(cas) == 1
-    assert dict(pair[0] for pair in cas[0]["subject"])["commonName"] == \
+    # typeshed types every value of get_ca_certs() as one union; "subject" is the RDN tuple
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cas[0]["subject"])
+    assert dict(pair[0] for pair in subject)["commonName"] == \
         "fhir-sidecar demo internal CA"
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import socket
 import threading
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from sidecar.credentials.cert_binding import bound_thumbprint
@@ -103,10 +104,11 @@ class _Job:
     polls: int = 0
 
 
-class _TeeReader:
+class _TeeReader(io.BufferedIOBase):
     """The request stream, with every byte read also appended to ``record``."""
 
-    def __init__(self, raw: BinaryIO, record: bytearray, lock: threading.Lock) -> None:
+    def __init__(self, raw: io.BufferedIOBase, record: bytearray, lock: threading.Lock) -> None:
+        super().__init__()
         self._raw = raw
         self._record = record
         self._lock = lock
@@ -116,14 +118,18 @@ class _TeeReader:
             self._record += data
         return data
 
-    def readline(self, limit: int = -1) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, limit: int | None = -1) -> bytes:
         return self._keep(self._raw.readline(limit))
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         return self._keep(self._raw.read(size))
 
     def close(self) -> None:
         self._raw.close()
+        super().close()
 
 
 @dataclass
@@ -257,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         record = _Connection()
         with owner.lock:
             owner.connections.append(record)
-        self.rfile = _TeeReader(self.rfile, record.received, owner.lock)  # type: ignore[assignment]
+        self.rfile = _TeeReader(self.rfile, record.received, owner.lock)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
