@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -16,6 +17,9 @@ from support.sidecar_process import free_port
 from support.sidecars import StartSidecar
 
 from sidecar.testkit.fhir_server import FhirTestServer
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -35,7 +39,7 @@ def upstream(pki: TestPKI) -> Iterator[FhirTestServer]:
 
 
 @pytest.fixture
-def browser_page() -> Iterator[object]:
+def browser_page() -> Iterator[Page]:
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM), headless=True,
@@ -53,9 +57,9 @@ def browser_page() -> Iterator[object]:
 
 def test_dashboard_changes_reach_real_requests(tmp_path: Path, pki: TestPKI,
                                                upstream: FhirTestServer,
-                                               browser_page: object,
+                                               browser_page: Page,
                                                start_sidecar: StartSidecar) -> None:
-    page = browser_page  # a playwright Page
+    page = browser_page
     ARTIFACTS.mkdir(exist_ok=True)
     port, admin = free_port(), f"127.0.0.1:{free_port()}"
     (tmp_path / "secrets").mkdir()

@@ -281,7 +281,7 @@ def test_upstream_stalling_in_a_buffered_body_aborts_the_client(fresh: Running) 
     assert ending.seconds >= READ_TIMEOUT * 0.8
     assert b"x" * 1000 not in ending.data  # never a complete-looking response
     line = fresh.sidecar.wait_for_event(
-        "request", lambda r: r.get("path") == "/fhir/stall" and r.get("error"))
+        "request", lambda r: r.get("path") == "/fhir/stall" and bool(r.get("error")))
     assert line["error"] == "upstream-timeout"
     fresh.sidecar.wait_for_event("upstream_stalled")
     wait_until(lambda: errors(fresh.admin, "upstream-timeout") == before + 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -14,6 +14,10 @@ from mitmproxy.proxy.server import ConnectionHandler
 from mitmproxy.test import tflow
 
 from sidecar.proxy import mitm_compat
+
+if TYPE_CHECKING:
+    from mitmproxy.connection import Client
+    from mitmproxy.proxy.commands import Command
 
 
 def test_mitmproxy_error_page_renderer_shape() -> None:
@@ -142,7 +146,7 @@ def test_tls_layer_close_handling_shape() -> None:
 
 # -- limits (guard_request_heads, drop_http1_trailers, close_client, last_activity) -------------
 
-def _http1_server() -> tuple[object, object]:
+def _http1_server() -> tuple[_http1.Http1Server, Client]:
     from mitmproxy import connection, options
     from mitmproxy.proxy import context, events
 
@@ -168,10 +172,10 @@ class _Guard:
         return b"HTTP/1.1 431 Too Large\r\nContent-Length: 0\r\n\r\n"
 
 
-def _feed(server: object, client: object, data: bytes) -> list[object]:
+def _feed(server: _http1.Http1Server, client: Client, data: bytes) -> list[Command]:
     from mitmproxy.proxy import events
 
-    return list(server.handle_event(events.DataReceived(client, data)))  # type: ignore[attr-defined]
+    return list(server.handle_event(events.DataReceived(client, data)))
 
 
 def test_request_head_guard_bounds_heads_and_reports_arrivals() -> None:
@@ -192,7 +196,7 @@ def test_request_head_guard_bounds_heads_and_reports_arrivals() -> None:
     assert [type(c) for c in refused] == [commands.SendData, commands.CloseTcpConnection]
     assert refused[0].data.startswith(b"HTTP/1.1 431")  # type: ignore[attr-defined]
     assert _feed(server, client, b"a" * 100_000 + b"\r\n\r\n") == []  # discarded from now on
-    assert len(server.buf) == 0  # type: ignore[attr-defined]
+    assert len(server.buf) == 0
 
 
 def test_chunked_trailers_are_dropped_instead_of_crashing() -> None:

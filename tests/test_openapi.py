@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel
 
 from sidecar.admin.openapi import openapi_document
 from sidecar.config.models import (
@@ -22,10 +23,11 @@ def schemas() -> dict[str, Any]:
 
 
 def test_request_bodies_are_the_config_models_without_files_or_environment_names() -> None:
-    cases = [("ConnectionInput", ConnectionSettings, set()),
-             ("BasicAuthInput", BasicAuthDefinition, set()),
-             ("OAuthInput", OAuthDefinition, {"private_key_pem"}),
-             ("TlsInput", TlsSettings, set())]
+    cases: list[tuple[str, type[BaseModel], set[str]]] = [
+        ("ConnectionInput", ConnectionSettings, set()),
+        ("BasicAuthInput", BasicAuthDefinition, set()),
+        ("OAuthInput", OAuthDefinition, {"private_key_pem"}),
+        ("TlsInput", TlsSettings, set())]
     for component, model, api_only in cases:
         offered = set(schemas()[component]["properties"])
         in_file = {f for f in model.model_fields

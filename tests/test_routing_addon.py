@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 from support.sidecar_process import write_config
@@ -44,7 +45,7 @@ def routing(tmp_path: Path) -> Routing:
     return make_routing(tmp_path)
 
 
-def forward_flow(host: str, path: str, port: int = 80, **headers: str) -> tflow.HTTPFlow:
+def forward_flow(host: str, path: str, port: int = 80, **headers: str) -> http.HTTPFlow:
     flow = tflow.tflow()
     flow.request.scheme, flow.request.host, flow.request.port = "http", host, port
     flow.request.path = path
@@ -54,17 +55,17 @@ def forward_flow(host: str, path: str, port: int = 80, **headers: str) -> tflow.
     return flow
 
 
-def reverse_flow(path: str, listen: str = REVERSE_LISTEN, **headers: str) -> tflow.HTTPFlow:
+def reverse_flow(path: str, listen: str = REVERSE_LISTEN, **headers: str) -> http.HTTPFlow:
     flow = forward_flow("127.0.0.1", path, port=18777, **headers)
     flow.client_conn.proxy_mode = ProxyMode.parse(f"reverse:https://rev.example:8443@{listen}")
     return flow
 
 
-def refused_kind(flow: tflow.HTTPFlow) -> str | None:
+def refused_kind(flow: http.HTTPFlow) -> str | None:
     return flow.response.headers[ERROR_HEADER] if flow.response is not None else None
 
 
-def body_text(flow: tflow.HTTPFlow) -> str:
+def body_text(flow: http.HTTPFlow) -> str:
     assert flow.response is not None
     return flow.response.get_text() or ""
 
@@ -229,7 +230,7 @@ def test_no_snapshot_means_no_decision(routing: Routing, monkeypatch: pytest.Mon
     assert flow.response is None and state_of(flow) is None
 
 
-def connect_flow(host: str) -> tflow.HTTPFlow:
+def connect_flow(host: str) -> http.HTTPFlow:
     flow = tflow.tflow()
     flow.request.method, flow.request.host, flow.request.port = "CONNECT", host, 443
     return flow
