@@ -274,13 +274,21 @@ def test_a_working_basic_connection(sidecar: Sidecar, pki: TestPKI) -> None:
     assert line["ok"] is True and line["kind"] == "connection" and "failed_step" not in line
 
 
-def test_an_oauth_connection_reuses_the_token_unless_fresh(
-        sidecar: Sidecar, oauth_provider: OAuthTestProvider,
-        bearer_upstream: FhirTestServer) -> None:
-    # The sidecar fetches its first token at start; once it has it, count from zero.
+def count_token_requests_from_zero(sidecar: Sidecar, oauth_provider: OAuthTestProvider) -> None:
+    """Wait for the sidecar's own first token, then zero the provider's counters.
+
+    The module's sidecar fetches that token in the background at start; in a random order the
+    first test to count token requests would otherwise count it too.
+    """
     wait_until(lambda: sidecar.api.get("/api/oauth/prov").json()["token"]["valid_until"],
                DEADLINE, message="the sidecar's first token")
     oauth_provider.reset()
+
+
+def test_an_oauth_connection_reuses_the_token_unless_fresh(
+        sidecar: Sidecar, oauth_provider: OAuthTestProvider,
+        bearer_upstream: FhirTestServer) -> None:
+    count_token_requests_from_zero(sidecar, oauth_provider)
     reused = steps(sidecar.test("connections", "oauth"))
     assert reused["credentials"]["status"] == "ok", reused["credentials"]
     assert reused["credentials"]["token_reused"] is True
@@ -302,11 +310,7 @@ def test_an_oauth_connection_reuses_the_token_unless_fresh(
 
 
 def test_an_oauth_definition_alone(sidecar: Sidecar, oauth_provider: OAuthTestProvider) -> None:
-    # Run first in a random order, the sidecar's own first fetch may still be on its way:
-    # wait for it, then count from zero so the only request counted is the test's.
-    wait_until(lambda: sidecar.api.get("/api/oauth/prov").json()["token"]["valid_until"],
-               DEADLINE, message="the sidecar's first token")
-    oauth_provider.reset()
+    count_token_requests_from_zero(sidecar, oauth_provider)
     response = sidecar.test("oauth", "prov", fresh=True)
     report = response.json()
     assert report["kind"] == "oauth" and report["url"] == oauth_provider.token_url
@@ -338,11 +342,7 @@ def test_a_ca_that_does_not_trust_the_server(sidecar: Sidecar, pki: TestPKI) -> 
 
 def test_an_oauth_definition_whose_ca_does_not_trust_the_token_endpoint(
         sidecar: Sidecar, oauth_provider: OAuthTestProvider) -> None:
-    # The provider is shared and the sidecar fetches its first token at start: once it has
-    # it, count only this test's token requests.
-    wait_until(lambda: sidecar.api.get("/api/oauth/prov").json()["token"]["valid_until"],
-               DEADLINE, message="the sidecar's first token")
-    oauth_provider.reset()
+    count_token_requests_from_zero(sidecar, oauth_provider)
     found = steps(sidecar.test("oauth", "untrusted"))
     assert found["tls"]["status"] == "failed"
     assert "is not signed by a CA in" in found["tls"]["detail"]
@@ -444,6 +444,7 @@ def test_a_concurrent_test_is_refused_while_one_runs(sidecar: Sidecar,
                                                      oauth_provider: OAuthTestProvider) -> None:
     # The token endpoint answers late, so the first test is still running when the second
     # arrives: it has reached the token endpoint (counted on arrival) and waits there.
+    count_token_requests_from_zero(sidecar, oauth_provider)
     oauth_provider.fail("delay", delay_ms=3000)
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(sidecar.test, "oauth", "prov", True)
