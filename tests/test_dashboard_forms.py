@@ -86,7 +86,8 @@ def test_saving_a_connection_form_keeps_settings_the_form_does_not_show(
     config = start_sidecar({
         "admin": {"listen": admin, "token_file": "admin-token"},
         "connections": {"kept": {"url": "https://127.0.0.1:9/fhir", "read_timeout_seconds": 7,
-                                 "rewrite_links": False}},
+                                 "rewrite_links": False},
+                        "implicit": {"url": "https://127.0.0.1:9/fhir"}},
     }, directory=tmp_path).config_path
     with httpx.Client(base_url=f"http://{admin}", trust_env=False, timeout=30) as client:
         assert client.post("/login", data={"token": ADMIN_TOKEN}).status_code in (200, 303)
@@ -96,6 +97,14 @@ def test_saving_a_connection_form_keeps_settings_the_form_does_not_show(
             "_csrf": csrf.group(1), "name": "kept", "url": "https://127.0.0.1:9/fhir2",
             "listen": "", "auth": "", "verify": "default", "timeout_seconds": "12"})
         assert saved.status_code in (200, 303)
+        saved = client.post("/connections", data={
+            "_csrf": csrf.group(1), "name": "implicit", "url": "https://127.0.0.1:9/fhir3",
+            "listen": "", "auth": "", "verify": "default"})
+        assert saved.status_code in (200, 303)
+    # Defaults the file left implicit are not written into it by a form save.
+    implicit = yaml.safe_load(config.read_text())["connections"]["implicit"]
+    assert implicit["url"] == "https://127.0.0.1:9/fhir3"  # the form was applied
+    assert not {"rewrite_links", "read_timeout_seconds"} & set(implicit), implicit
     saved_config = yaml.safe_load(config.read_text())["connections"]["kept"]
     assert saved_config["url"] == "https://127.0.0.1:9/fhir2"  # the form was applied
     assert saved_config["timeout_seconds"] == 12

@@ -116,6 +116,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
         assert_no_leak(s.process.output.encode())
 
 
+@pytest.fixture(autouse=True)
+def config_is_restored(setup: Setup) -> Iterator[None]:
+    """The module's sidecar is shared and its tests write through the API: each one must
+    leave the config file as it found it, or the next test (in a random order) sees its state."""
+    before = without_empty_sections(setup.config())
+    yield
+    after = without_empty_sections(setup.config())
+    assert after == before
+
+
+def without_empty_sections(config: dict[str, Any]) -> dict[str, Any]:
+    # Deleting the last OAuth definition leaves `oauth: {}`, which means the same as none.
+    return {key: value for key, value in config.items() if value != {}}
+
+
 def test_the_api_lists_proxies_without_any_credential(setup: Setup) -> None:
     listed = setup.get("/api/egress-proxies")
     assert listed.status_code == 200

@@ -189,9 +189,12 @@ class ConnectionsPage(DashboardHandler):
             if not math.isfinite(body["timeout_seconds"]):
                 raise ChangeRejected(422, "timeout_seconds must be a finite number")
         body["via"] = self.optional("via")
-        if existing is not None:  # settings the form does not show are kept
-            body["rewrite_links"] = existing.rewrite_links
-            body["read_timeout_seconds"] = existing.read_timeout_seconds
+        if existing is not None:
+            # Settings the form does not show are kept as the file had them: one written out
+            # stays, a default left implicit stays implicit (not copied into the file).
+            for hidden in ("rewrite_links", "read_timeout_seconds"):
+                if hidden in existing.model_fields_set:
+                    body[hidden] = getattr(existing, hidden)
         created, _ = store.put_connection(name, body)
         return f"connection {name} {'created' if created else 'saved'}"
 
