@@ -1,7 +1,8 @@
 """docs/configuration.md: "`timeout_seconds` bounds connecting, the TLS handshake and the wait for
 response headers". The handshake bound is checked against a blackhole upstream: it accepts the
-TCP connection (the kernel completes it) and never says a word of TLS. No non-routable address
-is used: everything stays on loopback."""
+TCP connection (the kernel completes it) and never says a word of TLS. The connect bound is
+checked against a listener whose accept queue is full, so the kernel drops the SYN. No
+non-routable address is used: everything stays on loopback."""
 
 from __future__ import annotations
 
@@ -58,4 +59,55 @@ def test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound(
     assert answer.status_code == 504, answer.text
     assert answer.headers["X-Sidecar-Error"] == "upstream-timeout"
     # Bounded by timeout_seconds, not by mitmproxy's own much longer backstop.
+    assert TIMEOUT - 0.5 <= took < TIMEOUT + 10, took
+
+
+def test_an_upstream_whose_backlog_is_full_is_cut_at_the_connect_bound(
+        tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> None:
+    """Promise (docs/configuration.md): "`timeout_seconds` bounds connecting". A listener that
+    never accepts, its accept queue filled by the test, makes the kernel drop every further
+    SYN: the sidecar's connect gets no answer at all, as from a firewall that drops."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        fillers: list[socket.socket] = []
+        try:
+            for _ in range(4):  # more than the queue holds; the rest stay in SYN_SENT
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(address)
+                fillers.append(filler)
+            # The precondition, checked rather than assumed: a connect now gets no answer.
+            probe = socket.socket()
+            probe.settimeout(1.0)
+            try:
+                probe.connect(address)
+                answered: str | None = "connected"
+            except TimeoutError:
+                answered = None
+            except OSError as error:
+                answered = repr(error)
+            finally:
+                probe.close()
+            assert answered is None, f"the backlog is not full: a connect got {answered}"
+
+            port = free_port()
+            start_sidecar({
+                "admin": {"listen": None},
+                "connections": {"c": {
+                    "url": f"https://localhost:{address[1]}/fhir",
+                    "listen": f"127.0.0.1:{port}", "timeout_seconds": TIMEOUT,
+                    "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+            }, directory=tmp_path)
+            began = time.monotonic()
+            answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60,
+                               trust_env=False)
+            took = time.monotonic() - began
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert answer.status_code == 504, answer.text
+    assert answer.headers["X-Sidecar-Error"] == "upstream-timeout"
+    # Bounded by timeout_seconds, not by the kernel's SYN retries (over a minute).
     assert TIMEOUT - 0.5 <= took < TIMEOUT + 10, took

@@ -88,6 +88,8 @@ PROMISES: dict[tuple[str, str], list[str]] = {
      "headers"): [
         "test_promises_timeouts.py::"
         "test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound",
+        "test_promises_timeouts.py::"
+        "test_an_upstream_whose_backlog_is_full_is_cut_at_the_connect_bound",
         "test_proxy.py::test_slow_upstream_times_out",
     ],
     ("docs/configuration.md", "body that keeps flowing is not cut off"): [
