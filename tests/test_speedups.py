@@ -28,7 +28,7 @@ def test_message_type_checks_can_be_skipped() -> None:
     # Still constructible, and the generated __init__ still finds a __post_init__ to call.
     response = http.Response.make(200, b"{}", {"Content-Type": "application/fhir+json"})
     assert response.status_code == 200
-    assert had_checks == (MessageData.__post_init__ is speedups._no_type_check)  # type: ignore[attr-defined]
+    assert had_checks == (MessageData.__post_init__ is speedups._no_type_check)
 
 
 def test_cached_hook_dispatch_follows_the_addon_chain() -> None:

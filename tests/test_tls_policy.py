@@ -30,7 +30,7 @@ PQ_HYBRID = "X25519MLKEM768"
 
 def session_reused(conn: SSL.Connection) -> bool:
     # pyOpenSSL has no public API for this; tests only.
-    return bool(SSL._lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
+    return bool(SSL._lib.SSL_session_reused(conn._ssl))
 
 
 @dataclass

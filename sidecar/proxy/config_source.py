@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 
 from sidecar.config.errors import ConfigError
 from sidecar.live import LiveConfig
@@ -37,7 +38,7 @@ class SidecarConfig:
         if self.live is not None:
             self.live.on_swap(callback)
 
-    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+    def load(self, loader: Loader) -> None:
         loader.add_option("sidecar_config", str, "",
                           "fhir-sidecar config file (YAML). Sets the listeners it defines.")
 

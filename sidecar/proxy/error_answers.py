@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from mitmproxy import connection, http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import server_hooks
 
@@ -92,7 +93,7 @@ class ErrorAnswers:
         # Why a client's latest upstream connection could not be opened.
         self._connect_errors: dict[str, OSError] = {}
 
-    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+    def load(self, loader: Loader) -> None:
         mitm_compat.install_error_pages(self._protocol_error_page)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:

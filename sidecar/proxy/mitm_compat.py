@@ -81,7 +81,7 @@ def install_error_pages(fallback: ErrorPage) -> None:
             return
         yield from original_send(self, event)
 
-    _http1.Http1Server.send = send  # type: ignore[method-assign,assignment]
+    _http1.Http1Server.send = send  # type: ignore[method-assign]
     original_stream_event = http_layers.HttpStream.handle_event
 
     @functools.wraps(original_stream_event)
@@ -261,7 +261,8 @@ def install_tls_close_fix() -> None:
     _tls_close_fixed = True
     original = tls_layers.ServerTLSLayer.receive_data
 
-    def receive_data(self: tls_layers.ServerTLSLayer, data: bytes):  # type: ignore[no-untyped-def]
+    def receive_data(self: tls_layers.ServerTLSLayer,
+                     data: bytes) -> Generator[commands.Command, Any, None]:
         yield from original(self, data)
         alerted = (self.tls is not None and self.tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN
                    and self.conn.state & connection.ConnectionState.CAN_READ)

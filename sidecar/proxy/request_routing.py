@@ -10,6 +10,7 @@ passed on as it came.
 from __future__ import annotations
 
 from mitmproxy import http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
@@ -36,7 +37,7 @@ class Routing:
         self._config = config
         self._request_log = request_log
 
-    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+    def load(self, loader: Loader) -> None:
         # mitmproxy would leave a request with trailers hanging, unanswered.
         mitm_compat.drop_http1_trailers()
 

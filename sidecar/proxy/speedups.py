@@ -45,7 +45,7 @@ def skip_message_type_checks() -> bool:
         return False
     # A dataclass's generated __init__ calls __post_init__ when the class had one, so it is
     # replaced by a no-op rather than deleted.
-    MessageData.__post_init__ = _no_type_check  # type: ignore[attr-defined,method-assign]
+    MessageData.__post_init__ = _no_type_check  # type: ignore[method-assign]
     return True
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mitmproxy import connection, http, tls
+from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
@@ -35,7 +36,7 @@ class UpstreamTls:
         # kept resumable when the connection closes.
         self._open: dict[str, _UpstreamConnection] = {}
 
-    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+    def load(self, loader: Loader) -> None:
         mitm_compat.install_tls_close_fix()
         # An upstream connection carries only requests of the compiled connection (TLS
         # policy, client certificate, credentials, snapshot) that opened it.

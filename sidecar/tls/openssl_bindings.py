@@ -39,8 +39,8 @@ def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
     groups = _groups_sharing_first(group.lower())
     if groups is None or not _key_share_syntax_known:
         return False
-    lib = SSL._lib  # type: ignore[attr-defined]
-    accepted = lib.SSL_set1_curves_list(conn._ssl, groups)  # type: ignore[attr-defined]
+    lib = SSL._lib
+    accepted = lib.SSL_set1_curves_list(conn._ssl, groups)
     if accepted != 1:  # pragma: no cover - only an OpenSSL < 3.5 refuses; CI's is newer
         # OpenSSL before 3.5 knows neither the "?"/"*" markers nor the hybrid group, and its
         # default already sends a single key share: nothing to improve there.
@@ -65,8 +65,8 @@ def enable_hostname_verification(conn: SSL.Connection, name: str) -> None:
     pyOpenSSL has no public API for this; mitmproxy itself uses the same private bindings.
     Kept in this one function so that ``tests/test_tls_policy.py`` fails loudly if they change.
     """
-    lib = SSL._lib  # type: ignore[attr-defined]
-    param = lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+    lib = SSL._lib
+    param = lib.SSL_get0_param(conn._ssl)
     # No partial wildcards, and never fall back to the subject CN (browsers dropped it too).
     lib.X509_VERIFY_PARAM_set_hostflags(param, lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS |
                                         lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT)

@@ -279,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         owner = self.server.owner
         headers = {k.lower(): v for k, v in self.headers.items()}
-        peer = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        peer = self.connection.getpeercert(binary_form=True)
         presented = _x5t(peer) if peer else None
         with owner.lock:
             owner.requests.append(BulkRequest(self.command, self.path, headers, presented))
