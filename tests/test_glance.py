@@ -137,6 +137,10 @@ def test_lights_and_sparklines_follow_real_requests(glance: Glance) -> None:
         assert len(drawn_requests) == len(drawn_errors) == 60
         assert sum(drawn_requests) == requests and sum(drawn_errors) == errors, svg
         assert max(drawn_requests) == int(svg["peak"])  # the busiest minute is the top
+    # /readyz?verbose=1 shows the same light and reason, for probes and scripts.
+    ready = glance.api.get("/readyz?verbose=1").json()["connections"]
+    assert ready["wrong-ca"]["health"] == {"light": "red", "reason": wrong["health"]["reason"]}
+    assert ready["main"]["health"] == {"light": "green", "reason": main["health"]["reason"]}
     # The live fragment that the page's script fetches carries the same cells.
     live = glance.api.get("/connections/live")
     assert live.status_code == 200
@@ -198,6 +202,9 @@ def test_certificate_expiry_and_token_lights(glance: Glance) -> None:
     assert down["token"]["usable"] is False and down["token"]["definition"] == "down"
     assert down["health"]["light"] == "red"
     assert down["health"]["reason"] == "no usable OAuth token: the last token request failed"
+    ready = glance.api.get("/readyz?verbose=1").json()["connections"]
+    assert ready["oauth-down"]["health"]["light"] == "red"
+    assert ready["soon"]["health"] == {"light": "red", "reason": "CA bundle expires in 3 days"}
     assert "glance-client-secret" not in str(down)
     page = glance.api.get("/").text
     assert 'data-live="health" data-light="red"' in _row(page, "oauth-down")

@@ -12,13 +12,15 @@ answer. It never contains a secret, a token, a header value or a request's query
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.health import Health, HealthInputs, TokenState, connection_health
 from sidecar.live import LiveConfig
 from sidecar.metrics import SidecarMetrics, TlsFailureRecord
-from sidecar.tls.policy import earliest_expiry
+from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,31 @@ class StatusSources:
 def is_ready(sources: StatusSources) -> bool:
     # The config is loaded by construction: the admin server starts only after it was.
     return sources.listeners().bound
+
+
+def connection_health_now(sources: StatusSources, name: str, oauth: str | None,
+                          now: float) -> Health:
+    """The connection's status light as of ``now``; ``oauth`` is its OAuth definition's name.
+    One computation for ``/readyz?verbose=1``, the API and the dashboard, so they agree."""
+    snapshot = sources.live.current
+    activity = sources.metrics.board.connection(name)
+    compiled = snapshot.connections.get(name)
+    policy = compiled.tls if compiled is not None else None
+    ca_expiry = earliest_expiry(policy) if policy is not None else None
+    cert_expiry = client_cert_expiry(policy) if policy is not None else None
+    token: TokenState | None = None
+    if oauth is not None:
+        source = snapshot.token_sources.get(oauth)
+        status = source.status() if source is not None else None
+        token = TokenState(usable=status is not None and status.usable,
+                           last_attempt_failed=status is not None and bool(status.last_error))
+    return connection_health(HealthInputs(
+        requests_recent=sum(activity.recent.totals().values()),
+        errors_recent=activity.errors_recent.totals(),
+        last_error=activity.last_error, last_error_at=activity.last_error_at,
+        last_answer_at=activity.last_upstream_answer_at, token=token,
+        ca_bundle_expires_at=ca_expiry.timestamp() if ca_expiry else None,
+        client_cert_expires_at=cert_expiry.timestamp() if cert_expiry else None), now)
 
 
 def readiness_report(sources: StatusSources) -> dict[str, Any]:
@@ -67,13 +94,16 @@ def _connections(sources: StatusSources) -> dict[str, Any]:
     snapshot = sources.live.current
     board = sources.metrics.board
     found: dict[str, Any] = {}
+    now = time.time()
     for name, conn in snapshot.connections.items():
         activity = board.connection(name)
+        health = connection_health_now(sources, name, conn.oauth, now)
         expires = earliest_expiry(conn.tls) if conn.tls is not None else None
         token_until = None
         if conn.oauth is not None and conn.oauth in snapshot.token_sources:
             token_until = _iso_dt(snapshot.token_sources[conn.oauth].status().valid_until)
         found[name] = {
+            "health": {"light": health.light, "reason": health.reason},
             "auth": conn.auth_kind,
             "oauth": conn.oauth,
             "tls": {

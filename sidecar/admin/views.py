@@ -1,7 +1,8 @@
 """What the dashboard and the API show of each resource: its settings and its live state.
 
 Built from the live snapshot, the metrics' status board and the token sources' ``status()``.
-A connection's status light is :func:`sidecar.health.connection_health` of what they say.
+A connection's status light is :func:`sidecar.admin.readiness.connection_health_now`, the
+same that ``/readyz?verbose=1`` shows.
 Secrets appear only as ``"set"`` / ``"not set"``; no value, token or header is ever included.
 ``read_only`` says why the API will not change a definition (it reads files or environment
 variables the config file names), or is null.
@@ -17,16 +18,10 @@ from urllib.parse import urlsplit
 
 from sidecar.admin import api_models as api
 from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
-from sidecar.admin.readiness import StatusSources, _iso, _iso_dt
+from sidecar.admin.readiness import StatusSources, _iso, _iso_dt, connection_health_now
 from sidecar.config.models import TlsSettings
 from sidecar.egress import EgressProxy
-from sidecar.health import (
-    HealthInputs,
-    TokenState,
-    connection_health,
-    days_left,
-    expiry_light,
-)
+from sidecar.health import days_left, expiry_light
 from sidecar.metrics import ConnectionActivity
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
@@ -65,14 +60,7 @@ class Views:
         token = self.connection_token(conn.auth.oauth, now)
         requests_recent = activity.recent.totals()
         errors_recent = activity.errors_recent.totals()
-        health = connection_health(HealthInputs(
-            requests_recent=sum(requests_recent.values()), errors_recent=errors_recent,
-            last_error=activity.last_error, last_error_at=activity.last_error_at,
-            last_answer_at=activity.last_upstream_answer_at,
-            token=None if token is None else TokenState(
-                usable=token.usable, last_attempt_failed=token.last_error is not None),
-            ca_bundle_expires_at=ca_expiry.timestamp() if ca_expiry else None,
-            client_cert_expires_at=cert_expiry.timestamp() if cert_expiry else None), now)
+        health = connection_health_now(self.sources, name, conn.auth.oauth, now)
         return _body(api.Connection(
             name=name,
             url=conn.url,
