@@ -5,6 +5,7 @@ gets none of them. Also fails loudly when a mitmproxy internal they use changes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import subprocess
 import sys
@@ -192,6 +193,52 @@ def test_a_mitmproxy_without_type_checks_is_left_as_it_is(
     assert "__post_init__" not in MessageData.__dict__
 
 
+def test_mitmproxy_still_reads_each_connection_through_its_stream_reader() -> None:
+    """What read_in_large_chunks relies on: ``handle_connection`` is a coroutine that reads
+    ``self.transports[connection].reader`` with ``read(n)``. When mitmproxy changes that,
+    this fails, before the tweak silently stops doing anything."""
+    from mitmproxy.proxy.server import ConnectionHandler
+
+    original = inspect.unwrap(ConnectionHandler.handle_connection)
+    assert inspect.iscoroutinefunction(original)
+    source = inspect.getsource(original)
+    assert "self.transports[connection].reader" in source
+    assert "await reader.read(65535)" in source
+
+
+def test_large_reads_swap_the_reader_and_return_what_is_buffered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from mitmproxy.proxy.server import ConnectionHandler
+
+    seen: list[tuple[type, bytes]] = []
+
+    async def mitmproxys(self: Any, connection: object) -> None:  # the read loop, in short
+        reader = self.transports[connection].reader
+        seen.append((type(reader), await reader.read(65535)))
+
+    monkeypatch.setattr(ConnectionHandler, "handle_connection", mitmproxys)
+    assert speedups.read_in_large_chunks() is True
+    assert speedups.read_in_large_chunks() is True  # twice: wrapped once
+    assert inspect.unwrap(ConnectionHandler.handle_connection) is mitmproxys
+
+    async def scenario() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"x" * 300_000)  # what the socket delivered while the loop was busy
+        handler = SimpleNamespace(transports={"conn": SimpleNamespace(reader=reader)})
+        await ConnectionHandler.handle_connection(handler, "conn")  # type: ignore[arg-type]
+        reader.feed_eof()
+        assert await reader.read(65535) == b""  # nothing left behind
+
+    asyncio.run(scenario())
+    [(reader_type, data)] = seen
+    assert issubclass(reader_type, asyncio.StreamReader)
+    assert reader_type is not asyncio.StreamReader
+    assert len(data) == 300_000  # one read, not five of 65535
+
+
 def _config(tmp_path: Path) -> Path:
     return write_config(tmp_path, {
         "proxy": {"listen": "127.0.0.1:0"},
@@ -209,6 +256,7 @@ FROZEN_AT_START = gc.get_freeze_count()
 from mitmproxy import options
 from mitmproxy.addonmanager import AddonManager
 from mitmproxy.http import MessageData
+from mitmproxy.proxy.server import ConnectionHandler
 
 async def main(kind, config):
     if kind == "embedded":
@@ -237,6 +285,7 @@ async def main(kind, config):
         "addon_manager": type(master.addons) is AddonManager,
         "type_checks": getattr(post_init, "__qualname__", "") == "MessageData.__post_init__",
         "speedups_loaded": "sidecar.proxy.speedups" in sys.modules,
+        "large_reads": getattr(ConnectionHandler.handle_connection, "_reads_large", False),
         "gc_frozen": gc.get_freeze_count() - FROZEN_AT_START,
     }))
 
@@ -256,6 +305,7 @@ def test_the_embedded_master_has_the_speed_tweaks(tmp_path: Path) -> None:
     found = _probe("embedded", _config(tmp_path), str(tmp_path / "state"))
     assert found["addon_manager"] is False  # the caching dispatch replaced it
     assert found["type_checks"] is False
+    assert found["large_reads"] is True
     assert "GcHousekeeping" in found["addons"]
 
 
@@ -265,6 +315,7 @@ def test_the_addon_script_in_a_plain_mitmproxy_installs_none_of_them(tmp_path: P
     assert found["addon_manager"] is True
     assert found["type_checks"] is True
     assert found["speedups_loaded"] is False
+    assert found["large_reads"] is False
     assert "GcHousekeeping" not in found["addons"]
     assert found["gc_frozen"] == 0
 

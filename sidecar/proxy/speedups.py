@@ -11,6 +11,7 @@ by ``tests/test_speedups.py``; the measurements are in bench/README.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import inspect
 import types
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager, safecall
+from mitmproxy.connection import Connection
 from mitmproxy.master import Master
 
 GC_INTERVAL_SECONDS = 0.5
@@ -28,6 +30,7 @@ def apply(master: Master) -> list[object]:
     the addons to add at the end of the chain."""
     skip_message_type_checks()
     cache_hook_dispatch(master.addons)
+    read_in_large_chunks()
     return [GcHousekeeping()]  # no per-request hooks: costs nothing per request
 
 
@@ -51,6 +54,46 @@ def skip_message_type_checks() -> bool:
 
 def _no_type_check(self: object) -> None:
     return None
+
+
+READ_SIZE = 1 << 20  # what one socket read may return (mitmproxy asks for at most 65535)
+
+
+def read_in_large_chunks() -> bool:
+    """Let each socket read of a proxied connection return up to :data:`READ_SIZE` bytes.
+
+    mitmproxy reads every connection 65535 bytes at a time, and each read travels the whole
+    layer stack (TLS, HTTP/1, the body reader) as one event: a 400 KB search page from the
+    upstream is seven trips. Whatever the socket has buffered now comes as one (asyncio's
+    reader still stops reading at 128 KiB unread, so memory stays bounded); a 400 KB page
+    costs 15% less CPU (bench/README.md, "Larger reads"). The readers are mitmproxy's own
+    (``ConnectionHandler.transports``); the swap happens where it starts reading a
+    connection. Returns whether it is in place.
+    """
+    from mitmproxy.proxy.server import ConnectionHandler
+
+    current = ConnectionHandler.handle_connection
+    if getattr(current, "_reads_large", False):
+        return True
+    if not inspect.iscoroutinefunction(current):
+        return False
+
+    @functools.wraps(current)
+    async def handle_connection(self: ConnectionHandler, connection: Connection) -> None:
+        transport = self.transports.get(connection)
+        reader = transport.reader if transport is not None else None
+        if type(reader) is asyncio.StreamReader:
+            reader.__class__ = _LargeReads
+        await current(self, connection)
+
+    handle_connection._reads_large = True  # type: ignore[attr-defined]
+    ConnectionHandler.handle_connection = handle_connection  # type: ignore[method-assign]
+    return True
+
+
+class _LargeReads(asyncio.StreamReader):
+    async def read(self, n: int = -1) -> bytes:
+        return await super().read(READ_SIZE if 0 < n < READ_SIZE else n)
 
 
 def cache_hook_dispatch(addons: AddonManager) -> None:

@@ -16,6 +16,7 @@ from mitmproxy.http import MessageData
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.server import ConnectionHandler
 
 from sidecar.proxy import mitm_compat
 
@@ -39,6 +40,8 @@ PATCHED: tuple[tuple[Any, str], ...] = (
     (mitm_compat, "_trailers_dropped"),
     # speedups.skip_message_type_checks
     (MessageData, "__post_init__"),
+    # speedups.read_in_large_chunks
+    (ConnectionHandler, "handle_connection"),
 )
 
 
