@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.health import Health, HealthInputs, TokenState, connection_health
 from sidecar.live import LiveConfig
-from sidecar.metrics import SidecarMetrics, TlsFailureRecord
+from sidecar.metrics import ConnectionActivity, SidecarMetrics, TlsFailureRecord
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
 
@@ -45,25 +45,15 @@ def is_ready(sources: StatusSources) -> bool:
     return sources.listeners().bound
 
 
-def connection_health_now(sources: StatusSources, name: str, oauth: str | None,
-                          now: float) -> Health:
-    """The connection's status light as of ``now``; ``oauth`` is its OAuth definition's name.
-    One computation for ``/readyz?verbose=1``, the API and the dashboard, so they agree."""
-    snapshot = sources.live.current
-    activity = sources.metrics.board.connection(name)
-    compiled = snapshot.connections.get(name)
-    policy = compiled.tls if compiled is not None else None
-    ca_expiry = earliest_expiry(policy) if policy is not None else None
-    cert_expiry = client_cert_expiry(policy) if policy is not None else None
-    token: TokenState | None = None
-    if oauth is not None:
-        source = snapshot.token_sources.get(oauth)
-        status = source.status() if source is not None else None
-        token = TokenState(usable=status is not None and status.usable,
-                           last_attempt_failed=status is not None and bool(status.last_error))
+def connection_health_now(activity: ConnectionActivity, now: float, *,
+                          requests_recent: Mapping[str, int], errors_recent: Mapping[str, int],
+                          token: TokenState | None, ca_expiry: dt.datetime | None,
+                          cert_expiry: dt.datetime | None) -> Health:
+    """The connection's status light as of ``now``, from what the caller has already read
+    (its counts, its token's state, its certificates' expiry). One mapping for
+    ``/readyz?verbose=1``, the API and the dashboard, so they agree."""
     return connection_health(HealthInputs(
-        requests_recent=sum(activity.recent.totals().values()),
-        errors_recent=activity.errors_recent.totals(),
+        requests_recent=sum(requests_recent.values()), errors_recent=errors_recent,
         last_error=activity.last_error, last_error_at=activity.last_error_at,
         last_answer_at=activity.last_upstream_answer_at, token=token,
         ca_bundle_expires_at=ca_expiry.timestamp() if ca_expiry else None,
@@ -97,11 +87,17 @@ def _connections(sources: StatusSources) -> dict[str, Any]:
     now = time.time()
     for name, conn in snapshot.connections.items():
         activity = board.connection(name)
-        health = connection_health_now(sources, name, conn.oauth, now)
         expires = earliest_expiry(conn.tls) if conn.tls is not None else None
-        token_until = None
-        if conn.oauth is not None and conn.oauth in snapshot.token_sources:
-            token_until = _iso_dt(snapshot.token_sources[conn.oauth].status().valid_until)
+        source = snapshot.token_sources.get(conn.oauth) if conn.oauth is not None else None
+        status = source.status() if source is not None else None
+        token = None if conn.oauth is None else TokenState(
+            usable=status is not None and status.usable,
+            last_attempt_failed=status is not None and bool(status.last_error))
+        requests_recent = activity.recent.totals()
+        health = connection_health_now(
+            activity, now, requests_recent=requests_recent,
+            errors_recent=activity.errors_recent.totals(), token=token, ca_expiry=expires,
+            cert_expiry=client_cert_expiry(conn.tls) if conn.tls is not None else None)
         found[name] = {
             "health": {"light": health.light, "reason": health.reason},
             "auth": conn.auth_kind,
@@ -112,8 +108,8 @@ def _connections(sources: StatusSources) -> dict[str, Any]:
                 "last_failure": _tls_failure(activity.last_tls_failure),
                 "ca_bundle_expires_at": _iso_dt(expires),
             },
-            "token_valid_until": token_until,
-            "requests_recent": activity.recent.totals(),
+            "token_valid_until": _iso_dt(status.valid_until) if status is not None else None,
+            "requests_recent": requests_recent,
             "in_flight": activity.in_flight,
             "last_status": activity.last_status,
             "last_error": None if activity.last_error is None else {

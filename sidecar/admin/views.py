@@ -21,7 +21,7 @@ from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
 from sidecar.admin.readiness import StatusSources, _iso, _iso_dt, connection_health_now
 from sidecar.config.models import TlsSettings
 from sidecar.egress import EgressProxy
-from sidecar.health import days_left, expiry_light
+from sidecar.health import TokenState, days_left, expiry_light
 from sidecar.metrics import ConnectionActivity
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
@@ -60,7 +60,11 @@ class Views:
         token = self.connection_token(conn.auth.oauth, now)
         requests_recent = activity.recent.totals()
         errors_recent = activity.errors_recent.totals()
-        health = connection_health_now(self.sources, name, conn.auth.oauth, now)
+        health = connection_health_now(
+            activity, now, requests_recent=requests_recent, errors_recent=errors_recent,
+            token=None if token is None else TokenState(
+                usable=token.usable, last_attempt_failed=token.last_error is not None),
+            ca_expiry=ca_expiry, cert_expiry=cert_expiry)
         return _body(api.Connection(
             name=name,
             url=conn.url,
