@@ -19,6 +19,31 @@ from support.sidecars import StartSidecar
 TIMEOUT = 2
 
 
+def one_request_through_a_sidecar(upstream_port: int, tmp_path: Path, pki: TestPKI,
+                                  start_sidecar: StartSidecar) -> tuple[httpx.Response, float]:
+    """A sidecar with ``timeout_seconds: TIMEOUT`` in front of ``upstream_port``, one request
+    through it: the answer and how long it took."""
+    port = free_port()
+    start_sidecar({
+        "admin": {"listen": None},
+        "connections": {"c": {
+            "url": f"https://localhost:{upstream_port}/fhir",
+            "listen": f"127.0.0.1:{port}", "timeout_seconds": TIMEOUT,
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+    }, directory=tmp_path)
+    began = time.monotonic()
+    answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60, trust_env=False)
+    return answer, time.monotonic() - began
+
+
+def assert_cut_at_the_bound(answer: httpx.Response, took: float) -> None:
+    assert answer.status_code == 504, answer.text
+    assert answer.headers["X-Sidecar-Error"] == "upstream-timeout"
+    # Bounded by timeout_seconds, not by mitmproxy's own much longer backstop nor by the
+    # kernel's SYN retries (over a minute).
+    assert TIMEOUT - 0.5 <= took < TIMEOUT + 10, took
+
+
 def test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound(
         tmp_path: Path, pki: TestPKI, start_sidecar: StartSidecar) -> None:
     """Promise (docs/configuration.md): "`timeout_seconds` bounds connecting, the TLS
@@ -36,30 +61,16 @@ def test_an_upstream_that_never_speaks_tls_is_cut_at_the_handshake_bound(
                     continue
         acceptor = threading.Thread(target=accept, daemon=True)
         acceptor.start()
-        port = free_port()
-        config = {
-            "admin": {"listen": None},
-            "connections": {"c": {
-                "url": f"https://localhost:{blackhole.getsockname()[1]}/fhir",
-                "listen": f"127.0.0.1:{port}", "timeout_seconds": TIMEOUT,
-                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-        }
         try:
-            start_sidecar(config, directory=tmp_path)
-            began = time.monotonic()
-            answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60,
-                               trust_env=False)
-            took = time.monotonic() - began
+            answer, took = one_request_through_a_sidecar(blackhole.getsockname()[1], tmp_path,
+                                                         pki, start_sidecar)
         finally:
             stop.set()
             acceptor.join(5)
             for conn in accepted:
                 conn.close()
     assert accepted, "the sidecar never connected to the blackhole"
-    assert answer.status_code == 504, answer.text
-    assert answer.headers["X-Sidecar-Error"] == "upstream-timeout"
-    # Bounded by timeout_seconds, not by mitmproxy's own much longer backstop.
-    assert TIMEOUT - 0.5 <= took < TIMEOUT + 10, took
+    assert_cut_at_the_bound(answer, took)
 
 
 def test_an_upstream_whose_backlog_is_full_is_cut_at_the_connect_bound(
@@ -92,22 +103,9 @@ def test_an_upstream_whose_backlog_is_full_is_cut_at_the_connect_bound(
                 probe.close()
             assert answered is None, f"the backlog is not full: a connect got {answered}"
 
-            port = free_port()
-            start_sidecar({
-                "admin": {"listen": None},
-                "connections": {"c": {
-                    "url": f"https://localhost:{address[1]}/fhir",
-                    "listen": f"127.0.0.1:{port}", "timeout_seconds": TIMEOUT,
-                    "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
-            }, directory=tmp_path)
-            began = time.monotonic()
-            answer = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=60,
-                               trust_env=False)
-            took = time.monotonic() - began
+            answer, took = one_request_through_a_sidecar(address[1], tmp_path, pki,
+                                                         start_sidecar)
         finally:
             for filler in fillers:
                 filler.close()
-    assert answer.status_code == 504, answer.text
-    assert answer.headers["X-Sidecar-Error"] == "upstream-timeout"
-    # Bounded by timeout_seconds, not by the kernel's SYN retries (over a minute).
-    assert TIMEOUT - 0.5 <= took < TIMEOUT + 10, took
+    assert_cut_at_the_bound(answer, took)
