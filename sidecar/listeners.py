@@ -13,6 +13,15 @@ from functools import lru_cache
 from sidecar.config.models import ListenAddress
 from sidecar.snapshot import Snapshot
 
+# The target every connection listener's reverse mode names. It only labels the listener:
+# every request is re-targeted by the routing addon from its connection's own settings. It
+# is the same for every connection and every config, so a reload that changes a connection's
+# URL, credentials or TLS leaves its listener's mode, and so its socket, untouched (mitmproxy
+# closes and re-binds a listener whose mode spec changes). It is plain ``http`` because an
+# ``https`` reverse mode also binds a UDP socket for HTTP/3; and the name can never resolve
+# (RFC 6761 ``.invalid``), so nothing could reach it even if a request escaped re-targeting.
+REVERSE_LABEL = "http://fhir-sidecar.invalid:9"
+
 
 def listener_modes(snapshot: Snapshot) -> list[str]:
     modes = []
@@ -20,11 +29,7 @@ def listener_modes(snapshot: Snapshot) -> list[str]:
         if listener.kind == "proxy":
             modes.append(f"regular@{listener.address}")
         elif listener.connection is not None:
-            upstream = snapshot.connections[listener.connection].upstream
-            # The reverse target only labels the listener; every request is re-targeted by
-            # the addon from the connection's own settings.
-            modes.append(f"reverse:{upstream.scheme}://{upstream.host_header}"
-                         f"@{listener.address}")
+            modes.append(f"reverse:{REVERSE_LABEL}@{listener.address}")
     return modes
 
 

@@ -173,7 +173,10 @@ def test_reads_list_everything_and_never_a_secret(sidecar: Sidecar) -> None:
     assert main["tls"]["verify"] == "skip" and main["read_only"] is None
     fixed = sidecar.api.get("/api/connections/fixed").json()
     assert fixed["tls"]["ca_bundle"] == str(sidecar.pki.ca_bundle_path)
-    assert "tls.ca_bundle" in fixed["read_only"]
+    # A connection the file gives a host path stays editable; the path is shown as the file
+    # spells it, to be repeated (kept), never changed (docs/admin-api.md).
+    assert fixed["read_only"] is None
+    assert fixed["from_config_file"] == {"tls.ca_bundle": str(sidecar.pki.ca_bundle_path)}
     unknown = sidecar.api.get("/api/connections/nope")
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
     assert sidecar.api.get("/api/connections/Bad%20Name").status_code == 400
@@ -342,8 +345,10 @@ BAD_WRITES: list[tuple[str, str, str, Any, int, str]] = [
      "comes from the config file"),
     ("change-config-file-definition", "PUT", "/api/basic-auth/first",
      {"username": "u", "password": "p"}, 409, "edit the config file"),
-    ("change-config-file-connection", "PUT", "/api/connections/fixed",
-     {"url": "https://127.0.0.1:1/fhir"}, 409, "reads tls.ca_bundle from the host"),
+    ("change-config-file-connection-path", "PUT", "/api/connections/fixed",
+     {"url": "https://127.0.0.1:1/fhir",
+      "tls": {"verify": "custom", "ca_bundle": "/etc/ssl/certs/ca-certificates.crt"}},
+     422, "tls.ca_bundle: give the name of an uploaded CA bundle"),
     ("password-file", "PUT", "/api/basic-auth/x", {"username": "u", "password_file": "/etc/hosts"},
      422, "password_file: file paths and environment variable names are not accepted"),
     ("password-env", "PUT", "/api/basic-auth/x", {"username": "u", "password_env": "HOME"},

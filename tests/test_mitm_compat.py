@@ -213,6 +213,22 @@ def test_chunked_trailers_are_dropped_instead_of_crashing() -> None:
     assert isinstance(events_[-1], RequestEndOfMessage)
 
 
+def test_retired_upstream_connections_must_be_closed_because_of_the_per_address_slots(
+) -> None:
+    """Why close_upstreams_of exists: mitmproxy gives each app connection five slots per
+    upstream address, held for a server connection's whole life (docs/architecture.md,
+    "Reloads and upstream connections"). If this changes, the retirement may still be right
+    but the reason in the docs is not."""
+    source = inspect.getsource(ConnectionHandler)
+    assert "asyncio.Semaphore(5)" in source
+    assert "async with self.max_conns[command.connection.address]" in source
+    # What close_upstreams_of walks and calls: each handler knows its client, its transports
+    # are keyed by connection, and a full close cancels the connection's task (its slot).
+    assert "self.client = context.client" in inspect.getsource(ConnectionHandler.__init__)
+    assert 'handler.cancel("closed by command")' in inspect.getsource(
+        ConnectionHandler.close_connection)
+
+
 def test_connection_handler_activity_and_transport_shape() -> None:
     from mitmproxy.proxy import server
 

@@ -190,6 +190,10 @@ class Connection(ApiModel):
     rewrite_links: bool
     via: Via
     read_only: ReadOnly
+    from_config_file: dict[str, str] = Field(description=(
+        "Host paths the config file gives this connection (field path, e.g. tls.ca_bundle, to "
+        "the file's own text). A PUT may repeat one (as the file spells it, or as tls shows "
+        "it) to keep it; it cannot introduce or change one"))
     status: ConnectionStatus
     health: HealthView
     token: ConnectionToken | None = Field(description="Connections with an OAuth definition")

@@ -71,6 +71,18 @@ class ChangeRejected(Exception):
         self.problems = problems or []
 
 
+# The fields of a connection's ``tls`` that name a file on the host.
+CONNECTION_PATH_FIELDS = ("ca_bundle", "client_cert", "client_key")
+
+
+@dataclass(frozen=True)
+class FilePath:
+    """A host path as the config file spells it, and where it leads (as GET shows it)."""
+
+    literal: str
+    resolved: Path
+
+
 @dataclass(frozen=True)
 class CaBundle:
     name: str
@@ -189,9 +201,12 @@ class ConfigStore:
         return found
 
     def read_only_definition(self, kind: Kind, name: str) -> str | None:
-        """Why the API must not change this definition; None when it may."""
+        """Why the API must not change this definition; None when it may.
+
+        A connection is always editable: the host paths its config-file entry names (its
+        ``tls`` files) are kept as they are, not changed (:meth:`file_paths_of`)."""
         definition = getattr(self.config, kind).get(name)
-        if definition is None:
+        if definition is None or kind == "connections":
             return None
         references = self.external_references(definition)
         if not references:
@@ -199,6 +214,45 @@ class ConfigStore:
         return (f"{KIND_WORDS[kind]} {name!r} comes from the config file and reads "
                 f"{', '.join(references)} from the host; the API and the dashboard do not "
                 "change or remove it: edit the config file")
+
+    def file_paths_of(self, name: str) -> dict[str, FilePath]:
+        """The host paths the config file itself gives connection ``name`` (its ``tls``
+        files, not uploaded CA bundles), by field: what an API or dashboard change may keep,
+        and never introduce or change (docs/admin-api.md#host-paths-from-the-config-file)."""
+        conn = self.config.connections.get(name)
+        entry = self._file_section("connections").get(name) if conn is not None else None
+        tls = entry.get("tls") if isinstance(entry, dict) else None
+        if conn is None or not isinstance(tls, dict):
+            return {}
+        found = {}
+        for field_name in CONNECTION_PATH_FIELDS:
+            resolved = getattr(conn.tls, field_name)
+            literal = tls.get(field_name)
+            if resolved is None or not isinstance(literal, str) or self.is_managed(resolved):
+                continue
+            found[field_name] = FilePath(str(literal), Path(resolved))
+        return found
+
+    def _keep_file_paths(self, name: str, body: dict[str, Any]) -> dict[str, str]:
+        """Take out of ``body["tls"]`` every path that repeats the file's own value for the
+        same field (its literal text, or the resolved path GET shows; ``client_key`` also as
+        the ``"set"`` GET shows); returns them as the file spells them, to be written back
+        unchanged. A new or different path stays in the body, where it is refused."""
+        tls = body.get("tls")
+        if not isinstance(tls, dict):
+            return {}
+        tls = dict(tls)
+        kept = {}
+        for field_name, path in self.file_paths_of(name).items():
+            given = tls.get(field_name)
+            repeats = isinstance(given, str) and (
+                given in (path.literal, str(path.resolved))
+                or (field_name == "client_key" and given == "set"))
+            if repeats:
+                del tls[field_name]
+                kept[field_name] = path.literal
+        body["tls"] = tls
+        return kept
 
     def _require_editable(self, kind: Kind, name: str) -> None:
         reason = self.read_only_definition(kind, name)
@@ -332,11 +386,12 @@ class ConfigStore:
 
     def put_connection(self, name: str, body: dict[str, Any]) -> tuple[bool, ReloadOutcome]:
         check_name(name, "connections")
+        body = dict(body)
+        kept = self._keep_file_paths(name, body)
         check_no_references(body)
-        self._require_editable("connections", name)
-        body = self._via_from_api(dict(body))
+        body = self._via_from_api(body)
         if isinstance(body.get("tls"), dict):
-            body["tls"] = self._tls_from_api(body["tls"])
+            body["tls"] = {**self._tls_from_api(body["tls"]), **kept}
         auth = body.get("auth")
         if isinstance(auth, dict):
             body["auth"] = {k: v for k, v in auth.items() if v is not None}

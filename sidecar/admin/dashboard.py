@@ -155,8 +155,13 @@ def _tls_form(handler: DashboardHandler, prefix: str, existing: Any) -> dict[str
     tls: dict[str, Any] = {"verify": verify}
     if verify == "custom":
         tls["ca_bundle"] = handler.optional(f"{prefix}ca_bundle")
-    if existing is not None and existing.server_name is not None:
-        tls["server_name"] = existing.server_name  # a setting the form does not show is kept
+    if existing is not None:
+        # Settings the form does not show are kept; the client certificate's paths come
+        # from the config file, which the store accepts only unchanged.
+        for hidden in ("server_name", "client_cert", "client_key"):
+            value = getattr(existing, hidden)
+            if value is not None:
+                tls[hidden] = str(value)
     return tls
 
 

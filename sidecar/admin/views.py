@@ -76,6 +76,8 @@ class Views:
             rewrite_links=conn.rewrite_links,
             via=conn.via,
             read_only=self.store.read_only_definition("connections", name),
+            from_config_file={f"tls.{field}": path.literal
+                              for field, path in self.store.file_paths_of(name).items()},
             status=api.ConnectionStatus(
                 requests_recent=requests_recent,
                 errors_recent=errors_recent,

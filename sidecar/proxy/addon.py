@@ -12,7 +12,9 @@ A request's path through them (each hook is named after the mitmproxy event it h
 - ``LinkRewriting`` (``link_rewriting.py``) points FHIR links back at the sidecar;
 - ``ErrorAnswers`` (``error_answers.py``) answers what failed;
 - ``RequestLog`` (``request_log.py``) finishes every request once: log line, metrics, and
-  the one count of requests in flight.
+  the one count of requests in flight;
+- ``RetiredUpstreams`` (``upstream_retirement.py``) closes the upstream connections a reload
+  retired, once no request uses them.
 
 Besides requests: ``SidecarConfig`` (``config_source.py``) holds the current snapshot, and
 ``Listeners``, ``TokenSources`` and ``CaExport`` (``snapshot_lifecycle.py``) follow it. The
@@ -34,6 +36,7 @@ from sidecar.proxy.link_rewriting import LinkRewriting
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
 from sidecar.proxy.snapshot_lifecycle import CaExport, Listeners, TokenSources
+from sidecar.proxy.upstream_retirement import RetiredUpstreams
 from sidecar.proxy.upstream_tls import UpstreamTls
 
 
@@ -67,6 +70,7 @@ def sidecar_addons(live: LiveConfig | None = None, observer: ProxyObserver | Non
         UpstreamReadTimeout(),
         LinkRewriting(),
         ErrorAnswers(upstream_tls, observer, request_log),
-        request_log,  # last: it logs what the app got
+        request_log,  # it logs what the app got
+        RetiredUpstreams(config, request_log),  # after the request log has finished a request
     ]
     return SidecarAddons(config, listeners, chain)

@@ -63,5 +63,7 @@ class SidecarConfig:
             ctx.options.update(stream_large_bodies="1m")
         # Connect upstream only once a request has been routed to a connection.
         ctx.options.update(connection_strategy="lazy")
+        # TCP only: an HTTP/3 leg would bypass the connection's TLS policy.
+        ctx.options.update(http3=False)
         # Keep the app's Host on reverse listeners: links are rewritten to the URL it used.
         ctx.options.update(keep_host_header=True)

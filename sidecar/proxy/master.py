@@ -44,6 +44,9 @@ def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | No
         stream_large_bodies=STREAM_THRESHOLD,
         connection_strategy="lazy",
         http2=False,
+        # Listeners are TCP only and no upstream leg is QUIC: an HTTP/3 leg would bypass the
+        # connection's TLS policy (docs/architecture.md, "Listeners are TCP only").
+        http3=False,
         # Reverse listeners keep the app's Host header, so FHIR links can be rewritten to the
         # base URL the app used; the addon sets the upstream's Host itself.
         keep_host_header=True,

@@ -242,6 +242,39 @@ def opened_for(server: connection.Server) -> object | None:
     return _opened_by.get(server)
 
 
+def app_connections() -> list[connection.Client]:
+    """Every app (client) connection the proxy holds open now."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    if proxyserver is None:
+        return []
+    return [handler.client for handler in list(proxyserver.connections.values())]
+
+
+def close_upstreams_of(client: connection.Client,
+                       retired: Callable[[object | None], bool]) -> int:
+    """Close the app connection's upstream connections whose owner ``retired(owner)`` says
+    is retired; returns how many were closed.
+
+    Why this matters: mitmproxy lets one app connection hold at most five server connections
+    to one address (``ConnectionHandler.max_conns``, a semaphore held for a connection's whole
+    life). An upstream connection kept open after a reload retired its owner is never reused
+    (``bind_upstream_connections``), so after five reloads a keep-alive app connection would
+    wait for ever to open a sixth. Only call this for an app connection with no request in
+    flight: its upstream connections are then idle.
+    """
+    handler = _connection_handler(client)
+    if handler is None:
+        return 0
+    closed = 0
+    for conn in list(handler.transports):
+        # Half-closed ones too: mitmproxy keeps a connection the upstream closed its side of
+        # (its slot included) until our side is closed.
+        if isinstance(conn, connection.Server) and retired(_opened_by.get(conn)):
+            handler.close_connection(conn)
+            closed += 1
+    return closed
+
+
 _tls_close_fixed = False
 
 

@@ -35,6 +35,10 @@ class RequestLog:
         self._in_flight.setdefault(flow.client_conn.id, {})[flow.id] = flow
         self.observer.request_started(_name(state))
 
+    def in_flight_on(self, client: connection.Client) -> bool:
+        """Whether a request of the app connection ``client`` is started and not finished."""
+        return client.id in self._in_flight
+
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         open_flows = self._in_flight.get(flow.client_conn.id)
         if open_flows is None or open_flows.pop(flow.id, None) is None:
