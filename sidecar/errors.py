@@ -23,6 +23,11 @@ class ErrorKind(StrEnum):
     UPSTREAM_TIMEOUT = "upstream-timeout"
     HEADER_TOO_LARGE = "header-too-large"
     INTERNAL = "internal-error"
+    # The caller's fault, not the connection's (docs/callers.md).
+    MISDIRECTED = "misdirected"
+    ORIGIN_NOT_ALLOWED = "origin-not-allowed"
+    CALLER_UNAUTHENTICATED = "caller-unauthenticated"
+    CALLER_FORBIDDEN = "caller-forbidden"
 
     @property
     def status(self) -> int:
@@ -43,6 +48,10 @@ _STATUS = {
     ErrorKind.UPSTREAM_TIMEOUT: 504,
     ErrorKind.HEADER_TOO_LARGE: 431,
     ErrorKind.INTERNAL: 500,
+    ErrorKind.MISDIRECTED: 421,
+    ErrorKind.ORIGIN_NOT_ALLOWED: 403,
+    ErrorKind.CALLER_UNAUTHENTICATED: 401,
+    ErrorKind.CALLER_FORBIDDEN: 403,
 }
 _ISSUE_CODE = {
     ErrorKind.BAD_REQUEST: "invalid",
@@ -53,6 +62,18 @@ _ISSUE_CODE = {
     ErrorKind.UPSTREAM_TIMEOUT: "timeout",
     ErrorKind.HEADER_TOO_LARGE: "too-long",
     ErrorKind.INTERNAL: "exception",
+    ErrorKind.MISDIRECTED: "invalid",
+    ErrorKind.ORIGIN_NOT_ALLOWED: "forbidden",
+    ErrorKind.CALLER_UNAUTHENTICATED: "login",
+    ErrorKind.CALLER_FORBIDDEN: "forbidden",
+}
+# Refusals that are the caller's fault: counted on their own
+# (fhir_sidecar_caller_rejections_total), never against a connection's health.
+CALLER_REJECTIONS: dict[ErrorKind, str] = {
+    ErrorKind.MISDIRECTED: "misdirected",
+    ErrorKind.ORIGIN_NOT_ALLOWED: "origin",
+    ErrorKind.CALLER_UNAUTHENTICATED: "unauthenticated",
+    ErrorKind.CALLER_FORBIDDEN: "forbidden",
 }
 
 
@@ -79,4 +100,7 @@ class SidecarError:
         return json.dumps(outcome, ensure_ascii=False).encode("utf-8")
 
     def headers(self) -> dict[str, str]:
-        return {"Content-Type": FHIR_JSON, ERROR_HEADER: self.kind.value}
+        headers = {"Content-Type": FHIR_JSON, ERROR_HEADER: self.kind.value}
+        if self.kind is ErrorKind.CALLER_UNAUTHENTICATED:  # RFC 6750 §3
+            headers["WWW-Authenticate"] = 'Bearer realm="fhir-sidecar"'
+        return headers

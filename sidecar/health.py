@@ -23,8 +23,11 @@ RED_DAYS = 7  # a certificate expiring sooner (or expired) is red
 AMBER_DAYS = 30  # ... sooner than this is amber
 
 # Error words (docs/errors.md, docs/metrics.md) that say nothing about the connection: the app
-# left, or sent something the sidecar refused before routing it.
-APP_ERRORS = frozenset({"client-disconnected", "bad-request", "header-too-large", "no-route"})
+# left, sent something the sidecar refused before routing it, or is not a caller the
+# connection serves (docs/callers.md).
+APP_ERRORS = frozenset({"client-disconnected", "bad-request", "header-too-large", "no-route",
+                        "misdirected", "origin-not-allowed", "caller-unauthenticated",
+                        "caller-forbidden"})
 # A response cut off in the middle: the upstream (or the app) left while it streamed.
 INTERRUPTED = "stream-aborted"
 

@@ -16,7 +16,8 @@ LOGGER_NAME = "fhir_sidecar"
 logger = logging.getLogger(LOGGER_NAME)
 
 _FIELD_SET = frozenset(("request_id", "connection", "method", "path", "status",
-                        "upstream_status", "duration_ms", "bytes_in", "bytes_out", "error"))
+                        "upstream_status", "duration_ms", "bytes_in", "bytes_out", "error",
+                        "caller"))
 
 
 class JsonFormatter(logging.Formatter):

@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
-from sidecar.errors import ErrorKind
+from sidecar.errors import CALLER_REJECTIONS, ErrorKind
 from sidecar.observe import NO_CONNECTION, TokenResult
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 from sidecar.tls.verdict import TLS_FAILURE_REASONS
@@ -63,6 +63,8 @@ CONNECTION_ERRORS = (*(kind.value for kind in (ErrorKind.TOKEN_UNAVAILABLE, Erro
                                               ErrorKind.UPSTREAM_UNREACHABLE,
                                               ErrorKind.UPSTREAM_TIMEOUT)),
                      "client-disconnected", "stream-aborted")
+# X-Sidecar-Error value -> the reason label of fhir_sidecar_caller_rejections_total.
+CALLER_REJECTION_REASONS = {kind.value: reason for kind, reason in CALLER_REJECTIONS.items()}
 # FHIR searches can take tens of seconds; the default buckets stop at 10 s.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -269,6 +271,11 @@ class SidecarMetrics:
                               "by connection and error word (an X-Sidecar-Error value, "
                               "'client-disconnected' or 'stream-aborted').",
                               ["connection", "error"], registry=r)
+        self.caller_rejections = Counter(
+            f"{PREFIX}_caller_rejections", "Requests refused because of who sent them, not "
+            "because of the connection: misdirected (a Host the listener does not answer), "
+            "origin (a browser origin not allowed), unauthenticated / forbidden (the workload "
+            "token of allowed_callers).", ["connection", "reason"], registry=r)
         self.token_requests = Counter(f"{PREFIX}_token_requests", "Token endpoint requests, "
                                       "by OAuth definition and result.",
                                       ["definition", "result"], registry=r)
@@ -343,6 +350,9 @@ class SidecarMetrics:
             return
         if error is not None:
             self.errors.labels(connection, error).inc()
+            rejection = CALLER_REJECTION_REASONS.get(error)
+            if rejection is not None:
+                self.caller_rejections.labels(connection, rejection).inc()
         self.requests.labels(connection, method_label(method), status_class(status)).inc()
         self.duration.labels(connection).observe(duration_seconds)
         self.board.finished(connection, status, error)
@@ -445,7 +455,7 @@ class SidecarMetrics:
         names = set(snapshot.connections)
         for gone in self._configured - names:
             for metric in (self.requests, self.duration, self.errors, self.auth_retries,
-                           self.tls_failures):
+                           self.tls_failures, self.caller_rejections):
                 metric.remove_by_labels({"connection": gone})
         self._removed = (self._removed | (self._configured - names)) - names
         self._configured = names
@@ -457,6 +467,8 @@ class SidecarMetrics:
             for error in CONNECTION_ERRORS:
                 self.errors.labels(name, error)
             self.auth_retries.labels(name)
+            for reason in CALLER_REJECTIONS.values():
+                self.caller_rejections.labels(name, reason)
             if conn.tls is not None:
                 for reason in sorted(TLS_REASONS):
                     self.tls_failures.labels(name, reason)

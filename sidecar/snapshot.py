@@ -31,6 +31,7 @@ from sidecar.tls.material import TlsMaterialError
 from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy
 
 if TYPE_CHECKING:
+    from sidecar.callers.workload_tokens import CallerVerifier
     from sidecar.credentials.jwks import PublishedKey
     from sidecar.credentials.oauth import TokenObserver, TokenSource
 
@@ -72,6 +73,8 @@ class Snapshot:
     # The public keys of every private_key_jwt definition, served as the JWK Set.
     signing_keys: tuple[PublishedKey, ...] = ()
     egress_proxies: Mapping[str, EgressProxy] = field(default_factory=dict)
+    # The workload-token verifiers of the callers section, by definition name.
+    callers: Mapping[str, CallerVerifier] = field(default_factory=dict)
     # Knows every secret this snapshot read: scrubs any outside text before it is shown.
     redactor: Redactor = field(default=GENERIC, repr=False, compare=False)
     generation: int = field(default_factory=lambda: next(_generations))
@@ -164,12 +167,69 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
             via=via,
         )
     warnings += _binding_warnings(file, connections, token_sources)
+    warnings += _caller_warnings(file, config)
+    callers = _compile_callers(config, problems, warnings, previous)
     if problems.items:
         raise ConfigError(problems.items)
     router = Router((name, conn.upstream) for name, conn in connections.items())
     return Snapshot(source=file, config=config, connections=connections,
                     token_sources=token_sources, router=router, warnings=tuple(warnings),
-                    signing_keys=signing_keys, egress_proxies=proxies, redactor=redactor)
+                    signing_keys=signing_keys, egress_proxies=proxies, callers=callers,
+                    redactor=redactor)
+
+
+def _compile_callers(config: SidecarConfig, problems: _Problems, warnings: list[str],
+                     previous: Snapshot | None) -> dict[str, CallerVerifier]:
+    """One verifier per caller definition. A JWK Set file is read now (so a rotated file is a
+    reload like any other); a URL's fetched keys are kept from ``previous`` while its
+    settings stay the same."""
+    if not config.callers:
+        return {}
+    from sidecar.callers.key_sets import FetchedKeys, KeySetError, StaticKeys, read_key_set_file
+    from sidecar.callers.workload_tokens import CallerVerifier, KeySource
+
+    verifiers: dict[str, CallerVerifier] = {}
+    for name, definition in config.callers.items():
+        path = f"callers.{name}"
+        keys: KeySource
+        if definition.jwks_file is not None:
+            try:
+                keys = StaticKeys(read_key_set_file(definition.jwks_file))
+            except KeySetError as exc:
+                problems.add(f"{path}.jwks_file", str(exc))
+                continue
+        else:
+            assert definition.jwks_url is not None
+            tls = _compile_tls(definition.tls, f"{path}.tls", problems, warnings)
+            if tls is None:
+                continue
+            fetched = FetchedKeys(name, definition.jwks_url, tls, definition.bearer_token_file)
+            kept = previous.callers.get(name) if previous is not None else None
+            if (kept is not None and isinstance(kept.keys, FetchedKeys)
+                    and kept.keys.spec() == fetched.spec()):
+                fetched = kept.keys
+            keys = fetched
+        verifiers[name] = CallerVerifier(name, definition.issuer, definition.audience, keys)
+    return verifiers
+
+
+def _caller_warnings(file: str, config: SidecarConfig) -> list[str]:
+    """Settings that let anyone in who reaches a listener, said out loud."""
+    found = []
+    for name, conn in config.connections.items():
+        if "*" in conn.allowed_hosts:
+            found.append(f"{file}: connections.{name}.allowed_hosts: \"*\" answers any Host, "
+                         "so a web page whose DNS name points at this listener (DNS rebinding) "
+                         "can use the connection's credentials; list the names instead")
+        if (conn.listen is not None and not conn.listen.is_loopback
+                and conn.allowed_callers is None):
+            found.append(f"{file}: connections.{name}.listen: {conn.listen} is reachable from "
+                         "other machines and the connection has no allowed_callers: anyone who "
+                         "reaches it leaves with its credentials (docs/callers.md)")
+    if "*" in config.proxy.allowed_hosts:
+        found.append(f"{file}: proxy.allowed_hosts: \"*\" answers any Host on the forward "
+                     "proxy (DNS rebinding); list the names instead")
+    return found
 
 
 def _binding_warnings(file: str, connections: Mapping[str, CompiledConnection],

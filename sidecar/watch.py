@@ -30,6 +30,8 @@ def referenced_files(config: SidecarConfig) -> set[Path]:
         found |= _oauth_files(oauth)
     for conn in config.connections.values():
         found |= _tls_files(conn.tls)
+    for caller in config.callers.values():
+        found |= {caller.jwks_file} | _tls_files(caller.tls)
     return {p for p in found if p is not None}
 
 

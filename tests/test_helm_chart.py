@@ -181,6 +181,33 @@ def test_admin_port_is_on_the_service_only_when_asked(example: str) -> None:
     )
 
 
+@pytest.mark.parametrize("example", GATEWAYS)
+def test_gateway_listeners_answer_the_services_names(example: str) -> None:
+    # Apps call http://<service>:<port>: that Host must not get 421 misdirected
+    # (docs/callers.md); the Service maps each listener's own port, so the names are enough.
+    docs = rendered(example)
+    service = chart.one(docs, "Service")["metadata"]["name"]
+    config = config_of(docs)
+    listeners = {name: conn for name, conn in config.get("connections", {}).items()
+                 if conn.get("listen")}
+    assert listeners or config.get("proxy", {}).get("listen"), "a gateway with no listener"
+    for conn in listeners.values():
+        assert service in conn["allowed_hosts"]
+        assert any(h.startswith(f"{service}.") and h.endswith(".svc")
+                   for h in conn["allowed_hosts"])
+    if config.get("proxy", {}).get("listen"):
+        assert service in config["proxy"]["allowed_hosts"]
+
+
+def test_sidecar_listeners_answer_only_their_own_address() -> None:
+    sidecars = [name for name, path in EXAMPLES.items()
+                if chart.load_values(path)["mode"] != "gateway"]
+    assert sidecars
+    for example in sidecars:
+        for conn in config_of(rendered(example)).get("connections", {}).values():
+            assert "allowed_hosts" not in conn, example
+
+
 def test_network_policy_limits_who_may_use_the_credentials() -> None:
     docs = rendered("gateway")
     policy = chart.one(docs, "NetworkPolicy")["spec"]

@@ -490,7 +490,7 @@ def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
 @pytest.mark.parametrize("name", [n for n in HOSTILE_TOKENS if n != "good"])
 def test_a_hostile_access_token_is_a_token_failure_never_a_header(token_setup: TokenSetup,
                                                                   name: str) -> None:
-    response = exchange(token_setup.ports[name], b"GET /Patient HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = exchange(token_setup.ports[name], b"GET /Patient HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert response.status == 503, response.head + response.body
     assert response.headers["content-type"] == "application/fhir+json"
     assert response.headers["x-sidecar-error"] == "token-unavailable"
@@ -500,7 +500,7 @@ def test_a_hostile_access_token_is_a_token_failure_never_a_header(token_setup: T
     assert name in token_setup.endpoint.requests
     # The proof that the check is what stopped it: a good token from the same endpoint is
     # sent, and only that one ever reaches the upstream.
-    good = exchange(token_setup.ports["good"], b"GET /Patient HTTP/1.1\r\nHost: x\r\n\r\n")
+    good = exchange(token_setup.ports["good"], b"GET /Patient HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert good.status == 200, good.head
     wait_until(lambda: token_setup.upstream.heads(), message="the good request upstream")
     received = token_setup.upstream.all_bytes()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from sidecar.admin.auth import AdminAuth
 from sidecar.admin.config_store import ConfigStore
-from sidecar.admin.host_check import is_loopback_listen
 from sidecar.admin.probe_gate import ProbeGate
 from sidecar.admin.readiness import StatusSources
 from sidecar.admin.views import Views
+from sidecar.callers.hosts import is_loopback_listen
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What every request to the admin listener passes before a handler sees it.
 
-- ``Host`` must name this listener (:mod:`.host_check`); anything else gets ``421``.
+- ``Host`` must name this listener (:mod:`sidecar.callers.hosts`); anything else gets ``421``.
 - Request bodies are read only by handlers that take one (:class:`BoundedBody`), after they
   have checked who is asking and only up to their own limit; a body sent to any other resource
   gets ``413`` before a byte of it is read. Without this, tornado would buffer up to 100 MB per
@@ -18,7 +18,7 @@ from typing import Any, cast
 import tornado.httputil
 import tornado.web
 
-from sidecar.admin.host_check import host_allowed
+from sidecar.callers.hosts import host_allowed
 from sidecar.live import LiveConfig
 
 MAX_API_BODY_BYTES = 1024 * 1024

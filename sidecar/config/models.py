@@ -95,6 +95,16 @@ class ListenAddress:
         return True
 
     @property
+    def is_loopback(self) -> bool:
+        """Reachable from this machine only: a loopback address, or ``localhost``."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
     def is_wildcard(self) -> bool:
         """0.0.0.0 or ::, which listen on every interface."""
         return self.host in _WILDCARD_HOSTS
@@ -187,6 +197,11 @@ class ProxySettings(_Model):
         "instead of refusing it; other hosts are still refused"))
     ca_cert_export: ConfigPath | None = Field(
         default=None, description="where to write that CA's certificate (PEM) at start")
+    # A browser on a rebound DNS name sends that name: it gets 421.
+    allowed_hosts: list[AllowedHost] = Field(default_factory=list, description=(
+        "Host values an origin-form request on the forward proxy may carry besides the "
+        "listener's own address and localhost (others get 421 misdirected); \"*\" turns the "
+        "check off"))
 
     @model_validator(mode="after")
     def _intercept_needs_listener(self) -> Self:
@@ -221,6 +236,48 @@ def _check_host_name(value: str) -> str:
         raise ValueError(f"{value!r} is not a host name or IP address (no scheme, no port; "
                          "for example fhir-sidecar.example.internal)")
     return name
+
+
+def _check_allowed_host(value: str) -> str:
+    return "*" if value.strip() == "*" else _check_host_name(value)
+
+
+# ``connections.*.allowed_hosts`` and ``proxy.allowed_hosts``: host names, or "*" (no check).
+AllowedHost = Annotated[str, AfterValidator(_check_allowed_host)]
+
+
+def _check_origin(value: str) -> str:
+    """An Origin as browsers send it: scheme://host[:port], lower case, default port left
+    out; or ``null`` (opaque origins: sandboxed frames, file: pages)."""
+    text = value.strip()
+    if text == "null":
+        return text
+    parts = urlsplit(text.lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (parts.scheme not in ("http", "https") or not parts.hostname or port == -1
+            or parts.path or parts.query or parts.fragment or "@" in parts.netloc):
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], as a browser's "
+                         "Origin header has it; for example https://app.example.org)")
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+AllowedOrigin = Annotated[str, AfterValidator(_check_origin)]
+_CALLER_RULE = re.compile(rf"({NAME_REGEX.strip('^$')}):(\S+)")
+
+
+def _check_allowed_caller(value: str) -> str:
+    if _CALLER_RULE.fullmatch(value) is None:
+        raise ValueError(f"{value!r} must be <caller definition>:<subject>, for example "
+                         "k8s:system:serviceaccount:billing:claims-api")
+    return value
+
+
+AllowedCaller = Annotated[str, AfterValidator(_check_allowed_caller)]
 
 
 class AdminSettings(_Model):
@@ -384,6 +441,41 @@ class EgressProxyDefinition(_Model):
         return self
 
 
+class CallerDefinition(_Model):
+    """Who issues the workload tokens (JWTs) apps prove themselves with: a Kubernetes API
+    server (projected ServiceAccount tokens), SPIFFE (JWT-SVIDs) or any OIDC issuer."""
+
+    issuer: str = Field(min_length=1, description="the tokens' iss claim, exactly")
+    audience: str = Field(min_length=1, description=(
+        "the aud the tokens must carry (for example fhir-sidecar)"))
+    jwks_file: ConfigPath | None = Field(default=None, description=(
+        "the issuer's public keys (JWK Set), kept current by the platform; re-read live"))
+    jwks_url: str | None = Field(default=None, description=(
+        "the issuer's JWK Set URL (https); fetched at start, every 10 minutes and on an "
+        "unknown kid (at most once a minute)"))
+    tls: TlsSettings = Field(default_factory=TlsSettings, description=(
+        "how the sidecar verifies the jwks_url server"))
+    bearer_token_file: ConfigPath | None = Field(default=None, description=(
+        "a token sent as Authorization: Bearer when fetching jwks_url (for example a "
+        "projected ServiceAccount token; re-read at every fetch)"))
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _require_http_url(value, credentials_in="bearer_token_file")
+            if not value.startswith("https://"):
+                raise ValueError(f"{value!r}: the key set must come over https://")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        _exactly_one(self, ("jwks_file", "jwks_url"), "key source")
+        if self.bearer_token_file is not None and self.jwks_url is None:
+            raise ValueError("bearer_token_file is only used with jwks_url")
+        return self
+
+
 class ConnectionAuth(_Model):
     basic: NameReference | None = Field(default=None, description="a basic_auth name")
     oauth: NameReference | None = Field(default=None, description="an oauth name")
@@ -428,6 +520,17 @@ class ConnectionSettings(_Model):
         "back at the sidecar"))
     via: NameReference | None = Field(default=None, description=(
         "an egress_proxies name: tunnel through that proxy (CONNECT)"))
+    # Who may use the connection (docs/callers.md).
+    allowed_hosts: list[AllowedHost] = Field(default_factory=list, description=(
+        "Host values its listener answers besides the address a request arrived on and "
+        "localhost, with or without the listener's port (others get 421 misdirected); \"*\" "
+        "turns the check off"))
+    allowed_origins: list[AllowedOrigin] = Field(default_factory=list, description=(
+        "browser origins (scheme://host[:port]) whose requests are served; a request with "
+        "any other Origin header gets 403 origin-not-allowed"))
+    allowed_callers: list[AllowedCaller] | None = Field(default=None, description=(
+        "<caller definition>:<subject> of the workload tokens allowed to use it (Authorization: "
+        "Bearer <jwt>); without it, anyone who reaches the listener"))
 
     @field_validator("url")
     @classmethod
@@ -470,6 +573,9 @@ class SidecarConfig(_Model):
     egress_proxies: dict[Name, EgressProxyDefinition] = Field(
         default_factory=dict, description=(
             "corporate HTTP proxies that connections.*.via and oauth.*.via tunnel through"))
+    callers: dict[Name, CallerDefinition] = Field(
+        default_factory=dict, description=(
+            "issuers of the workload tokens that connections.*.allowed_callers name"))
 
     def listeners(self) -> list[Listener]:
         """Every address this config binds: validation, binding, routing and reload read
@@ -497,6 +603,12 @@ class SidecarConfig(_Model):
                 problems.append((f"connections.{name}.auth.oauth",
                                  f"no OAuth definition named {conn.auth.oauth!r}"
                                  f"{_known(self.oauth)}"))
+            for index, caller in enumerate(conn.allowed_callers or ()):
+                definition = caller.partition(":")[0]
+                if definition not in self.callers:
+                    problems.append((f"connections.{name}.allowed_callers[{index}]",
+                                     f"no caller definition named {definition!r}"
+                                     f"{_known(self.callers)}"))
         users = [(f"connections.{n}.via", c.via) for n, c in self.connections.items()]
         users += [(f"oauth.{n}.via", d.via) for n, d in self.oauth.items()]
         for path, via in users:

@@ -30,6 +30,7 @@ class FlowState:
     bytes_out: int = 0
     error: str | None = None
     bearer: str | None = field(default=None, repr=False)
+    caller: str | None = None  # the workload token's <definition>:<subject>, when checked
     links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
     links_done_for: http.Response | None = field(default=None, repr=False)
 

@@ -306,6 +306,43 @@ def install_tls_close_fix() -> None:
     tls_layers.ServerTLSLayer.receive_data = receive_data  # type: ignore[method-assign,assignment]
 
 
+# -- the request form the app used ---------------------------------------------------------------
+
+# Requests that arrived in origin-form (``GET /path``), before mitmproxy rewrote them.
+_origin_form: weakref.WeakSet[http.Request] = weakref.WeakSet()
+
+
+def track_request_forms() -> None:
+    """Remember which requests arrived in origin-form, for :func:`arrived_in_origin_form`.
+
+    On the forward proxy, mitmproxy takes an origin-form request's destination from its
+    ``Host`` header, and turns every HTTP/1 request into origin-form before any addon runs
+    (``HttpStream.state_wait_for_request_headers``), so by then an absolute-form request
+    (``GET http://host/path``) looks the same. The Host rule applies to the first kind only
+    (docs/callers.md), so the form is read as the request arrives.
+    """
+    original = http_layers.HttpStream.state_wait_for_request_headers
+    if getattr(original, "_sidecar_forms", False):
+        return
+
+    @functools.wraps(original)
+    def state_wait_for_request_headers(self: http_layers.HttpStream, event: events.Event
+                                       ) -> Generator[commands.Command, Any, None]:
+        if (isinstance(event, http_layers.RequestHeaders)
+                and event.request.first_line_format == "relative"):
+            _origin_form.add(event.request)
+        return (yield from original(self, event))
+
+    state_wait_for_request_headers._sidecar_forms = True  # type: ignore[attr-defined]
+    http_layers.HttpStream.state_wait_for_request_headers = (  # type: ignore[method-assign]
+        state_wait_for_request_headers)
+
+
+def arrived_in_origin_form(request: http.Request) -> bool:
+    """Whether the app sent ``request`` in origin-form; needs :func:`track_request_forms`."""
+    return request in _origin_form
+
+
 # -- limits on app connections -----------------------------------------------------------------
 
 # How h11 (and so mitmproxy) recognises the blank line that ends a message head.

@@ -62,6 +62,7 @@ class RequestLog:
             upstream_status=upstream_status,
             duration_ms=round(duration * 1000, 2),
             bytes_in=state.bytes_in, bytes_out=state.bytes_out, error=state.error,
+            caller=state.caller,
         )
 
     def refused_before_flow(self, request_id: str, problem: SidecarError) -> None:

@@ -9,11 +9,15 @@ passed on as it came.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from mitmproxy import http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from sidecar.callers import gate
+from sidecar.callers.workload_tokens import Caller
 from sidecar.errors import SidecarError
 from sidecar.links import LinkRewriter, app_base_url
 from sidecar.listeners import listen_address_of
@@ -40,18 +44,21 @@ class Routing:
     def load(self, loader: Loader) -> None:
         # mitmproxy would leave a request with trailers hanging, unanswered.
         mitm_compat.drop_http1_trailers()
+        # The forward proxy's Host rule needs the form a request arrived in.
+        mitm_compat.track_request_forms()
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         snapshot = self._config.current()
         if snapshot is None:
-            return
+            return None
         try:
-            self._route(flow, snapshot)
+            return self._route(flow, snapshot)
         except Exception:
             # Fail closed. mitmproxy logs a hook's exception and carries on with the flow as
             # it is: unrouted, a forward-proxy request would go wherever the app asked.
             error_answers.refuse_after_failure(flow, self._state(flow, snapshot),
                                                "routing the request")
+            return None
 
     def _state(self, flow: http.HTTPFlow, snapshot: Snapshot) -> FlowState:
         """The flow's state; one for a request refused before it was routed."""
@@ -62,8 +69,9 @@ class Routing:
             self._request_log.started(flow, state)
         return state
 
-    def _route(self, flow: http.HTTPFlow, snapshot: Snapshot) -> None:
+    def _route(self, flow: http.HTTPFlow, snapshot: Snapshot) -> Awaitable[None] | None:
         request = flow.request
+        authorization = request.headers.get("Authorization")  # a caller's workload token
         request_id = request_id_from(request.headers.get(REQUEST_ID))
         refused = request_checks.refusal(request)
         conn, upstream_path = None, None
@@ -79,11 +87,15 @@ class Routing:
         request.headers[REQUEST_ID] = request_id
         if refused is not None:
             error_answers.refuse(flow, state, refused, close=True)
-            return
+            return None
         if conn is None or upstream_path is None:
             error_answers.refuse(flow, state, failures.no_route(request.pretty_host,
                                                                 request.path))
-            return
+            return None
+        refused = _caller_refusal(flow, snapshot, conn)
+        if refused is not None:
+            error_answers.refuse(flow, state, refused)
+            return None
 
         upstream = conn.upstream
         if conn.settings.rewrite_links:
@@ -91,6 +103,29 @@ class Routing:
         request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
         request.path = upstream_path
         request.host_header = upstream.host_header
+        allowed_callers = conn.settings.allowed_callers
+        if allowed_callers is None:
+            return None
+        verdict = gate.caller_verdict(authorization, connection=conn.name,
+                                      allowed_callers=allowed_callers,
+                                      verifiers=snapshot.callers)
+        if isinstance(verdict, gate.NeedsKeys):
+            return self._judge_after_keys(flow, state, snapshot, conn, authorization, verdict)
+        _admit(flow, state, verdict)
+        return None
+
+    async def _judge_after_keys(self, flow: http.HTTPFlow, state: FlowState,
+                                snapshot: Snapshot, conn: CompiledConnection,
+                                authorization: str | None, needed: gate.NeedsKeys) -> None:
+        try:
+            await needed.source.refresh()
+            assert conn.settings.allowed_callers is not None
+            verdict = gate.after_keys(authorization, connection=conn.name,
+                                      allowed_callers=conn.settings.allowed_callers,
+                                      verifiers=snapshot.callers)
+            _admit(flow, state, verdict)
+        except Exception:
+            error_answers.refuse_after_failure(flow, state, "checking the caller's token")
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # Apps reach upstreams through the sidecar in plain HTTP; a CONNECT tunnel would carry
@@ -108,6 +143,45 @@ class Routing:
         # CONNECT requests skip requestheaders: the state is made here.
         error_answers.refuse(flow, self._state(flow, snapshot),
                              failures.connect_refused(host, known))
+
+
+def _admit(flow: http.HTTPFlow, state: FlowState, verdict: Caller | SidecarError) -> None:
+    if isinstance(verdict, SidecarError):
+        error_answers.refuse(flow, state, verdict)
+    else:
+        state.caller = verdict.name
+
+
+def _caller_refusal(flow: http.HTTPFlow, snapshot: Snapshot, conn: CompiledConnection
+                    ) -> SidecarError | None:
+    """The Host and Origin checks (docs/callers.md), before anything else is done."""
+    request = flow.request
+    client = flow.client_conn
+    local = client.sockname[0] if client.sockname else None
+    if isinstance(client.proxy_mode, ReverseMode):
+        listen = listen_address_of(client.proxy_mode.full_spec)
+        if listen is not None:
+            refused = gate.host_refusal(
+                request.host_header, listen=listen, local_address=local,
+                allowed_hosts=conn.settings.allowed_hosts,
+                setting=f"connections.{conn.name}.allowed_hosts",
+                what=f"the listener of connection '{conn.name}'")
+            if refused is not None:
+                return refused
+    elif mitm_compat.arrived_in_origin_form(request) and not client.tls:
+        # An origin-form request on the forward proxy is routed by its Host alone: the one
+        # kind a rebound page can send there. Absolute-form requests name their target.
+        listen = snapshot.config.proxy.listen
+        if listen is not None:
+            refused = gate.host_refusal(
+                request.host_header, listen=listen, local_address=local,
+                allowed_hosts=snapshot.config.proxy.allowed_hosts,
+                setting="proxy.allowed_hosts", what="the forward proxy")
+            if refused is not None:
+                return refused
+    return gate.origin_refusal(request.headers.get("Origin"),
+                               allowed_origins=conn.settings.allowed_origins,
+                               connection=conn.name)
 
 
 def _destination(flow: http.HTTPFlow, snapshot: Snapshot

@@ -35,6 +35,8 @@ PATCHED: tuple[tuple[Any, str], ...] = (
     # guard_request_heads
     (_http1.Http1Server, "read_headers"),
     (mitm_compat, "_head_guard"),
+    # track_request_forms
+    (http_layers.HttpStream, "state_wait_for_request_headers"),
     # drop_http1_trailers
     (_http1, "make_body_reader"),
     (mitm_compat, "_trailers_dropped"),

@@ -75,6 +75,21 @@ admin.listen set from `admin`, so probes and listener always agree.
 {{- $_ := set $admin "allowed_hosts" (append (get $admin "allowed_hosts" | default list) .Values.jwksIngress.host | uniq) -}}
 {{- end -}}
 {{- $_ := set $cfg "admin" $admin -}}
+{{- if eq .Values.mode "gateway" -}}
+{{- /* Apps reach the listeners by the Service's names: their Host must be answered (421 otherwise). */ -}}
+{{- $svc := include "fhir-sidecar.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) -}}
+{{- range $name, $conn := (get $cfg "connections" | default dict) -}}
+{{- if and $conn (get $conn "listen") -}}
+{{- $_ := set $conn "allowed_hosts" (concat (get $conn "allowed_hosts" | default list) $names | uniq) -}}
+{{- end -}}
+{{- end -}}
+{{- $proxy := get $cfg "proxy" | default dict -}}
+{{- if get $proxy "listen" -}}
+{{- $_ := set $proxy "allowed_hosts" (concat (get $proxy "allowed_hosts" | default list) $names | uniq) -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 

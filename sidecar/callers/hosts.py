@@ -1,4 +1,5 @@
-"""Which ``Host`` header values the admin listener answers, and whether it is loopback-only.
+"""Which ``Host`` header values a listener answers (the admin listener, the connection
+listeners and the forward proxy), and whether a listener is loopback-only.
 
 A web page can make a browser send requests to ``127.0.0.1:9901`` by rebinding its own DNS name
 to that address ("DNS rebinding"); the browser then still sends the page's name as ``Host``.
@@ -66,3 +67,39 @@ def is_loopback_listen(listen_host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False  # another host name may resolve to any interface
+
+
+def split_host_port(value: str) -> tuple[str, int | None]:
+    """A ``Host`` value's name (as :func:`host_name` spells it) and its port, if it has one;
+    a port that is not a number is ``-1`` (never a listener's)."""
+    text = value.strip()
+    port_text = ""
+    if text.startswith("["):
+        rest = text.partition("]")[2]
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        port_text = text.partition(":")[2]
+    port: int | None = None
+    if port_text:
+        port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else -1
+    return host_name(text), port
+
+
+def listener_host_allowed(host_header: str | None, *, listen_host: str, listen_port: int,
+                          local_address: str | None, allowed_hosts: Iterable[str]) -> bool:
+    """Whether a request to a connection listener (or the forward proxy) names it.
+
+    Its own configured address, the address the connection arrived on, ``localhost`` and
+    the operator's ``allowed_hosts`` (``"*"``: any), each with or without the listener's
+    port. A page whose DNS name was rebound to this address still sends its own name.
+    """
+    allowed = list(allowed_hosts)
+    if "*" in allowed:
+        return True
+    if not host_header:
+        return False
+    name, port = split_host_port(host_header)
+    if port is not None and port != listen_port:
+        return False
+    return host_allowed(name, listen_host=listen_host, local_address=local_address,
+                        allowed_hosts=allowed)
