@@ -490,7 +490,8 @@ def token_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
 @pytest.mark.parametrize("name", [n for n in HOSTILE_TOKENS if n != "good"])
 def test_a_hostile_access_token_is_a_token_failure_never_a_header(token_setup: TokenSetup,
                                                                   name: str) -> None:
-    response = exchange(token_setup.ports[name], b"GET /Patient HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    response = exchange(token_setup.ports[name],
+                        b"GET /Patient HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert response.status == 503, response.head + response.body
     assert response.headers["content-type"] == "application/fhir+json"
     assert response.headers["x-sidecar-error"] == "token-unavailable"
