@@ -42,6 +42,20 @@ BASIC_AUTHORIZATION = "Basic " + base64.b64encode(
 BENCH_CLIENT_ID, BENCH_CLIENT_SECRET = "bench-client", "bench-secret"
 BENCH_TOKEN_PREFIX = "bench-token-"  # the upstream accepts any bearer token with this prefix
 READY_TIMEOUT = 20.0
+BENCH_ISSUER = "https://kubernetes.default.svc.cluster.local"
+BENCH_SUBJECT = "system:serviceaccount:bench:app"
+
+
+def _workload_identity() -> tuple[str, str]:
+    """A cluster key set (JSON) and a projected-ServiceAccount-style token it verifies."""
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    key = RSAKey.generate_key(2048, parameters={"kid": "bench"})
+    token = jwt.encode({"alg": "RS256", "kid": "bench"},
+                       {"iss": BENCH_ISSUER, "aud": ["fhir-sidecar"], "sub": BENCH_SUBJECT,
+                        "exp": int(time.time()) + 86400}, key)
+    return json.dumps({"keys": [key.as_dict(private=False)]}), token
 
 
 def patient_json() -> bytes:
@@ -360,11 +374,13 @@ class Bench:
         return self.tokens.issued
 
     def add_sidecar(self, auth: str, source: Path | None = None, rewrite_links: bool = True,
-                    key: str | None = None) -> None:
+                    key: str | None = None, callers: bool = False) -> None:
         """fhir-sidecar with ``auth`` (basic or oauth) credentials.
 
         ``source``: a directory holding another ``sidecar`` package (e.g. the code before a
         change) to run instead of the installed one, as target ``sidecar-before``.
+        ``callers``: the connection serves only a workload token's subject (allowed_callers),
+        and the client sends that token with every request (target ``sidecar-callers``).
         """
         port, admin = free_port(), free_port()
         ca = self.pki.ca_bundle_path
@@ -382,6 +398,16 @@ class Bench:
                   f"    tls: {{verify: custom, ca_bundle: {ca}}}"]
         if not rewrite_links:
             lines.append("    rewrite_links: false")
+        client_headers: dict[str, str] = {}
+        if callers:
+            jwks, token = _workload_identity()
+            (self.workdir / "cluster-jwks.json").write_text(jwks)
+            lines.append(f"    allowed_callers: ['k8s:{BENCH_SUBJECT}']")
+            lines += ["callers:", "  k8s:", f"    issuer: {BENCH_ISSUER}",
+                      "    audience: fhir-sidecar",
+                      f"    jwks_file: {self.workdir / 'cluster-jwks.json'}"]
+            client_headers["Authorization"] = f"Bearer {token}"
+            key = key or "sidecar-callers"
         key = key or (f"sidecar-{auth}" if source is None else "sidecar-before")
         config = self.workdir / f"{key}.yaml"
         config.write_text("\n".join(lines) + "\n")
@@ -400,8 +426,9 @@ class Bench:
         _wait_line(proc, lambda d: d.get("event") == "ready")
         proc.ready_seconds = time.monotonic() - started
         counter = self.tokens_issued if auth == "oauth" else None
-        self.targets.append(Target(key, f"fhir-sidecar ({auth})",
-                                   f"http://127.0.0.1:{port}{PATIENT_PATH}", proc, counter))
+        label = f"fhir-sidecar ({auth}{', caller tokens' if callers else ''})"
+        self.targets.append(Target(key, label, f"http://127.0.0.1:{port}{PATIENT_PATH}", proc,
+                                   counter, headers=client_headers))
 
     def check_targets(self) -> None:
         """Every target must answer 200 with the Patient, or the numbers mean nothing."""

@@ -199,6 +199,24 @@ def test_gateway_listeners_answer_the_services_names(example: str) -> None:
         assert service in config["proxy"]["allowed_hosts"]
 
 
+def test_the_cluster_key_set_token_is_mounted_only_when_asked() -> None:
+    values = chart.load_values(EXAMPLES["gateway"])
+    docs = chart.render(values)
+    volumes = chart.one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert not any("projected" in v for v in volumes)
+    asked = copy.deepcopy(values)
+    asked["callerKeysToken"] = {"enabled": True, "audience": "https://kubernetes.default.svc"}
+    pod = chart.one(chart.render(asked), "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False  # never the default token
+    [kube] = [v for v in pod["volumes"] if v["name"] == "fhir-sidecar-kube"]
+    sources = kube["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["audience"] == "https://kubernetes.default.svc"
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    mounts = chart.sidecar_container(chart.render(asked))["volumeMounts"]
+    assert {"name": "fhir-sidecar-kube", "mountPath": "/var/run/secrets/fhir-sidecar/kube",
+            "readOnly": True} in mounts
+
+
 def test_sidecar_listeners_answer_only_their_own_address() -> None:
     sidecars = [name for name, path in EXAMPLES.items()
                 if chart.load_values(path)["mode"] != "gateway"]

@@ -100,6 +100,7 @@ class FetchedKeys:
         self._keys: KeySet | None = None
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
+        self._unknown_kid_at: float | None = None  # the last fetch an unknown kid asked for
         self._fetch: asyncio.Task[None] | None = None
         self.last_error: str | None = None
 
@@ -118,10 +119,13 @@ class FetchedKeys:
             return True
         if self._keys is None or self._attempted_at is None:
             return True
-        since = now - self._attempted_at
         if unknown_kid:
-            return since >= UNKNOWN_KID_INTERVAL_SECONDS
-        return since >= REFRESH_SECONDS
+            if (self._unknown_kid_at is not None
+                    and now - self._unknown_kid_at < UNKNOWN_KID_INTERVAL_SECONDS):
+                return False
+            self._unknown_kid_at = now
+            return True
+        return now - self._attempted_at >= REFRESH_SECONDS
 
     def refresh_in_background(self) -> None:
         if self._fetch is None or self._fetch.done():

@@ -363,6 +363,11 @@ with sidecar.native: true.
       mountPath: /etc/fhir-sidecar/ca/{{ .name }}
       readOnly: true
     {{- end }}
+    {{- if $v.callerKeysToken.enabled }}
+    - name: fhir-sidecar-kube
+      mountPath: /var/run/secrets/fhir-sidecar/kube
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{/* The volumes the container mounts (list items for the pod's `volumes:`). */}}
@@ -400,5 +405,23 @@ with sidecar.native: true.
     secretName: {{ .secret }}
   {{- end }}
     defaultMode: 292
+{{- end }}
+{{- if .Values.callerKeysToken.enabled }}
+# Only for fetching the cluster's key set (callers.*.jwks_url with bearer_token_file).
+- name: fhir-sidecar-kube
+  projected:
+    defaultMode: 292
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: {{ int .Values.callerKeysToken.expirationSeconds }}
+          {{- with .Values.callerKeysToken.audience }}
+          audience: {{ . }}
+          {{- end }}
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
 {{- end }}
 {{- end -}}
