@@ -276,7 +276,7 @@ def test_no_bad_or_foreign_token_gets_401_and_nothing_goes_upstream(rig: Rig) ->
     for case, authorization in bad.items():
         headers = {} if authorization is None else {"Authorization": authorization}
         answer, arrived = rig.upstream_bytes_after(
-            lambda h=headers: get(rig.port("guarded"), "/Patient",  # type: ignore[misc]
+            lambda h=headers: get(rig.port("guarded"), "/Patient",
                                   Host="localhost", **h))
         _refused(answer, 401, "caller-unauthenticated")
         assert answer.headers["www-authenticate"].startswith("Bearer"), case

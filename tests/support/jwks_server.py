@@ -26,7 +26,7 @@ class JwksServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 auth = self.headers.get("Authorization")
                 with server._lock:
                     server.fetches.append(auth)
