@@ -358,3 +358,20 @@ def test_a_caller_definition_with_a_bad_key_set_is_a_config_error(
     config["connections"]["c"]["allowed_callers"] = ["k9s:someone"]
     out = check()
     assert f"{path}: connections.c.allowed_callers[0]: no caller definition named 'k9s'" in out
+
+
+def test_check_warns_about_a_shared_listener_without_callers_and_a_star(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {
+        "admin": {"listen": None},
+        "connections": {"open-door": {"url": "https://127.0.0.1:9/fhir",
+                                      "listen": f"0.0.0.0:{free_port()}",
+                                      "allowed_hosts": ["*"]},
+                        "local": {"url": "https://127.0.0.1:9/fhir",
+                                  "listen": f"127.0.0.1:{free_port()}"}}})
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any("connections.open-door.allowed_hosts" in w for w in warnings)
+    assert any("connections.open-door.listen" in w and "allowed_callers" in w for w in warnings)
+    assert not any("connections.local." in w for w in warnings)
