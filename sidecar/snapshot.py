@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from sidecar.credentials.oauth import TokenObserver, TokenSource
 
 _generations = itertools.count(1)
+# The compiled name of audit.fhir: not a valid connection name, so it can never collide.
+AUDIT_DESTINATION = "audit.fhir"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class Snapshot:
     egress_proxies: Mapping[str, EgressProxy] = field(default_factory=dict)
     # The workload-token verifiers of the callers section, by definition name.
     callers: Mapping[str, CallerVerifier] = field(default_factory=dict)
+    # audit.fhir, compiled like a connection (its name is AUDIT_DESTINATION); never routed to.
+    audit_destination: CompiledConnection | None = None
     # Knows every secret this snapshot read: scrubs any outside text before it is shown.
     redactor: Redactor = field(default=GENERIC, repr=False, compare=False)
     generation: int = field(default_factory=lambda: next(_generations))
@@ -145,8 +149,16 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
     signing_keys = _compile_signing_keys(config, problems, warnings)
 
     connections: dict[str, CompiledConnection] = {}
-    for name, settings in config.connections.items():
-        path = f"connections.{name}"
+    audit_destination: CompiledConnection | None = None
+    targets = list(config.connections.items())
+    if config.audit is not None and config.audit.fhir is not None:
+        sink = config.audit.fhir
+        # The audit repository is compiled like a connection (credentials, TLS, egress) but
+        # is no connection: nothing routes to it, so no app can reach it.
+        targets.append((AUDIT_DESTINATION, ConnectionSettings(
+            url=sink.url, auth=sink.auth, tls=sink.tls, via=sink.via)))
+    for name, settings in targets:
+        path = f"connections.{name}" if name != AUDIT_DESTINATION else "audit.fhir"
         upstream = Upstream.from_url(settings.url)
         tls = None
         if upstream.scheme == "https":
@@ -159,13 +171,17 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
         via = proxies.get(settings.via) if settings.via is not None else None
         if settings.via is not None and via is None:
             continue  # the proxy definition's own problem is reported
-        connections[name] = CompiledConnection(
+        compiled = CompiledConnection(
             name=name, settings=settings, upstream=upstream, tls=tls,
             basic=basic.get(settings.auth.basic) if settings.auth.basic else None,
             oauth=settings.auth.oauth,
             listen=settings.listen,
             via=via,
         )
+        if name == AUDIT_DESTINATION:
+            audit_destination = compiled
+        else:
+            connections[name] = compiled
     warnings += _binding_warnings(file, connections, token_sources)
     warnings += _caller_warnings(file, config)
     callers = _compile_callers(config, problems, warnings, previous)
@@ -175,7 +191,7 @@ def compile_snapshot(config: SidecarConfig, source: str | Path,
     return Snapshot(source=file, config=config, connections=connections,
                     token_sources=token_sources, router=router, warnings=tuple(warnings),
                     signing_keys=signing_keys, egress_proxies=proxies, callers=callers,
-                    redactor=redactor)
+                    audit_destination=audit_destination, redactor=redactor)
 
 
 def _compile_callers(config: SidecarConfig, problems: _Problems, warnings: list[str],

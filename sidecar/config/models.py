@@ -502,6 +502,65 @@ def _require_http_url(value: str,
         raise ValueError(f"{value!r} must not have a query string or fragment")
 
 
+def _state_relative(value: str) -> str:
+    path = Path(value)
+    if not value or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{value!r}: give a path inside the state directory (relative, no "
+                         "'..'); the sidecar writes it there")
+    return value
+
+
+# A file or directory the sidecar writes, relative to its state directory (--state-dir).
+StatePath = Annotated[str, AfterValidator(_state_relative)]
+
+
+class AuditFhirSink(_Model):
+    """An Audit Record Repository: a FHIR server that stores AuditEvent resources. It is the
+    sidecar's own destination, never an app's connection, and its writes are never audited."""
+
+    url: str = Field(description="the repository's FHIR base URL")
+    auth: ConnectionAuth = Field(default_factory=ConnectionAuth, description=(
+        "at most one of basic and oauth, as on a connection"))
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    via: NameReference | None = Field(default=None, description="an egress_proxies name")
+    queue_dir: StatePath = Field(default="audit-queue", description=(
+        "where records wait to be sent, relative to the state directory"))
+    batch_size: int = Field(default=50, ge=1, le=1000, description=(
+        "AuditEvents per batch Bundle"))
+    flush_seconds: float = Field(default=5, gt=0, le=3600, description=(
+        "the longest a record waits before its batch is sent"))
+    max_queue_bytes: int = Field(default=104857600, ge=65536, description=(
+        "the most the queue may hold on disk; past it records are refused (and counted)"))
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _require_http_url(value)
+        return value.rstrip("/")
+
+
+class AuditSettings(_Model):
+    """The audit trail: one record per proxied request and per admin action (docs/audit.md)."""
+
+    file: StatePath | None = Field(default="audit/audit.jsonl", description=(
+        "JSON lines (mode 0600), relative to the state directory; null for none"))
+    max_file_bytes: int = Field(default=104857600, ge=4096, description=(
+        "the file is rotated past this size (audit.jsonl.1, .2, ...)"))
+    keep: int = Field(default=0, ge=0, description=(
+        "rotated files to keep; 0 (the default) never deletes one"))
+    fhir: AuditFhirSink | None = Field(default=None, description=(
+        "also send every record as a FHIR AuditEvent to this repository"))
+    required: bool = Field(default=False, description=(
+        "refuse a request with 503 audit-unavailable when its record cannot be queued, and "
+        "answer only once it is on disk"))
+
+
+class LoggingSettings(_Model):
+    request_paths: Literal["full", "redacted"] = Field(default="full", description=(
+        "redacted: resource ids are replaced in the request log's path (the audit trail keeps "
+        "them)"))
+
+
 class ConnectionSettings(_Model):
     url: str
     listen: Listen | None = Field(default=None, description=(
@@ -573,6 +632,9 @@ class SidecarConfig(_Model):
     egress_proxies: dict[Name, EgressProxyDefinition] = Field(
         default_factory=dict, description=(
             "corporate HTTP proxies that connections.*.via and oauth.*.via tunnel through"))
+    audit: AuditSettings | None = Field(default=None, description=(
+        "the audit trail; none unless this section is set"))
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     callers: dict[Name, CallerDefinition] = Field(
         default_factory=dict, description=(
             "issuers of the workload tokens that connections.*.allowed_callers name"))
@@ -610,6 +672,17 @@ class SidecarConfig(_Model):
                                      f"no caller definition named {definition!r}"
                                      f"{_known(self.callers)}"))
         users = [(f"connections.{n}.via", c.via) for n, c in self.connections.items()]
+        if self.audit is not None and self.audit.fhir is not None:
+            sink = self.audit.fhir
+            users.append(("audit.fhir.via", sink.via))
+            if sink.auth.basic is not None and sink.auth.basic not in self.basic_auth:
+                problems.append(("audit.fhir.auth.basic",
+                                 f"no Basic Auth definition named {sink.auth.basic!r}"
+                                 f"{_known(self.basic_auth)}"))
+            if sink.auth.oauth is not None and sink.auth.oauth not in self.oauth:
+                problems.append(("audit.fhir.auth.oauth",
+                                 f"no OAuth definition named {sink.auth.oauth!r}"
+                                 f"{_known(self.oauth)}"))
         users += [(f"oauth.{n}.via", d.via) for n, d in self.oauth.items()]
         for path, via in users:
             if via is not None and via not in self.egress_proxies:
