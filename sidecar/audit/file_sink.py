@@ -10,6 +10,7 @@ move up by one); ``keep: 0`` never deletes a rotated file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -92,10 +93,8 @@ class AuditFile:
     def sync(self) -> None:
         if self._handle is not None and self._dirty:
             self._dirty = False
-            try:
+            with contextlib.suppress(OSError):  # a later write reports a broken disk
                 os.fsync(self._handle.fileno())
-            except OSError:
-                pass
         if self._synced is not None:
             self._synced.set()
             self._synced = None

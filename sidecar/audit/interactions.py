@@ -94,11 +94,7 @@ def _patient(found: Interaction, segs: list[str], params: list[tuple[str, str]]
         return f"Patient/{segs[1]}"
     for name, value in params:
         base = name.split(":", 1)[0]
-        if base == "patient":
-            ref = value.removeprefix("Patient/")
-            if _ID.fullmatch(ref):
-                return f"Patient/{ref}"
-        elif base == "subject" and value.startswith("Patient/"):
+        if base == "patient" or (base == "subject" and value.startswith("Patient/")):
             ref = value.removeprefix("Patient/")
             if _ID.fullmatch(ref):
                 return f"Patient/{ref}"
