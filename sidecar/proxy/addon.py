@@ -13,6 +13,7 @@ A request's path through them (each hook is named after the mitmproxy event it h
 - ``ErrorAnswers`` (``error_answers.py``) answers what failed;
 - ``RequestLog`` (``request_log.py``) finishes every request once: log line, metrics, and
   the one count of requests in flight;
+- ``AuditRequests`` (``audit_requests.py``) writes the request's audit record;
 - ``RetiredUpstreams`` (``upstream_retirement.py``) closes the upstream connections a reload
   retired, once no request uses them.
 
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sidecar.audit.trail import AuditTrail
 from sidecar.live import LiveConfig
 from sidecar.observe import NullObserver, ProxyObserver
+from sidecar.proxy.audit_requests import AuditRequests
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.credential_injection import Credentials
 from sidecar.proxy.egress_tunnel import EgressTunnel
@@ -47,10 +50,11 @@ class SidecarAddons:
     chain: list[object]  # to add to a master in this order, before mitmproxy's TlsConfig
 
 
-def sidecar_addons(live: LiveConfig | None = None, observer: ProxyObserver | None = None
-                   ) -> SidecarAddons:
+def sidecar_addons(live: LiveConfig | None = None, observer: ProxyObserver | None = None,
+                   audit: AuditTrail | None = None) -> SidecarAddons:
     """The addons, wired to one another. ``live`` is the embedded runner's config; without
-    it, the ``sidecar_config`` option names the file (``mitmdump -s``)."""
+    it, the ``sidecar_config`` option names the file (``mitmdump -s``). ``audit``: the
+    runner's audit trail (``fhir-sidecar run`` only: it needs the state directory)."""
     observer = observer or NullObserver()
     config = SidecarConfig(live)
     listeners = Listeners(config)
@@ -71,6 +75,7 @@ def sidecar_addons(live: LiveConfig | None = None, observer: ProxyObserver | Non
         LinkRewriting(),
         ErrorAnswers(upstream_tls, observer, request_log),
         request_log,  # it logs what the app got
+        AuditRequests(lambda: audit, request_log),  # after the request log finished it
         RetiredUpstreams(config, request_log),  # after the request log has finished a request
     ]
     return SidecarAddons(config, listeners, chain)
