@@ -278,6 +278,12 @@ class SidecarMetrics:
             "because of the connection: misdirected (a Host the listener does not answer), "
             "origin (a browser origin not allowed), unauthenticated / forbidden (the workload "
             "token of allowed_callers).", ["connection", "reason"], registry=r)
+        self.trace_export_count = Counter(
+            f"{PREFIX}_trace_exports", "Spans handed to the trace exporter, by result: exported "
+            "(the collector took them), dropped (the queue was full), failed (the collector "
+            "could not be reached or refused them).", ["result"], registry=r)
+        for result in ("exported", "dropped", "failed"):
+            self.trace_export_count.labels(result)
         self.audit_records = Counter(
             f"{PREFIX}_audit_records", "Audit records, by sink (file, fhir) and result: written "
             "(kept on disk), sent (stored by the audit repository), rejected (refused by it with "
@@ -393,6 +399,9 @@ class SidecarMetrics:
         self.board.token_expiry(definition, expires_at)
 
     # -- config --
+
+    def trace_exports(self, result: str, spans: int) -> None:
+        self.trace_export_count.labels(result).inc(spans)
 
     def audit_record(self, sink: str, result: str) -> None:
         self.audit_records.labels(sink, result).inc()

@@ -25,6 +25,7 @@ from sidecar.proxy.master import build_master
 from sidecar.proxy.snapshot_lifecycle import Listeners
 from sidecar.shutdown import GracefulStop, shutdown_timings
 from sidecar.snapshot import Snapshot
+from sidecar.tracing.setup import Tracing
 from sidecar.watch import FileWatcher
 
 BIND_DEADLINE_SECONDS = 10.0
@@ -121,7 +122,11 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     live.add_validator(lambda old, new: check_ports_free(new, already_bound=old))
     metrics.attach(live)
     audit = follow_audit(live, state_dir, metrics)
-    master, sidecar = build_master(live, state_dir, observer=metrics, audit=audit)
+    tracing = Tracing(metrics)
+    tracing.configure(live.current.config.tracing)
+    live.on_swap(lambda _old, new: tracing.configure(new.config.tracing))
+    master, sidecar = build_master(live, state_dir, observer=metrics, audit=audit,
+                                   tracing=tracing)
     listeners = sidecar.listeners
     proxyserver = master.addons.get("proxyserver")
     # Up before the proxy listeners, so that probes see 503 until those are bound.
@@ -189,5 +194,6 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     if admin is not None:  # last: probes and scrapes keep answering while draining
         await admin.stop()
     await audit.aclose()  # every record written, fsynced, and the queue closed
+    tracing.close()  # the last spans sent (bounded by the exporter's timeout)
     log_event("stopped")
     return 0

@@ -3,6 +3,7 @@
 A request's path through them (each hook is named after the mitmproxy event it handles):
 
 - ``Routing`` (``request_routing.py``) checks and routes the request, or refuses it;
+- ``RequestSpans`` (``request_spans.py``) traces the request when tracing is on;
 - ``Credentials`` (``credential_injection.py``) adds Basic or a bearer token, and retries a
   ``401`` to a bearer token once;
 - ``UpstreamTls`` (``upstream_tls.py``) applies the connection's TLS policy, ``EgressTunnel``
@@ -38,9 +39,11 @@ from sidecar.proxy.limits import ClientLimits, UpstreamDeadline, UpstreamReadTim
 from sidecar.proxy.link_rewriting import LinkRewriting
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
+from sidecar.proxy.request_spans import RequestSpans, TraceStart
 from sidecar.proxy.snapshot_lifecycle import CaExport, Listeners, TokenSources
 from sidecar.proxy.upstream_retirement import RetiredUpstreams
 from sidecar.proxy.upstream_tls import UpstreamTls
+from sidecar.tracing.setup import Tracing
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class SidecarAddons:
 
 
 def sidecar_addons(live: LiveConfig | None = None, observer: ProxyObserver | None = None,
-                   audit: AuditTrail | None = None) -> SidecarAddons:
+                   audit: AuditTrail | None = None, tracing: Tracing | None = None
+                   ) -> SidecarAddons:
     """The addons, wired to one another. ``live`` is the embedded runner's config; without
     it, the ``sidecar_config`` option names the file (``mitmdump -s``). ``audit``: the
     runner's audit trail (``fhir-sidecar run`` only: it needs the state directory)."""
@@ -65,7 +69,9 @@ def sidecar_addons(live: LiveConfig | None = None, observer: ProxyObserver | Non
         listeners,
         TokenSources(config),
         CaExport(config),  # before TlsConfig's ``running``, which would create the CA
+        TraceStart(lambda: tracing),  # before routing: a refusal names its trace too
         Routing(config, request_log),
+        RequestSpans(request_log),  # before a token fetch's child span
         Credentials(observer),
         upstream_tls,  # its tls_start_server must run before TlsConfig's default one
         EgressTunnel(),

@@ -67,4 +67,4 @@ class AuditRequests:
             request_id=state.request_id, caller=state.caller, client=client,
             connection=conn.name if conn is not None else None, credential=credential,
             interaction=interaction, status=status, error=state.error,
-            bytes_in=state.bytes_in, bytes_out=state.bytes_out))
+            bytes_in=state.bytes_in, bytes_out=state.bytes_out, trace_id=state.trace_id))

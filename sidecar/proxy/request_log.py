@@ -68,7 +68,7 @@ class RequestLog:
             upstream_status=upstream_status,
             duration_ms=round(duration * 1000, 2),
             bytes_in=state.bytes_in, bytes_out=state.bytes_out, error=state.error,
-            caller=state.caller,
+            caller=state.caller, trace_id=state.trace_id,
         )
 
     def refused_before_flow(self, request_id: str, problem: SidecarError) -> None:
