@@ -22,7 +22,7 @@ import tornado.web
 from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
-from sidecar.admin.glance import sparkline, token_bar, when
+from sidecar.admin.glance import broken_first, light_summary, sparkline, token_bar, when
 from sidecar.admin.guard import BoundedBody, with_body
 from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAlg, TlsVerify
 
@@ -96,7 +96,8 @@ class DashboardHandler(BoundedBody):
             read_only=read_only, can_edit=session is not None and read_only is None,
             done=self.get_query_argument("done", ""), error=error, problems=problems or [],
             last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES,
-            now=time.time(), when=when, sparkline=sparkline, token_bar=token_bar, **extra)
+            now=time.time(), when=when, sparkline=sparkline, token_bar=token_bar,
+            broken_first=broken_first, light_summary=light_summary, **extra)
         self.finish(html)
 
     @with_body

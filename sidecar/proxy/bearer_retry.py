@@ -46,6 +46,7 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
                              flow.request.raw_content or b"")
     except httpx.HTTPError:
         return None
+    state.upstream_status = again.status  # the FHIR server's answer to the retry
     now = time.time()
     # The body exactly as received (raw: any content-encoding is not applied twice).
     response = http.Response(
