@@ -22,6 +22,7 @@ import tornado.web
 from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
+from sidecar.admin.error_log import LoggedErrors
 from sidecar.admin.glance import broken_first, light_summary, sparkline, token_bar, when
 from sidecar.admin.guard import BoundedBody, with_body
 from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAlg, TlsVerify
@@ -37,6 +38,10 @@ LOGIN_BODY_BYTES = 8 * 1024
 CHOICES = {"verify": get_args(TlsVerify), "client_auth": tuple(a for a in get_args(ClientAuth)
                                           if a not in CERTIFICATE_CLIENT_AUTH),
            "signing_alg": get_args(SigningAlg)}
+
+
+class StaticFiles(LoggedErrors, tornado.web.StaticFileHandler):
+    """The dashboard's script and style sheet; a failure is logged like any other."""
 
 
 class DashboardHandler(BoundedBody):
@@ -361,5 +366,5 @@ def dashboard_handlers(console: Console) -> list[tuple[str, type[tornado.web.Req
         (r"/egress-proxies", EgressProxiesPage, args),
         (r"/login", LoginPage, args),
         (r"/logout", LogoutPage, args),
-        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "static")}),
+        (r"/static/(.*)", StaticFiles, {"path": str(HERE / "static")}),
     ]

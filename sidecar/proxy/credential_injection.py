@@ -46,7 +46,8 @@ class Credentials:
 
         assert state.connection is not None
         try:
-            token = await source.token()
+            # Waits for the next fetch no longer than the request itself may take.
+            token = await source.token(wait_limit=state.connection.timeout_seconds)
         except TokenUnavailable as exc:
             error_answers.refuse(flow, state, failures.token_unavailable(
                 state.connection.name, exc, state.snapshot.redactor))
