@@ -191,7 +191,9 @@ def test_dashboard_parses_and_reads_only_exported_metrics(base: dict[str, Any]) 
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "FHIR"}
     titles = [p["title"] for p in dashboard["panels"]]
     for wanted in ("Requests by connection and status class", "Latency p50 / p99",
-                   "token: time until expiry", "TLS failures by reason", "Config reloads"):
+                   "token: time until expiry", "TLS failures by reason", "Config reloads",
+                   "Errors by kind", "Error ratio", "Credentials refused",
+                   "Token request latency"):
         assert any(wanted in t for t in titles), (wanted, titles)
     expressions = _expressions(dashboard)
     assert len(expressions) >= 8
@@ -203,7 +205,18 @@ def test_dashboard_parses_and_reads_only_exported_metrics(base: dict[str, Any]) 
     assert {"fhir_sidecar_requests_total", "fhir_sidecar_request_duration_seconds_bucket",
             "fhir_sidecar_token_expiry_timestamp_seconds",
             "fhir_sidecar_upstream_tls_failures_total",
-            "fhir_sidecar_config_reloads_total"} <= read
+            "fhir_sidecar_config_reloads_total", "fhir_sidecar_request_errors_total",
+            "fhir_sidecar_upstream_rejections_total", "fhir_sidecar_upstream_responses_total",
+            "fhir_sidecar_token_request_duration_seconds_bucket"} <= read
+    # A connection variable, and every series with a connection label follows it.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    query = variables["connection"]["query"]["query"]
+    assert metric_names(query) == {"fhir_sidecar_requests_total"}
+    assert query.replace(" ", "").endswith(",connection)"), query
+    assert variables["connection"]["includeAll"] and variables["connection"]["multi"]
+    for expr in expressions:
+        if "by (connection" in expr:
+            assert 'connection=~"$connection"' in expr, expr
     latency = next(p for p in dashboard["panels"] if p["title"].startswith("Latency"))
     quantiles = [re.match(r"histogram_quantile\((0\.\d+),", t["expr"]) for t in latency["targets"]]
     assert [m[1] for m in quantiles if m] == ["0.5", "0.99"]
