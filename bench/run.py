@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 from report import Sample
-from targets import BENCH_DIR, Bench, Target, cpu_seconds, peak_rss_mib
+from targets import BENCH_DIR, Bench, OtlpSink, Target, cpu_seconds, peak_rss_mib
 
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
 
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="repeats per target and scenario")
     parser.add_argument("--targets", default="direct,nginx,mitmdump,sidecar-basic,sidecar-oauth",
                         help="also: sidecar-callers (Basic, with a workload token per request), "
-                        "sidecar-audit (Basic, with the audit file on)")
+                        "sidecar-audit (Basic, with the audit file on), sidecar-tracing (Basic, "
+                        "every request traced to a local OTLP sink)")
     parser.add_argument("--token-lifetime", type=int, default=300,
                         help="expires_in of the bench token endpoint, seconds")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.add_sidecar("basic", callers=True)
         if "sidecar-audit" in wanted:
             bench.add_sidecar("basic", audit=True)
+        if "sidecar-tracing" in wanted:
+            bench.add_sidecar("basic", tracing=OtlpSink().endpoint)
         if args.baseline_src is not None:
             bench.add_sidecar("basic", source=args.baseline_src.resolve())
         bench.check_targets()

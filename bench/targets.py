@@ -46,6 +46,32 @@ BENCH_ISSUER = "https://kubernetes.default.svc.cluster.local"
 BENCH_SUBJECT = "system:serviceaccount:bench:app"
 
 
+class OtlpSink:
+    """A collector stand-in in the benchmark process: takes every OTLP/HTTP POST, counts it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        sink = self
+        self.posts = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                sink.posts += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+
 def _workload_identity() -> tuple[str, str]:
     """A cluster key set (JSON) and a projected-ServiceAccount-style token it verifies."""
     from joserfc import jwt
@@ -374,8 +400,8 @@ class Bench:
         return self.tokens.issued
 
     def add_sidecar(self, auth: str, source: Path | None = None, rewrite_links: bool = True,
-                    key: str | None = None, callers: bool = False, audit: bool = False
-                    ) -> None:
+                    key: str | None = None, callers: bool = False, audit: bool = False,
+                    tracing: str | None = None) -> None:
         """fhir-sidecar with ``auth`` (basic or oauth) credentials.
 
         ``source``: a directory holding another ``sidecar`` package (e.g. the code before a
@@ -383,6 +409,7 @@ class Bench:
         ``callers``: the connection serves only a workload token's subject (allowed_callers),
         and the client sends that token with every request (target ``sidecar-callers``).
         ``audit``: the audit trail's file is on (target ``sidecar-audit``).
+        ``tracing``: an OTLP/HTTP endpoint; every request is traced (``sidecar-tracing``).
         """
         port, admin = free_port(), free_port()
         ca = self.pki.ca_bundle_path
@@ -413,6 +440,9 @@ class Bench:
         if audit:
             lines += ["audit:", "  file: audit/audit.jsonl"]
             key = key or "sidecar-audit"
+        if tracing is not None:
+            lines += ["tracing:", f"  endpoint: {tracing}", "  sample_ratio: 1.0"]
+            key = key or "sidecar-tracing"
         key = key or (f"sidecar-{auth}" if source is None else "sidecar-before")
         config = self.workdir / f"{key}.yaml"
         config.write_text("\n".join(lines) + "\n")
@@ -431,7 +461,8 @@ class Bench:
         _wait_line(proc, lambda d: d.get("event") == "ready")
         proc.ready_seconds = time.monotonic() - started
         counter = self.tokens_issued if auth == "oauth" else None
-        extra = ", caller tokens" if callers else ", audit file" if audit else ""
+        extra = (", caller tokens" if callers else ", audit file" if audit
+                 else ", tracing" if tracing else "")
         label = f"fhir-sidecar ({auth}{extra})"
         self.targets.append(Target(key, label, f"http://127.0.0.1:{port}{PATIENT_PATH}", proc,
                                    counter, headers=client_headers))

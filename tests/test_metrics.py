@@ -35,6 +35,10 @@ CONTRACT = {
     "fhir_sidecar_config_reloads_total": {"result"},
     "fhir_sidecar_config_last_reload_success_timestamp_seconds": set(),
     "fhir_sidecar_build_info": {"version"},
+    "fhir_sidecar_caller_rejections_total": {"connection", "reason"},
+    "fhir_sidecar_audit_records_total": {"sink", "result"},
+    "fhir_sidecar_audit_queue_bytes": set(),
+    "fhir_sidecar_trace_exports_total": {"result"},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
@@ -66,6 +70,9 @@ def exercise(metrics: SidecarMetrics) -> None:
     metrics.ca_expiry.labels("good").set(1.0)
     metrics.client_cert_expiry.labels("good").set(1.0)
     metrics.oauth_client_cert_expiry.labels("cerner").set(1.0)
+    metrics.request_started("good")
+    metrics.request_finished("good", "GET", 421, 0.0, "misdirected")
+    metrics.audit_record("file", "written")
 
 
 def test_names_and_labels_are_exactly_the_contract() -> None:
