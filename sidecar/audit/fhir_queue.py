@@ -275,8 +275,7 @@ class FhirQueue:
         return conn.upstream.base_url if conn is not None else None
 
     def _refuse_full(self) -> None:
-        if self._observer is not None:
-            self._observer.audit_record(self.name, "full")
+        """Log (at most once a minute) and refuse; the trail counts it ``result="full"``."""
         self._full_since_log += 1
         now = time.monotonic()
         if now - self._full_logged_at >= FULL_LOG_EVERY_SECONDS:
@@ -313,7 +312,8 @@ class FhirQueue:
                     with contextlib.suppress(OSError):
                         self._path(number).unlink()
             sizes = {n: self._path(n).stat().st_size for n in segments if n >= cursor[0]}
-            segment = max([*sizes, cursor[0] - 1]) + 1
+            # Always past the cursor's segment: a cursor never points into new records.
+            segment = max([*sizes, cursor[0]]) + 1
             fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except BaseException:
             os.close(lock_fd)
@@ -406,9 +406,14 @@ class FhirQueue:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._to_close, self._fd = [], None
-        if self._opened and self._sizes.get(self._segment) == 0:
-            with contextlib.suppress(OSError):  # nothing was written to it
-                self._path(self._segment).unlink()
+        if self._opened:
+            # Everything confirmed: no segment is needed (the next start writes past the
+            # cursor's segment); else only an empty write segment goes.
+            done = self._queued_bytes() == 0
+            for number, size in self._sizes.items():
+                if done or (number == self._segment and size == 0):
+                    with contextlib.suppress(OSError):
+                        self._path(number).unlink()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -494,7 +499,9 @@ class FhirQueue:
                     self._failures += 1
                     await self._pause()
                     continue
-                if not self._has_unread():
+                if self._has_unread():
+                    self._unread = max(0, self._unread - len(self._inflight))
+                else:
                     self._unread, self._due = 0, None
                 if not self._inflight:
                     continue
@@ -690,8 +697,12 @@ class FhirQueue:
             lines = b"".join(_rejected_line(entry, result, self._scrub(result.reason))
                              for entry, result in rejected)
             await asyncio.to_thread(_append_durably, rejected_path, lines)
-        last = final[-1][0]
-        cursor = (last.segment, last.end)
+        if len(final) == len(self._inflight):
+            cursor = self._read  # past the batch, and past any torn end skipped reading it
+        else:
+            cursor = (final[-1][0].segment, final[-1][0].end)
+        while cursor[0] != self._segment and cursor[1] >= self._sizes.get(cursor[0], 0):
+            cursor = (self._next_segment(cursor[0]), 0)  # that segment is done with
         await asyncio.to_thread(_write_cursor, self.directory / "cursor", cursor)
         self._cursor = cursor
         for number in [n for n in self._sizes if n < cursor[0]]:
