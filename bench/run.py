@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="length of one load run")
     parser.add_argument("--repeats", type=int, help="repeats per target and scenario")
     parser.add_argument("--targets", default="direct,nginx,mitmdump,sidecar-basic,sidecar-oauth",
-                        help="also: sidecar-callers (Basic, with a workload token per request)")
+                        help="also: sidecar-callers (Basic, with a workload token per request), "
+                        "sidecar-audit (Basic, with the audit file on)")
     parser.add_argument("--token-lifetime", type=int, default=300,
                         help="expires_in of the bench token endpoint, seconds")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.add_sidecar("oauth")
         if "sidecar-callers" in wanted:
             bench.add_sidecar("basic", callers=True)
+        if "sidecar-audit" in wanted:
+            bench.add_sidecar("basic", audit=True)
         if args.baseline_src is not None:
             bench.add_sidecar("basic", source=args.baseline_src.resolve())
         bench.check_targets()

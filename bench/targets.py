@@ -374,13 +374,15 @@ class Bench:
         return self.tokens.issued
 
     def add_sidecar(self, auth: str, source: Path | None = None, rewrite_links: bool = True,
-                    key: str | None = None, callers: bool = False) -> None:
+                    key: str | None = None, callers: bool = False, audit: bool = False
+                    ) -> None:
         """fhir-sidecar with ``auth`` (basic or oauth) credentials.
 
         ``source``: a directory holding another ``sidecar`` package (e.g. the code before a
         change) to run instead of the installed one, as target ``sidecar-before``.
         ``callers``: the connection serves only a workload token's subject (allowed_callers),
         and the client sends that token with every request (target ``sidecar-callers``).
+        ``audit``: the audit trail's file is on (target ``sidecar-audit``).
         """
         port, admin = free_port(), free_port()
         ca = self.pki.ca_bundle_path
@@ -408,6 +410,9 @@ class Bench:
                       f"    jwks_file: {self.workdir / 'cluster-jwks.json'}"]
             client_headers["Authorization"] = f"Bearer {token}"
             key = key or "sidecar-callers"
+        if audit:
+            lines += ["audit:", "  file: audit/audit.jsonl"]
+            key = key or "sidecar-audit"
         key = key or (f"sidecar-{auth}" if source is None else "sidecar-before")
         config = self.workdir / f"{key}.yaml"
         config.write_text("\n".join(lines) + "\n")
@@ -426,7 +431,8 @@ class Bench:
         _wait_line(proc, lambda d: d.get("event") == "ready")
         proc.ready_seconds = time.monotonic() - started
         counter = self.tokens_issued if auth == "oauth" else None
-        label = f"fhir-sidecar ({auth}{', caller tokens' if callers else ''})"
+        extra = ", caller tokens" if callers else ", audit file" if audit else ""
+        label = f"fhir-sidecar ({auth}{extra})"
         self.targets.append(Target(key, label, f"http://127.0.0.1:{port}{PATIENT_PATH}", proc,
                                    counter, headers=client_headers))
 

@@ -28,6 +28,8 @@ class ErrorKind(StrEnum):
     ORIGIN_NOT_ALLOWED = "origin-not-allowed"
     CALLER_UNAUTHENTICATED = "caller-unauthenticated"
     CALLER_FORBIDDEN = "caller-forbidden"
+    # audit.required and the request's record cannot be kept (docs/audit.md).
+    AUDIT_UNAVAILABLE = "audit-unavailable"
 
     @property
     def status(self) -> int:
@@ -52,6 +54,7 @@ _STATUS = {
     ErrorKind.ORIGIN_NOT_ALLOWED: 403,
     ErrorKind.CALLER_UNAUTHENTICATED: 401,
     ErrorKind.CALLER_FORBIDDEN: 403,
+    ErrorKind.AUDIT_UNAVAILABLE: 503,
 }
 _ISSUE_CODE = {
     ErrorKind.BAD_REQUEST: "invalid",
@@ -66,6 +69,7 @@ _ISSUE_CODE = {
     ErrorKind.ORIGIN_NOT_ALLOWED: "forbidden",
     ErrorKind.CALLER_UNAUTHENTICATED: "login",
     ErrorKind.CALLER_FORBIDDEN: "forbidden",
+    ErrorKind.AUDIT_UNAVAILABLE: "transient",
 }
 # Refusals that are the caller's fault: counted on their own
 # (fhir_sidecar_caller_rejections_total), never against a connection's health.

@@ -27,7 +27,7 @@ AMBER_DAYS = 30  # ... sooner than this is amber
 # connection serves (docs/callers.md).
 APP_ERRORS = frozenset({"client-disconnected", "bad-request", "header-too-large", "no-route",
                         "misdirected", "origin-not-allowed", "caller-unauthenticated",
-                        "caller-forbidden"})
+                        "caller-forbidden", "audit-unavailable"})
 # A response cut off in the middle: the upstream (or the app) left while it streamed.
 INTERRUPTED = "stream-aborted"
 

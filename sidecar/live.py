@@ -7,6 +7,7 @@ swapped in, in one assignment.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class ReloadOutcome:
     ok: bool
     at: float
     problems: tuple[str, ...] = ()
+    config_sha256: str | None = None  # of the config file's bytes as this reload read them
 
 
 def load_snapshot(path: str | Path, previous: Snapshot | None = None,
@@ -38,6 +40,14 @@ def load_snapshot(path: str | Path, previous: Snapshot | None = None,
 
 
 Validator = Callable[[Snapshot, Snapshot], None]
+
+
+def _sha256_of(path: Path) -> str | None:
+    """The audit trail's fingerprint of the config a reload read (docs/audit.md)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class LiveConfig:
@@ -79,6 +89,7 @@ class LiveConfig:
 
     def reload(self) -> ReloadOutcome:
         old = self._current
+        digest = _sha256_of(self.path)
         try:
             config = load_config(self.path)
             self._attempted_files = referenced_files(config)
@@ -87,12 +98,13 @@ class LiveConfig:
             for validator in self._validators:
                 validator(old, new)
         except ConfigError as exc:
-            outcome = ReloadOutcome(False, time.time(), tuple(str(p) for p in exc.problems))
+            outcome = ReloadOutcome(False, time.time(), tuple(str(p) for p in exc.problems),
+                                    digest)
             for problem in outcome.problems:
                 log_event("config_rejected", logging.ERROR, problem)
         else:
             self._current = new
-            outcome = ReloadOutcome(True, time.time())
+            outcome = ReloadOutcome(True, time.time(), config_sha256=digest)
             self.last_success_at = outcome.at
             for warning in new.warnings:
                 log_event("config_warning", logging.WARNING, warning)

@@ -17,7 +17,7 @@ logger = logging.getLogger(LOGGER_NAME)
 
 _FIELD_SET = frozenset(("request_id", "connection", "method", "path", "status",
                         "upstream_status", "duration_ms", "bytes_in", "bytes_out", "error",
-                        "caller"))
+                        "caller", "trace_id"))
 
 
 class JsonFormatter(logging.Formatter):

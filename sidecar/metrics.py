@@ -63,6 +63,8 @@ CONNECTION_ERRORS = (*(kind.value for kind in (ErrorKind.TOKEN_UNAVAILABLE, Erro
                                               ErrorKind.UPSTREAM_UNREACHABLE,
                                               ErrorKind.UPSTREAM_TIMEOUT)),
                      "client-disconnected", "stream-aborted")
+AUDIT_RESULTS = {"file": ("written", "failed"),
+                 "fhir": ("written", "sent", "rejected", "full", "failed")}
 # X-Sidecar-Error value -> the reason label of fhir_sidecar_caller_rejections_total.
 CALLER_REJECTION_REASONS = {kind.value: reason for kind, reason in CALLER_REJECTIONS.items()}
 # FHIR searches can take tens of seconds; the default buckets stop at 10 s.
@@ -276,6 +278,20 @@ class SidecarMetrics:
             "because of the connection: misdirected (a Host the listener does not answer), "
             "origin (a browser origin not allowed), unauthenticated / forbidden (the workload "
             "token of allowed_callers).", ["connection", "reason"], registry=r)
+        self.trace_export_count = Counter(
+            f"{PREFIX}_trace_exports", "Spans handed to the trace exporter, by result: exported "
+            "(the collector took them), dropped (the queue was full), failed (the collector "
+            "could not be reached or refused them).", ["result"], registry=r)
+        for result in ("exported", "dropped", "failed"):
+            self.trace_export_count.labels(result)
+        self.audit_records = Counter(
+            f"{PREFIX}_audit_records", "Audit records, by sink (file, fhir) and result: written "
+            "(kept on disk), sent (stored by the audit repository), rejected (refused by it with "
+            "4xx, moved aside), full (the queue was full) or failed (could not be kept).",
+            ["sink", "result"], registry=r)
+        self.audit_queue_bytes = Gauge(
+            f"{PREFIX}_audit_queue_bytes", "Bytes of audit records waiting on disk for the "
+            "audit repository.", registry=r)
         self.token_requests = Counter(f"{PREFIX}_token_requests", "Token endpoint requests, "
                                       "by OAuth definition and result.",
                                       ["definition", "result"], registry=r)
@@ -383,6 +399,21 @@ class SidecarMetrics:
         self.board.token_expiry(definition, expires_at)
 
     # -- config --
+
+    def trace_exports(self, result: str, spans: int) -> None:
+        self.trace_export_count.labels(result).inc(spans)
+
+    def audit_record(self, sink: str, result: str) -> None:
+        self.audit_records.labels(sink, result).inc()
+
+    def audit_queue(self, queued_bytes: int) -> None:
+        self.audit_queue_bytes.set(queued_bytes)
+
+    def audit_configured(self, sinks: list[str]) -> None:
+        """The audit sinks in use, at 0 for every result (an alert sees the first one)."""
+        for sink in sinks:
+            for result in AUDIT_RESULTS.get(sink, ()):
+                self.audit_records.labels(sink, result)
 
     def reload_finished(self, outcome: ReloadOutcome) -> None:
         self.reloads.labels("success" if outcome.ok else "failure").inc()

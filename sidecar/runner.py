@@ -13,9 +13,11 @@ from typing import Any
 
 from sidecar.admin import ListenerState, StatusSources, start_admin
 from sidecar.admin.mount import mount_console
+from sidecar.audit.records import admin_record
+from sidecar.audit.trail import AuditTrail
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import Listener
-from sidecar.live import LiveConfig
+from sidecar.live import LiveConfig, ReloadOutcome
 from sidecar.logs import log_event
 from sidecar.metrics import SidecarMetrics
 from sidecar.proxy.draining import start_draining
@@ -23,6 +25,7 @@ from sidecar.proxy.master import build_master
 from sidecar.proxy.snapshot_lifecycle import Listeners
 from sidecar.shutdown import GracefulStop, shutdown_timings
 from sidecar.snapshot import Snapshot
+from sidecar.tracing.setup import Tracing
 from sidecar.watch import FileWatcher
 
 BIND_DEADLINE_SECONDS = 10.0
@@ -80,6 +83,33 @@ def listener_state(live: LiveConfig, listeners: Listeners, proxyserver: Any) -> 
     return ListenerState(listeners.bound and not missing, missing)
 
 
+def follow_audit(live: LiveConfig, state_dir: Path, metrics: SidecarMetrics) -> AuditTrail:
+    """The audit trail, following the live config; every reload is one of its records."""
+    audit = AuditTrail(state_dir, lambda: live.current, metrics)
+
+    def configure(snapshot: Snapshot) -> None:
+        audit.configure(snapshot)
+        metrics.audit_configured([sink.name for sink in audit.sinks])
+
+    def swapped(_old: Snapshot, new: Snapshot) -> None:
+        configure(new)
+        task = asyncio.get_running_loop().create_task(audit.close_retired())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def reloaded(outcome: ReloadOutcome) -> None:
+        audit.record(admin_record("reload", result="success" if outcome.ok else "failure",
+                                  config_sha256=outcome.config_sha256))
+
+    configure(live.current)
+    live.on_swap(swapped)
+    live.on_reload(reloaded)
+    return audit
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
 async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | None = None
                 ) -> int:
     """Serve until SIGTERM or SIGINT, then stop gracefully (``sidecar.shutdown``).
@@ -91,11 +121,17 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     check_ports_free(live.current)
     live.add_validator(lambda old, new: check_ports_free(new, already_bound=old))
     metrics.attach(live)
-    master, sidecar = build_master(live, state_dir, observer=metrics)
+    audit = follow_audit(live, state_dir, metrics)
+    tracing = Tracing(metrics)
+    tracing.configure(live.current.config.tracing)
+    live.on_swap(lambda _old, new: tracing.configure(new.config.tracing))
+    master, sidecar = build_master(live, state_dir, observer=metrics, audit=audit,
+                                   tracing=tracing)
     listeners = sidecar.listeners
     proxyserver = master.addons.get("proxyserver")
     # Up before the proxy listeners, so that probes see 503 until those are bound.
-    sources = StatusSources(live, metrics, lambda: listener_state(live, listeners, proxyserver))
+    sources = StatusSources(live, metrics, lambda: listener_state(live, listeners, proxyserver),
+                            audit)
     admin = start_admin(sources)
     if admin is not None:  # the dashboard and /api, on the same admin listener
         mount_console(admin.app, sources, state_dir / "secrets", admin.listen_address.host)
@@ -157,5 +193,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
         await run_task
     if admin is not None:  # last: probes and scrapes keep answering while draining
         await admin.stop()
+    await audit.aclose()  # every record written, fsynced, and the queue closed
+    tracing.close()  # the last spans sent (bounded by the exporter's timeout)
     log_event("stopped")
     return 0

@@ -30,6 +30,10 @@ from sidecar.admin.views import ca_bundle_view
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
+# The object names of audit records: the API's own path segments.
+OBJECT_WORDS = {"connections": "connections", "basic_auth": "basic-auth", "oauth": "oauth"}
+
+
 class ApiHandler(BoundedBody):
     def initialize(self, console: Console) -> None:
         self.console = console
@@ -64,6 +68,12 @@ class ApiHandler(BoundedBody):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": message, "problems": problems or []}) + "\n")
 
+    def audit_change(self, object_: str, action: str) -> None:
+        """A change made: who (client address; admin token or session), what, how."""
+        via = "token" if self.request.headers.get("Authorization") is not None else "session"
+        self.console.audit("change", result="success", client=self.request.remote_ip,
+                           via=via, object=object_, action=action)
+
     def reply(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -97,6 +107,7 @@ class ApiHandler(BoundedBody):
         if header is not None:
             if not console.auth.bearer_ok(header):
                 console.auth.throttle.failed(client)
+                console.audit("login", result="failure", client=client, via="token")
                 raise ChangeRejected(401, "the Authorization header does not carry the admin "
                                           "token (Authorization: Bearer <token>)")
             console.auth.throttle.succeeded(client)
@@ -154,6 +165,8 @@ class _DefinitionHandler(ApiHandler):
         name = _named(name)
         check_name(name, self.kind)
         created = self._put(name, self.json_body())
+        self.audit_change(f"{OBJECT_WORDS[self.kind]}/{name}",
+                          "created" if created else "replaced")
         self.reply(self._get_one(name), 201 if created else 200)
 
     @with_body
@@ -161,6 +174,7 @@ class _DefinitionHandler(ApiHandler):
         name = _named(name)
         check_name(name, self.kind)
         self.console.store.delete(self.kind, name)
+        self.audit_change(f"{OBJECT_WORDS[self.kind]}/{name}", "deleted")
         self.set_status(204)
         self.finish()
 
@@ -232,6 +246,7 @@ class CaBundlesHandler(ApiHandler):
         name = _named(name)
         check_name(name, "ca_bundles")
         created, _ = self.console.store.put_ca_bundle(name, self.body)
+        self.audit_change(f"ca-bundles/{name}", "created" if created else "replaced")
         bundle = self.console.store.ca_bundle(name)
         assert bundle is not None
         self.reply(ca_bundle_view(bundle), 201 if created else 200)
@@ -241,6 +256,7 @@ class CaBundlesHandler(ApiHandler):
         name = _named(name)
         check_name(name, "ca_bundles")
         self.console.store.delete_ca_bundle(name)
+        self.audit_change(f"ca-bundles/{name}", "deleted")
         self.set_status(204)
         self.finish()
 

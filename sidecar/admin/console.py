@@ -10,6 +10,7 @@ from sidecar.admin.config_store import ConfigStore
 from sidecar.admin.probe_gate import ProbeGate
 from sidecar.admin.readiness import StatusSources
 from sidecar.admin.views import Views
+from sidecar.audit.records import Kind, admin_record
 from sidecar.callers.hosts import is_loopback_listen
 
 
@@ -36,3 +37,16 @@ class Console:
 
     def read_only_reason(self) -> str | None:
         return self.store.read_only_reason()
+
+    def audit(self, kind: Kind, *, result: str, client: str | None, via: str | None = None,
+              **fields: str | None) -> None:
+        """An admin action's audit record (docs/audit.md#admin-actions); never a secret:
+        only names, the client address and how it was authenticated."""
+        trail = self.sources.audit
+        if trail is None or not trail.enabled:
+            return
+        trail.record(admin_record(kind, result="success" if result == "success" else "failure",
+                                  client=client, via=via,
+                                  object_=fields.get("object"), action=fields.get("action"),
+                                  connection=fields.get("connection"),
+                                  error=fields.get("error")))

@@ -126,6 +126,11 @@ class DashboardHandler(BoundedBody):
                                           "variable names; nothing was changed",
                                      [f"{k}: not accepted here" for k in references])
             done = self.act()
+            action = ("deleted" if self.field("action") == "delete"
+                      else "created" if done.endswith("created") else "replaced")
+            self.console.audit("change", result="success", client=self.request.remote_ip,
+                               via="session", object=f"{self.page}/{self.field('name')}",
+                               action=action)
         except ChangeRejected as exc:
             self.render_page(exc.status, exc.message, exc.problems)
             return
@@ -321,9 +326,11 @@ class LoginPage(DashboardHandler):
         made = auth.login(self.get_body_argument("token", ""))
         if made is None:
             auth.throttle.failed(client)
+            self.console.audit("login", result="failure", client=client, via="session")
             self.render_page(401, "wrong admin token")
             return
         auth.throttle.succeeded(client)
+        self.console.audit("login", result="success", client=client, via="session")
         session_id, _ = made
         self.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True,
                         samesite="Strict", max_age=SESSION_SECONDS)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import tornado.web
 
-from sidecar.admin.api import ApiHandler
+from sidecar.admin.api import OBJECT_WORDS, ApiHandler
 from sidecar.admin.api_models import ProbeReport
 from sidecar.admin.config_store import ChangeRejected, check_name
 from sidecar.admin.console import Console
@@ -57,6 +57,11 @@ class _ProbeHandler(ApiHandler):
             gate.leave(key)
         failed = next((step["step"] for step in report["steps"] if step["status"] == "failed"),
                       None)
+        self.console.audit(
+            "test", result="success" if failed is None else "failure",
+            client=self.request.remote_ip,
+            via="token" if self.request.headers.get("Authorization") is not None else "session",
+            object=f"{OBJECT_WORDS[self.kind]}/{name}", error=failed)
         # Who tested what and the verdict; the details stay in the answer.
         log_event("connection_test", logging.INFO,
                   f"test of {self.words} {name!r}: "

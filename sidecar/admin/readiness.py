@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.audit.trail import AuditTrail
 from sidecar.health import Health, HealthInputs, TokenState, connection_health
 from sidecar.live import LiveConfig
 from sidecar.metrics import ConnectionActivity, SidecarMetrics, TlsFailureRecord
@@ -38,6 +39,7 @@ class StatusSources:
     live: LiveConfig
     metrics: SidecarMetrics
     listeners: Callable[[], ListenerState]
+    audit: AuditTrail | None = None  # logins, changes and connection tests are its records
 
 
 def is_ready(sources: StatusSources) -> bool:

@@ -52,7 +52,13 @@ class AuditFile:
         return self._handle
 
     def accepting(self) -> bool:
-        return True  # a write that fails says so (AuditUnavailable)
+        """Whether the file can be written now (it is opened, or opened again after a
+        failure: a disk that came back is used again)."""
+        try:
+            self._open()
+        except OSError:
+            return False
+        return True
 
     def write(self, record: Record) -> None:
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()

@@ -555,6 +555,27 @@ class AuditSettings(_Model):
         "answer only once it is on disk"))
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry traces over OTLP/HTTP (docs/tracing.md); OTEL_* variables fill in what
+    is not set here."""
+
+    endpoint: str | None = Field(default=None, description=(
+        "the collector's OTLP/HTTP base URL (spans go to <endpoint>/v1/traces); also "
+        "OTEL_EXPORTER_OTLP_ENDPOINT"))
+    sample_ratio: float | None = Field(default=None, ge=0, le=1, description=(
+        "the share of requests without a traceparent that are traced (default 1.0; also "
+        "OTEL_TRACES_SAMPLER_ARG)"))
+    service_name: str | None = Field(default=None, min_length=1, description=(
+        "the resource's service.name (default fhir-sidecar; also OTEL_SERVICE_NAME)"))
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            _require_http_url(value, credentials_in="OTEL_EXPORTER_OTLP_HEADERS")
+        return value.rstrip("/") if value else value
+
+
 class LoggingSettings(_Model):
     request_paths: Literal["full", "redacted"] = Field(default="full", description=(
         "redacted: resource ids are replaced in the request log's path (the audit trail keeps "
@@ -635,6 +656,7 @@ class SidecarConfig(_Model):
     audit: AuditSettings | None = Field(default=None, description=(
         "the audit trail; none unless this section is set"))
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     callers: dict[Name, CallerDefinition] = Field(
         default_factory=dict, description=(
             "issuers of the workload tokens that connections.*.allowed_callers name"))

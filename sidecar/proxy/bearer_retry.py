@@ -7,7 +7,8 @@ import time
 
 from mitmproxy import http
 
-from sidecar.proxy.flow_state import REQUEST_ID, FlowState
+from sidecar.proxy.flow_state import REQUEST_ID, FlowState, child_span, end_span
+from sidecar.tracing.spans import INTERNAL
 
 
 def may_retry(flow: http.HTTPFlow, state: FlowState) -> bool:
@@ -34,9 +35,11 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
     source = state.snapshot.token_sources[conn.oauth]
     source.invalidate(state.bearer)  # only if it is still the current token
     state.bearer = None  # once only
+    span = child_span(state, "retry after 401", INTERNAL)
     try:
         token = await source.token()
     except TokenUnavailable:
+        end_span(state, span, "token-unavailable")
         return None
     headers = [(k, v) for k, v in flow.request.headers.items(multi=True)
                if k.lower() != "authorization"]
@@ -45,7 +48,11 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
         again = await replay(conn, flow.request.method, flow.request.path, headers,
                              flow.request.raw_content or b"")
     except httpx.HTTPError:
+        end_span(state, span, "upstream-unreachable")
         return None
+    if span is not None:
+        span.attributes["http.response.status_code"] = again.status
+    end_span(state, span)
     now = time.time()
     # The body exactly as received (raw: any content-encoding is not applied twice).
     response = http.Response(

@@ -15,7 +15,8 @@ from mitmproxy import http
 from sidecar.observe import ProxyObserver
 from sidecar.proxy import error_answers, failures
 from sidecar.proxy.bearer_retry import may_retry, retried_response
-from sidecar.proxy.flow_state import FlowState, state_of
+from sidecar.proxy.flow_state import FlowState, child_span, end_span, state_of
+from sidecar.tracing.spans import CLIENT
 
 if TYPE_CHECKING:
     from sidecar.credentials.oauth import TokenSource
@@ -35,6 +36,8 @@ class Credentials:
         elif conn.oauth is not None:
             source = state.snapshot.token_sources[conn.oauth]
             token = source.cached_token()
+            if state.span is not None:
+                state.span.attributes["fhir_sidecar.token.cached"] = token is not None
             if token is None:
                 return self._add_fetched_bearer(flow, state, source)
             _set_bearer(flow, state, token)
@@ -45,15 +48,23 @@ class Credentials:
         from sidecar.credentials.oauth import TokenUnavailable
 
         assert state.connection is not None
+        span = child_span(state, f"token {state.connection.oauth}", CLIENT)
+        if span is not None:
+            span.attributes["fhir_sidecar.oauth.definition"] = state.connection.oauth
         try:
             token = await source.token()
         except TokenUnavailable as exc:
+            end_span(state, span, "token-unavailable")
             error_answers.refuse(flow, state, failures.token_unavailable(
                 state.connection.name, exc, state.snapshot.redactor))
             return
         except Exception:
+            end_span(state, span, "internal-error")
             error_answers.refuse_after_failure(flow, state, "fetching an access token")
             return
+        if span is not None:
+            span.attributes["fhir_sidecar.token.result"] = "success"
+        end_span(state, span)
         _set_bearer(flow, state, token)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -10,6 +10,7 @@ writes for the failure, see ``mitm_compat.answer_failed_flow``).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mitmproxy import connection, http
@@ -67,7 +68,14 @@ def refuse(flow: http.HTTPFlow, state: FlowState, problem: SidecarError, *,
            close: bool = False) -> None:
     """Answer the request with ``problem`` instead of sending it upstream."""
     state.error = problem.kind.value
-    answer(flow, problem, state.request_id, close=close)
+    answer(flow, with_trace(problem, state), state.request_id, close=close)
+
+
+def with_trace(problem: SidecarError, state: FlowState) -> SidecarError:
+    """The diagnostics name the trace, when the request is traced (docs/tracing.md)."""
+    if state.trace_id is None:
+        return problem
+    return replace(problem, diagnostics=f"{problem.diagnostics} (trace {state.trace_id})")
 
 
 def refuse_after_failure(flow: http.HTTPFlow, state: FlowState, doing: str) -> None:

@@ -13,8 +13,10 @@ from mitmproxy import http
 
 from sidecar.links import LinkRewriter
 from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.tracing.spans import Span, Tracer
 
 FLOW_KEY = "fhir_sidecar"
+TRACE_KEY = "fhir_sidecar_trace"  # (tracer, server span) of a traced request, until routed
 REQUEST_ID = "X-Request-ID"
 
 
@@ -31,8 +33,17 @@ class FlowState:
     error: str | None = None
     bearer: str | None = field(default=None, repr=False)
     caller: str | None = None  # the workload token's <definition>:<subject>, when checked
+    # Tracing (docs/tracing.md): set only for a request that is traced.
+    tracer: Tracer | None = field(default=None, repr=False)
+    span: Span | None = field(default=None, repr=False)  # the request's server span
+    upstream_span: Span | None = field(default=None, repr=False)
+    trace_id: str | None = None
     links: LinkRewriter | None = None  # when the upstream's URLs must point back at us
     links_done_for: http.Response | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.trace_id is None and self.span is not None:
+            self.trace_id = self.span.trace_id
 
     def __deepcopy__(self, memo: dict[int, object]) -> dict[str, str | None]:
         # mitmproxy deep-copies flow.metadata whenever it saves or copies a flow (-w, replay,
@@ -57,6 +68,24 @@ def request_id_from(given: str | None) -> str:
     if given is not None and _VISIBLE_ASCII.fullmatch(given):
         return given
     return new_request_id()
+
+
+def trace_of(flow: http.HTTPFlow) -> tuple[Tracer | None, Span | None]:
+    """The tracer and server span ``TraceStart`` gave the request (both None if untraced)."""
+    found = flow.metadata.pop(TRACE_KEY, None)
+    return found if isinstance(found, tuple) else (None, None)
+
+
+def child_span(state: FlowState, name: str, kind: int) -> Span | None:
+    """A span under the request's own, if the request is traced."""
+    if state.tracer is None or state.span is None:
+        return None
+    return state.tracer.start(name, kind, parent_span=state.span)
+
+
+def end_span(state: FlowState, span: Span | None, error: str | None = None) -> None:
+    if span is not None and state.tracer is not None:
+        state.tracer.end(span, error=error)
 
 
 def state_of(flow: http.HTTPFlow) -> FlowState | None:

@@ -13,22 +13,25 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from sidecar.audit.trail import AuditTrail
 from sidecar.listeners import listener_modes
 from sidecar.live import LiveConfig
 from sidecar.observe import ProxyObserver
 from sidecar.proxy import speedups as speed_tweaks
 from sidecar.proxy.addon import SidecarAddons, sidecar_addons
+from sidecar.tracing.setup import Tracing
 
 STREAM_THRESHOLD = "1m"
 
 
 def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | None = None,
-                 *, speedups: bool = True) -> tuple[Master, SidecarAddons]:
+                 *, speedups: bool = True, audit: AuditTrail | None = None,
+                 tracing: Tracing | None = None) -> tuple[Master, SidecarAddons]:
     state_dir.mkdir(parents=True, exist_ok=True)
     opts = options.Options(confdir=str(state_dir / "mitmproxy"))
     master = Master(opts)
     last = speed_tweaks.apply(master) if speedups else []
-    sidecar = sidecar_addons(live, observer)
+    sidecar = sidecar_addons(live, observer, audit, tracing)
     master.addons.add(
         core.Core(),
         disable_h2c.DisableH2C(),

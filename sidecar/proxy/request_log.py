@@ -9,9 +9,11 @@ finished, whatever way its connection ends. Placed after the addons that change 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from mitmproxy import connection, http
 
+from sidecar.audit.interactions import redacted_path
 from sidecar.errors import SidecarError
 from sidecar.logs import log_request
 from sidecar.observe import NO_CONNECTION, ProxyObserver
@@ -22,6 +24,8 @@ from sidecar.proxy.flow_state import REQUEST_ID, FlowState, byte_counter, state_
 class RequestLog:
     def __init__(self, observer: ProxyObserver) -> None:
         self.observer = observer
+        # Called with every request as it is finished (the audit trail's records).
+        self.on_finished: list[Callable[[http.HTTPFlow, FlowState, int | None], None]] = []
         # Requests started and not yet finished: app connection id -> flow id -> flow.
         self._in_flight: dict[str, dict[str, http.HTTPFlow]] = {}
 
@@ -50,6 +54,8 @@ class RequestLog:
         if response is not None and state.error is None:
             upstream_status = response.status_code
         status = answered_status(flow)
+        for callback in self.on_finished:
+            callback(flow, state, status)
         duration = time.monotonic() - state.started
         self.observer.request_finished(_name(state), flow.request.method, status, duration,
                                        state.error)
@@ -57,12 +63,12 @@ class RequestLog:
             request_id=state.request_id,
             connection=_name(state),
             method=flow.request.method,
-            path=flow.request.path.split("?", 1)[0],
+            path=_logged_path(state, flow.request.path.split("?", 1)[0]),
             status=status,
             upstream_status=upstream_status,
             duration_ms=round(duration * 1000, 2),
             bytes_in=state.bytes_in, bytes_out=state.bytes_out, error=state.error,
-            caller=state.caller,
+            caller=state.caller, trace_id=state.trace_id,
         )
 
     def refused_before_flow(self, request_id: str, problem: SidecarError) -> None:
@@ -120,6 +126,12 @@ class RequestLog:
                 state.error = state.error or "client-disconnected"
                 self._finish(flow, state)
         self._in_flight.pop(client.id, None)
+
+
+def _logged_path(state: FlowState, path: str) -> str:
+    if state.snapshot.config.logging.request_paths == "redacted":
+        return redacted_path(path)  # the audit trail keeps the ids; the ordinary log does not
+    return path
 
 
 def _name(state: FlowState) -> str:

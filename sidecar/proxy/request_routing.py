@@ -30,6 +30,7 @@ from sidecar.proxy.flow_state import (
     new_request_id,
     request_id_from,
     state_of,
+    trace_of,
 )
 from sidecar.proxy.request_log import RequestLog
 from sidecar.request_path import UnsafePath, confine, resolve
@@ -64,7 +65,8 @@ class Routing:
         """The flow's state; one for a request refused before it was routed."""
         state = state_of(flow)
         if state is None:
-            state = FlowState(snapshot, None, new_request_id())
+            tracer, span = trace_of(flow)
+            state = FlowState(snapshot, None, new_request_id(), tracer=tracer, span=span)
             flow.metadata[FLOW_KEY] = state
             self._request_log.started(flow, state)
         return state
@@ -77,7 +79,8 @@ class Routing:
         conn, upstream_path = None, None
         if refused is None:
             conn, upstream_path, refused = _destination(flow, snapshot)
-        state = FlowState(snapshot, conn, request_id)
+        tracer, span = trace_of(flow)
+        state = FlowState(snapshot, conn, request_id, tracer=tracer, span=span)
         flow.metadata[FLOW_KEY] = state
         self._request_log.started(flow, state)
 
