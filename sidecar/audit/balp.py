@@ -1,5 +1,6 @@
 """An audit record as an R4 ``AuditEvent``, shaped after IHE BALP (Basic Audit Log Patterns)
-for RESTful interactions as recorded by the client (docs/audit.md#the-fhir-sink).
+for RESTful interactions as recorded by the client
+(docs/audit.md#a-record-as-an-auditevent).
 
 Only the record's own fields are used: configured names, fixed words, numbers, addresses and
 ids the sidecar derived. A record never holds a credential, a header value, a body or a query
