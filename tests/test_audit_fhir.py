@@ -17,11 +17,15 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from fhir.resources.R4B.auditevent import AuditEvent
 from support.audit_repository import AuditRepository
+from support.constants import UPSTREAM_PASSWORD, UPSTREAM_USER
 from support.pki import TestPKI
+from support.sidecar_process import free_port, wait_until
+from support.sidecars import RunningSidecar, running_sidecar
 from support.tinyproxy import Tinyproxy
 
 from sidecar.audit import fhir_queue
@@ -33,6 +37,7 @@ from sidecar.live import load_snapshot
 from sidecar.logs import JsonFormatter
 from sidecar.snapshot import Snapshot
 from sidecar.testkit.auth_checks import basic_auth_check, bearer_token_check
+from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.testkit.token_server import TokenServer
 
 WRITER = "audit-writer"
@@ -704,3 +709,65 @@ def _assert_nowhere(state_dir: Path, repository: AuditRepository, logs: Logs,
             for path, text in files.items():
                 assert form not in text, path
             assert all(form not in line for line in logs.lines)
+
+
+# --- the real sidecar ------------------------------------------------------------------------
+
+
+def test_nothing_lost_500_requests_across_an_outage_and_a_graceful_restart(
+        tmp_path: Path, pki: TestPKI, repository: AuditRepository,
+        upstream_good: FhirTestServer) -> None:
+    """Issue 28 §4: the repository down for part of the run, the sidecar stopped with SIGTERM
+    and started again in the middle; then exactly 500 AuditEvents and 500 file lines."""
+    (tmp_path / "upstream-password").write_text(UPSTREAM_PASSWORD + "\n")
+    (tmp_path / "writer-password").write_text(WRITER_PASSWORD + "\n")
+    config: dict[str, Any] = {
+        "admin": {"listen": None},
+        "shutdown": {"drain_seconds": 0},
+        "basic_auth": {
+            "hosp": {"username": UPSTREAM_USER, "password_file": "upstream-password"},
+            "writer": {"username": WRITER, "password_file": "writer-password"}},
+        "connections": {"ehr": {
+            "url": upstream_good.base_url, "listen": f"127.0.0.1:{free_port()}",
+            "auth": {"basic": "hosp"},
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+        "audit": {"file": "audit/audit.jsonl", "fhir": {
+            "url": repository.url, "auth": {"basic": "writer"},
+            "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)},
+            "batch_size": 50, "flush_seconds": 0.2}},
+    }
+    sent = 0
+
+    def requests(sidecar: RunningSidecar, count: int) -> None:
+        nonlocal sent
+        with httpx.Client(trust_env=False, timeout=30) as app:
+            for _ in range(count):
+                response = app.get(f"{sidecar.base}/Patient/{sent % 7}",
+                                   headers={"X-Request-ID": f"e2e-{sent}"})
+                assert response.status_code in (200, 404)
+                sent += 1
+
+    with running_sidecar(tmp_path, config) as sidecar:
+        requests(sidecar, 150)
+        repository.down()
+        requests(sidecar, 100)
+        sidecar.stop()  # SIGTERM while the repository is unreachable; exits 0
+    assert len(repository.stored) < 250
+    with running_sidecar(tmp_path, config) as sidecar:
+        requests(sidecar, 100)
+        repository.up()
+        requests(sidecar, 150)
+        wait_until(lambda: len([e for e in repository.stored.values()
+                                if e["type"]["code"] == "rest"]) >= 500,
+                   timeout=30, message="500 AuditEvents")
+        state_dir = sidecar.process.state_dir
+    lines = (state_dir / "audit" / "audit.jsonl").read_text().splitlines()
+    file_ids = {record["audit_id"] for record in map(json.loads, lines)
+                if record["kind"] == "request"}
+    stored_ids = {event_id for event_id, event in repository.stored.items()
+                  if event["type"]["code"] == "rest"}
+    assert len(file_ids) == 500 and stored_ids == file_ids
+    request_ids = {entity["what"]["identifier"]["value"]
+                   for event in repository.stored.values()
+                   for entity in _entities(event, BALP_ENTITY, "XrequestId")}
+    assert request_ids >= {f"e2e-{n}" for n in range(500)}
