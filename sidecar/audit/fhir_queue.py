@@ -115,7 +115,9 @@ def fhir_sink(settings: AuditFhirSink, current: Callable[[], Snapshot | None], s
     new record), else on the first ``write`` made from one."""
     directory = (state_dir / settings.queue_dir).absolute()
     sink = _live.get(directory)
-    if sink is None or sink.closed:
+    if sink is None or sink.closing:
+        # (A sink still closing holds the directory's lock for up to CLOSE_DRAIN_SECONDS: the
+        # new one refuses records until it can open the directory.)
         sink = _live[directory] = FhirQueue(directory, settings, current, observer)
     else:
         sink.reconfigure(settings, current, observer)
@@ -171,6 +173,10 @@ class FhirQueue:
         self._wake.set()
 
     @property
+    def closing(self) -> bool:
+        return self._closing or self.closed
+
+    @property
     def _segment_bytes(self) -> int:
         return max(16384, min(4 << 20, self.settings.max_queue_bytes // 8))
 
@@ -191,10 +197,14 @@ class FhirQueue:
         if server is not None:
             entry["server"] = server
         line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        try:
+            self._open()
+        except OSError as exc:
+            raise AuditUnavailable(f"the audit queue {self.directory} cannot be opened: "
+                                   f"{exc.strerror or exc}") from None
         if self._pending + len(line) > self.settings.max_queue_bytes:
             self._refuse_full()
         try:
-            self._open()
             if self._sizes[self._segment] >= self._segment_bytes:
                 self._rotate()
             self._append(line)
@@ -224,7 +234,7 @@ class FhirQueue:
 
     def start(self) -> None:
         """Start sending (needs a running event loop); what an earlier run left is sent first."""
-        if self._sender is not None or self.closed:
+        if self._sender is not None or self.closing:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -366,6 +376,8 @@ class FhirQueue:
         self._sizes[self._segment] = size + len(line)
 
     def _schedule_sync(self) -> None:
+        if self.closed:
+            return  # aclose made its last fsync; no thread may use the files it closes
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a command-line use): sync at once
@@ -438,7 +450,15 @@ class FhirQueue:
                 segment, offset = self._next_segment(segment), 0
                 continue
             current = segment == self._segment
-            with open(self._path(segment), "rb") as handle:
+            try:
+                handle = open(self._path(segment), "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                if current:
+                    raise
+                del self._sizes[segment]  # removed by hand: nothing to send from it
+                segment, offset = self._next_segment(segment), 0
+                continue
+            with handle:
                 handle.seek(offset)
                 while len(entries) < limit:
                     line = handle.readline()
