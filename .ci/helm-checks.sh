@@ -3,7 +3,8 @@
 #   1. helm lint --strict and helm template for every helm/values-examples/*.yaml (Helm v4 as
 #      the helm-python-sdk library: there is no helm binary here);
 #   2. the rendered manifests against the Kubernetes schemas, offline (kubernetes-validate --strict);
-#   3. hadolint on the Dockerfile;
+#   3. promtool check rules and promtool test rules on the chart's alerts
+#      (tests/alerts/alerts-test.yaml), then hadolint on the Dockerfile;
 #   4. the Dockerfile's build stage, replayed without Docker (no engine here): its COPY sources
 #      staged as .dockerignore filters them, its ENV and RUN lines run as written in a fresh
 #      Python 3.13 venv standing in for /opt/fhir-sidecar; then the installed `fhir-sidecar`:
@@ -40,6 +41,12 @@ step "kubernetes-validate --strict (Kubernetes $KUBE_VERSION, offline schemas)"
 rendered=("$WORK"/rendered/*.yaml)
 "$BIN/kubernetes-validate" --strict --quiet -k "$KUBE_VERSION" "${rendered[@]}"
 echo "ok: ${#rendered[@]} files"
+
+step "promtool check rules and test rules (the chart's alerts)"
+if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+fi
+$PY tests/support/alert_rules.py "$WORK/alerts"
 
 step "hadolint Dockerfile"
 "$BIN/hadolint" Dockerfile

@@ -1,4 +1,4 @@
-"""The ``fhir-sidecar`` command: run, check, jwks, config-schema, demo."""
+"""The ``fhir-sidecar`` command: run, check, test, jwks, config-schema, demo."""
 
 from __future__ import annotations
 
@@ -45,6 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--no-files", action="store_true",
                        help="check the config's shape only: read no secret, key or CA bundle "
                             "file and no environment variable (for CI without the secrets)")
+
+    test = sub.add_parser(
+        "test", help="test connections as the dashboard's Test button does: connect, TLS, "
+                     "credentials, GET [base]/metadata",
+        description="Run a connection test for each named connection (all when none is "
+                    "named). Exit 0 when every connection passed, 1 when a step failed, 2 for "
+                    "a config error or when the tests could not run.")
+    config_arg(test)
+    test.add_argument("names", nargs="*", metavar="NAME", help="connections to test")
+    test.add_argument("--json", action="store_true",
+                      help='print {"connections": {NAME: {"ok": ..., "steps": [...]}}}')
+    test.add_argument("--admin", metavar="URL",
+                      help="run the tests inside the sidecar at this admin URL (its /test API "
+                           "and its tokens) instead of fetching tokens here")
+    test.add_argument("--token-file", type=Path,
+                      help="file holding the admin token (with --admin)")
 
     jwks = sub.add_parser("jwks", help="print the public signing keys (JWK Set) that "
                                        "/.well-known/jwks.json serves")
@@ -132,6 +148,50 @@ def _check_shape(path: Path, online: bool) -> int:
     return EXIT_OK
 
 
+def cmd_test(args: argparse.Namespace, settings: RuntimeSettings) -> int:
+    from sidecar.probe.command import (
+        TestsNotRun,
+        all_passed,
+        as_json,
+        as_text,
+        run_locally,
+        run_remotely,
+    )
+
+    try:
+        if args.admin is not None:
+            if args.token_file is None:
+                print("fhir-sidecar: --admin needs --token-file (the admin token)",
+                      file=sys.stderr)
+                return EXIT_INVALID
+            try:
+                token = args.token_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                print(f"fhir-sidecar: {args.token_file}: cannot read the admin token: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return EXIT_INVALID
+            reports = run_remotely(args.admin, token, args.names)
+        else:
+            from sidecar.live import load_snapshot
+
+            path = _config_path(args, settings)
+            if path is None:
+                return EXIT_INVALID
+            try:
+                snapshot = load_snapshot(path)
+            except ConfigError as exc:
+                _print_problems(exc)
+                return EXIT_INVALID
+            for warning in snapshot.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            reports = asyncio.run(run_locally(snapshot, args.names))
+    except TestsNotRun as exc:
+        print(f"fhir-sidecar: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(as_json(reports) if args.json else as_text(reports))
+    return EXIT_OK if all_passed(reports) else EXIT_FAILED
+
+
 def cmd_jwks(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     import json
 
@@ -197,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(f"fhir-sidecar: {line}", file=sys.stderr)
         return EXIT_INVALID
-    commands = {"run": cmd_run, "check": cmd_check, "jwks": cmd_jwks,
+    commands = {"run": cmd_run, "check": cmd_check, "test": cmd_test, "jwks": cmd_jwks,
                 "config-schema": cmd_config_schema, "demo": cmd_demo}
     return commands[args.command](args, settings)
 

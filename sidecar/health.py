@@ -11,7 +11,7 @@ fixed error words; nothing from outside the sidecar is quoted.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Light = Literal["green", "amber", "red"]
@@ -23,11 +23,21 @@ RED_DAYS = 7  # a certificate expiring sooner (or expired) is red
 AMBER_DAYS = 30  # ... sooner than this is amber
 
 # Error words (docs/errors.md, docs/metrics.md) that say nothing about the connection: the app
-# left, sent something the sidecar refused before routing it, or is not a caller the
-# connection serves (docs/callers.md).
-APP_ERRORS = frozenset({"client-disconnected", "bad-request", "header-too-large", "no-route",
-                        "misdirected", "origin-not-allowed", "caller-unauthenticated",
-                        "caller-forbidden", "audit-unavailable"})
+# left, or sent something the sidecar refused before routing it.
+APP_ERRORS = frozenset({"client-disconnected", "bad-request", "header-too-large", "no-route"})
+# The caller's fault, refused by the sidecar on a connection's listener (a Host the listener
+# does not answer, an Origin or a caller it does not allow), and the sidecar's own audit
+# refusals: answers the sidecar made, never the FHIR server's; never counted against a
+# connection.
+CALLER_FAULTS = frozenset({"misdirected", "origin-not-allowed", "caller-unauthenticated",
+                           "caller-forbidden", "audit-unavailable"})
+NOT_THE_CONNECTION = APP_ERRORS | CALLER_FAULTS
+# The FHIR server refused the credentials: a 401 or 403 it answered itself (after the one
+# retry with a new token, for OAuth). Red when at least REJECTED_SHARE of the requests that
+# reached it in the window, and at least REJECTED_MIN of them, were refused so.
+REJECTION_STATUSES = ("401", "403")
+REJECTED_SHARE = 0.5
+REJECTED_MIN = 3
 # A response cut off in the middle: the upstream (or the app) left while it streamed.
 INTERRUPTED = "stream-aborted"
 
@@ -50,6 +60,11 @@ class HealthInputs:
     last_error_at: float | None = None
     last_answer_at: float | None = None  # the upstream's last answer (any status)
     token: TokenState | None = None  # None: no OAuth definition
+    # What the FHIR server itself answered in the last 5 minutes (the sidecar's own answers
+    # are not in it): how many requests reached it, and its 401s and 403s by status.
+    upstream_recent: int = 0
+    rejections_recent: Mapping[str, int] = field(default_factory=dict)
+    last_rejection_at: float | None = None
     ca_bundle_expires_at: float | None = None  # the bundle's earliest certificate expiry
     client_cert_expires_at: float | None = None
 
@@ -63,7 +78,7 @@ class Health:
 
 def is_failure(error: str) -> bool:
     """An error word that says the connection did not work (not the app's doing)."""
-    return error not in APP_ERRORS and error != INTERRUPTED
+    return error not in NOT_THE_CONNECTION and error != INTERRUPTED
 
 
 def days_left(expires_at: float, now: float) -> int:
@@ -84,6 +99,7 @@ def expiry_light(expires_at: float, now: float) -> Light:
 def connection_health(inputs: HealthInputs, now: float) -> Health:
     findings: list[tuple[Light, str]] = []
     findings += _errors(inputs, now)
+    findings += _rejections(inputs, now)
     findings += _token(inputs.token)
     for what, expires in (("CA bundle", inputs.ca_bundle_expires_at),
                           ("client certificate", inputs.client_cert_expires_at)):
@@ -92,7 +108,7 @@ def connection_health(inputs: HealthInputs, now: float) -> Health:
     if not findings:
         return Health("green", "no requests in the last 5 min" if not inputs.requests_recent
                       else "no errors in the last 5 min", ())
-    # Worst first; among equals, in the order found (errors, token, certificates).
+    # Worst first; among equals, in the order found (errors, rejections, token, certificates).
     findings.sort(key=lambda f: -LIGHTS.index(f[0]))
     return Health(findings[0][0], findings[0][1], tuple(words for _, words in findings))
 
@@ -118,6 +134,24 @@ def _errors(inputs: HealthInputs, now: float) -> list[tuple[Light, str]]:
         found.append(("amber", f"{interrupted} response{'s' if interrupted > 1 else ''} cut "
                                f"off ({INTERRUPTED}) in the last 5 min"))
     return found
+
+
+def _rejections(inputs: HealthInputs, now: float) -> list[tuple[Light, str]]:
+    refused = {status: n for status, n in sorted(inputs.rejections_recent.items()) if n}
+    total = sum(refused.values())
+    if not total:
+        return []
+    reached = max(inputs.upstream_recent, total)
+    red = total >= REJECTED_MIN and total >= REJECTED_SHARE * reached
+    words = (f"the FHIR server refused the credentials ({', '.join(refused)}) "
+             f"{_times(total)} in 5 min")
+    if inputs.last_rejection_at is not None:
+        words += f"; last {_ago(now - inputs.last_rejection_at)}"
+    return [("red" if red else "amber", words)]
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
 
 
 def _token(token: TokenState | None) -> list[tuple[Light, str]]:

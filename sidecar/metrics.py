@@ -67,8 +67,12 @@ AUDIT_RESULTS = {"file": ("written", "failed"),
                  "fhir": ("written", "sent", "rejected", "full", "failed")}
 # X-Sidecar-Error value -> the reason label of fhir_sidecar_caller_rejections_total.
 CALLER_REJECTION_REASONS = {kind.value: reason for kind, reason in CALLER_REJECTIONS.items()}
+# The FHIR server's answers that refuse the credentials (fhir_sidecar_upstream_rejections_total).
+REJECTIONS = (401, 403)
 # FHIR searches can take tens of seconds; the default buckets stop at 10 s.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Token requests wait at most the definition's request timeout (10 s).
+TOKEN_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def status_class(status: int | None) -> str:
@@ -129,6 +133,11 @@ class ConnectionActivity:
     name: str
     recent: RecentCounts = field(default_factory=RecentCounts)  # by status class
     errors_recent: RecentCounts = field(default_factory=RecentCounts)  # by error word
+    # What the FHIR server itself answered (the sidecar's own answers are not in it): by status
+    # class, and its 401s and 403s by status.
+    upstream_recent: RecentCounts = field(default_factory=RecentCounts)
+    rejections_recent: RecentCounts = field(default_factory=RecentCounts)
+    last_rejection_at: float | None = None
     trend: MinuteRing = field(default_factory=MinuteRing)  # the last hour, per minute
     requests: int = 0
     in_flight: int = 0
@@ -206,7 +215,10 @@ class StatusBoard:
     def started(self, connection: str) -> None:
         self.connection(connection).in_flight += 1
 
-    def finished(self, connection: str, status: int | None, error: str | None) -> None:
+    def finished(self, connection: str, status: int | None, error: str | None,
+                 upstream_status: int | None = None) -> None:
+        """Count a finished request: ``status`` is what the app got, ``upstream_status`` what
+        the FHIR server answered (None when the request never got an answer from it)."""
         now = self._clock()
         activity = self.connection(connection)
         activity.in_flight -= 1
@@ -220,6 +232,11 @@ class StatusBoard:
             activity.last_error, activity.last_error_at = error, now
         elif status is not None:
             activity.last_upstream_answer_at = now
+        if upstream_status is not None:
+            activity.upstream_recent.add(status_class(upstream_status))
+            if upstream_status in REJECTIONS:
+                activity.rejections_recent.add(str(upstream_status))
+                activity.last_rejection_at = now
 
     def tls_failed(self, connection: str, reason: str) -> None:
         record = TlsFailureRecord(connection, reason, self._clock())
@@ -295,6 +312,18 @@ class SidecarMetrics:
         self.token_requests = Counter(f"{PREFIX}_token_requests", "Token endpoint requests, "
                                       "by OAuth definition and result.",
                                       ["definition", "result"], registry=r)
+        self.token_duration = Histogram(
+            f"{PREFIX}_token_request_duration_seconds", "Time a token endpoint request took "
+            "(discovery excluded), by OAuth definition, whatever its result.", ["definition"],
+            buckets=TOKEN_DURATION_BUCKETS, registry=r)
+        self.upstream_rejections = Counter(
+            f"{PREFIX}_upstream_rejections", "Requests the FHIR server answered 401 or 403 "
+            "(after the one retry with a new token), by connection and status.",
+            ["connection", "status"], registry=r)
+        self.upstream_responses = Counter(
+            f"{PREFIX}_upstream_responses", "Responses of the FHIR server itself (not the "
+            "sidecar's own answers), by connection and status class.",
+            ["connection", "status_class"], registry=r)
         self.token_expiry_at = Gauge(f"{PREFIX}_token_expiry_timestamp_seconds",
                                      "When the cached access token expires (epoch seconds).",
                                      ["definition"], registry=r)
@@ -359,10 +388,11 @@ class SidecarMetrics:
         self.board.started(connection)
 
     def request_finished(self, connection: str, method: str, status: int | None,
-                         duration_seconds: float, error: str | None) -> None:
+                         duration_seconds: float, error: str | None,
+                         upstream_status: int | None = None) -> None:
         if connection in self._removed:
             # Its connection was removed while it ran: its series are gone with it.
-            self.board.finished(connection, status, error)
+            self.board.finished(connection, status, error, upstream_status)
             return
         if error is not None:
             self.errors.labels(connection, error).inc()
@@ -371,7 +401,11 @@ class SidecarMetrics:
                 self.caller_rejections.labels(connection, rejection).inc()
         self.requests.labels(connection, method_label(method), status_class(status)).inc()
         self.duration.labels(connection).observe(duration_seconds)
-        self.board.finished(connection, status, error)
+        if upstream_status is not None:
+            self.upstream_responses.labels(connection, status_class(upstream_status)).inc()
+            if upstream_status in REJECTIONS:
+                self.upstream_rejections.labels(connection, str(upstream_status)).inc()
+        self.board.finished(connection, status, error, upstream_status)
 
     def auth_retry(self, connection: str) -> None:
         if connection not in self._removed:
@@ -393,6 +427,9 @@ class SidecarMetrics:
         label = result if result in TOKEN_RESULTS else "invalid_response"
         self.token_requests.labels(definition, label).inc()
         self.board.token_result(definition, label)
+
+    def token_request_took(self, definition: str, seconds: float) -> None:
+        self.token_duration.labels(definition).observe(seconds)
 
     def token_expiry(self, definition: str, expires_at: float) -> None:
         self.token_expiry_at.labels(definition).set(expires_at)
@@ -447,6 +484,7 @@ class SidecarMetrics:
             with contextlib.suppress(KeyError):  # KeyError: no token was ever fetched for it
                 self.token_expiry_at.remove(gone)
             self.token_requests.remove_by_labels({"definition": gone})
+            self.token_duration.remove_by_labels({"definition": gone})
         self._token_definitions = definitions
         proxies = set(snapshot.egress_proxies)
         for name in proxies - self._egress_proxies:  # exported at 0 until a first failure
@@ -457,6 +495,7 @@ class SidecarMetrics:
         for definition in definitions:
             for result in sorted(TOKEN_RESULTS):
                 self.token_requests.labels(definition, result)
+            self.token_duration.labels(definition)
         self._export_connections(snapshot)
         self.board.keep_only(snapshot.connections, definitions)
 
@@ -486,7 +525,8 @@ class SidecarMetrics:
         names = set(snapshot.connections)
         for gone in self._configured - names:
             for metric in (self.requests, self.duration, self.errors, self.auth_retries,
-                           self.tls_failures, self.caller_rejections):
+                           self.tls_failures, self.caller_rejections,
+                           self.upstream_rejections, self.upstream_responses):
                 metric.remove_by_labels({"connection": gone})
         self._removed = (self._removed | (self._configured - names)) - names
         self._configured = names
@@ -500,6 +540,10 @@ class SidecarMetrics:
             self.auth_retries.labels(name)
             for reason in CALLER_REJECTIONS.values():
                 self.caller_rejections.labels(name, reason)
+            for rejected in REJECTIONS:
+                self.upstream_rejections.labels(name, str(rejected))
+            for upstream_class in PRESET_STATUS_CLASSES:
+                self.upstream_responses.labels(name, upstream_class)
             if conn.tls is not None:
                 for reason in sorted(TLS_REASONS):
                     self.tls_failures.labels(name, reason)

@@ -18,7 +18,10 @@ class ProxyObserver(Protocol):
     def request_started(self, connection: str) -> None: ...
 
     def request_finished(self, connection: str, method: str, status: int | None,
-                         duration_seconds: float, error: str | None) -> None: ...
+                         duration_seconds: float, error: str | None,
+                         upstream_status: int | None = None) -> None:
+        """``status``: what the app got; ``upstream_status``: what the FHIR server itself
+        answered (None when the answer is the sidecar's own, or there was none)."""
 
     def auth_retry(self, connection: str) -> None: ...
 
@@ -32,7 +35,8 @@ class NullObserver:
         pass
 
     def request_finished(self, connection: str, method: str, status: int | None,
-                         duration_seconds: float, error: str | None) -> None:
+                         duration_seconds: float, error: str | None,
+                         upstream_status: int | None = None) -> None:
         pass
 
     def auth_retry(self, connection: str) -> None:

@@ -26,7 +26,8 @@ from sidecar.tls.policy import compile_tls_policy
 
 PROXY_USER = "svc-egress"
 PROXY_PASSWORD = "t0ken-Pr0xy-Secret"
-FAST = RefreshPolicy(backoff_initial=0.1, backoff_max=0.4, request_timeout=5.0)
+FAST = RefreshPolicy(backoff_initial=0.1, backoff_max=0.4, request_timeout=5.0,
+                     min_interval=0.0, budget_requests=1000)
 
 
 def _ambient_proxies(port: int) -> dict[str, str]:

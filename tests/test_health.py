@@ -79,6 +79,63 @@ def test_the_apps_own_errors_do_not_change_the_light_and_cut_off_responses_are_a
                          ("2 responses cut off (stream-aborted) in the last 5 min",))
 
 
+@pytest.mark.parametrize("kind", ["misdirected", "origin-not-allowed", "caller-unauthenticated",
+                                  "caller-forbidden", "audit-unavailable"])
+def test_the_callers_faults_and_audit_refusals_never_count_against_a_connection(
+        kind: str) -> None:
+    refused = health(requests_recent=10, errors_recent={kind: 10}, last_error=kind,
+                     last_error_at=NOW - 1)
+    assert refused == Health("green", "no errors in the last 5 min", ())
+
+
+# -- credentials the FHIR server refused -------------------------------------------------------
+
+@pytest.mark.parametrize(("reached", "refused", "light"), [
+    (26, {"401": 13}, "red"),  # half: red
+    (27, {"401": 13}, "amber"),  # under half
+    (3, {"401": 3}, "red"),  # all of three
+    (2, {"401": 2}, "amber"),  # all, but fewer than three
+    (4, {"401": 1, "403": 2}, "red"),  # 401s and 403s add up
+    (100, {"403": 1}, "amber"),  # any refusal is amber
+])
+def test_refused_credentials_are_red_from_half_and_three(reached: int, refused: dict[str, int],
+                                                         light: str) -> None:
+    found = health(requests_recent=reached, upstream_recent=reached, rejections_recent=refused,
+                   last_rejection_at=NOW - 20, last_answer_at=NOW - 20)
+    assert found.light == light, found
+
+
+def test_the_refusal_reason_says_it_plainly() -> None:
+    found = health(requests_recent=30 + 13, upstream_recent=26, rejections_recent={"401": 13},
+                   last_rejection_at=NOW - 20, last_answer_at=NOW - 20)
+    assert found.reason == ("the FHIR server refused the credentials (401) 13 times in 5 min; "
+                            "last 20 s ago")
+    once = health(requests_recent=9, upstream_recent=9, rejections_recent={"403": 1},
+                  last_rejection_at=NOW - 130)
+    assert once == Health("amber", "the FHIR server refused the credentials (403) once in "
+                                   "5 min; last 2 min ago",
+                          ("the FHIR server refused the credentials (403) once in 5 min; "
+                           "last 2 min ago",))
+    both = health(upstream_recent=4, rejections_recent={"403": 1, "401": 2},
+                  last_rejection_at=NOW - 1)
+    assert both.reason.startswith("the FHIR server refused the credentials (401, 403) 3 times")
+
+
+def test_the_board_counts_only_what_the_fhir_server_answered() -> None:
+    board = StatusBoard(clock=lambda: NOW)
+    for status, error, upstream in ((200, None, 200), (401, None, 401), (403, None, 403),
+                                    (403, "origin-not-allowed", None),  # the sidecar's answer
+                                    (401, "caller-unauthenticated", None),
+                                    (502, "upstream-unreachable", None),
+                                    (200, None, 200)):  # a 401 retried into a 200
+        board.started("a")
+        board.finished("a", status, error, upstream)
+    activity = board.connection("a")
+    assert activity.upstream_recent.totals() == {"2xx": 2, "4xx": 2}
+    assert activity.rejections_recent.totals() == {"401": 1, "403": 1}
+    assert activity.last_rejection_at == NOW
+
+
 @pytest.mark.parametrize(("token", "light", "reason"), [
     (TokenState(usable=True, last_attempt_failed=False), "green", "no requests in the last 5 min"),
     (TokenState(usable=True, last_attempt_failed=True), "amber",

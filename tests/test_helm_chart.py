@@ -217,6 +217,17 @@ def test_the_cluster_key_set_token_is_mounted_only_when_asked() -> None:
             "readOnly": True} in mounts
 
 
+def test_the_tracing_values_become_the_config_tracing_section() -> None:
+    values = chart.load_values(EXAMPLES["gateway"])
+    assert "tracing" not in config_of(chart.render(values))
+    asked = copy.deepcopy(values)
+    asked["tracing"] = {"endpoint": "http://otel-collector.observability:4318",
+                        "sampleRatio": 0.25, "serviceName": "ehr-gateway"}
+    assert config_of(chart.render(asked))["tracing"] == {
+        "endpoint": "http://otel-collector.observability:4318", "sample_ratio": 0.25,
+        "service_name": "ehr-gateway"}
+
+
 def test_sidecar_listeners_answer_only_their_own_address() -> None:
     sidecars = [name for name, path in EXAMPLES.items()
                 if chart.load_values(path)["mode"] != "gateway"]

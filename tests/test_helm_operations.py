@@ -129,6 +129,12 @@ def test_alerts_cover_tokens_tls_reloads_and_certificate_expiry(base: dict[str, 
     rules = _rules(docs)
     reads = {name: metric_names(rule["expr"]) for name, rule in rules.items()}
     assert reads == {
+        "FhirSidecarCredentialsRejected": {"fhir_sidecar_upstream_rejections_total",
+                                           "fhir_sidecar_upstream_responses_total"},
+        "FhirSidecarUpstreamErrors": {"fhir_sidecar_upstream_responses_total"},
+        "FhirSidecarUpstreamUnreachable": {"fhir_sidecar_request_errors_total",
+                                           "fhir_sidecar_requests_total"},
+        "FhirSidecarDown": {"up"},  # Prometheus' own series of the scrape target
         "FhirSidecarTokenRequestsFailing": {"fhir_sidecar_token_requests_total"},
         "FhirSidecarUpstreamTlsFailing": {"fhir_sidecar_upstream_tls_failures_total"},
         "FhirSidecarConfigReloadFailing": {"fhir_sidecar_config_reloads_total"},
@@ -138,7 +144,7 @@ def test_alerts_cover_tokens_tls_reloads_and_certificate_expiry(base: dict[str, 
             "fhir_sidecar_oauth_client_cert_expiry_timestamp_seconds"},
     }
     for name, names in reads.items():
-        assert names <= EXPORTED, f"{name} reads metrics the sidecar does not export"
+        assert names - {"up"} <= EXPORTED, f"{name} reads metrics the sidecar does not export"
     for name in ("FhirSidecarCaBundleExpiresSoon", "FhirSidecarClientCertificateExpiresSoon"):
         assert rules[name]["expr"].endswith("- time() < 14 * 86400"), rules[name]["expr"]
     assert 'result!="success"' in rules["FhirSidecarTokenRequestsFailing"]["expr"]
@@ -185,7 +191,9 @@ def test_dashboard_parses_and_reads_only_exported_metrics(base: dict[str, Any]) 
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "FHIR"}
     titles = [p["title"] for p in dashboard["panels"]]
     for wanted in ("Requests by connection and status class", "Latency p50 / p99",
-                   "token: time until expiry", "TLS failures by reason", "Config reloads"):
+                   "token: time until expiry", "TLS failures by reason", "Config reloads",
+                   "Errors by kind", "Error ratio", "Credentials refused",
+                   "Token request latency"):
         assert any(wanted in t for t in titles), (wanted, titles)
     expressions = _expressions(dashboard)
     assert len(expressions) >= 8
@@ -197,7 +205,18 @@ def test_dashboard_parses_and_reads_only_exported_metrics(base: dict[str, Any]) 
     assert {"fhir_sidecar_requests_total", "fhir_sidecar_request_duration_seconds_bucket",
             "fhir_sidecar_token_expiry_timestamp_seconds",
             "fhir_sidecar_upstream_tls_failures_total",
-            "fhir_sidecar_config_reloads_total"} <= read
+            "fhir_sidecar_config_reloads_total", "fhir_sidecar_request_errors_total",
+            "fhir_sidecar_upstream_rejections_total", "fhir_sidecar_upstream_responses_total",
+            "fhir_sidecar_token_request_duration_seconds_bucket"} <= read
+    # A connection variable, and every series with a connection label follows it.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    query = variables["connection"]["query"]["query"]
+    assert metric_names(query) == {"fhir_sidecar_requests_total"}
+    assert query.replace(" ", "").endswith(",connection)"), query
+    assert variables["connection"]["includeAll"] and variables["connection"]["multi"]
+    for expr in expressions:
+        if "by (connection" in expr:
+            assert 'connection=~"$connection"' in expr, expr
     latency = next(p for p in dashboard["panels"] if p["title"].startswith("Latency"))
     quantiles = [re.match(r"histogram_quantile\((0\.\d+),", t["expr"]) for t in latency["targets"]]
     assert [m[1] for m in quantiles if m] == ["0.5", "0.99"]

@@ -41,7 +41,10 @@ from sidecar.tls.policy import compile_tls_policy
 
 TEST_DEADLINE = 30.0
 # Real lifetimes are minutes; these backoffs let an outage and its recovery play out in seconds.
-FAST = RefreshPolicy(backoff_initial=0.1, backoff_max=0.4, request_timeout=2.0)
+# No spacing between fetches and a large budget, so that several cycles fit in a test; the
+# rules that bound the token requests are tested with the real values (test_token_budget.py).
+FAST = RefreshPolicy(backoff_initial=0.1, backoff_max=0.4, request_timeout=2.0,
+                     min_interval=0.0, budget_requests=1000)
 EXPECTED_SCOPE = "system/Patient.rs system/Observation.rs"
 
 
@@ -58,12 +61,16 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.results: list[tuple[str, str]] = []
         self.expiries: list[tuple[str, float]] = []
+        self.durations: list[tuple[str, float]] = []
 
     def token_requested(self, definition: str, result: str) -> None:
         self.results.append((definition, result))
 
     def token_expiry(self, definition: str, expires_at: float) -> None:
         self.expiries.append((definition, expires_at))
+
+    def token_request_took(self, definition: str, seconds: float) -> None:
+        self.durations.append((definition, seconds))
 
 
 def make_source(provider: OAuthTestProvider, client: str, *, name: str = "test-oauth",
@@ -351,7 +358,8 @@ async def test_outage_serves_the_valid_token_then_reports_unavailable(
         outage: str) -> None:
     failure, expected_reason = OUTAGES[outage]
     oauth_provider.settings(ttl=3)
-    policy = RefreshPolicy(backoff_initial=0.1, backoff_max=0.4, request_timeout=0.5)
+    policy = RefreshPolicy(backoff_initial=0.1, backoff_max=0.4, request_timeout=0.5,
+                           min_interval=0.0, budget_requests=1000)
     observer = RecordingObserver()
     source = make_source(oauth_provider, "basic", policy=policy, observer=observer)
     async with opened(source, start=True):

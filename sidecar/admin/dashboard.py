@@ -22,7 +22,8 @@ import tornado.web
 from sidecar.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
 from sidecar.admin.config_store import MAX_UPLOAD_BYTES, REFERENCE_SUFFIXES, ChangeRejected
 from sidecar.admin.console import Console
-from sidecar.admin.glance import sparkline, token_bar, when
+from sidecar.admin.error_log import LoggedErrors
+from sidecar.admin.glance import broken_first, light_summary, sparkline, token_bar, when
 from sidecar.admin.guard import BoundedBody, with_body
 from sidecar.config.models import CERTIFICATE_CLIENT_AUTH, ClientAuth, SigningAlg, TlsVerify
 
@@ -37,6 +38,10 @@ LOGIN_BODY_BYTES = 8 * 1024
 CHOICES = {"verify": get_args(TlsVerify), "client_auth": tuple(a for a in get_args(ClientAuth)
                                           if a not in CERTIFICATE_CLIENT_AUTH),
            "signing_alg": get_args(SigningAlg)}
+
+
+class StaticFiles(LoggedErrors, tornado.web.StaticFileHandler):
+    """The dashboard's script and style sheet; a failure is logged like any other."""
 
 
 class DashboardHandler(BoundedBody):
@@ -96,7 +101,8 @@ class DashboardHandler(BoundedBody):
             read_only=read_only, can_edit=session is not None and read_only is None,
             done=self.get_query_argument("done", ""), error=error, problems=problems or [],
             last_reload=live.last_reload, max_upload=MAX_UPLOAD_BYTES, choices=CHOICES,
-            now=time.time(), when=when, sparkline=sparkline, token_bar=token_bar, **extra)
+            now=time.time(), when=when, sparkline=sparkline, token_bar=token_bar,
+            broken_first=broken_first, light_summary=light_summary, **extra)
         self.finish(html)
 
     @with_body
@@ -367,5 +373,5 @@ def dashboard_handlers(console: Console) -> list[tuple[str, type[tornado.web.Req
         (r"/egress-proxies", EgressProxiesPage, args),
         (r"/login", LoginPage, args),
         (r"/logout", LogoutPage, args),
-        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": str(HERE / "static")}),
+        (r"/static/(.*)", StaticFiles, {"path": str(HERE / "static")}),
     ]

@@ -9,7 +9,7 @@ always given.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +104,18 @@ def token_bar(token: dict[str, Any]) -> Bar | None:
         return None
     share = min(1.0, max(0.0, left / lifetime))
     return Bar(BAR_WIDTH, BAR_HEIGHT, round(share * BAR_WIDTH, 1), int(share * 100))
+
+
+_WORST_FIRST = {"red": 0, "amber": 1, "green": 2}
+
+
+def broken_first(connections: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Connection views with red rows first, then amber, then green; by name within each."""
+    return sorted(connections, key=lambda c: (_WORST_FIRST.get(c["health"]["light"], 0),
+                                              c["name"]))
+
+
+def light_summary(connections: Iterable[dict[str, Any]]) -> str:
+    """How many connections are red, amber and green: "1 red, 2 amber, 5 green"."""
+    lights = [c["health"]["light"] for c in connections]
+    return ", ".join(f"{lights.count(light)} {light}" for light in _WORST_FIRST)

@@ -18,8 +18,10 @@ from typing import Any, cast
 import tornado.httputil
 import tornado.web
 
+from sidecar.admin.error_log import LoggedErrors
 from sidecar.callers.hosts import host_allowed
 from sidecar.live import LiveConfig
+from sidecar.redaction import Redactor
 
 MAX_API_BODY_BYTES = 1024 * 1024
 
@@ -65,7 +67,7 @@ def local_address(request: tornado.httputil.HTTPServerRequest) -> str | None:
 
 
 @tornado.web.stream_request_body
-class MisdirectedHandler(tornado.web.RequestHandler):
+class MisdirectedHandler(LoggedErrors):
     def prepare(self) -> None:
         _problem(self, 421, f"this admin listener does not answer for the host "
                             f"{self.request.host_name!r}; if that name is meant to reach it, "
@@ -73,13 +75,13 @@ class MisdirectedHandler(tornado.web.RequestHandler):
 
 
 @tornado.web.stream_request_body
-class NoBodyHandler(tornado.web.RequestHandler):
+class NoBodyHandler(LoggedErrors):
     def prepare(self) -> None:
         _problem(self, 413, f"{self.request.method} {self.request.path} takes no request body")
 
 
 @tornado.web.stream_request_body
-class BoundedBody(tornado.web.RequestHandler):
+class BoundedBody(LoggedErrors):
     """A handler that takes a request body, streamed and capped at ``body_limit`` bytes.
 
     Subclasses check who is asking in :meth:`admit` (from headers alone), before any of the
@@ -161,6 +163,11 @@ class AdminApplication(tornado.web.Application):
         listen = live.current.config.admin.listen
         # The address is read at start, like the listener itself (it moves only on restart).
         self.listen_host = listen.host if listen else "127.0.0.1"
+
+    @property
+    def redactor(self) -> Redactor:
+        """The live snapshot's: it knows every secret the sidecar has read."""
+        return self._live.current.redactor
 
     def find_handler(self, request: tornado.httputil.HTTPServerRequest,
                      **kwargs: Any) -> Any:

@@ -58,6 +58,9 @@ def connection_health_now(activity: ConnectionActivity, now: float, *,
         requests_recent=sum(requests_recent.values()), errors_recent=errors_recent,
         last_error=activity.last_error, last_error_at=activity.last_error_at,
         last_answer_at=activity.last_upstream_answer_at, token=token,
+        upstream_recent=sum(activity.upstream_recent.totals().values()),
+        rejections_recent=activity.rejections_recent.totals(),
+        last_rejection_at=activity.last_rejection_at,
         ca_bundle_expires_at=ca_expiry.timestamp() if ca_expiry else None,
         client_cert_expires_at=cert_expiry.timestamp() if cert_expiry else None), now)
 

@@ -18,6 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from sidecar.admin.error_log import LoggedErrors
 from sidecar.admin.guard import AdminApplication
 from sidecar.admin.readiness import StatusSources, is_ready, readiness_report
 from sidecar.config.errors import ConfigError, ConfigProblem
@@ -29,7 +30,7 @@ from sidecar.snapshot import Snapshot
 TRUE_WORDS = frozenset({"1", "true", "yes"})
 
 
-class _AdminHandler(tornado.web.RequestHandler):
+class _AdminHandler(LoggedErrors):
     def initialize(self, sources: StatusSources) -> None:
         self.sources = sources
 

@@ -11,6 +11,11 @@ One :class:`TokenSource` per OAuth definition, shared by every connection that u
   retried with exponential backoff and jitter. Once no usable token is left, ``token()`` raises
   :class:`TokenUnavailable` quoting the endpoint's last answer, without calling the endpoint
   again until the backoff has passed (so a dead endpoint is not hammered by every request).
+* Whatever the endpoint answers, a definition makes at most ``budget_requests`` token requests
+  in ``budget_window`` seconds (12 a minute), and the next automatic fetch never starts sooner
+  than ``min_interval`` (5 s) after the previous one: a token that lives shorter than the
+  refresh margin is used as it is until it expires, and requests in the gap wait for the next
+  fetch within their own timeout. A lifetime over a year counts as a year.
 
 The wire format (form parameters, client authentication, response checks) is in
 :mod:`sidecar.credentials.token_endpoint`; SMART discovery in :mod:`sidecar.credentials.discovery`.
@@ -24,9 +29,11 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import math
 import random
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -55,7 +62,7 @@ class TokenUnavailable(Exception):
     """No usable token: names the definition, the token URL and the endpoint's answer."""
 
     def __init__(self, definition: str, token_url: str, reason: str,
-                 result: TokenFailureResult | Literal["closed"] = "network"):
+                 result: TokenFailureResult | Literal["closed", "budget"] = "network"):
         self.definition = definition
         self.token_url = token_url
         self.reason = reason
@@ -106,6 +113,16 @@ class TokenObserver(Protocol):
 
     def token_expiry(self, definition: str, expires_at: float) -> None: ...
 
+    def token_request_took(self, definition: str, seconds: float) -> None: ...
+
+
+YEAR = 365 * 86400.0
+BUDGET_SPENT = "token budget spent"
+
+
+class BudgetSpent(Exception):
+    """No token request may be sent now: the budget is spent (the words say until when)."""
+
 
 @dataclass(frozen=True)
 class RefreshPolicy:
@@ -125,12 +142,22 @@ class RefreshPolicy:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     request_timeout: float = 10.0
+    # Whatever the endpoint answers: at most this many token requests in the window, and the
+    # next automatic fetch no sooner than min_interval after the previous one started.
+    budget_requests: int = 12
+    budget_window: float = 60.0
+    min_interval: float = 5.0
+    max_lifetime: float = YEAR
+
+    def margin(self, lifetime: float) -> float:
+        """How long before its expiry a token of ``lifetime`` is refreshed (without jitter)."""
+        return min(lifetime * self.margin_fraction, self.margin_max) + self.skew(lifetime)
 
     def skew(self, lifetime: float) -> float:
         return min(self.skew_max, max(self.skew_min, lifetime * self.skew_fraction))
 
     def refresh_delay(self, lifetime: float) -> float:
-        margin = min(lifetime * self.margin_fraction, self.margin_max) + self.skew(lifetime)
+        margin = self.margin(lifetime)
         jitter = random.uniform(0, min(lifetime * self.jitter_fraction, self.jitter_max))
         return max(0.0, lifetime - margin - jitter)
 
@@ -241,6 +268,8 @@ class TokenSource:
         self._refresher: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self._closed = False
+        # When each token request of the budget window started (monotonic), oldest first.
+        self._requests_sent: deque[float] = deque()
 
     # --- public interface ---------------------------------------------------------------
 
@@ -269,8 +298,14 @@ class TokenSource:
             self._refresh_in_background(now)
         return current.value
 
-    async def token(self) -> str:
-        """A usable access token, from the cache when possible; raises TokenUnavailable."""
+    async def token(self, wait_limit: float | None = None) -> str:
+        """A usable access token, from the cache when possible; raises TokenUnavailable.
+
+        Without one, the caller waits for the next fetch, which starts at once unless the
+        previous one started less than ``min_interval`` ago or the budget is spent; with
+        ``wait_limit`` (the request's own timeout), it waits no longer than that, and is told at
+        once when the next fetch is further away.
+        """
         cached = self.cached_token()
         if cached is not None:
             return cached
@@ -283,11 +318,51 @@ class TokenSource:
             failure = self._last_failure
             if failure is not None and now < self._retry_at:
                 raise self._copy(failure)
-            task = self._start_fetch()
+            due = self._next_fetch_at(now)
+            if wait_limit is not None and due - now > wait_limit:
+                raise self._not_before(due, now)
+            task = self._start_fetch(due)
         try:
-            return (await asyncio.shield(task)).value
+            if wait_limit is None:
+                return (await asyncio.shield(task)).value
+            return (await asyncio.wait_for(asyncio.shield(task), wait_limit)).value
         except TokenUnavailable as exc:
             raise self._copy(exc) from None
+        except TimeoutError:
+            raise TokenUnavailable(self.name, self.token_url,
+                                   f"no token within {wait_limit:g} s (the connection's "
+                                   "timeout_seconds)") from None
+
+    def budget_spent(self) -> bool:
+        """Whether the budget of token requests is spent for now (no request may be sent)."""
+        return self._budget_free_at(time.monotonic()) > time.monotonic()
+
+    def _budget_free_at(self, now: float) -> float:
+        """When the budget next allows a token request (``now`` or earlier: it does now)."""
+        sent = self._requests_sent
+        window = self._policy.budget_window
+        while sent and sent[0] <= now - window:
+            sent.popleft()
+        if len(sent) < self._policy.budget_requests:
+            return now
+        return sent[len(sent) - self._policy.budget_requests] + window
+
+    def _next_fetch_at(self, now: float) -> float:
+        """When the next automatic fetch may start: never sooner than ``min_interval`` after
+        the previous one started, and only within the budget."""
+        due = self._budget_free_at(now)
+        if self._requests_sent:
+            due = max(due, self._requests_sent[-1] + self._policy.min_interval)
+        return max(now, due)
+
+    def _not_before(self, due: float, now: float) -> TokenUnavailable:
+        wait = math.ceil(due - now)
+        if self._budget_free_at(now) > now:
+            reason = f"{BUDGET_SPENT}; next fetch in {wait} s"
+        else:
+            reason = (f"the last token request was less than "
+                      f"{self._policy.min_interval:g} s ago; next fetch in {wait} s")
+        return TokenUnavailable(self.name, self.token_url, reason)
 
     def invalidate(self, token: str) -> None:
         """Forget ``token`` (the upstream rejected it), unless a newer one has replaced it."""
@@ -332,33 +407,37 @@ class TokenSource:
         """One fresh token request, bypassing and not touching the cache (``check --online``)."""
         try:
             endpoint = await self._get_endpoint()
-            issued = await endpoint.request_token()
+            issued = await self._send_request(endpoint)
         except EndpointFailure as exc:
             raise self._unavailable(exc) from None
+        except BudgetSpent as exc:
+            raise TokenUnavailable(self.name, self.token_url, str(exc), "budget") from None
         lifetime, defaulted = self._lifetime(issued)
         return FetchedToken(token_url=endpoint.token_url, scopes=self._granted(issued),
                             expires_in=lifetime, expires_in_defaulted=defaulted,
                             bound_to=issued.bound_thumbprint)
 
-    async def token_for_test(self, fresh: bool) -> ProbeToken:
+    async def token_for_test(self, fresh: bool, wait_limit: float | None = None) -> ProbeToken:
         """A token for a connection test (docs/admin-api.md#testing-a-connection).
 
         Without ``fresh``: the path a request takes, the cached token while it is usable, else
         a fetch whose token is cached for the requests too. With ``fresh``: one new token
-        request that leaves the cache and the backoff alone, as ``fetch_once`` does.
-        Raises :class:`TokenUnavailable`.
+        request that leaves the cache and the backoff alone, as ``fetch_once`` does. Either
+        way within the budget of token requests. Raises :class:`TokenUnavailable`.
         """
         if fresh:
             try:
                 endpoint = await self._get_endpoint()
-                issued = await endpoint.request_token()
+                issued = await self._send_request(endpoint)
             except EndpointFailure as exc:
                 raise self._unavailable(exc) from None
+            except BudgetSpent as exc:
+                raise TokenUnavailable(self.name, self.token_url, str(exc), "budget") from None
             lifetime, _ = self._lifetime(issued)
             return ProbeToken(issued.access_token, False, lifetime, self._granted(issued),
                              endpoint.token_url)
         cached = self.cached_token()
-        value = cached if cached is not None else await self.token()
+        value = cached if cached is not None else await self.token(wait_limit)
         current = self._current
         left = current.expires_wall - time.time() if current is not None else 0.0
         return ProbeToken(value, cached is not None, max(0.0, left),
@@ -397,8 +476,9 @@ class TokenSource:
 
     # --- fetching -----------------------------------------------------------------------
 
-    def _start_fetch(self) -> asyncio.Task[_CachedToken]:
-        task = asyncio.get_running_loop().create_task(self._fetch(),
+    def _start_fetch(self, due: float | None = None) -> asyncio.Task[_CachedToken]:
+        """The one fetch everybody waits on; it sends its request at ``due`` (monotonic)."""
+        task = asyncio.get_running_loop().create_task(self._fetch(due),
                                                       name=f"oauth-token-{self.name}")
         # Failures are recorded by _fetch itself; nobody may be awaiting a background refresh.
         task.add_done_callback(_consume_exception)
@@ -409,17 +489,27 @@ class TokenSource:
     def _refresh_in_background(self, now: float) -> None:
         if self._inflight is None and not self._closed and (
                 self._last_failure is None or now >= self._retry_at):
-            self._start_fetch()
+            self._start_fetch(self._next_fetch_at(now))
 
-    async def _fetch(self) -> _CachedToken:
+    async def _fetch(self, due: float | None = None) -> _CachedToken:
+        if due is not None and due > time.monotonic():
+            await asyncio.sleep(due - time.monotonic())
         started_mono, started_wall = time.monotonic(), time.time()
         try:
-            endpoint = await self._get_endpoint()
-            issued = await endpoint.request_token()
+            try:
+                endpoint = await self._get_endpoint()
+            except Exception as exc:  # discovery failed: counted as this attempt's result
+                self._notify_requested(exc.result if isinstance(exc, EndpointFailure)
+                                       else "invalid_response")
+                raise
+            issued = await self._send_request(endpoint)  # counts its own result
         except EndpointFailure as exc:
             failure = self._unavailable(exc)
             self._record_failure(failure)
             raise failure from None
+        except BudgetSpent as exc:
+            # Fresh tests spent the budget meanwhile: no request was sent.
+            raise TokenUnavailable(self.name, self.token_url, str(exc), "budget") from None
         except Exception as exc:
             # A bug, or a library failing in a way not foreseen above: still a clean 503 for
             # the requests, and the traceback in the log (it carries no request data).
@@ -437,6 +527,32 @@ class TokenSource:
         finally:
             self._inflight = None
             self._wake()
+
+    async def _send_request(self, endpoint: TokenEndpoint) -> IssuedToken:
+        """One token request, within the budget, timed for the metrics; every request to the
+        token endpoint goes through here."""
+        now = time.monotonic()
+        free_at = self._budget_free_at(now)
+        if free_at > now:
+            raise BudgetSpent(f"{BUDGET_SPENT}; next fetch in {math.ceil(free_at - now)} s")
+        self._requests_sent.append(now)
+        try:
+            issued = await endpoint.request_token()
+        except EndpointFailure as exc:
+            self._notify_requested(exc.result)
+            raise
+        except Exception:
+            self._notify_requested("invalid_response")
+            raise
+        else:
+            self._notify_requested("success")
+            return issued
+        finally:
+            if self._observer is not None:
+                try:
+                    self._observer.token_request_took(self.name, time.monotonic() - now)
+                except Exception:  # metrics must never break token handling
+                    log.exception("token observer failed")
 
     async def _get_endpoint(self) -> TokenEndpoint:
         if self._endpoint is None:
@@ -473,6 +589,12 @@ class TokenSource:
     def _lifetime(self, issued: IssuedToken) -> tuple[float, bool]:
         if issued.expires_in is None:
             return float(self.definition.default_expires_in), True
+        longest = self._policy.max_lifetime
+        if issued.expires_in > longest:
+            log.warning("OAuth definition %r: the token endpoint says the token lives %.3g s; "
+                        "it is counted as %g s (a year)", self.name, issued.expires_in, longest,
+                        extra={"event": "oauth_token_lifetime_capped"})
+            return longest, False
         return issued.expires_in, False
 
     def _granted(self, issued: IssuedToken) -> tuple[str, ...]:
@@ -483,10 +605,19 @@ class TokenSource:
                ) -> _CachedToken:
         # Counting from when the request was sent errs on the early side of the real expiry.
         lifetime, _ = self._lifetime(issued)
+        policy = self._policy
+        if lifetime <= policy.margin(lifetime):
+            # Shorter than the refresh margin: used as it is until it (nearly) expires, then
+            # replaced; _next_fetch_at keeps the next request min_interval after this one.
+            usable_until = started_mono + lifetime * (1 - policy.skew_fraction)
+            refresh_at = usable_until
+        else:
+            usable_until = started_mono + lifetime - policy.skew(lifetime)
+            refresh_at = started_mono + policy.refresh_delay(lifetime)
         return _CachedToken(
             value=issued.access_token,
-            usable_until=started_mono + lifetime - self._policy.skew(lifetime),
-            refresh_at=started_mono + self._policy.refresh_delay(lifetime),
+            usable_until=usable_until,
+            refresh_at=refresh_at,
             expires_wall=started_wall + lifetime,
             scopes=self._granted(issued),
             issued_wall=started_wall,
@@ -498,7 +629,6 @@ class TokenSource:
         self._failures = 0
         self._last_failure = None
         self._last_refresh = dt.datetime.now(dt.UTC)
-        self._notify_requested("success")
         if self._observer is not None:
             self._observer.token_expiry(self.name, cached.expires_wall)
         if recovered:
@@ -507,10 +637,11 @@ class TokenSource:
 
     def _record_failure(self, failure: TokenUnavailable) -> None:
         self._failures += 1
+        now = time.monotonic()
         delay = self._policy.backoff(self._failures)
-        self._retry_at = time.monotonic() + delay
+        self._retry_at = max(now + delay, self._next_fetch_at(now))
+        delay = self._retry_at - now
         self._last_failure = failure
-        self._notify_requested(failure.result)
         still_usable = self._current is not None and time.monotonic() < \
             self._current.usable_until
         log.warning("%s (attempt %d; retrying in %.1f s; %s)", failure, self._failures, delay,
@@ -541,7 +672,7 @@ class TokenSource:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), delay)
                 continue
-            task = self._inflight or self._start_fetch()
+            task = self._inflight or self._start_fetch(self._next_fetch_at(time.monotonic()))
             with contextlib.suppress(TokenUnavailable):
                 await asyncio.shield(task)
 
@@ -552,9 +683,10 @@ class TokenSource:
         now = time.monotonic()
         if self._last_failure is not None:
             return self._retry_at - now
+        due = self._next_fetch_at(now)
         if self._current is not None:
-            return self._current.refresh_at - now
-        return 0.0
+            due = max(due, self._current.refresh_at)
+        return due - now
 
     def _wake(self) -> None:
         if self._wakeup is not None:

@@ -178,6 +178,8 @@ class TokenEndpoint:
 def _expires_in(value: object) -> float | None:
     if value is None:
         return None
+    if isinstance(value, bool):  # JSON true is no number of seconds (float(True) would be 1)
+        raise EndpointFailure("invalid_response", f"expires_in is not a number: {value!r}")
     try:
         seconds = float(value)  # type: ignore[arg-type]  # a few servers send a string
     except (TypeError, ValueError):

@@ -110,12 +110,13 @@ async def _credentials(report: Report, snapshot: Snapshot, conn: CompiledConnect
 
 
 async def _token(step: Step, source: TokenSource, fresh: bool) -> str:
-    from sidecar.credentials.oauth import TokenUnavailable
+    from sidecar.credentials.oauth import BUDGET_SPENT, TokenUnavailable
 
     try:
-        token = await source.token_for_test(fresh)
+        token = await source.token_for_test(fresh, wait_limit=STEP_TIMEOUT_SECONDS)
     except TokenUnavailable as exc:
-        hint = "" if fresh else " (add ?fresh=1 to ask the token endpoint now)"
+        hint = "" if fresh or exc.reason.startswith(BUDGET_SPENT) \
+            else " (add ?fresh=1 to ask the token endpoint now)"
         raise StepFailed(f"no token from {exc.token_url}: {exc.reason}{hint}") from None
     scopes = " ".join(token.scopes) or "none named"
     lifetime = _duration(token.expires_in)

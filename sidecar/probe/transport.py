@@ -215,7 +215,8 @@ def handshake(channel: Channel, policy: UpstreamTlsPolicy, host: str, timeout: f
             # OpenSSL keeps no peer certificate after a failed verification; the verify
             # callback kept the subject of the one it refused.
             words += f" (refused certificate: {outcome.subject})"
-        raise StepFailed(words) from None
+        # tls_failure: the reason as a word (sidecar.tls.verdict), for check --online's table.
+        raise StepFailed(words, tls_failure=reason) from None
     except TimeoutError:
         raise StepFailed(f"no TLS handshake with {host} within {timeout:g} s") from None
     except OSError as exc:

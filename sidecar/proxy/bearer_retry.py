@@ -22,6 +22,9 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
     """Drop the rejected token, get a new one and send the request once more.
 
     ``None`` when no new token can be had or the retry fails: the upstream's 401 then stands.
+    So it does, without dropping the token, once the definition's budget of token requests is
+    spent: a server that refuses every token cannot drive the sidecar into a storm of token
+    requests.
     """
     # Imported here: only OAuth connections get here, and a Basic-only sidecar never loads
     # httpx (megabytes of RSS at ready, with authlib).
@@ -33,11 +36,13 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
     conn = state.connection
     assert conn is not None and conn.oauth is not None and state.bearer is not None
     source = state.snapshot.token_sources[conn.oauth]
+    if source.budget_spent():
+        return None
     source.invalidate(state.bearer)  # only if it is still the current token
     state.bearer = None  # once only
     span = child_span(state, "retry after 401", INTERNAL)
     try:
-        token = await source.token()
+        token = await source.token(wait_limit=conn.timeout_seconds)
     except TokenUnavailable:
         end_span(state, span, "token-unavailable")
         return None
@@ -53,6 +58,7 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
     if span is not None:
         span.attributes["http.response.status_code"] = again.status
     end_span(state, span)
+    state.upstream_status = again.status  # the FHIR server's answer to the retry
     now = time.time()
     # The body exactly as received (raw: any content-encoding is not applied twice).
     response = http.Response(

@@ -52,7 +52,8 @@ class Credentials:
         if span is not None:
             span.attributes["fhir_sidecar.oauth.definition"] = state.connection.oauth
         try:
-            token = await source.token()
+            # Waits for the next fetch no longer than the request itself may take.
+            token = await source.token(wait_limit=state.connection.timeout_seconds)
         except TokenUnavailable as exc:
             end_span(state, span, "token-unavailable")
             error_answers.refuse(flow, state, failures.token_unavailable(

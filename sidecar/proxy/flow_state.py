@@ -31,6 +31,10 @@ class FlowState:
     bytes_in: int = 0
     bytes_out: int = 0
     error: str | None = None
+    # The status the FHIR server itself answered (set where its response headers arrive, and
+    # by the retry after a 401); None while it has not answered. The sidecar's own answers
+    # never set it.
+    upstream_status: int | None = None
     bearer: str | None = field(default=None, repr=False)
     caller: str | None = None  # the workload token's <definition>:<subject>, when checked
     # Tracing (docs/tracing.md): set only for a request that is traced.

@@ -58,7 +58,7 @@ class RequestLog:
             callback(flow, state, status)
         duration = time.monotonic() - state.started
         self.observer.request_finished(_name(state), flow.request.method, status, duration,
-                                       state.error)
+                                       state.error, state.upstream_status)
         log_request(
             request_id=state.request_id,
             connection=_name(state),
@@ -96,6 +96,11 @@ class RequestLog:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
         if state is not None and flow.response is not None:
+            if state.error is None:
+                # The FHIR server's response. mitmproxy passes the sidecar's own answers
+                # through this hook too (it emulates it for a response an addon set); every
+                # one of them was made by error_answers.refuse, which names its error first.
+                state.upstream_status = flow.response.status_code
             flow.response.headers[REQUEST_ID] = state.request_id
 
     def response(self, flow: http.HTTPFlow) -> None:

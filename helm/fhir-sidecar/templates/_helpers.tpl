@@ -75,6 +75,11 @@ admin.listen set from `admin`, so probes and listener always agree.
 {{- $_ := set $admin "allowed_hosts" (append (get $admin "allowed_hosts" | default list) .Values.jwksIngress.host | uniq) -}}
 {{- end -}}
 {{- $_ := set $cfg "admin" $admin -}}
+{{- if and .Values.tracing.endpoint (not (get $cfg "tracing")) -}}
+{{- $tracing := dict "endpoint" .Values.tracing.endpoint "sample_ratio" .Values.tracing.sampleRatio -}}
+{{- if .Values.tracing.serviceName -}}{{- $_ := set $tracing "service_name" .Values.tracing.serviceName -}}{{- end -}}
+{{- $_ := set $cfg "tracing" $tracing -}}
+{{- end -}}
 {{- if eq .Values.mode "gateway" -}}
 {{- /* Apps reach the listeners by the Service's names: their Host must be answered (421 otherwise). */ -}}
 {{- $svc := include "fhir-sidecar.fullname" . -}}

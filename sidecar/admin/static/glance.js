@@ -1,5 +1,6 @@
 // Refreshes the live cells of the Connections page every 10 s (docs/admin-api.md#health-and-trends):
-// the light, the token bar, the sparkline, the recent counts and the last error. The server
+// the light, the token bar, the sparkline, the recent counts, the last error and the summary
+// line of red, amber and green connections. The server
 // renders them (GET /connections/live); this puts each cell in place of the page's cell of the
 // same row and data-live name, so the Test results and the forms are left alone. No framework.
 "use strict";
@@ -20,6 +21,11 @@ async function refreshGlance() {
     return;
   }
   const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+  const summary = fresh.getElementById("connections-summary");
+  const shown = document.getElementById("connections-summary");
+  if (summary && shown) {
+    shown.replaceWith(document.importNode(summary, true));
+  }
   for (const row of fresh.querySelectorAll("tr[id^='connection-']")) {
     const current = document.getElementById(row.id);
     if (!current) {
