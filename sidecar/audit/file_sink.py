@@ -25,6 +25,9 @@ class AuditUnavailable(Exception):
     """A record that cannot be kept: the request that needs it must not proceed when the
     audit is required."""
 
+    # The result label it is counted under (fhir_sidecar_audit_records_total).
+    result = "failed"
+
 
 class AuditFile:
     name = "file"

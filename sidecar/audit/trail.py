@@ -115,7 +115,7 @@ class AuditTrail:
                 sink.write(record)
             except AuditUnavailable as exc:
                 kept = False
-                self._count(sink.name, "failed")
+                self._count(sink.name, exc.result)  # "failed", or "full" (the FHIR queue)
                 log_event("audit_record_lost", logging.ERROR,
                           f"audit record {record.get('audit_id')} ({record.get('kind')}) not "
                           f"kept by the {sink.name} sink: {exc}")
