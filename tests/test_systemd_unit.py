@@ -201,3 +201,50 @@ def test_systemd_analyze_refuses_a_misspelt_or_weaker_unit(tmp_path: Path) -> No
         "RestrictNamespaces="))))
     checked = _verify(weaker)
     assert checked.returncode == 1 and "exposure above" in checked.stderr
+
+
+NO_HOME = """
+import pwd, sys
+def no_entry(uid):
+    raise KeyError(uid)
+pwd.getpwuid = no_entry  # a UID without a passwd entry, like a DynamicUser without nss-systemd
+from sidecar.cli import main
+sys.argv = ["fhir-sidecar", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_without_a_home_directory_only_the_state_directory_must_be_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/systemd.md: the dynamic user has no home; `run` then needs --state-dir (exit 2
+    saying so without it), and nothing crashes on the way."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOME", "XDG_STATE_HOME", "FHIR_SIDECAR_STATE_DIR")}
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", NO_HOME, *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("fhir-sidecar "), version.stderr
+    run = cli("run", "-c", str(config))
+    assert run.returncode == 2
+    assert "no state directory: give --state-dir or set FHIR_SIDECAR_STATE_DIR" in run.stderr
+    assert "Traceback" not in run.stderr
+
+    from sidecar import settings
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("FHIR_SIDECAR_STATE_DIR", raising=False)
+    import pwd
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert settings.RuntimeSettings().state_dir is None
+    monkeypatch.setenv("FHIR_SIDECAR_STATE_DIR", str(tmp_path / "state"))
+    assert settings.RuntimeSettings().state_dir == tmp_path / "state"
