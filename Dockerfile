@@ -3,7 +3,9 @@
 #     --build-arg SOURCE=https://git.example.org/you/fhir-sidecar .
 #   docker run --read-only -v "$PWD/config:/etc/fhir-sidecar/config:ro" -p 8081:8081 fhir-sidecar:0.1.0
 # Python 3.13 because mitmproxy 12.x needs >= 3.12. Both stages use the same base image so the
-# virtual environment's interpreter path (/usr/local/bin/python3.13) exists in the final stage.
+# virtual environment's interpreter path exists in the final stage: the venv is made by
+# `python -m venv`, so it points at wherever the base keeps `python` (/usr/local/bin in
+# python:3.13-slim, /usr/bin in the Debian base CI builds this file on: .ci/image-check).
 
 # ---- build: install the pinned dependencies and the package into a venv ----
 FROM python:3.13-slim AS build

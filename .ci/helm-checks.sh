@@ -5,7 +5,8 @@
 #   2. the rendered manifests against the Kubernetes schemas, offline (kubernetes-validate --strict);
 #   3. promtool check rules and promtool test rules on the chart's alerts
 #      (tests/alerts/alerts-test.yaml), then hadolint on the Dockerfile;
-#   4. the Dockerfile's build stage, replayed without Docker (no engine here): its COPY sources
+#   4. the Dockerfile's build stage, replayed without a container engine or root (the real image
+#      is built and run by .ci/image-check, as root, with buildah): its COPY sources
 #      staged as .dockerignore filters them, its ENV and RUN lines run as written in a fresh
 #      Python 3.13 venv standing in for /opt/fhir-sidecar; then the installed `fhir-sidecar`:
 #      --help, `check` on every rendered config (placeholder secrets at the mounted paths) and a

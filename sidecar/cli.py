@@ -227,6 +227,10 @@ def cmd_run(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     if path is None:
         return EXIT_INVALID
     state_dir = args.state_dir or settings.state_dir
+    if state_dir is None:
+        print("fhir-sidecar: no state directory: give --state-dir or set "
+              "FHIR_SIDECAR_STATE_DIR (there is no home directory to keep it in)", file=sys.stderr)
+        return EXIT_INVALID
     try:
         code = asyncio.run(serve(path, state_dir, settings.drain_seconds))
     except ConfigError as exc:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FHIR_SIDECAR_"
@@ -24,8 +24,16 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 
 
-def _default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+def _default_state_dir() -> Path | None:
+    """``$XDG_STATE_HOME/fhir-sidecar``, else ``~/.local/state/fhir-sidecar``; ``None`` when
+    there is no home directory (a user systemd makes up for a service has none, and no HOME):
+    then ``--state-dir`` or ``FHIR_SIDECAR_STATE_DIR`` must say where (docs/systemd.md)."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".local" / "state")
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry for this UID
+            return None
     return Path(base) / "fhir-sidecar"
 
 
@@ -34,7 +42,7 @@ class RuntimeSettings(BaseSettings):
 
     config: Path | None = None
     # mitmproxy's CA store and other runtime state; a writable volume in containers.
-    state_dir: Path = _default_state_dir()
+    state_dir: Path | None = Field(default_factory=_default_state_dir)
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
     # Deprecated: the config file's shutdown.drain_seconds (sidecar.shutdown.shutdown_timings).

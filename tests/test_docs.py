@@ -139,13 +139,22 @@ def test_every_link_between_the_documents_leads_somewhere() -> None:
 
 def test_every_pointer_from_the_code_to_docs_leads_somewhere() -> None:
     broken = []
-    for path in repo_files(".py", ".yaml", ".tpl", ".sh", ".txt"):
+    ci_scripts = [path for path in (REPO / ".ci").iterdir() if path.is_file() and not path.suffix]
+    assert {"run", "image-check", "release-check"} <= {path.name for path in ci_scripts}
+    for path in repo_files(".py", ".yaml", ".tpl", ".sh", ".txt", ".service") + ci_scripts:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for file, anchor in DOCS_POINTER.findall(line):
                 target = DOCS / file
                 if not target.is_file() or (anchor and anchor not in heading_anchors(target)):
                     broken.append(f"{path.relative_to(REPO)}:{number}: docs/{file}#{anchor}")
     assert broken == []
+
+
+def test_the_readme_documentation_table_lists_every_document() -> None:
+    table = readme_section("Documentation")
+    listed = set(re.findall(r"^\| \[([^\]]+)\]\(\1\) \|", table, re.M))
+    pages = {f"docs/{path.name}" for path in DOCS.glob("*.md")} | {"CHANGELOG.md"}
+    assert pages - listed == set(), "add them to the README's Documentation table"
 
 
 def readme_section(title: str) -> str:

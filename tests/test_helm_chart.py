@@ -241,7 +241,14 @@ def test_network_policy_limits_who_may_use_the_credentials() -> None:
     docs = rendered("gateway")
     policy = chart.one(docs, "NetworkPolicy")["spec"]
     rule = policy["ingress"][0]
-    assert rule["from"] == [{"podSelector": {"matchLabels": {"fhir-client": "true"}}}]
+    # The clients, and besides them only this release's `helm test` pod (whose request the
+    # sidecar refuses itself: tests/test_helm_operations.py).
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"fhir-client": "true"}}},
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fhir-sidecar",
+                                         "app.kubernetes.io/instance": chart.RELEASE,
+                                         "app.kubernetes.io/component": "helm-test"}}},
+    ]
     assert {p["port"] for p in rule["ports"]} == {8081, 8082}
 
 

@@ -8,12 +8,15 @@ real against a real sidecar's /readyz.
 from __future__ import annotations
 
 import copy
+import http.server
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -235,73 +238,194 @@ def _test_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return pods[0]
 
 
-# The helm test asks through the Service's admin port, which is there only when asked for.
+# The Service shapes a gateway install can have: connection ports only (the example), the admin
+# port too, and neither (a forward proxy only, or a ConfigMap of your own with listenerPorts).
 ADMIN_ON_SERVICE = with_values(GATEWAY, service={"exposeAdmin": True})
+PROXY_ONLY = with_values(GATEWAY, config={
+    **{k: v for k, v in GATEWAY["config"].items() if k != "connections"},
+    "proxy": {"listen": "0.0.0.0:8080"},
+})
+OWN_CONFIG_MAP = with_values(
+    {k: v for k, v in GATEWAY.items() if k != "config"},
+    existingConfigMap={"name": "fhir-config", "key": "config.yaml",
+                       "listenerPorts": [{"name": "epic", "port": 8081}]},
+)
+SERVICE_SHAPES = {"connection-ports": GATEWAY, "admin-port-too": ADMIN_ON_SERVICE,
+                  "proxy-port-only": PROXY_ONLY, "own-configmap": OWN_CONFIG_MAP}
 
 
-def test_helm_test_pod_asks_readyz_through_the_gateway_service() -> None:
-    docs = chart.render(ADMIN_ON_SERVICE)
+def _test_env(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize("values", SERVICE_SHAPES.values(), ids=SERVICE_SHAPES.keys())
+def test_helm_test_pod_asks_every_port_of_the_gateway_service(values: dict[str, Any]) -> None:
+    """Whatever the gateway Service exposes (connection ports, the admin port, neither), the
+    test pod is rendered and asks each of its ports; the NetworkPolicy lets it."""
+    docs = chart.render(values)
     pod = _test_pod(docs)
-    # The Service's name is one the admin listener answers (anything else gets 421).
-    assert f"{chart.one(docs, 'Service')['metadata']['name']}.{chart.NAMESPACE}.svc" in (
-        yaml.safe_load(chart.config_text(docs))["admin"]["allowed_hosts"])
     validate(pod)
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     service = chart.one(docs, "Service")
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
-    admin_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "admin")
-    assert env["READYZ_URL"] == (f"http://{service['metadata']['name']}."
-                                 f"{chart.NAMESPACE}.svc:{admin_port}/readyz")
+    env = _test_env(pod)
+    assert env["SERVICE_HOST"] == f"{service['metadata']['name']}.{chart.NAMESPACE}.svc"
+    asked = {int(port) for item in env["LISTENER_PORTS"].split(",") if item
+             for port in [item.partition("=")[2]]}
+    if env["ADMIN_PORT"]:
+        asked.add(int(env["ADMIN_PORT"]))
+        # The Service's name is one the admin listener answers (anything else gets 421).
+        allowed = yaml.safe_load(chart.config_text(docs))["admin"]["allowed_hosts"]
+        assert env["SERVICE_HOST"] in allowed
+    service_ports = {p["port"] for p in service["spec"]["ports"]}
+    assert asked == service_ports
+    assert ("admin" in {p["name"] for p in service["spec"]["ports"]}) == bool(env["ADMIN_PORT"])
     container = pod["spec"]["containers"][0]
     assert container["image"] == chart.sidecar_container(docs)["image"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    # With a NetworkPolicy, the test pod (and only it, besides adminClients) may ask.
-    policy = chart.one(docs, "NetworkPolicy")
-    admin_rules = [r for r in policy["spec"]["ingress"]
-                   if {"port": admin_port, "protocol": "TCP"} in r["ports"]]
-    selectors = [peer["podSelector"]["matchLabels"] for r in admin_rules for peer in r["from"]]
-    assert {**pod["metadata"]["labels"], **selectors[0]} == pod["metadata"]["labels"]
-    assert selectors[0]["app.kubernetes.io/component"] == "helm-test"
 
+    # With a NetworkPolicy, the test pod may reach every port it asks.
+    policy = chart.one(chart.render(with_values(values, networkPolicy={
+        "enabled": True, "clients": [{"podSelector": {"matchLabels": {"fhir-client": "true"}}}],
+    })), "NetworkPolicy")
+    reachable = set()
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            labels = peer.get("podSelector", {}).get("matchLabels", {})
+            if "namespaceSelector" not in peer and labels and \
+                    labels.items() <= pod["metadata"]["labels"].items():
+                reachable |= {p["port"] for p in rule["ports"]}
+    assert reachable == service_ports
+
+
+def test_helm_test_pod_only_in_gateway_mode_and_when_enabled() -> None:
     assert not [d for d in chart.render(SIDECAR) if d["kind"] == "Pod"]
-    assert not [d for d in chart.render(GATEWAY) if d["kind"] == "Pod"]  # not asked for
+    assert not [d for d in chart.render(with_values(GATEWAY, helmTest={"enabled": False}))
+                if d["kind"] == "Pod"]
+    policy = chart.one(chart.render(with_values(
+        GATEWAY, helmTest={"enabled": False},
+        networkPolicy={"enabled": True, "clients": [{"podSelector": {}}]})), "NetworkPolicy")
+    assert "helm-test" not in json.dumps(policy)
 
 
-def _run_test_script(pod: dict[str, Any], url: str, deadline: str
+def _run_test_script(pod: dict[str, Any], env: dict[str, str]
                      ) -> subprocess.CompletedProcess[str]:
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["python", "-c"]
-    env = {**os.environ, "READYZ_URL": url, "DEADLINE_SECONDS": deadline}
-    return subprocess.run([sys.executable, "-c", *container["args"]], env=env,
+    return subprocess.run([sys.executable, "-c", *container["args"]],
+                          env={**os.environ, **_test_env(pod), **env},
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_helm_test_script_passes_on_a_ready_sidecar_and_fails_otherwise(tmp_path: Path) -> None:
+class _Upstream:
+    """The hospital's FHIR server, as far as the test can tell: a socket that counts who
+    connects (and answers nothing)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+
+    def connections(self) -> int:
+        count = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                return count
+            conn.close()
+            count += 1
+
+
+def test_helm_test_script_gets_only_answers_the_sidecar_makes_itself(tmp_path: Path) -> None:
+    """The test pod's script, for real, against a real sidecar with admin, connection and
+    forward-proxy listeners: it passes; the FHIR server never even sees a connection (so no
+    credentials can leave); it fails on a draining sidecar, on a port where nothing listens
+    and on a port where something other than the sidecar answers."""
     pod = _test_pod(chart.render(ADMIN_ON_SERVICE))
-    admin = free_port()
+    upstream = _Upstream()
+    admin, epic, root, proxy = free_port(), free_port(), free_port(), free_port()
+    (tmp_path / "password").write_text("hospital-secret")
     config = write_config(tmp_path, {
         "admin": {"listen": f"127.0.0.1:{admin}"},
-        "connections": {"a": {"url": "https://a.example/fhir",
-                              "listen": f"127.0.0.1:{free_port()}"}},
+        "proxy": {"listen": f"127.0.0.1:{proxy}"},
+        "basic_auth": {"b": {"username": "hospital", "password_file": "password"}},
+        "connections": {
+            "epic": {"url": f"https://127.0.0.1:{upstream.port}/fhir",
+                     "listen": f"127.0.0.1:{epic}", "auth": {"basic": "b"}},
+            # No base path: "/.." still climbs above "/".
+            "root": {"url": f"https://localhost:{upstream.port}",
+                     "listen": f"127.0.0.1:{root}", "auth": {"basic": "b"}},
+        },
         "shutdown": {"delay_seconds": 60},
     })
+    listeners = f"epic={epic},root={root},proxy={proxy}"
+    env = {"SERVICE_HOST": "127.0.0.1", "ADMIN_PORT": str(admin), "LISTENER_PORTS": listeners,
+           "DEADLINE_SECONDS": "10"}
     sidecar = SidecarProcess(config, tmp_path / "state").start()
     try:
-        url = f"http://127.0.0.1:{admin}/readyz"
-        passed = _run_test_script(pod, url, "10")
+        passed = _run_test_script(pod, env)
         assert passed.returncode == 0, passed.stderr
-        assert f"{url}: 200" in passed.stdout
+        assert f"admin (127.0.0.1:{admin}): GET /readyz: 200" in passed.stdout
+        for name in ("epic", "root", "proxy"):
+            assert f"{name} (127.0.0.1:" in passed.stdout
+        assert passed.stdout.count("400 bad-request, answered by the sidecar itself") == 3
+        assert upstream.connections() == 0
+        assert "hospital-secret" not in passed.stdout + sidecar.output
+
+        # Without the admin port on the Service, the listeners alone still make a test.
+        alone = _run_test_script(pod, {**env, "ADMIN_PORT": ""})
+        assert alone.returncode == 0, alone.stderr
+        assert "readyz" not in alone.stdout
+
         sidecar.signal(signal.SIGTERM)  # draining: /readyz answers 503 for the 60 s delay
         sidecar.wait_for_event("draining")
-        failed = _run_test_script(pod, url, "1")
+        failed = _run_test_script(pod, {**env, "DEADLINE_SECONDS": "1"})
         assert failed.returncode == 1
-        assert "not ready: HTTP Error 503" in failed.stderr
+        assert f"admin (127.0.0.1:{admin}): failed: GET /readyz answered 503" in failed.stderr
     finally:
         sidecar.signal(signal.SIGINT)  # cuts the delay short
         assert sidecar.stop() == 0
-    nothing = _run_test_script(pod, f"http://127.0.0.1:{free_port()}/readyz", "1")
-    assert nothing.returncode == 1 and "not ready" in nothing.stderr
+    assert upstream.connections() == 0
+
+    nothing = _run_test_script(pod, {**env, "ADMIN_PORT": "", "DEADLINE_SECONDS": "1",
+                                     "LISTENER_PORTS": f"epic={free_port()}"})
+    assert nothing.returncode == 1 and "epic (127.0.0.1:" in nothing.stderr
     wait_until(lambda: sidecar.events("stopped"), 10, message="the sidecar to stop")
+
+
+def test_helm_test_script_fails_when_something_else_answers() -> None:
+    """An answer the sidecar did not make (a plain 400 without X-Sidecar-Error, or a 200) is a
+    failure: the probe must be refused by the sidecar itself."""
+    pod = _test_pod(chart.render(GATEWAY))
+
+    def handler(status: int, header: str | None) -> type[http.server.BaseHTTPRequestHandler]:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = b'{"resourceType": "OperationOutcome"}'
+                self.send_response(status)
+                if header:
+                    self.send_header("X-Sidecar-Error", header)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    for status, header in ((400, None), (200, None), (400, "no-route")):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler(status, header))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            result = _run_test_script(pod, {
+                "SERVICE_HOST": "127.0.0.1", "ADMIN_PORT": "", "DEADLINE_SECONDS": "1",
+                "LISTENER_PORTS": f"other={server.server_address[1]}"})
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert result.returncode == 1, (status, header, result.stdout)
+        assert f"answered {status} (X-Sidecar-Error: {header})" in result.stderr
 
 
 def test_examples_render_every_operations_object() -> None:

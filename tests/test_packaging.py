@@ -1,7 +1,8 @@
 """The package and the image as operators receive them: license, metadata, hashed lock, labels.
 
-.ci/helm-checks.sh replays the Dockerfile's build stage for real (no Docker engine here); these
-checks keep the files it replays honest.
+.ci/image-check builds and runs the real image (buildah, as root) and .ci/helm-checks.sh
+replays the Dockerfile's build stage without root; these checks keep the files they use
+honest. The built artifacts themselves: tests/test_release.py and .ci/release-check.
 """
 
 from __future__ import annotations
@@ -76,4 +77,25 @@ def test_oci_labels_source_revision_version_licenses() -> None:
     assert labels["revision"] == "${REVISION}" and "REVISION" in args
     assert labels["source"] == "${SOURCE}" and "SOURCE" in args
     chart = yaml.safe_load((REPO / "helm/fhir-sidecar/Chart.yaml").read_text(encoding="utf-8"))
-    assert chart["appVersion"] == PROJECT["version"]
+    assert chart["appVersion"] == chart["version"] == PROJECT["version"]
+
+
+def test_the_package_is_the_sidecar_package_alone() -> None:
+    """The wheel holds `sidecar` (runtime, testkit and demo included) and nothing else: no
+    tests/, bench/ or addons/ (docs/release.md)."""
+    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
+    assert find == {"include": ["sidecar*"]}
+    assert (REPO / "sidecar" / "testkit" / "__init__.py").is_file()
+    assert (REPO / "sidecar" / "demo" / "__init__.py").is_file()
+
+
+def test_no_test_tool_is_a_runtime_dependency() -> None:
+    runtime = {_name(r) for r in PROJECT["dependencies"]}
+    test_only = {_name(r) for r in PROJECT["optional-dependencies"]["test"]}
+    assert runtime & test_only == set()
+    assert {"pytest", "ruff", "mypy", "helm-python-sdk", "playwright"} <= test_only
+    # The image installs exactly the lock, which is the runtime set's closure: no test tool.
+    lock = (REPO / "requirements.lock").read_text(encoding="utf-8")
+    pinned = {_name(m) for m in re.findall(r"^([A-Za-z0-9][\w.-]*)==", lock, re.M)}
+    assert pinned & {"pytest", "ruff", "mypy", "helm-python-sdk", "playwright",
+                     "hypothesis", "schemathesis"} == set()

@@ -116,6 +116,38 @@ PROMISES: dict[tuple[str, str], list[str]] = {
         "test_secret_echo.py::test_echoed_credentials_reach_no_one",
         "test_proxy.py::test_log_lines_carry_no_secret_and_no_query",
     ],
+    ("docs/kubernetes.md",
+     "So a test never sends your credentials to the FHIR server, whatever the config"): [
+        "test_helm_operations.py::test_helm_test_script_gets_only_answers_the_sidecar_makes_"
+        "itself",
+        "test_helm_operations.py::test_helm_test_script_fails_when_something_else_answers",
+    ],
+    ("docs/kubernetes.md",
+     "So it works whether the Service exposes connection ports, the admin port, or neither"): [
+        "test_helm_operations.py::test_helm_test_pod_asks_every_port_of_the_gateway_service",
+    ],
+    ("docs/release.md",
+     "It holds no `tests/` and no `bench/`, and it requires only the runtime dependencies of "
+     "`pyproject.toml`"): [
+        "test_release.py::test_the_wheel_holds_the_runtime_and_the_demo_and_no_tests",
+        "test_release.py::test_the_wheel_check_fails_on_each_kind_of_mistake",
+        "test_packaging.py::test_no_test_tool_is_a_runtime_dependency",
+    ],
+    ("docs/release.md",
+     "The version lives in one place: `[project] version` in `pyproject.toml`."): [
+        "test_release.py::test_every_copy_of_the_version_follows_pyproject",
+        "test_release.py::test_sync_version_finds_and_rewrites_every_copy",
+    ],
+    ("docs/systemd.md",
+     "The config file does not expand variables, so refer to the secrets by that absolute path"): [
+        "test_systemd_unit.py::test_the_documented_config_reads_only_credentials_the_unit_loads",
+        "test_systemd_unit.py::test_the_unit_command_lines_run_the_documented_config",
+    ],
+    ("docs/kubernetes.md",
+     "no path of the root file system outside `/var/lib/fhir-sidecar` was created, changed or "
+     "removed"): [
+        "test_image_check.py::test_the_write_detector_sees_created_changed_and_removed_paths",
+    ],
 }
 
 
