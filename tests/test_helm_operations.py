@@ -145,6 +145,8 @@ def test_alerts_cover_tokens_tls_reloads_and_certificate_expiry(base: dict[str, 
         "FhirSidecarClientCertificateExpiresSoon": {
             "fhir_sidecar_client_cert_expiry_timestamp_seconds",
             "fhir_sidecar_oauth_client_cert_expiry_timestamp_seconds"},
+        "FhirSidecarAuditBacklog": {"fhir_sidecar_audit_queue_bytes",
+                                    "fhir_sidecar_audit_records_total"},
     }
     for name, names in reads.items():
         assert names - {"up"} <= EXPORTED, f"{name} reads metrics the sidecar does not export"
