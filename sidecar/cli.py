@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from sidecar import __version__
 from sidecar.config.errors import ConfigError
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                            "and its tokens) instead of fetching tokens here")
     test.add_argument("--token-file", type=Path,
                       help="file holding the admin token (with --admin)")
+    test.add_argument("--state-dir", type=Path, help=(
+        "the sidecar's state directory: with an audit section, each test is an audit record "
+        "in its audit file (default: FHIR_SIDECAR_STATE_DIR)"))
 
     jwks = sub.add_parser("jwks", help="print the public signing keys (JWK Set) that "
                                        "/.well-known/jwks.json serves")
@@ -185,11 +188,40 @@ def cmd_test(args: argparse.Namespace, settings: RuntimeSettings) -> int:
             for warning in snapshot.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
             reports = asyncio.run(run_locally(snapshot, args.names))
+            _audit_tests(snapshot, reports, args.state_dir or settings.state_dir)
     except TestsNotRun as exc:
         print(f"fhir-sidecar: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(as_json(reports) if args.json else as_text(reports))
     return EXIT_OK if all_passed(reports) else EXIT_FAILED
+
+
+def _audit_tests(snapshot: Any, reports: dict[str, Any], state_dir: Path | None) -> None:
+    """Each test as a ``test`` record in the audit file (docs/audit.md#admin-actions); a
+    test through --admin is recorded by the sidecar itself."""
+    audit = snapshot.config.audit
+    if audit is None or audit.file is None:
+        return
+    if state_dir is None:
+        print("fhir-sidecar: not audited: the config has an audit section; give --state-dir "
+              "(or FHIR_SIDECAR_STATE_DIR) to record these tests", file=sys.stderr)
+        return
+    import getpass
+
+    from sidecar.audit.file_sink import AuditFile, AuditUnavailable
+    from sidecar.audit.records import admin_record
+
+    sink = AuditFile(state_dir / audit.file, audit.max_file_bytes, audit.keep)
+    try:
+        for name, report in reports.items():
+            failed = next((s["step"] for s in report["steps"] if s["status"] == "failed"),
+                          None)
+            sink.write(admin_record("test", result="failure" if failed else "success",
+                                    client=f"command line ({getpass.getuser()})",
+                                    object_=f"connections/{name}", error=failed))
+        sink.sync()
+    except AuditUnavailable as exc:
+        print(f"fhir-sidecar: not audited: {exc}", file=sys.stderr)
 
 
 def cmd_jwks(args: argparse.Namespace, settings: RuntimeSettings) -> int:

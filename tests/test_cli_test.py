@@ -145,3 +145,27 @@ def test_admin_runs_the_steps_inside_the_running_sidecar(
     gone = fhir_sidecar("test", "--admin", f"http://127.0.0.1:{free_port()}", "--token-file",
                         token_file)
     assert gone.returncode == 2 and "cannot reach the admin listener" in gone.stderr
+
+
+def test_tests_from_the_command_line_are_audit_records(
+        tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer) -> None:
+    settings = config(tmp_path, pki, upstream_good)
+    settings["audit"] = {"file": "audit/audit.jsonl"}
+    path = write_config(tmp_path, settings)
+    state = tmp_path / "state"
+    ran = fhir_sidecar("test", "-c", str(path), "--state-dir", str(state))
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    records = [json.loads(line) for line in
+               (state / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["object"], r["result"], r.get("error")) for r in records] == [
+        ("test", "connections/good", "success", None),
+        ("test", "connections/refused", "failure", "metadata")]
+    assert records[0]["client"].startswith("command line (")
+    assert UPSTREAM_PASSWORD not in (state / "audit" / "audit.jsonl").read_text()
+    # Without --state-dir, where `run` writes by default (FHIR_SIDECAR_STATE_DIR here).
+    other = tmp_path / "env-state"
+    again = subprocess.run([sys.executable, "-m", "sidecar", "test", "-c", str(path), "good"],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "FHIR_SIDECAR_STATE_DIR": str(other)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len((other / "audit" / "audit.jsonl").read_text().splitlines()) == 1
