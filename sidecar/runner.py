@@ -25,6 +25,7 @@ from sidecar.proxy.master import build_master
 from sidecar.proxy.snapshot_lifecycle import Listeners
 from sidecar.shutdown import GracefulStop, shutdown_timings
 from sidecar.snapshot import Snapshot
+from sidecar.tracing import background as background_spans
 from sidecar.tracing.setup import Tracing
 from sidecar.watch import FileWatcher
 
@@ -124,6 +125,7 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
     audit = follow_audit(live, state_dir, metrics)
     tracing = Tracing(metrics)
     tracing.configure(live.current.config.tracing)
+    background_spans.install(lambda: tracing.tracer)
     live.on_swap(lambda _old, new: tracing.configure(new.config.tracing))
     master, sidecar = build_master(live, state_dir, observer=metrics, audit=audit,
                                    tracing=tracing)

@@ -149,10 +149,16 @@ def test_a_token_fetch_is_a_span_of_the_request_that_waited_and_a_cached_token_i
     assert cached[-1] is True
     tokens = receiver.spans_named("token idp")
     waited = [s for s in servers if attributes(s).get("fhir_sidecar.token.cached") is False]
-    assert len(tokens) == len(waited)
-    for token_span in tokens:
+    children = [t for t in tokens if t.parent_span_id]
+    assert len(children) == len(waited)
+    for token_span in children:
         assert token_span.parent_span_id in {s.span_id for s in waited}
         assert attributes(token_span)["fhir_sidecar.oauth.definition"] == "idp"
+    # The start-up fetch no request asked for is a trace of its own: a root span.
+    roots = wait_until(lambda: [t for t in receiver.spans_named("token idp")
+                                if not t.parent_span_id], message="the background fetch")
+    assert attributes(roots[0])["fhir_sidecar.token.background"] == "true"
+    assert roots[0].trace_id not in {s.trace_id for s in servers}
     everything = b"".join(receiver.bodies)
     assert client.secret is None or client.secret.encode() not in everything
 

@@ -55,6 +55,7 @@ from sidecar.egress import EgressProxy
 from sidecar.observe import TokenFailureResult
 from sidecar.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
+from sidecar.tracing import background as background_span
 
 log = logging.getLogger(__name__)
 
@@ -672,9 +673,18 @@ class TokenSource:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), delay)
                 continue
+            traced = None
+            if self._inflight is None:  # a refresh no request asked for: a trace of its own
+                traced = background_span.start(f"token {self.name}",
+                                                **{"fhir_sidecar.oauth.definition": self.name,
+                                                   "fhir_sidecar.token.background": "true"})
             task = self._inflight or self._start_fetch(self._next_fetch_at(time.monotonic()))
-            with contextlib.suppress(TokenUnavailable):
+            try:
                 await asyncio.shield(task)
+            except TokenUnavailable as exc:
+                background_span.end(traced, exc.result)
+            else:
+                background_span.end(traced)
 
     def _seconds_until_due(self) -> float | None:
         """Seconds until the next attempt; None while one is in flight (it wakes us)."""
