@@ -39,6 +39,7 @@ SPIFFE_ID = "spiffe://example.org/claims"
 PASSWORD = "callers-pw-Rt62"
 JWKS_BEARER = "projected-sa-token-Yq41"
 APP_ORIGIN = "https://app.example.org"
+ADMIN_TOKEN = "callers-admin-token-Hp20"
 
 
 @dataclass
@@ -95,6 +96,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
     directory = tmp_path_factory.mktemp("callers")
     (directory / "pw").write_text(PASSWORD + "\n")
     (directory / "sa-token").write_text(JWKS_BEARER + "\n")
+    (directory / "admin-token").write_text(ADMIN_TOKEN + "\n")
     k8s_key = RSAKey.generate_key(2048, parameters={"kid": "k8s-1"})
     spiffe_key = ECKey.generate_key("P-256", parameters={"kid": "spire-1"})
     (directory / "cluster-jwks.json").write_text(json.dumps({"keys": [_public(k8s_key)]}))
@@ -109,7 +111,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
                     "tls": tls, **extra}
 
         config = {
-            "admin": {"listen": f"127.0.0.1:{free_port()}"},
+            "admin": {"listen": f"127.0.0.1:{free_port()}", "token_file": "admin-token"},
             "proxy": {"listen": f"127.0.0.1:{free_port()}"},
             "basic_auth": {"b": {"username": "svc", "password_file": "pw"}},
             "callers": {
@@ -375,3 +377,12 @@ def test_check_warns_about_a_shared_listener_without_callers_and_a_star(tmp_path
     assert any("connections.open-door.allowed_hosts" in w for w in warnings)
     assert any("connections.open-door.listen" in w and "allowed_callers" in w for w in warnings)
     assert not any("connections.local." in w for w in warnings)
+
+
+def test_the_connection_test_names_the_callers_it_serves(rig: Rig) -> None:
+    report = httpx.post(f"{rig.sidecar.admin_url}/api/connections/guarded/test",
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, trust_env=False,
+                        timeout=30).json()
+    [credentials] = [s for s in report["steps"] if s["step"] == "credentials"]
+    assert f"k8s:{CLAIMS_API}" in credentials["detail"]
+    assert "allowed_callers" in credentials["detail"]

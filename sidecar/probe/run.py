@@ -92,7 +92,19 @@ async def _connect_and_handshake(report: Report, target: Target,
 
 async def _credentials(report: Report, snapshot: Snapshot, conn: CompiledConnection,
                        fresh: bool) -> str | None:
-    """Step 3 for a connection; the Authorization value for step 4."""
+    """Step 3 for a connection; the Authorization value for step 4; and who may use them."""
+    authorization = await _credentials_step(report, snapshot, conn, fresh)
+    callers = conn.settings.allowed_callers
+    step = report.step("credentials")
+    if callers is not None and step.status != "skipped":
+        step.detail += (f"; only these callers may use them (allowed_callers): "
+                        f"{', '.join(callers) or 'none'}")
+        step.facts["allowed_callers"] = list(callers)
+    return authorization
+
+
+async def _credentials_step(report: Report, snapshot: Snapshot, conn: CompiledConnection,
+                            fresh: bool) -> str | None:
     if conn.basic is not None:
         with report.run("credentials") as step:
             step.detail = (f"Basic credentials of basic_auth.{conn.basic.definition} are "
