@@ -44,7 +44,7 @@ class RawRecordingUpstream:
                  host: str = LOOPBACK) -> None:
         # No identity: a plain-HTTP upstream (for http:// connection URLs).
         self._tls = server_tls_context(identity, None) if identity is not None else None
-        self._body = body
+        self.body = body
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.connections: list[RawConnection] = []
@@ -125,7 +125,7 @@ class RawRecordingUpstream:
                 record.heads.append(head)
                 self._changed.notify_all()
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(self._body), self._body))
+                         b"Content-Length: %d\r\n\r\n%s" % (len(self.body), self.body))
         return pending
 
     def __enter__(self) -> Self:
