@@ -13,6 +13,7 @@ one shows up here as two requests on one connection.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import threading
@@ -150,3 +151,19 @@ def _content_length(head: bytes) -> int:
             except ValueError:
                 return 0
     return 0
+
+
+def basic_credentials(data: bytes) -> list[tuple[str, str]]:
+    """Every ``Authorization: Basic`` header in raw request bytes, decoded: (user, password).
+
+    A username travels only inside the Base64 of ``user:password``; looking for it in plain
+    text finds nothing whether or not it was sent.
+    """
+    found = []
+    for line in data.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        scheme, _, token = value.strip().partition(b" ")
+        if name.strip().lower() == b"authorization" and scheme.lower() == b"basic":
+            user, _, password = base64.b64decode(token.strip()).decode("utf-8").partition(":")
+            found.append((user, password))
+    return found
