@@ -400,3 +400,25 @@ def test_framing_and_host_named_in_connection_stay(routing: Routing) -> None:
     assert flow.request.headers["Content-Length"] == "5"
     assert flow.request.host_header == "rev.example:8443"
     assert "Connection" not in flow.request.headers
+
+
+@pytest.mark.parametrize(("version", "shown"), [
+    (b"HTTP/1.1234567890123", "HTTP/1.123456789"),  # at most 16 characters of it
+    (b"HTTP/\xff\xfe", "HTTP/\ufffd\ufffd"),  # bytes that are not ASCII, never an exception
+])
+def test_an_odd_version_is_quoted_short_and_safe(routing: Routing, version: bytes,
+                                                 shown: str) -> None:
+    flow = reverse_flow("/Patient")
+    flow.request.data.http_version = version
+    routing.requestheaders(flow)
+    assert refused_kind(flow) == "bad-request"
+    assert json.loads(body_text(flow))["issue"][0]["diagnostics"] == version_words(shown)
+
+
+def test_refusal_allows_http2_only_when_told_so() -> None:
+    from sidecar.proxy.request_checks import refusal
+
+    flow = reverse_flow("/Patient")
+    flow.request.http_version = "HTTP/2.0"
+    assert refusal(flow.request) is not None
+    assert refusal(flow.request, http2=True) is None
