@@ -57,3 +57,41 @@ def _quote_name(name: bytes) -> str:
     if len(name) > _NAME_QUOTE_LIMIT:
         text += "..."
     return f"'{text}'"
+
+
+# -- hop-by-hop fields (RFC 9110 §7.6.1) -----------------------------------------------------------
+
+# Fields that belong to one connection, whether or not the app named them in ``Connection``.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                        "upgrade", "http2-settings"})
+# Named in ``Connection``, these still stay: the sidecar forwards the message as mitmproxy
+# framed and addressed it, so removing them would change where its body ends (a second,
+# smuggled request) or where it goes, not just drop a hint.
+_NEVER_REMOVED = frozenset({"content-length", "transfer-encoding", "host"})
+_PERSISTENT_VERSIONS = frozenset({"HTTP/1.1", "HTTP/2.0"})
+
+
+def connection_options(values: Iterable[str]) -> frozenset[str]:
+    """The options of ``Connection`` header values, lower case (``close``, ``X-Hop``)."""
+    return frozenset(token.strip().lower() for value in values for token in value.split(",")
+                     if token.strip())
+
+
+def hop_by_hop_fields(options: frozenset[str]) -> frozenset[str]:
+    """The header names (lower case) not to forward, given the app's ``Connection`` options."""
+    return (HOP_BY_HOP | options) - _NEVER_REMOVED
+
+
+def persistence_option(http_version: str, options: frozenset[str]) -> str | None:
+    """The sidecar's own ``Connection`` option for the forwarded request: ``close`` when the
+    app's connection ends after this request, ``keep-alive`` when an HTTP/1.0 app keeps it.
+
+    RFC 9110 §7.6.1 lets an intermediary replace ``Connection`` with its own options. These
+    two keep both connections' persistence as it was (the app's and the upstream's, which
+    mitmproxy decides from the same request); nothing the app named is passed on.
+    """
+    if "close" in options:
+        return "close"
+    if "keep-alive" in options and http_version not in _PERSISTENT_VERSIONS:
+        return "keep-alive"
+    return None

@@ -9,6 +9,11 @@ either case, counts as a dot) and what the upstream receives is the resolved pat
 - a segment that only becomes a dot-segment on a second look -- behind an encoded slash or
   backslash, a raw backslash, a ``;`` parameter, or a second round of percent-decoding -- is
   refused too: some servers decode and split once more, and the sidecar cannot know which;
+- so is a segment that other decoders read differently from RFC 3986: a ``%`` not followed by
+  two hex digits (IIS decodes ``%u002e`` as ``.``), an overlong UTF-8 sequence (``%c0%ae`` is
+  ``.`` to a lax decoder), a percent-encoded control byte (``%00`` ends the path in C), and a
+  character that Unicode normalisation (NFKC) turns into ``.``, ``/``, a backslash, ``;`` or ``%``
+  (the fullwidth dot ``%ef%bc%8e``);
 - a target with a raw control byte (NUL, CR, ...) anywhere, query included, is refused;
 - otherwise the query string is passed on byte for byte.
 
@@ -18,8 +23,9 @@ This module has no mitmproxy import: it works on the request target as text.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 _DOT_SEGMENTS = frozenset({".", ".."})
 _ENCODED_DOT = re.compile(r"%2e", re.IGNORECASE)
@@ -33,7 +39,20 @@ _DECODING_ROUNDS = 4
 # reading at a NUL, others split at a CR.
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 # Without any of these a path has no dot-segment to resolve and nothing hidden in it.
-_NEEDS_A_LOOK = re.compile(r"[.%\\;]")
+_NEEDS_A_LOOK = re.compile(r"[.%\\;]|[^\x00-\x7f]")
+# A '%' that does not start an RFC 3986 escape: ``%u002e`` (IIS), ``%zz``, a lone ``%``.
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# IIS's own escape, looked for again after each round of decoding (``%25u002e``).
+_IIS_ESCAPE = re.compile(r"%u[0-9A-Fa-f]{4}")
+# Percent-decoded control bytes: ``%00`` ends a string in C, ``%0d%0a`` splits lines.
+_DECODED_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# Overlong UTF-8: a longer form of a code point than UTF-8 allows, which a lax decoder still
+# decodes (``C0 AE`` is '.'). Never valid UTF-8, and not plausible Latin-1 either.
+_OVERLONG_UTF8 = re.compile(rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]"
+                            rb"|\xf0[\x80-\x8f][\x80-\xbf]{2}|[\xf8-\xfb][\x80-\xbf]{4}"
+                            rb"|[\xfc\xfd][\x80-\xbf]{5}")
+# What a character must not become under NFKC for a server that normalises before it splits.
+_SEPARATING = frozenset("./\\;%")
 
 
 class UnsafePath(ValueError):
@@ -121,17 +140,42 @@ def _segments(path: str) -> list[str]:
 
 
 def _refuse_hidden_dot_segment(segment: str) -> None:
-    if "%" not in segment and "\\" not in segment and ";" not in segment:
+    if segment.isascii() and "%" not in segment and "\\" not in segment and ";" not in segment:
         return  # the common case: nothing can hide in it
+    if _MALFORMED_ESCAPE.search(segment):
+        raise UnsafePath("a path segment has a '%' that does not start a %XX escape "
+                         "(such as %u002e), which servers decode differently")
     seen = segment
     for _ in range(_DECODING_ROUNDS):
         for piece in _HIDDEN_BOUNDARY.split(seen):
             if _ENCODED_DOT.sub(".", piece) in _DOT_SEGMENTS:
                 raise UnsafePath(_hidden_reason(segment))
-        decoded = unquote(seen, errors="surrogateescape")
+        if _IIS_ESCAPE.search(seen):
+            raise UnsafePath("a path segment hides a %u escape (such as %u002e) behind "
+                             "repeated percent-encoding")
+        # mitmproxy keeps raw bytes that are not UTF-8 as surrogates: these are those bytes.
+        raw = unquote_to_bytes(seen.encode("utf-8", "surrogateescape"))
+        _refuse_decoded_bytes(raw)
+        decoded = raw.decode("utf-8", "surrogateescape")
         if decoded == seen:
             return
         seen = decoded
+
+
+def _refuse_decoded_bytes(raw: bytes) -> None:
+    if _DECODED_CONTROL.search(raw):
+        raise UnsafePath("a path segment holds a percent-encoded control character "
+                         "(such as %00)")
+    if _OVERLONG_UTF8.search(raw):
+        raise UnsafePath("a path segment holds an overlong UTF-8 sequence (such as %c0%ae), "
+                         "which a lax decoder reads as '.' or '/'")
+    if not raw.isascii():
+        text = raw.decode("utf-8", "surrogateescape")
+        if any(not c.isascii() and _SEPARATING.intersection(unicodedata.normalize("NFKC", c))
+               for c in text):
+            raise UnsafePath("a path segment holds a character that Unicode normalisation "
+                             "turns into '.', '/', '\\', ';' or '%' (such as the fullwidth dot "
+                             "%ef%bc%8e)")
 
 
 def _hidden_reason(segment: str) -> str:

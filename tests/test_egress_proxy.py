@@ -222,6 +222,33 @@ def test_a_kept_alive_client_keeps_tunnelling(egress: Setup) -> None:
     assert all(h.startswith(b"GET /fhir/Patient/1 ") for _, h in heads)
 
 
+def test_expect_continue_opens_the_tunnel_before_continuing(egress: Setup) -> None:
+    # The upstream connection opened before "100 Continue" (issue 26 §4) goes through the
+    # proxy like any other, and the request then uses it: one CONNECT, one request.
+    before = len(egress.proxy.connects())
+    port = egress.ports["through"]
+    body = b'{"resourceType":"Patient"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(1)
+            assert chunk, interim
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        # The tunnel is open before the app is told to continue (tinyproxy's log may lag).
+        assert wait_until(lambda: egress.proxy.connects()[before:], message="a CONNECT") == [
+            f"localhost:{egress.upstream.port}"]
+        sock.sendall(body)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    [(_, head)] = egress.upstream.wait_for_heads(1)
+    assert head.startswith(b"POST /fhir/Patient HTTP/1.1\r\n")
+    assert egress.upstream.all_bytes().endswith(body)
+    assert egress.proxy.connects()[before:] == [f"localhost:{egress.upstream.port}"]
+
+
 def test_the_connections_tls_policy_still_judges_the_upstream_behind_the_proxy(
         egress: Setup) -> None:
     before = len(egress.proxy.connects())

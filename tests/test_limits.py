@@ -31,10 +31,13 @@ from support.sidecars import StartSidecar
 from sidecar.snapshot import Snapshot
 
 HEADER_TIMEOUT = 1.0
-IDLE_TIMEOUT = 3.0
 READ_TIMEOUT = 1.0
 # A loaded machine delays timers and scheduling; deadlines are generous, lower bounds are not.
 MARGIN = 4.0
+# Far enough from the header deadline that neither test's bounds accept the other timeout: a
+# head closed by the idle timer (or an idle connection by the header timer) fails.
+IDLE_TIMEOUT = HEADER_TIMEOUT + MARGIN + 2.0
+assert HEADER_TIMEOUT + MARGIN < IDLE_TIMEOUT * 0.8
 DRAIN_SECONDS = 30
 MAX_RSS_GROWTH = 16 * 1024 * 1024
 
@@ -178,9 +181,23 @@ def test_oversized_request_head_gets_431_outcome_and_nothing_goes_upstream(
     assert fresh.upstream.connections == 0 and fresh.upstream.raw() == b""
 
 
+def test_a_head_one_byte_over_the_limit_gets_431(fresh: Running) -> None:
+    # The exact boundary: 65537 bytes, blank line included, in one terminated head.
+    head = b"GET /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: "
+    padding = b"a" * (65536 + 1 - len(head) - len(b"\r\n\r\n"))
+    request = head + padding + b"\r\n\r\n"
+    assert len(request) == 65536 + 1
+    with fresh.connect() as sock:
+        sock.sendall(request)
+        status, headers, _ = read_response(sock)
+    assert status == 431 and headers["x-sidecar-error"] == "header-too-large"
+    assert fresh.upstream.connections == 0 and fresh.upstream.raw() == b""
+
+
 def test_head_just_under_the_limit_is_forwarded(fresh: Running) -> None:
     head = b"GET /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: "
     padding = b"a" * (65536 - len(head) - len(b"\r\n\r\n"))
+    assert len(head + padding + b"\r\n\r\n") == 65536  # exactly the limit
     with fresh.connect() as sock:
         sock.sendall(head + padding + b"\r\n\r\n")
         status, _, body = read_response(sock)
@@ -245,6 +262,7 @@ def test_slowloris_head_is_closed_after_the_header_timeout(fresh: Running) -> No
                 break
         elapsed = time.monotonic() - start
     assert closed, f"still open after {elapsed:.1f} s of dribbled header bytes"
+    # The header deadline, not the idle one (which is beyond this bound: see IDLE_TIMEOUT).
     assert HEADER_TIMEOUT * 0.8 <= elapsed <= HEADER_TIMEOUT + MARGIN
     fresh.sidecar.wait_for_event("client_header_timeout")
     assert fresh.upstream.raw() == b""

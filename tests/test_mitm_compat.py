@@ -417,3 +417,64 @@ def test_read_request_fault_recognises_mitmproxys_own_refusals() -> None:
         RequestFault.TRANSFER_ENCODING, RequestFault.CONTENT_LENGTH)
     assert mitm_compat.read_request_fault(validation_message(
         {"Content-Length": "x"})) is RequestFault.CONTENT_LENGTH
+
+
+def test_a_malformed_chunked_body_is_held_open_for_the_flows_answer() -> None:
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import ReceiveHttp, RequestProtocolError
+
+    # read_body closes the app's connection itself when h11 refuses the body, and only then
+    # tells the stream: that close is what answer_malformed_request_bodies holds back.
+    source = inspect.getsource(_http1.Http1Connection.read_body)
+    assert source.index("except h11.ProtocolError") < source.index(
+        "yield commands.CloseConnection(self.conn)") < source.index("self.ReceiveProtocolError(")
+    mitm_compat.answer_malformed_request_bodies()
+    server, client = _http1_server()
+    produced = _feed(server, client, b"POST /a HTTP/1.1\r\nHost: x\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n")
+    assert not any(isinstance(c, commands.CloseConnection) for c in produced), produced
+    errors = [c.event for c in produced
+              if isinstance(c, ReceiveHttp) and isinstance(c.event, RequestProtocolError)]
+    assert len(errors) == 1
+    flow = tflow.tflow()
+    flow.client_conn = client
+    assert mitm_compat.request_body_malformed(flow)
+    assert _feed(server, client, b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n") == []  # dropped
+
+
+def test_http_stream_request_error_and_kill_paths_shape() -> None:
+    from mitmproxy.proxy.layers import http as http_layers
+
+    # A request-side error ends in DropStream with nothing sent to the app; a broken body
+    # that arrives while a hook runs makes the flow "killed by remote", answered with KILL.
+    source = inspect.getsource(http_layers.HttpStream.handle_protocol_error)
+    assert source.rstrip().endswith("yield DropStream(self.stream_id)")
+    killed = inspect.getsource(http_layers.HttpStream.check_killed)
+    for expected in ("self._paused_event_queue", "isinstance(evt, RequestProtocolError)",
+                     'ResponseProtocolError(self.stream_id, "killed", ErrorCode.KILL)'):
+        assert expected in killed, expected
+    # An interim response is kept as the connection's response: the reason a failure after
+    # "100 Continue" wrote no page.
+    assert "self.response = response = event.response" in inspect.getsource(
+        inspect.unwrap(_http1.Http1Server.send))
+
+
+def test_expect_continue_shape() -> None:
+    from mitmproxy.proxy.layers import http as http_layers
+
+    # continue_only_when_connected replaces the "100 Continue" the stream sends right after
+    # its requestheaders hook, before it decides to stream or to buffer the body.
+    source = inspect.getsource(inspect.unwrap(
+        http_layers.HttpStream.state_wait_for_request_headers))
+    order = ["yield HttpRequestHeadersHook(self.flow)", '"100-continue"',
+             "http.Response.make(100)", "ResponseHeaders(self.stream_id, continue_response)",
+             'self.flow.request.headers.pop("expect")', "self.start_request_stream()",
+             "self.client_state = self.state_consume_request_body"]
+    positions = [source.index(part) for part in order]
+    assert positions == sorted(positions), positions
+    assert inspect.isgeneratorfunction(http_layers.HttpStream.make_server_connection)
+    connect = inspect.getsource(http_layers.HttpStream.make_server_connection)
+    assert "yield GetHttpConnection(" in connect and "return True" in connect
+    respond = inspect.getsource(http_layers.HttpStream.send_response)
+    assert "yield HttpResponseHook(self.flow)" in respond
+    assert "if self.client_state == self.state_done:" in respond

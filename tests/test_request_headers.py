@@ -7,7 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.proxy.flow_state import request_id_from
-from sidecar.request_headers import header_problem
+from sidecar.request_headers import (
+    connection_options,
+    header_problem,
+    hop_by_hop_fields,
+    persistence_option,
+)
 
 OK = [(b"Host", b"localhost"), (b"Accept", b"application/fhir+json"),
       (b"X-Tab", b"a\tb"), (b"X-Latin", "café".encode()), (b"X-Empty", b"")]
@@ -89,3 +94,38 @@ def test_a_fold_is_refused_in_exact_words() -> None:
 ])
 def test_a_bad_name_is_quoted_cut_at_40_characters(name: bytes, shown: str) -> None:
     assert header_problem([(name, b"v")]) == f"the header name {shown} is not a valid HTTP token"
+
+
+# -- hop-by-hop fields (issue 26 §4, RFC 9110 §7.6.1) ------------------------------------------
+
+def test_connection_options_are_split_trimmed_and_lower_case() -> None:
+    assert connection_options(["close, X-Hop", " Keep-Alive ,,TE"]) == {
+        "close", "x-hop", "keep-alive", "te"}
+    assert connection_options([]) == frozenset()
+
+
+def test_what_connection_names_is_dropped_but_never_framing_or_host() -> None:
+    dropped = hop_by_hop_fields(connection_options(
+        ["X-Hop, Content-Length, Transfer-Encoding, Host, Cookie"]))
+    assert {"x-hop", "cookie", "connection", "keep-alive", "proxy-connection", "te",
+            "trailer", "upgrade", "http2-settings"} <= dropped
+    assert not {"content-length", "transfer-encoding", "host"} & dropped
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
+@pytest.mark.parametrize("values", [[], ["close"], ["keep-alive"], ["Keep-Alive, X-Hop"],
+                                    ["X-Hop"], ["close, keep-alive"], ["upgrade"], [""]])
+def test_the_sidecars_own_option_keeps_the_persistence_mitmproxy_decides(
+        version: str, values: list[str]) -> None:
+    # mitmproxy decides from the request headers whether the app's connection (and the
+    # upstream's) stays open; the forwarded Connection must lead it to the same decision as
+    # the app's own did -- read case-insensitively, as RFC 9110 says (mitmproxy compares
+    # case-sensitively, so an HTTP/1.0 "Keep-Alive" used to close the connection).
+    from mitmproxy.http import Headers
+    from mitmproxy.net.http.http1 import connection_close
+
+    original = Headers([(b"Connection", v.lower().encode()) for v in values])
+    option = persistence_option(version, connection_options(values))
+    rewritten = Headers([(b"Connection", option.encode())] if option else [])
+    assert connection_close(version, rewritten) == connection_close(version, original)
+    assert option in (None, "close", "keep-alive")

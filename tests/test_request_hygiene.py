@@ -23,6 +23,7 @@ import pytest
 from support.constants import basic_header
 from support.pki import TestPKI
 from support.raw_upstream import RawRecordingUpstream
+from support.scripted_upstream import ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until
 from support.sidecars import StartSidecar
 
@@ -397,6 +398,226 @@ def test_refused_requests_are_counted(hygiene: Setup) -> None:
     hygiene.assert_nothing_reached_upstream()
 
 
+# -- issue 26 §4: what other decoders read differently, request-target forms, framing ------------
+
+@pytest.mark.parametrize("listener", ["reverse", "forward"])
+@pytest.mark.parametrize(("target", "words"), [
+    ("/Patient/%u002e%u002e/%u002e%u002e/admin", "%u002e"),
+    ("/Patient/%c0%ae%c0%ae/%c0%ae%c0%ae/admin", "overlong UTF-8"),
+    ("/Patient/%c0%af..%c0%afadmin", "overlong UTF-8"),
+    ("/Patient/1%00.json", "control character"),
+    ("/Patient/%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/admin", "fullwidth dot"),
+    ("/Patient/\uff0e\uff0e/\uff0e\uff0e/admin", "fullwidth dot"),  # the same bytes, raw
+])
+def test_escapes_that_other_decoders_read_as_dots_are_refused(hygiene: Setup, listener: str,
+                                                              target: str, words: str) -> None:
+    response = hygiene.send(listener, target)
+    if listener == "forward" and not target.isascii():
+        words = "request line"  # mitmproxy refuses raw UTF-8 in an absolute URL itself
+    assert_bad_request(response, "not forwarded", words)
+    assert response.headers.get("connection") == "close"
+    hygiene.assert_nothing_reached_upstream()
+
+
+@pytest.mark.parametrize("authority", ["127.0.0.1:{port}", "localhost:{port}"])
+def test_an_absolute_form_request_on_a_reverse_listener_goes_upstream_in_origin_form(
+        hygiene: Setup, authority: str) -> None:
+    # Apps behind a misconfigured HTTP_PROXY send absolute-form to the connection's own
+    # listener; mitmproxy would pass the target on as it came (GET https://localhost:N/...).
+    host = authority.format(port=hygiene.reverse_port)
+    request = (f"GET http://{host}/Patient/123?_format=json HTTP/1.1\r\nHost: {host}\r\n"
+               "\r\n").encode()
+    response = exchange(hygiene.reverse_port, request)
+    assert response.status == 200, response.head
+    (_, head), = hygiene.upstream.wait_for_heads(1)
+    assert head.startswith(b"GET /fhir/Patient/123?_format=json HTTP/1.1\r\n"), head
+    assert f"\r\nHost: {hygiene.authority}".encode() in head
+    assert b"http://" not in head and b"https://" not in head
+
+
+ASTERISK = {
+    "OPTIONS *": (b"OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n", "asterisk-form"),
+    "GET *": (b"GET * HTTP/1.1\r\nHost: {host}\r\n\r\n", "asterisk-form"),
+    "PRI * as HTTP/1.1": (b"PRI * HTTP/1.1\r\nHost: {host}\r\n\r\n", "HTTP/2 connection preface"),
+    # The HTTP/2 prior-knowledge preface itself: mitmproxy's DisableH2C killed it unanswered.
+    "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", ""),
+}
+
+
+@pytest.mark.parametrize("listener", ["reverse", "forward"])
+@pytest.mark.parametrize("case", list(ASTERISK))
+def test_asterisk_form_is_refused(hygiene: Setup, listener: str, case: str) -> None:
+    # On a reverse listener '*' was joined to the base path: "OPTIONS /fhir/*" went upstream.
+    template, words = ASTERISK[case]
+    port = hygiene.reverse_port if listener == "reverse" else hygiene.proxy_port
+    response = exchange(port, template.replace(b"{host}", hygiene.authority.encode()))
+    # The forward proxy refuses a preface without Host itself (mitmproxy: no destination).
+    assert_bad_request(response, "not forwarded", words if listener == "reverse" else "")
+    hygiene.assert_nothing_reached_upstream()
+
+
+@pytest.mark.parametrize("listener", ["reverse", "forward"])
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/3.0", "HTTP/1.2", "HTTP/0.9"])
+def test_other_http_versions_are_refused(hygiene: Setup, listener: str, version: str) -> None:
+    # mitmproxy parsed these and sent "GET /fhir/Patient HTTP/0.9" (with headers) upstream.
+    data = (hygiene.reverse if listener == "reverse" else hygiene.forward)(
+        "/Patient" if listener == "reverse" else "/fhir/Patient")
+    response = exchange(hygiene.reverse_port if listener == "reverse" else hygiene.proxy_port,
+                        data.replace(b" HTTP/1.1\r\n", f" {version}\r\n".encode(), 1))
+    assert_bad_request(response, "not forwarded", version)
+    hygiene.assert_nothing_reached_upstream()
+
+
+BROKEN_CHUNKS = {
+    "invalid chunk size": b"zz\r\nhello\r\n0\r\n\r\n",
+    "negative chunk size": b"-5\r\nhello\r\n0\r\n\r\n",
+    "chunk size with a space inside": b"5 5\r\nhello\r\n0\r\n\r\n",
+    "chunk without its CRLF": b"5\r\nhelloXX0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("listener", ["reverse", "forward"])
+@pytest.mark.parametrize("case", list(BROKEN_CHUNKS))
+def test_a_malformed_chunked_body_gets_a_400_operation_outcome(hygiene: Setup, listener: str,
+                                                               case: str) -> None:
+    # mitmproxy closed the connection without a word (docs/errors.md promises a 400).
+    response = hygiene.send(listener, "/Patient", b"Transfer-Encoding: chunked\r\n",
+                            BROKEN_CHUNKS[case], method=b"POST")
+    assert_bad_request(response, "not forwarded", "chunked request body is malformed")
+    assert response.headers.get("connection") == "close"
+    request_id = response.headers["x-request-id"]
+    line = hygiene.sidecar.wait_for_event("request", lambda r: r["request_id"] == request_id)
+    assert line["status"] == 400 and line["error"] == "bad-request"
+    hygiene.assert_nothing_reached_upstream()
+
+
+def test_a_malformed_chunk_after_100_continue_gets_a_400_operation_outcome(hygiene: Setup
+                                                                           ) -> None:
+    # The body arrives after the request was routed (and the upstream connection opened):
+    # mitmproxy reports a request-side error to the flow and answered nothing at all.
+    head = hygiene.reverse("/Patient", b"Transfer-Encoding: chunked\r\n"
+                                       b"Expect: 100-continue\r\n", method=b"POST")
+    with socket.create_connection(("127.0.0.1", hygiene.reverse_port),
+                                  timeout=READ_TIMEOUT) as sock:
+        sock.sendall(head)
+        assert read_interim(sock) == b"HTTP/1.1 100 Continue"
+        sock.sendall(b"5\r\nhello\r\nzz\r\n")
+        response = read_response(sock)
+    assert_bad_request(response, "chunked request body is malformed")
+    hygiene.assert_nothing_reached_upstream()
+
+
+def read_interim(sock: socket.socket) -> bytes:
+    """Read exactly one interim response head (``HTTP/1.1 100 Continue\\r\\n\\r\\n``)."""
+    buffer = b""
+    while not buffer.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise AssertionError(f"closed while reading an interim response: {buffer!r}")
+        buffer += chunk
+    return buffer.split(b"\r\n", 1)[0]
+
+
+# -- issue 26 §4: hop-by-hop headers (RFC 9110 §7.6.1) ---------------------------------------------
+
+HOP_BY_HOP = (b"X-Hop-Secret: only-for-the-sidecar\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+              b"Trailer: X-Checksum\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+              b"Proxy-Connection: keep-alive\r\n")
+HOP_NAMES = (b"x-hop-secret", b"keep-alive", b"te", b"trailer", b"upgrade", b"http2-settings",
+             b"proxy-connection")
+
+
+def header_names(head: bytes) -> list[bytes]:
+    return [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+
+
+def header_value(head: bytes, name: bytes) -> bytes | None:
+    values = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")[1:]
+              if line.split(b":", 1)[0].lower() == name]
+    assert len(values) <= 1, head
+    return values[0] if values else None
+
+
+@pytest.mark.parametrize("listener", ["reverse", "forward"])
+def test_connection_and_the_headers_it_names_are_not_forwarded(hygiene: Setup,
+                                                               listener: str) -> None:
+    headers = b"Connection: X-Hop-Secret, TE, Upgrade\r\n" + HOP_BY_HOP
+    with socket.create_connection(
+            ("127.0.0.1", hygiene.reverse_port if listener == "reverse" else hygiene.proxy_port),
+            timeout=READ_TIMEOUT) as sock:
+        build = hygiene.reverse if listener == "reverse" else hygiene.forward
+        prefix = "" if listener == "reverse" else "/fhir"
+        sock.sendall(build(f"{prefix}/Patient/1", headers))
+        first = read_response(sock)
+        # Keep-alive is kept: the same app connection carries a second request.
+        sock.sendall(build(f"{prefix}/Patient/2"))
+        second = read_response(sock)
+    assert first.status == 200 and second.status == 200, (first.head, second.head)
+    [(number_1, head_1), (number_2, head_2)] = hygiene.upstream.wait_for_heads(2)
+    for name in (b"connection", *HOP_NAMES):
+        assert name not in header_names(head_1), head_1
+    assert b"only-for-the-sidecar" not in hygiene.upstream.all_bytes()
+    assert head_2.startswith(b"GET /fhir/Patient/2 HTTP/1.1\r\n"), head_2
+    assert number_1 == number_2, "the upstream connection was not kept alive either"
+    assert f"\r\nAuthorization: {BASIC['fhir']}".encode() in head_1
+
+
+def test_connection_close_is_the_sidecars_own_option_and_still_closes(hygiene: Setup) -> None:
+    headers = b"Connection: close, X-Hop-Secret\r\n" + HOP_BY_HOP
+    with socket.create_connection(("127.0.0.1", hygiene.reverse_port),
+                                  timeout=READ_TIMEOUT) as sock:
+        sock.sendall(hygiene.reverse("/Patient", headers))
+        response = read_response(sock)
+        assert sock.recv(65536) == b"", "the app asked to close, and the sidecar did not"
+    assert response.status == 200, response.head
+    (_, head), = hygiene.upstream.wait_for_heads(1)
+    assert header_value(head, b"connection") == b"close"  # not the app's list
+    for name in HOP_NAMES:
+        assert name not in header_names(head), head
+
+
+def test_an_http10_app_keeps_its_connection_alive(hygiene: Setup) -> None:
+    request = (f"GET /Patient HTTP/1.0\r\nHost: 127.0.0.1:{hygiene.reverse_port}\r\n"
+               "Connection: Keep-Alive, X-Hop-Secret\r\nX-Hop-Secret: 1\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", hygiene.reverse_port),
+                                  timeout=READ_TIMEOUT) as sock:
+        sock.sendall(request)
+        assert read_response(sock).status == 200
+        sock.sendall(request)
+        assert read_response(sock).status == 200
+    heads = hygiene.upstream.wait_for_heads(2)
+    for _, head in heads:
+        assert header_value(head, b"connection") == b"keep-alive"
+        assert b"x-hop-secret" not in header_names(head)
+
+
+@pytest.mark.parametrize("named", [b"Content-Length", b"Transfer-Encoding", b"Host"])
+def test_framing_and_host_named_in_connection_are_kept(hygiene: Setup, named: bytes) -> None:
+    # Dropping Content-Length from a request with a body would leave the body to be read as
+    # the next request: a smuggled one, with the sidecar's credentials on the connection.
+    body = SMUGGLED
+    chunked = named == b"Transfer-Encoding"
+    framing = (b"Transfer-Encoding: chunked\r\n" if chunked
+               else b"Content-Length: %d\r\n" % len(body))
+    wire_body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body
+    response = hygiene.send("reverse", "/Patient", b"Connection: " + named + b"\r\n" + framing,
+                            wire_body, method=b"POST")
+    assert response.status == 200, response.head
+    wait_until(lambda: hygiene.upstream.all_bytes().endswith(wire_body),
+               message="the whole body upstream")
+    head, _, sent_body = hygiene.upstream.all_bytes().partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /fhir/Patient HTTP/1.1\r\n")
+    assert sent_body == wire_body  # framed exactly as the app framed it: one request
+    assert b"connection" not in header_names(head)
+    assert header_value(head, b"host") == hygiene.authority.encode()
+    if chunked:
+        assert header_value(head, b"transfer-encoding") == b"chunked"
+    else:
+        assert header_value(head, b"content-length") == str(len(body)).encode()
+    hygiene.upstream.clear()
+    hygiene.assert_nothing_reached_upstream()
+
+
 # -- item 3: a hostile token endpoint ------------------------------------------------------------
 
 class HostileTokenEndpoint:
@@ -509,3 +730,143 @@ def test_a_hostile_access_token_is_a_token_failure_never_a_header(token_setup: T
     assert b"Injected" not in received and b"Bearer tok" not in received
     assert b"Injected" not in token_setup.sidecar.output.encode()
     token_setup.upstream.clear()
+
+
+# -- issue 26 §4: Expect: 100-continue when the request cannot be sent ----------------------------
+
+class SilentTlsServer:
+    """Accepts TCP connections and never says a word: a TLS handshake with it never ends."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted.append(sock)
+
+    def __enter__(self) -> SilentTlsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+        for sock in self.accepted:
+            sock.close()
+
+
+@dataclass
+class ExpectSetup:
+    sidecar: SidecarProcess
+    good: RawRecordingUpstream
+    untrusted: RawRecordingUpstream
+    ports: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def expect_setup(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI,
+                 start_module_sidecar: StartSidecar) -> Iterator[ExpectSetup]:
+    tmp = Path(tmp_path_factory.mktemp("expect"))
+    closed_port = free_port()  # nothing listens there: the token endpoint is unreachable
+    with RawRecordingUpstream(pki.server(name="raw-expect")) as good, \
+            RawRecordingUpstream(pki.server_from_other_ca(name="raw-expect-other")) as untrusted, \
+            SilentTlsServer() as silent, ScriptedUpstream(pki.server(name="expect-reset")) as reset:
+        custom = {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}
+        ports = {name: free_port() for name in ("good", "tls", "token", "silent", "reset", "proxy")}
+
+        def connection(name: str, port: int, **extra: Any) -> dict[str, Any]:
+            return {"url": f"https://localhost:{port}/fhir", "listen": f"127.0.0.1:{ports[name]}",
+                    "tls": custom, **extra}
+
+        sidecar = start_module_sidecar({
+            "admin": {"listen": None},
+            "proxy": {"listen": f"127.0.0.1:{ports['proxy']}"},
+            "basic_auth": {"b": {"username": "user-expect", "password": "pw-expect"}},
+            "oauth": {"down": {"token_url": f"https://localhost:{closed_port}/token",
+                               "client_id": "c", "client_secret": "expect-client-secret",
+                               "tls": custom}},
+            "connections": {
+                "good": connection("good", good.port, auth={"basic": "b"}),
+                "tls": connection("tls", untrusted.port, auth={"basic": "b"}),
+                "token": connection("token", good.port, auth={"oauth": "down"}),
+                "silent": connection("silent", silent.port, auth={"basic": "b"},
+                                     timeout_seconds=1),
+                "reset": {**connection("reset", reset.port, auth={"basic": "b"}),
+                          "url": f"https://localhost:{reset.port}"},
+            },
+        }, directory=tmp)
+        yield ExpectSetup(sidecar.process, good, untrusted, ports)
+
+
+def expect_head(target: str, host: str, length: int = 5) -> bytes:
+    return (f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/fhir+json\r\n"
+            f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize(("connection", "status", "kind"), [
+    ("tls", 502, "upstream-tls"),
+    ("token", 503, "token-unavailable"),
+    ("silent", 504, "upstream-timeout"),
+    ("no route", 403, "no-route"),
+])
+def test_expect_continue_gets_the_final_error_when_the_request_cannot_be_sent(
+        expect_setup: ExpectSetup, connection: str, status: int, kind: str) -> None:
+    # mitmproxy said "100 Continue" at once; the app sent its body, and then the connection
+    # closed without any status (TLS), or the answer came only after the body (token, route).
+    expect_setup.good.clear()
+    expect_setup.untrusted.clear()
+    if connection == "no route":
+        port, target = expect_setup.ports["proxy"], "http://nowhere.example/fhir/Patient"
+    else:
+        port, target = expect_setup.ports[connection], "/Patient"
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(expect_head(target, "127.0.0.1"))
+        response = read_response(sock)  # the body is never sent
+        assert sock.recv(65536) == b"", "the connection stayed open for a body that was refused"
+    assert response.status == status, response.head + response.body
+    assert response.headers["x-sidecar-error"] == kind
+    assert response.headers["content-type"] == "application/fhir+json"
+    assert response.headers.get("connection") == "close"
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert expect_setup.good.all_bytes() == b"" and expect_setup.untrusted.all_bytes() == b""
+
+
+def test_expect_continue_is_answered_once_the_upstream_connection_is_open(
+        expect_setup: ExpectSetup) -> None:
+    expect_setup.good.clear()
+    port = expect_setup.ports["good"]
+    body = b'{"resourceType":"Patient"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(expect_head("/Patient", f"127.0.0.1:{port}", len(body)))
+        assert read_interim(sock) == b"HTTP/1.1 100 Continue"
+        sock.sendall(body)
+        first = read_response(sock)
+        # Expect without a body: nothing to continue, no interim answer.
+        sock.sendall(expect_head("/Patient", f"127.0.0.1:{port}", 0))
+        second = read_response(sock)
+    assert first.status == 200 and second.status == 200, (first.head, second.head)
+    [(number_1, head_1), (number_2, head_2)] = expect_setup.good.wait_for_heads(2)
+    assert number_1 == number_2  # the connection opened before "100 Continue" was used
+    assert expect_setup.good.all_bytes().startswith(head_1 + b"\r\n\r\n" + body)
+    assert b"expect" not in header_names(head_1) + header_names(head_2)
+
+
+def test_a_failure_after_100_continue_still_gets_its_final_status(expect_setup: ExpectSetup
+                                                                  ) -> None:
+    # The upstream resets the connection once it has the request: after "100 Continue",
+    # mitmproxy wrote nothing at all (it took the 100 for the response), and closed.
+    port = expect_setup.ports["reset"]
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(expect_head("/reset", f"127.0.0.1:{port}"))
+        assert read_interim(sock) == b"HTTP/1.1 100 Continue"
+        sock.sendall(b"hello")
+        response = read_response(sock)
+    assert response.status == 502, response.head + response.body
+    assert response.headers["x-sidecar-error"] == "upstream-unreachable"
+    assert response.json()["resourceType"] == "OperationOutcome"

@@ -291,3 +291,60 @@ def test_a_dot_segment_that_appears_only_after_the_fourth_decoding_is_refused() 
 def test_escapes_that_are_not_utf8_are_forwarded_as_sent(target: str) -> None:
     # Latin-1 escapes are not UTF-8; the look for hidden dots must not choke on them.
     assert resolve(target).path == target
+
+
+# -- issue 26 §4: escapes other decoders read differently ----------------------------------------
+
+_MALFORMED = "a path segment has a '%' that does not start a %XX escape (such as %u002e), " \
+             "which servers decode differently"
+_CONTROL_ESCAPE = "a path segment holds a percent-encoded control character (such as %00)"
+_OVERLONG = "a path segment holds an overlong UTF-8 sequence (such as %c0%ae), which a lax " \
+            "decoder reads as '.' or '/'"
+_NORMALISED = "a path segment holds a character that Unicode normalisation turns into '.', " \
+              "'/', '\\', ';' or '%' (such as the fullwidth dot %ef%bc%8e)"
+
+
+@pytest.mark.parametrize(("target", "words"), [
+    ("/fhir/Patient/%u002e%u002e/admin", _MALFORMED),  # IIS: ".."
+    ("/fhir/Patient/%U002E", _MALFORMED),
+    ("/fhir/Patient/a%zz", _MALFORMED),
+    ("/fhir/Patient/a%", _MALFORMED),
+    ("/fhir/Patient/a%2", _MALFORMED),
+    ("/fhir/Patient/%25u002e%25u002e", "a path segment hides a %u escape (such as %u002e) "
+                                       "behind repeated percent-encoding"),
+    ("/fhir/Patient/a%00b", _CONTROL_ESCAPE),
+    ("/fhir/Patient/a%0d%0aX-Injected:%20y", _CONTROL_ESCAPE),
+    ("/fhir/Patient/a%7f", _CONTROL_ESCAPE),
+    ("/fhir/Patient/a%2500", _CONTROL_ESCAPE),  # a NUL after a second decoding
+    ("/fhir/Patient/%c0%ae%c0%ae/admin", _OVERLONG),
+    ("/fhir/Patient/%C0%AE", _OVERLONG),
+    ("/fhir/Patient/%c0%af", _OVERLONG),  # '/'
+    ("/fhir/Patient/%e0%80%ae", _OVERLONG),
+    ("/fhir/Patient/%f0%80%80%ae", _OVERLONG),
+    ("/fhir/Patient/%25c0%25ae", _OVERLONG),
+    ("/fhir/Patient/\udcc0\udcae", _OVERLONG),  # raw bytes C0 AE, as mitmproxy hands them on
+    ("/fhir/Patient/%ef%bc%8e%ef%bc%8e/admin", _NORMALISED),  # fullwidth full stop, twice
+    ("/fhir/Patient/\uff0e\uff0e/admin", _NORMALISED),  # the same, sent as raw UTF-8
+    ("/fhir/Patient/%e2%80%a5", _NORMALISED),  # two dot leader: ".." under NFKC
+    ("/fhir/Patient/a%ef%bc%8fb", _NORMALISED),  # fullwidth solidus
+    ("/fhir/Patient/a%ef%bc%bcb", _NORMALISED),  # fullwidth reverse solidus
+    ("/fhir/Patient/a%ef%bc%85b", _NORMALISED),  # fullwidth percent sign
+])
+def test_escapes_that_other_decoders_read_as_separators_are_refused(target: str,
+                                                                    words: str) -> None:
+    with pytest.raises(UnsafePath) as refused:
+        resolve(target)
+    assert str(refused.value) == words
+
+
+@pytest.mark.parametrize("target", ["/fhir/Patient/caf%C3%A9", "/fhir/Patient/caf\u00e9",
+                                    "/fhir/Patient/%E6%82%A3%E8%80%85", "/fhir/Patient/a%20b",
+                                    "/fhir/Patient/a%2Fb", "/fhir/Patient/100%25"])
+def test_ordinary_escapes_and_utf8_are_forwarded_as_sent(target: str) -> None:
+    assert resolve(target).path == target
+
+
+def test_the_query_may_hold_what_the_path_may_not() -> None:
+    # The query is the app's business and passed on byte for byte (only raw controls refused).
+    resolved = resolve("/fhir/Patient?name=%u002e%c0%ae%00%ef%bc%8e")
+    assert resolved.query == "?name=%u002e%c0%ae%00%ef%bc%8e"

@@ -7,6 +7,7 @@ these decisions; the end-to-end tests drive the same code in a sidecar subproces
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,129 @@ def test_an_intercepted_https_request_is_routed_by_its_https_default_port(
     assert state.connection.name == "fhir"
     # The app used the upstream's own base URL: there is nothing to rewrite.
     assert state.links is None
+
+
+# -- issue 26 §4: target forms, versions, hop-by-hop headers ---------------------------------------
+
+PREFACE_WORDS = ("the request was refused and not forwarded: the method PRI belongs to the "
+                 "HTTP/2 connection preface, not to an HTTP/1.1 request")
+ASTERISK_WORDS = ("the request was refused and not forwarded: the request target is '*' "
+                  "(asterisk-form, as in OPTIONS * or the HTTP/2 preface PRI *): it asks about "
+                  "the server itself, not about a FHIR resource")
+
+
+def version_words(version: str) -> str:
+    return (f"the request was refused and not forwarded: the request line names {version!r}; "
+            "the sidecar speaks HTTP/1.1 (and HTTP/1.0) on its listeners")
+
+
+@pytest.mark.parametrize(("method", "path", "version", "words"), [
+    ("PRI", "*", "HTTP/2.0", PREFACE_WORDS),
+    ("PRI", "/Patient", "HTTP/1.1", PREFACE_WORDS),
+    ("OPTIONS", "*", "HTTP/1.1", ASTERISK_WORDS),
+    ("GET", "*", "HTTP/1.0", ASTERISK_WORDS),
+    ("GET", "/Patient", "HTTP/2.0", version_words("HTTP/2.0")),
+    ("GET", "/Patient", "HTTP/0.9", version_words("HTTP/0.9")),
+    ("GET", "/Patient", "HTTP/1.2", version_words("HTTP/1.2")),
+])
+def test_asterisk_form_the_preface_and_other_versions_are_refused(
+        routing: Routing, method: str, path: str, version: str, words: str) -> None:
+    flow = reverse_flow("/Patient")
+    flow.request.method, flow.request.http_version = method, version
+    flow.request.data.path = path.encode()
+    routing.requestheaders(flow)
+    assert refused_kind(flow) == "bad-request"
+    assert json.loads(body_text(flow))["issue"][0]["diagnostics"] == words
+    assert flow.response is not None and flow.response.headers["Connection"] == "close"
+    assert flow.request.host == "127.0.0.1"  # never pointed at the upstream
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
+def test_http1_versions_pass(routing: Routing, version: str) -> None:
+    flow = reverse_flow("/Patient")
+    flow.request.http_version = version
+    routing.requestheaders(flow)
+    assert flow.response is None
+    assert flow.request.http_version == version
+
+
+def test_http2_passes_only_where_the_app_negotiated_it(routing: Routing) -> None:
+    # HTTP/2 requests exist only where the app's TLS is the sidecar's and ALPN chose h2.
+    negotiated = reverse_flow("/Patient")
+    negotiated.request.http_version = "HTTP/2.0"
+    negotiated.client_conn.alpn = b"h2"
+    routing.requestheaders(negotiated)
+    assert negotiated.response is None
+    claimed = reverse_flow("/Patient")
+    claimed.request.http_version = "HTTP/2.0"
+    claimed.client_conn.alpn = b"http/1.1"
+    routing.requestheaders(claimed)
+    assert refused_kind(claimed) == "bad-request"
+
+
+def test_an_absolute_form_request_on_a_listener_goes_upstream_in_origin_form(
+        routing: Routing) -> None:
+    flow = reverse_flow("/Patient/1")
+    flow.request.authority = "127.0.0.1:18777"  # GET http://127.0.0.1:18777/Patient/1
+    routing.requestheaders(flow)
+    assert flow.response is None
+    assert flow.request.authority == ""
+    assert flow.request.path == "/r4/Patient/1"
+    assert flow.request.host == "rev.example"
+
+
+@pytest.mark.parametrize(("version", "connection", "forwarded"), [
+    ("HTTP/1.1", "close, X-Hop, TE", "close"),
+    ("HTTP/1.1", "Keep-Alive, X-Hop", None),
+    ("HTTP/1.1", "X-Hop", None),
+    ("HTTP/1.0", "Keep-Alive, X-Hop", "keep-alive"),
+    ("HTTP/1.0", "X-Hop", None),
+])
+def test_hop_by_hop_headers_are_dropped_and_connection_is_the_sidecars_own(
+        routing: Routing, version: str, connection: str, forwarded: str | None) -> None:
+    flow = reverse_flow("/Patient", Connection=connection, X_Hop="secret-hop",
+                        Keep_Alive="timeout=5", TE="trailers", Trailer="X-Sum",
+                        Upgrade="h2c", HTTP2_Settings="AAMAAABk", Proxy_Connection="close",
+                        X_Other="kept")
+    flow.request.http_version = version
+    routing.requestheaders(flow)
+    assert flow.response is None
+    headers = flow.request.headers
+    assert headers.get_all("Connection") == ([forwarded] if forwarded else [])
+    for name in ("X-Hop", "Keep-Alive", "TE", "Trailer", "Upgrade", "HTTP2-Settings",
+                 "Proxy-Connection"):
+        assert name not in headers, name
+    assert headers["X-Other"] == "kept"
+
+
+def test_framing_and_host_named_in_connection_stay(routing: Routing) -> None:
+    flow = reverse_flow("/Patient", Connection="Content-Length, Transfer-Encoding, Host",
+                        Content_Length="5")
+    flow.request.method = "POST"
+    routing.requestheaders(flow)
+    assert flow.response is None
+    assert flow.request.headers["Content-Length"] == "5"
+    assert flow.request.host_header == "rev.example:8443"
+    assert "Connection" not in flow.request.headers
+
+
+@pytest.mark.parametrize(("version", "shown"), [
+    (b"HTTP/1.1234567890123", "HTTP/1.123456789"),  # at most 16 characters of it
+    (b"HTTP/\xff\xfe", "HTTP/\ufffd\ufffd"),  # bytes that are not ASCII, never an exception
+])
+def test_an_odd_version_is_quoted_short_and_safe(routing: Routing, version: bytes,
+                                                 shown: str) -> None:
+    flow = reverse_flow("/Patient")
+    flow.request.data.http_version = version
+    routing.requestheaders(flow)
+    assert refused_kind(flow) == "bad-request"
+    assert json.loads(body_text(flow))["issue"][0]["diagnostics"] == version_words(shown)
+
+
+def test_refusal_allows_http2_only_when_told_so() -> None:
+    from sidecar.proxy.request_checks import refusal
+
+    flow = reverse_flow("/Patient")
+    flow.request.http_version = "HTTP/2.0"
+    assert refusal(flow.request) is not None
+    assert refusal(flow.request, http2=True) is None

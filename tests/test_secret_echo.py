@@ -283,3 +283,111 @@ def test_an_upstream_echoing_the_credential_in_a_broken_answer_leaks_nothing(
         running.stop()
         assert_no_secret("the 502 to the app", answer.text, set())
         assert_no_secret("the process output", sidecar.output, set())
+
+
+# -- an egress proxy that echoes its own credentials (issue 26) -----------------------------------
+
+PROXY_USER = "svc-egress"
+# Characters whose encodings differ from the raw text, so each form is a different string.
+PROXY_PASSWORD = "Egr3ss+Pw/x&7"
+
+
+def proxy_forms() -> set[str]:
+    pair = f"{PROXY_USER}:{PROXY_PASSWORD}".encode()
+    return {PROXY_PASSWORD, quote(PROXY_PASSWORD, safe=""), quote_plus(PROXY_PASSWORD),
+            *b64_variants(pair)}
+
+
+class EchoingProxy:
+    """An egress proxy that refuses every CONNECT with 407 and quotes the credentials it was
+    sent: in its status line (the password, and the Base64 of user:password without the
+    "Basic" that would give it away to any redactor) and in its HTML page."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.echoed = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with sock:
+                sock.settimeout(10)
+                head = b""
+                try:
+                    while b"\r\n\r\n" not in head:
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    sock.sendall(self._refusal(head))
+                except OSError:
+                    continue
+
+    def _refusal(self, head: bytes) -> bytes:
+        token = b""
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"proxy-authorization: basic "):
+                token = line.split(b" ", 2)[2].strip()
+        password = base64.b64decode(token).split(b":", 1)[-1] if token else b"none"
+        if token:
+            self.echoed += 1
+        page = (b"<html><body><h1>407</h1><p>You sent Proxy-Authorization: Basic " + token
+                + b" -- that is, password " + password + b".</p></body></html>")
+        return (b"HTTP/1.1 407 Denied " + password + b" " + token + b"\r\n"
+                b"Proxy-Authenticate: Basic realm=\"corp\"\r\nContent-Type: text/html\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(page) + page)
+
+    def __enter__(self) -> EchoingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+
+
+def test_an_egress_proxy_echoing_its_password_in_a_407_leaks_it_nowhere(
+        tmp_path: Path, pki: TestPKI, upstream_good: FhirTestServer,
+        start_sidecar: StartSidecar) -> None:
+    (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    (tmp_path / "proxy-password").write_text(PROXY_PASSWORD + "\n")
+    port, admin = free_port(), f"127.0.0.1:{free_port()}"
+    with EchoingProxy() as proxy:
+        running = start_sidecar({
+            "admin": {"listen": admin, "token_file": "admin-token"},
+            "egress_proxies": {"corp": {"url": f"http://127.0.0.1:{proxy.port}",
+                                        "username": PROXY_USER,
+                                        "password_file": "proxy-password"}},
+            "connections": {"behind": {
+                "url": upstream_good.base_url, "listen": f"127.0.0.1:{port}", "via": "corp",
+                "tls": {"verify": "custom", "ca_bundle": str(pki.ca_bundle_path)}}},
+        }, directory=tmp_path)
+        shown: dict[str, str] = {}
+        # The proxy leg: the app's 502 quotes the proxy's status line.
+        answer = httpx.get(f"http://127.0.0.1:{port}/Patient/1", trust_env=False,
+                           timeout=DEADLINE)
+        assert answer.status_code == 502, answer.text
+        assert answer.headers["X-Sidecar-Error"] == "upstream-unreachable"
+        shown["the 502 to the app"] = answer.json()["issue"][0]["diagnostics"]
+        # The connection test (its own CONNECT, blocking): the report quotes it too.
+        report = httpx.post(f"http://{admin}/api/connections/behind/test", trust_env=False,
+                            timeout=DEADLINE, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert report.status_code == 200, report.text
+        [connect] = [s for s in report.json()["steps"] if s["step"] == "connect"]
+        assert connect["status"] == "failed", report.text
+        shown["the connection test's report"] = connect["detail"]
+        assert proxy.echoed == 2, "the proxy did not get (and echo) the credentials twice"
+        for place, text in shown.items():
+            # The echo is there, and it was cut out (not merely absent).
+            assert "407 Denied [redacted]" in text, f"{place}: {text}"
+        shown["the full report"] = report.text
+        wait_until(lambda: running.process.events("request"), DEADLINE, message="the log")
+        running.stop()
+        shown["the process output"] = running.process.output
+    for place, text in shown.items():
+        for form in proxy_forms():
+            assert form not in text, f"{place} shows a form of the proxy password: {form!r}"

@@ -418,3 +418,17 @@ def test_a_bundle_with_non_ascii_text_works_on_the_stdlib_leg_too(
     with lenient_tls_server(server_for(pki.server(name="non-ascii")), 1) as port:
         _, error = proxy_leg(policy, port, "localhost")
     assert error is None
+
+
+def test_every_certificate_of_a_bundle_is_trusted_on_the_stdlib_leg(tmp_path: Path,
+                                                                    pki: TestPKI) -> None:
+    """A bundle of two CAs, the server's second: the stdlib leg loads each certificate of the
+    bundle, not only the first (kills the mutant that joins the DER certificates with
+    separator bytes, which a one-certificate bundle never shows)."""
+    bundle = tmp_path / "two-cas.pem"
+    bundle.write_bytes(pki.other_ca_bundle_path.read_bytes() + pki.ca_bundle_path.read_bytes())
+    context = compile_tls_policy(TlsSettings(verify="custom", ca_bundle=bundle)).stdlib_context()
+    with tls_server(stdlib_server(pki), 1) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls_sock:
+        assert tls_sock.recv(1) == b"x"

@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
+from sidecar.admin import destinations
 from sidecar.admin.api_models import REFERENCE_SUFFIXES, TLS_PATH_FIELDS, SecretState
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import parse_config
@@ -130,18 +130,6 @@ def check_no_references(body: dict[str, Any]) -> None:
                                   "names; nothing was changed", problems)
 
 
-def _origin(url: str) -> str:
-    """scheme://host:port, the port spelt out; "" for what is not an http(s) URL."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    except ValueError:
-        return ""
-    if not parts.hostname or port is None:
-        return ""
-    return f"{parts.scheme.lower()}://{parts.hostname.lower()}:{port}"
-
-
 def _value_field(key: str) -> str:
     stem = key.rsplit("_", 1)[0]
     return {"private_key": "private_key_pem"}.get(stem, stem)
@@ -151,10 +139,10 @@ class ConfigStore:
     def __init__(self, live: LiveConfig, secrets_dir: Path):
         self.live = live
         self._secrets_dir = Path(os.path.abspath(secrets_dir))
-        # (section, definition name) -> every upstream origin a config seen by this process
-        # used it with; see _require_known_destination.
-        self._origins_seen: dict[tuple[str, str], set[str]] = {}
-        self._note_origins()
+        # (kind, definition name) -> every destination a config seen by this process sent its
+        # secret to; see _require_known_destination.
+        self._seen: dict[destinations.Key, set[destinations.Destination]] = {}
+        self._note_destinations()
 
     # -- where things are ------------------------------------------------------------------
 
@@ -402,8 +390,6 @@ class ConfigStore:
                                           "definition, not both: HTTP has a single "
                                           "Authorization header")
 
-        self._require_known_destination(name, body)
-
         def change(plan: _Plan) -> bool:
             section = _section(plan.data, "connections")
             existing = section.get(name)
@@ -412,44 +398,30 @@ class ConfigStore:
 
         return self._apply(change)
 
-    def _require_known_destination(self, name: str, body: dict[str, Any]) -> None:
-        """A credential whose secret the API caller did not give (it comes from the config
-        file: inline, a file or an environment variable) goes only to upstreams it already goes
-        to; otherwise the admin token would be a way to read it, by pointing a connection at a
-        server of one's own (docs/admin-api.md#credentials-go-only-to-known-upstreams)."""
-        auth = body.get("auth")
-        url = body.get("url")
-        if not isinstance(auth, dict) or not isinstance(url, str):
-            return  # the config model reports what is missing or malformed
-        self._note_origins()
-        config = self.config
-        for kind, key in (("basic_auth", "basic"), ("oauth", "oauth")):
-            definition_name = auth.get(key)
-            if not isinstance(definition_name, str):
-                continue
-            definition = getattr(config, kind).get(definition_name)
-            if definition is None or not self._secret_from_config_file(definition):
-                continue
-            known = self._origins_seen.get((kind, definition_name), set())
-            if _origin(url) not in known:
-                shown = ", ".join(sorted(o for o in known if o)) or "none"
-                raise ChangeRejected(403, (
-                    f"{KIND_WORDS[kind]} {definition_name!r} holds a secret from the config "
-                    f"file; the API and the dashboard assign it only to connections to the "
-                    f"upstreams it is already used with ({shown}); to use it with another "
-                    "server, edit the config file"))
+    def _require_known_destination(self, candidate: SidecarConfig, *,
+                                   noted: bool = False) -> None:
+        """A secret the API caller did not give (it comes from the config file: inline, a file
+        or an environment variable) goes only where it already goes: the same origin, through
+        the same egress proxy, under the same TLS trust. Otherwise the admin token would be a
+        way to read it, by pointing a connection or a token endpoint at a server of one's own,
+        or by making the sidecar accept anyone's certificate on the way
+        (docs/admin-api.md#credentials-go-only-to-known-upstreams). Checked on the whole
+        candidate config, so no edit, whatever it changes, can send a secret anywhere new.
+        ``noted``: the destinations of the live config were noted already (before a CA bundle
+        they read was replaced)."""
+        if not noted:
+            self._note_destinations()
+        for key, new in destinations.destinations(candidate, self._secret_from_config_file):
+            seen = self._seen.get(key, set())
+            if not destinations.is_known(new, seen):
+                raise ChangeRejected(403, _new_destination_words(key, new, seen))
 
-    def _note_origins(self) -> None:
+    def _note_destinations(self) -> None:
         # Remembered, not only read from the current config: a connection switched to another
-        # definition and back keeps its upstream. Every origin here came from the config file
-        # or passed this check, so the memory grants nothing the config file did not.
-        config = self.config
-        for connection in config.connections.values():
-            for kind, name in (("basic_auth", connection.auth.basic),
-                               ("oauth", connection.auth.oauth)):
-                if name is not None:
-                    self._origins_seen.setdefault((kind, name), set()).add(
-                        _origin(connection.url))
+        # definition and back keeps its upstream. Every destination here came from the config
+        # file or passed this check, so the memory grants nothing the config file did not.
+        for key, seen in destinations.destinations(self.config, self._secret_from_config_file):
+            self._seen.setdefault(key, set()).add(seen)
 
     def _secret_from_config_file(self, definition: BaseModel) -> bool:
         """Whether the definition holds a secret the API did not write (an inline value, a
@@ -482,8 +454,16 @@ class ConfigStore:
         validate_ca_pem(pem)
         target = self.ca_bundle_path(name)
         old = target.read_bytes() if target.is_file() else None
+        self._note_destinations()  # before the new content is in place
         self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _atomic_write(target, pem, 0o600)
+        if old is not None:
+            # New content for a bundle in use is a new trust for whoever uses it.
+            try:
+                self._require_known_destination(self.config, noted=True)
+            except ChangeRejected:
+                _atomic_write(target, old, 0o600)
+                raise
         outcome = self.live.reload()
         if not outcome.ok:
             if old is None:
@@ -555,6 +535,11 @@ class ConfigStore:
         file = str(self.live.path)
         try:
             config = parse_config(text, file=file, base_dir=self.base_dir)
+        except ConfigError as exc:
+            raise ChangeRejected(422, "the change is not valid; nothing was changed",
+                                 [str(p) for p in exc.problems]) from None
+        self._require_known_destination(config)
+        try:
             compile_snapshot(config, file)
         except ConfigError as exc:
             raise ChangeRejected(422, "the change is not valid; nothing was changed",
@@ -615,6 +600,21 @@ class ConfigStore:
             path = Path(os.path.normpath(path))
             if self.is_managed(path) and _MANAGED_SECRET.fullmatch(path.name):
                 yield path
+
+
+def _new_destination_words(key: destinations.Key, new: destinations.Destination,
+                           seen: set[destinations.Destination]) -> str:
+    kind, name = key
+    shown = "; ".join(sorted(d.describe() for d in seen)) or "none"
+    if kind == "oauth_endpoint":
+        return (f"OAuth definition {name!r} holds a secret from the config file; its token "
+                f"endpoint (token_url, discover_from) can only be changed to one it already "
+                f"uses, through the same egress proxy and with the same TLS trust ({shown}), "
+                f"not {new.describe()}; to use another, edit the config file")
+    return (f"{KIND_WORDS[kind]} {name!r} holds a secret from the config file; the API and "
+            f"the dashboard assign it only to connections to the upstreams it is already "
+            f"used with, through the same egress proxy and with the same TLS trust ({shown}), "
+            f"not {new.describe()}; to use it with another server, edit the config file")
 
 
 def validate_ca_pem(pem: bytes) -> list[CertificateInfo]:

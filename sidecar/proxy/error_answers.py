@@ -103,6 +103,7 @@ class ErrorAnswers:
 
     def load(self, loader: Loader) -> None:
         mitm_compat.install_error_pages(self._protocol_error_page)
+        mitm_compat.answer_malformed_request_bodies()
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         error = mitm_compat.connect_exception()
@@ -115,7 +116,12 @@ class ErrorAnswers:
             return
         # An app that went away (mitmproxy treats even a half-close so) is no upstream failure.
         app_left = not flow.client_conn.connected
-        if state.error == ErrorKind.BAD_REQUEST and flow.response is not None:
+        if mitm_compat.request_body_malformed(flow) and flow.response is None:
+            # The app's chunked body could not be framed: its fault, answered before the
+            # connection closes (docs/errors.md); an upstream it was streaming to is dropped.
+            refuse(flow, state, failures.protocol_error(400, failures.RequestFault.BODY_FRAMING),
+                   close=True)
+        elif state.error == ErrorKind.BAD_REQUEST and flow.response is not None:
             # mitmproxy refused the request as well, and writes its own page instead of ours.
             deliver(flow, flow.response)
         elif state.connection is not None and flow.response is None and not app_left:

@@ -73,6 +73,8 @@ class RequestFault(Enum):
     CONTENT_LENGTH = "the Content-Length header is invalid or repeated"
     NO_HOST = "the request has no Host header, so its destination is unknown"
     BODY_TOO_LARGE = "the request body is too large"
+    BODY_FRAMING = ("the chunked request body is malformed (an invalid chunk size, or a chunk "
+                    "not followed by CRLF)")
     SCHEME = "the request's URL scheme is not http"
     OTHER = "the request is not valid HTTP/1.1"
 

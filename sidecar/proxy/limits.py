@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mitmproxy import connection, ctx, http
+from mitmproxy.addonmanager import Loader
 
 from sidecar.config.models import LimitsSettings
 from sidecar.errors import ErrorKind, SidecarError
@@ -228,9 +229,28 @@ class UpstreamDeadline:
     mitmproxy has no per-request upstream deadline: the timer starts when the request is about
     to be sent; response headers (or an error) stop it. When it fires, the upstream connection
     is closed, and the request fails through the usual error path as ``upstream-timeout``.
+
+    A request with ``Expect: 100-continue`` and a body has its upstream connection opened
+    before the app is told to continue (``mitm_compat.continue_only_when_connected``): that
+    opening is bounded by the same deadline, stopped once the connection is open, and the
+    deadline starts again when the request is sent.
     """
 
+    def load(self, loader: Loader) -> None:
+        mitm_compat.continue_only_when_connected(self.continuing)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.headers.get("expect", "").lower() == "100-continue":
+            self._start(flow)
+
+    def continuing(self, flow: http.HTTPFlow) -> None:
+        _stop(flow)
+
     def request(self, flow: http.HTTPFlow) -> None:
+        _stop(flow)
+        self._start(flow)
+
+    def _start(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
         if state is None or state.connection is None or flow.response is not None:
             return
@@ -248,6 +268,7 @@ def _stop(flow: http.HTTPFlow) -> None:
     state = state_of(flow)
     if state is not None and state.timer is not None:
         state.timer.cancel()
+        state.timer = None
 
 
 def _timed_out(flow: http.HTTPFlow) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from sidecar.audit.trail import AuditTrail
@@ -34,7 +34,9 @@ def build_master(live: LiveConfig, state_dir: Path, observer: ProxyObserver | No
     sidecar = sidecar_addons(live, observer, audit, tracing)
     master.addons.add(
         core.Core(),
-        disable_h2c.DisableH2C(),
+        # Not mitmproxy's DisableH2C: it kills an HTTP/2 preface (PRI *) without an answer;
+        # the sidecar refuses it with a 400 and never forwards Upgrade (request_checks.py,
+        # request_routing.py).
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
         *sidecar.chain,

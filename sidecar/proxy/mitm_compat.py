@@ -14,6 +14,7 @@ import re
 import socket
 import struct
 import sys
+import time
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -24,7 +25,13 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tls as tls_layers
-from mitmproxy.proxy.layers.http import HttpEvent, ResponseProtocolError, _http1
+from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    HttpEvent,
+    ResponseHeaders,
+    ResponseProtocolError,
+    _http1,
+)
 from OpenSSL import SSL
 
 from sidecar.proxy import failures
@@ -71,6 +78,10 @@ def install_error_pages(fallback: ErrorPage) -> None:
     @functools.wraps(original_send)
     def send(self: _http1.Http1Server, event: HttpEvent
              ) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, ResponseProtocolError) and _interim(self.response):
+            # A "100 Continue" is no answer: mitmproxy would write nothing after it and close,
+            # leaving an app that sent its body with no final status at all.
+            self.response = None
         if isinstance(event, _AnsweredProtocolError):
             # mitmproxy's own handling of this event, with the flow's answer as the page.
             if not self.conn.state & connection.ConnectionState.CAN_WRITE:
@@ -88,13 +99,25 @@ def install_error_pages(fallback: ErrorPage) -> None:
     def handle_event(self: http_layers.HttpStream, event: events.Event
                      ) -> Generator[commands.Command, Any, None]:
         for command in original_stream_event(self, event):
+            client = self.context.client
             if (isinstance(command, http_layers.SendHttp)
                     and type(command.event) is ResponseProtocolError
-                    and command.connection is self.context.client):
+                    and command.connection is client):
+                failure: ResponseProtocolError = command.event
                 answer = _failed_flow_answers.pop(self.flow, None)
-                if answer is not None:
-                    command = http_layers.SendHttp(
-                        _AnsweredProtocolError(command.event, answer), command.connection)
+                if client in _malformed_bodies:
+                    # The broken body arrived while a hook ran: mitmproxy counts the flow
+                    # as killed by the app and would answer nothing.
+                    _malformed_bodies.discard(client)
+                    command = _malformed_body_answer(self, answer)
+                elif answer is not None:
+                    command = http_layers.SendHttp(_AnsweredProtocolError(failure, answer), client)
+            elif isinstance(command, http_layers.DropStream) and client in _malformed_bodies:
+                # The app's request body could not be framed (answer_malformed_request_bodies):
+                # mitmproxy sends nothing to the app for a request-side error; the flow's
+                # answer goes out now, then the connection closes.
+                _malformed_bodies.discard(client)
+                yield _malformed_body_answer(self, _failed_flow_answers.pop(self.flow, None))
             yield command
 
     http_layers.HttpStream.handle_event = handle_event  # type: ignore[method-assign,assignment]
@@ -112,6 +135,155 @@ def answer_failed_flow(flow: http.HTTPFlow, response: http.Response) -> None:
 def failed_flow_answer(flow: http.HTTPFlow) -> http.Response | None:
     """The answer ``answer_failed_flow`` set for the flow, until it is written."""
     return _failed_flow_answers.get(flow)
+
+
+def _interim(response: http.Response | None) -> bool:
+    return response is not None and response.status_code < 200
+
+
+# -- a request body whose framing is broken -----------------------------------------------------
+
+# App connections whose request body could not be framed, until the flow's answer is written.
+_malformed_bodies: weakref.WeakSet[connection.Client] = weakref.WeakSet()
+_malformed_bodies_answered = False
+
+
+def answer_malformed_request_bodies() -> None:
+    """Answer a request whose chunked body cannot be framed (an invalid chunk size, a chunk
+    without its CRLF) instead of closing the connection without a word.
+
+    mitmproxy's HTTP/1 server (``Http1Connection.read_body``) closes the app's connection at
+    once when h11 refuses the body, then reports a request protocol error to the flow, for
+    which it never writes an answer. Here the close is held back: the flow's ``error`` hook
+    runs as usual (``request_body_malformed`` tells it why) and may set an answer with
+    ``answer_failed_flow``; ``install_error_pages``' stream wrapper then writes that answer
+    and closes the connection. Bytes the app sends after the broken chunk are discarded.
+    Needs ``install_error_pages``.
+    """
+    global _malformed_bodies_answered
+    if _malformed_bodies_answered:
+        return
+    _malformed_bodies_answered = True
+    original = _http1.Http1Connection.read_body
+
+    @functools.wraps(original)
+    def read_body(self: _http1.Http1Server, event: events.Event
+                  ) -> Generator[commands.Command, Any, None]:
+        if not isinstance(event, events.DataReceived):
+            yield from original(self, event)
+            return
+        for command in original(self, event):
+            # Inside read_body, the app's connection is closed only for a refused body (a
+            # close after a complete exchange comes with a final response in place).
+            if (isinstance(command, commands.CloseConnection) and command.connection is self.conn
+                    and (self.response is None or _interim(self.response))):
+                _malformed_bodies.add(self.context.client)
+                _discard_rest(self)
+                continue
+            yield command
+
+    _http1.Http1Server.read_body = read_body  # type: ignore[method-assign,assignment]
+
+
+def request_body_malformed(flow: http.HTTPFlow) -> bool:
+    """Whether the flow failed because its app's request body could not be framed."""
+    return flow.client_conn in _malformed_bodies
+
+
+def _malformed_body_answer(stream: http_layers.HttpStream, answer: http.Response | None
+                           ) -> commands.Command:
+    client = stream.context.client
+    if answer is None:
+        return commands.CloseConnection(client)
+    failure = ResponseProtocolError(stream.stream_id, "malformed request body",
+                                    ErrorCode.GENERIC_CLIENT_ERROR)
+    return http_layers.SendHttp(_AnsweredProtocolError(failure, answer), client)
+
+
+# -- Expect: 100-continue ----------------------------------------------------------------------
+
+_continuing: Callable[[http.HTTPFlow], None] | None = None
+
+
+def continue_only_when_connected(continuing: Callable[[http.HTTPFlow], None]) -> None:
+    """Send ``100 Continue`` only once the upstream connection is open, and never for a
+    request that already has its answer.
+
+    mitmproxy (``HttpStream.state_wait_for_request_headers``) answers ``Expect:
+    100-continue`` right after the ``requestheaders`` hooks, before it knows whether the
+    request can go anywhere. When connecting, TLS or the token then failed, the app had sent
+    its body and got no final status at all. RFC 9110 §10.1.1 asks a proxy either to answer
+    with the final status at once or to forward the request first. So, where mitmproxy
+    would send the ``100``:
+
+    - a request the sidecar has answered already (refused, no route, no token) gets that
+      answer now, marked ``Connection: close``; its body is not waited for;
+    - a request with no body gets no ``100`` (there is nothing to continue);
+    - otherwise the upstream connection is opened first (TCP, egress tunnel, TLS), through
+      mitmproxy's own ``make_server_connection``; when that fails, the flow's error hook
+      answers with the final status, and no ``100`` is ever sent. When it succeeds,
+      ``continuing(flow)`` is called, the ``100`` goes out, and the request later reuses
+      that connection.
+    """
+    global _continuing
+    first = _continuing is None
+    _continuing = continuing
+    if not first:
+        return
+    original = http_layers.HttpStream.state_wait_for_request_headers
+
+    @functools.wraps(original)
+    def state_wait_for_request_headers(self: http_layers.HttpStream, event: HttpEvent
+                                       ) -> Generator[commands.Command, Any, None]:
+        inner = original(self, event)
+        reply: Any = None
+        while True:
+            try:
+                command = inner.send(reply)
+            except StopIteration:
+                return
+            if _is_continue(self, command):
+                if getattr(event, "end_stream", False):
+                    reply = None
+                    continue
+                if self.flow.response is not None:
+                    inner.close()
+                    yield from _answer_before_body(self)
+                    return
+                connected = yield from self.make_server_connection()
+                if not connected:
+                    inner.close()
+                    self.client_state = self.state_errored
+                    return
+                if _continuing is not None:
+                    _continuing(self.flow)
+            reply = yield command
+
+    http_layers.HttpStream.state_wait_for_request_headers = (  # type: ignore[method-assign]
+        state_wait_for_request_headers)
+
+
+def _is_continue(stream: http_layers.HttpStream, command: commands.Command) -> bool:
+    return (isinstance(command, http_layers.SendHttp)
+            and command.connection is stream.context.client
+            and isinstance(command.event, ResponseHeaders)
+            and command.event.response.status_code == 100)
+
+
+def _answer_before_body(stream: http_layers.HttpStream
+                        ) -> Generator[commands.Command, Any, None]:
+    """What mitmproxy does for a response an addon set, without waiting for the body first;
+    then the connection is half-closed: the body the app may still send is read and
+    dropped, never parsed as a request."""
+    response = stream.flow.response
+    assert response is not None
+    stream.flow.request.headers.pop("expect", None)
+    response.headers["Connection"] = "close"
+    response.timestamp_start = time.time()
+    stream.client_state = stream.state_done
+    yield http_layers.HttpResponseHeadersHook(stream.flow)
+    yield from stream.send_response()
+    yield commands.CloseTcpConnection(stream.context.client, half_close=True)
 
 
 # -- what mitmproxy reports only in words ------------------------------------------------------
@@ -398,6 +570,13 @@ def guard_request_heads(guard: RequestHeadGuard) -> None:
 
 def _refuse_head(server: _http1.Http1Server, answer: bytes
                  ) -> Generator[commands.Command, Any, None]:
+    _discard_rest(server)
+    yield commands.SendData(server.conn, answer)
+    yield commands.CloseTcpConnection(server.conn, half_close=True)
+
+
+def _discard_rest(server: _http1.Http1Server) -> None:
+    """From now on the app's bytes are dropped unread; its close closes the connection."""
     server.buf = type(server.buf)()
 
     def discard(event: events.Event) -> Generator[commands.Command, Any, None]:
@@ -406,8 +585,6 @@ def _refuse_head(server: _http1.Http1Server, answer: bytes
             yield commands.CloseConnection(server.conn)
 
     server.state = discard
-    yield commands.SendData(server.conn, answer)
-    yield commands.CloseTcpConnection(server.conn, half_close=True)
 
 
 def _connection_handler(client: connection.Client) -> Any:

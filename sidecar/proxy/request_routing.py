@@ -33,6 +33,7 @@ from sidecar.proxy.flow_state import (
     trace_of,
 )
 from sidecar.proxy.request_log import RequestLog
+from sidecar.request_headers import connection_options, hop_by_hop_fields, persistence_option
 from sidecar.request_path import UnsafePath, confine, resolve
 from sidecar.snapshot import CompiledConnection, Snapshot
 
@@ -75,7 +76,7 @@ class Routing:
         request = flow.request
         authorization = request.headers.get("Authorization")  # a caller's workload token
         request_id = request_id_from(request.headers.get(REQUEST_ID))
-        refused = request_checks.refusal(request)
+        refused = request_checks.refusal(request, http2=flow.client_conn.alpn == b"h2")
         conn, upstream_path = None, None
         if refused is None:
             conn, upstream_path, refused = _destination(flow, snapshot)
@@ -87,6 +88,7 @@ class Routing:
         # The app's own credentials never leave the sidecar, whatever happens next.
         request.headers.pop("Authorization", None)
         request.headers.pop("Proxy-Authorization", None)
+        _drop_hop_by_hop(request)
         request.headers[REQUEST_ID] = request_id
         if refused is not None:
             error_answers.refuse(flow, state, refused, close=True)
@@ -105,6 +107,9 @@ class Routing:
             state.links = LinkRewriter.between(upstream, _app_base(flow, conn))
         request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
         request.path = upstream_path
+        # Origin-form upstream, always: mitmproxy would send an absolute-form target that
+        # arrived on a reverse listener on as it came (``GET https://host/fhir/...``).
+        request.authority = ""
         request.host_header = upstream.host_header
         allowed_callers = conn.settings.allowed_callers
         if allowed_callers is None:
@@ -185,6 +190,20 @@ def _caller_refusal(flow: http.HTTPFlow, snapshot: Snapshot, conn: CompiledConne
     return gate.origin_refusal(request.headers.get("Origin"),
                                allowed_origins=conn.settings.allowed_origins,
                                connection=conn.name)
+
+
+def _drop_hop_by_hop(request: http.Request) -> None:
+    """Forward none of the app's hop-by-hop fields: ``Connection``, what it names, and the
+    standard ones (``sidecar/request_headers.py``). ``Connection`` is replaced by the one option
+    that keeps both connections' persistence as the app asked for."""
+    headers = request.headers
+    options = connection_options(headers.get_all("connection"))
+    for name in hop_by_hop_fields(options):
+        if name in headers:
+            del headers[name]
+    option = persistence_option(request.http_version, options)
+    if option is not None:
+        headers["Connection"] = option
 
 
 def _destination(flow: http.HTTPFlow, snapshot: Snapshot

@@ -43,6 +43,16 @@ def read_ca_bundle(path: Path) -> tuple[bytes, list[CertificateInfo]]:
     return data, parse_ca_bundle(data, str(path))
 
 
+def ca_fingerprints(data: bytes, where: str) -> frozenset[str]:
+    """The SHA-256 fingerprints of a PEM bundle's certificates: two bundles that trust the
+    same certificates have the same set, whatever their file names, order or comments."""
+    from cryptography.hazmat.primitives import hashes
+
+    parse_ca_bundle(data, where)
+    return frozenset(c.fingerprint(hashes.SHA256()).hex()
+                     for c in x509.load_pem_x509_certificates(data))
+
+
 def parse_ca_bundle(data: bytes, where: str) -> list[CertificateInfo]:
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsMaterialError(f"{where} contains no PEM certificate", "ca_bundle")

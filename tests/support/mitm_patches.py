@@ -35,8 +35,12 @@ PATCHED: tuple[tuple[Any, str], ...] = (
     # guard_request_heads
     (_http1.Http1Server, "read_headers"),
     (mitm_compat, "_head_guard"),
-    # track_request_forms
+    # track_request_forms, continue_only_when_connected
     (http_layers.HttpStream, "state_wait_for_request_headers"),
+    # answer_malformed_request_bodies
+    (_http1.Http1Server, "read_body"),
+    (mitm_compat, "_malformed_bodies_answered"),
+    (mitm_compat, "_continuing"),
     # drop_http1_trailers
     (_http1, "make_body_reader"),
     (mitm_compat, "_trailers_dropped"),

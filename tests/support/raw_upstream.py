@@ -13,6 +13,7 @@ one shows up here as two requests on one connection.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import threading
@@ -44,7 +45,7 @@ class RawRecordingUpstream:
                  host: str = LOOPBACK) -> None:
         # No identity: a plain-HTTP upstream (for http:// connection URLs).
         self._tls = server_tls_context(identity, None) if identity is not None else None
-        self._body = body
+        self.body = body
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.connections: list[RawConnection] = []
@@ -125,7 +126,7 @@ class RawRecordingUpstream:
                 record.heads.append(head)
                 self._changed.notify_all()
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(self._body), self._body))
+                         b"Content-Length: %d\r\n\r\n%s" % (len(self.body), self.body))
         return pending
 
     def __enter__(self) -> Self:
@@ -150,3 +151,19 @@ def _content_length(head: bytes) -> int:
             except ValueError:
                 return 0
     return 0
+
+
+def basic_credentials(data: bytes) -> list[tuple[str, str]]:
+    """Every ``Authorization: Basic`` header in raw request bytes, decoded: (user, password).
+
+    A username travels only inside the Base64 of ``user:password``; looking for it in plain
+    text finds nothing whether or not it was sent.
+    """
+    found = []
+    for line in data.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        scheme, _, token = value.strip().partition(b" ")
+        if name.strip().lower() == b"authorization" and scheme.lower() == b"basic":
+            user, _, password = base64.b64decode(token.strip()).decode("utf-8").partition(":")
+            found.append((user, password))
+    return found

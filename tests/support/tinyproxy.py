@@ -7,23 +7,24 @@ It runs in the foreground as a child process and is stopped by its PID.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from support.requirements import missing
 from support.sidecar_process import free_port, wait_until
 
-BINARY = "/usr/bin/tinyproxy"
+BINARY = os.environ.get("FHIR_SIDECAR_TEST_TINYPROXY", "/usr/bin/tinyproxy")
 _CONNECT = re.compile(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP/1\.[01]")
 
 
 def require_tinyproxy() -> None:
+    """Skip without tinyproxy; in CI, fail (support/requirements.py)."""
     if shutil.which(BINARY) is None:
-        pytest.skip("tinyproxy is not installed (apt-get install tinyproxy; .ci/run does)")
+        missing("tinyproxy is not installed (apt-get install tinyproxy; .ci/run does)")
 
 
 class Tinyproxy:
