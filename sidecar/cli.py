@@ -12,8 +12,14 @@ from typing import Any, get_args
 
 from sidecar import __version__
 from sidecar.config.errors import ConfigError
-from sidecar.logs import setup_logging
-from sidecar.settings import LogFormat, LogLevel, RuntimeSettings, SettingsError, load_settings
+from sidecar.config.settings import (
+    LogFormat,
+    LogLevel,
+    RuntimeSettings,
+    SettingsError,
+    load_settings,
+)
+from sidecar.report.logs import setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -92,7 +98,7 @@ def _print_problems(exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace, settings: RuntimeSettings) -> int:
-    from sidecar.live import load_snapshot
+    from sidecar.runtime.live import load_snapshot
 
     path = _config_path(args, settings)
     if path is None:
@@ -114,13 +120,13 @@ def cmd_check(args: argparse.Namespace, settings: RuntimeSettings) -> int:
             print(f"egress proxy {proxy.name}: {proxy.url}"
                   f"{f' (as {proxy.username})' if proxy.username else ''}")
         return EXIT_OK
-    from sidecar.online_check import check_connections, handshake_table
+    from sidecar.check.online import check_connections, handshake_table
 
     results = check_connections(snapshot)
     print(handshake_table(results))
     ok = all(r.ok for r in results)
     if snapshot.token_sources:
-        from sidecar.online_tokens import binding_mismatches, check_tokens, token_table
+        from sidecar.check.online_tokens import binding_mismatches, check_tokens, token_table
 
         token_results = asyncio.run(check_tokens(snapshot))
         print()
@@ -152,7 +158,7 @@ def _check_shape(path: Path, online: bool) -> int:
 
 
 def cmd_test(args: argparse.Namespace, settings: RuntimeSettings) -> int:
-    from sidecar.probe.command import (
+    from sidecar.check.probe.command import (
         TestsNotRun,
         all_passed,
         as_json,
@@ -175,7 +181,7 @@ def cmd_test(args: argparse.Namespace, settings: RuntimeSettings) -> int:
                 return EXIT_INVALID
             reports = run_remotely(args.admin, token, args.names)
         else:
-            from sidecar.live import load_snapshot
+            from sidecar.runtime.live import load_snapshot
 
             path = _config_path(args, settings)
             if path is None:
@@ -228,7 +234,7 @@ def cmd_jwks(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     import json
 
     from sidecar.credentials.jwks import key_set
-    from sidecar.live import load_snapshot
+    from sidecar.runtime.live import load_snapshot
 
     path = _config_path(args, settings)
     if path is None:

@@ -17,17 +17,17 @@ from sidecar.audit.records import admin_record
 from sidecar.audit.trail import AuditTrail
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import Listener
-from sidecar.live import LiveConfig, ReloadOutcome
-from sidecar.logs import log_event
-from sidecar.metrics import SidecarMetrics
+from sidecar.observe.metrics import SidecarMetrics
 from sidecar.proxy.draining import start_draining
 from sidecar.proxy.master import build_master
 from sidecar.proxy.snapshot_lifecycle import Listeners
-from sidecar.shutdown import GracefulStop, shutdown_timings
-from sidecar.snapshot import Snapshot
+from sidecar.report.logs import log_event
+from sidecar.runtime.live import LiveConfig, ReloadOutcome
+from sidecar.runtime.shutdown import GracefulStop, shutdown_timings
+from sidecar.runtime.snapshot import Snapshot
+from sidecar.runtime.watch import FileWatcher
 from sidecar.tracing import background as background_spans
 from sidecar.tracing.setup import Tracing
-from sidecar.watch import FileWatcher
 
 BIND_DEADLINE_SECONDS = 10.0
 
@@ -113,7 +113,7 @@ _background: set[asyncio.Task[None]] = set()
 
 async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | None = None
                 ) -> int:
-    """Serve until SIGTERM or SIGINT, then stop gracefully (``sidecar.shutdown``).
+    """Serve until SIGTERM or SIGINT, then stop gracefully (``sidecar.runtime.shutdown``).
 
     ``env_drain_seconds``: the deprecated ``FHIR_SIDECAR_DRAIN_SECONDS``, when set.
     """

@@ -27,9 +27,9 @@ from support.upstreams import Upstreams
 
 from sidecar.admin import ListenerState, StatusSources, build_app, start_admin
 from sidecar.admin.server import AdminServer
-from sidecar.live import LiveConfig
-from sidecar.metrics import SidecarMetrics
+from sidecar.observe.metrics import SidecarMetrics
 from sidecar.runner import listener_state
+from sidecar.runtime.live import LiveConfig
 from sidecar.testkit.fhir_server import FhirTestServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

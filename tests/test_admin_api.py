@@ -26,8 +26,8 @@ from support.pki import TestPKI
 from support.sidecar_process import free_port, wait_until
 from support.sidecars import StartSidecar
 
+from sidecar.runtime.watch import POLL_SECONDS
 from sidecar.testkit.fhir_server import FhirTestServer
-from sidecar.watch import POLL_SECONDS
 
 ADMIN_TOKEN = "admin-token-Vb83kq"
 FIRST_PASSWORD = "first-pw-Lm20"

@@ -22,7 +22,7 @@ pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
 from support.alert_rules import UNIT_TESTS, require_promtool, rules_file, run_promtool
 from support.promql import exported_names, metric_names
 
-from sidecar.metrics import SidecarMetrics
+from sidecar.observe.metrics import SidecarMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOKS = REPO / "docs" / "runbooks.md"

@@ -49,7 +49,7 @@ def test_a_basic_only_sidecar_does_not_load_the_oauth_client_stack(tmp_path: Pat
         "import sys\n"
         "from pathlib import Path\n"
         "import sidecar.cli, sidecar.runner\n"
-        "from sidecar.live import LiveConfig\n"
+        "from sidecar.runtime.live import LiveConfig\n"
         "LiveConfig(Path(sys.argv[1]))\n"
         "print(sorted(m for m in ('httpx', 'authlib', 'sidecar.credentials.oauth')"
         " if m in sys.modules))\n"
@@ -140,3 +140,77 @@ def test_the_cycle_check_finds_a_lazy_import_cycle(tmp_path: Path) -> None:
                                   "if TYPE_CHECKING:\n    from pkg.d import D\n")
     (package / "d.py").write_text("import pkg.c\n")
     assert import_cycles(package) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+# The rooms of sidecar/, lowest first (docs/architecture.md#the-rooms-of-the-package): a room
+# imports only from rooms of lower layers, never sideways or up. The entry points (cli, runner,
+# __main__) sit on top of everything.
+LAYERS: tuple[frozenset[str], ...] = (
+    frozenset({"config", "testkit"}),
+    frozenset({"report", "tls", "request"}),
+    frozenset({"egress", "fhir", "tracing"}),
+    frozenset({"credentials", "callers"}),
+    frozenset({"runtime"}),
+    frozenset({"audit", "observe"}),
+    frozenset({"check"}),
+    frozenset({"proxy", "admin", "demo"}),
+)
+ENTRY_POINTS = frozenset({"cli", "runner", "__main__"})
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "sidecar" and len(parts) > 1 else None
+
+
+def room_imports(package_root: Path) -> dict[str, set[str]]:
+    """Which rooms each room imports (TYPE_CHECKING imports count too: they are arrows)."""
+    found: dict[str, set[str]] = {}
+    for path in package_root.rglob("*.py"):
+        source = _room(_module_name(package_root, path))
+        if source is None:
+            continue
+        targets = {_room(m) for m in imported_modules(path)}
+        found.setdefault(source, set()).update(
+            t for t in targets if t is not None and t != source
+            and ((package_root / t).is_dir() or (package_root / f"{t}.py").exists()))
+    return found
+
+
+def upward_imports(package_root: Path) -> list[str]:
+    layer_of = {room: index for index, rooms in enumerate(LAYERS) for room in rooms}
+    top = len(LAYERS)
+    problems = []
+    for source, targets in sorted(room_imports(package_root).items()):
+        if source in ENTRY_POINTS:
+            continue
+        if source not in layer_of:
+            problems.append(f"sidecar/{source}: a room (or loose module) with no layer")
+            continue
+        for target in sorted(targets):
+            if layer_of.get(target, top) >= layer_of[source]:
+                problems.append(f"sidecar/{source} imports sidecar/{target}")
+    return problems
+
+
+def test_the_package_root_holds_only_the_entry_points() -> None:
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - ENTRY_POINTS - {"__init__"}
+    assert loose == set()
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert rooms == set().union(*LAYERS)
+
+
+def test_every_import_between_rooms_points_down() -> None:
+    assert upward_imports(PACKAGE) == []
+
+
+def test_the_layer_check_finds_an_upward_and_a_sideways_import(tmp_path: Path) -> None:
+    package = tmp_path / "sidecar"
+    for room in ("config", "report", "tls", "proxy"):
+        (package / room).mkdir(parents=True)
+        (package / room / "__init__.py").write_text("")
+    (package / "config" / "models.py").write_text("from sidecar.report.logs import x\n")
+    (package / "report" / "logs.py").write_text("from sidecar.tls import policy\n")
+    (package / "proxy" / "addon.py").write_text("from sidecar.config import models\n")
+    assert upward_imports(package) == ["sidecar/config imports sidecar/report",
+                                       "sidecar/report imports sidecar/tls"]

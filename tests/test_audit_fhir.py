@@ -33,9 +33,9 @@ from sidecar.audit.fhir_queue import AuditQueueFull, FhirQueue, fhir_sink
 from sidecar.audit.interactions import classify
 from sidecar.audit.records import Record, admin_record, request_record
 from sidecar.audit.trail import AuditTrail
-from sidecar.live import load_snapshot
-from sidecar.logs import JsonFormatter
-from sidecar.snapshot import Snapshot
+from sidecar.report.logs import JsonFormatter
+from sidecar.runtime.live import load_snapshot
+from sidecar.runtime.snapshot import Snapshot
 from sidecar.testkit.auth_checks import basic_auth_check, bearer_token_check
 from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.testkit.token_server import TokenServer

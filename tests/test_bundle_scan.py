@@ -1,4 +1,4 @@
-"""The jumps of sidecar.bundle_scan on bodies built to trip them: every shape it is not sure
+"""The jumps of sidecar.fhir.bundle_scan on bodies built to trip them: every shape it is not sure
 of answers ``None`` (the caller then tokenizes everything), and whatever it answers agrees
 with the full scanner (tests/test_links_fast.py has the generated Bundles)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from test_links_fast import APP, LINKS, UP, reference
 
-from sidecar.bundle_scan import (
+from sidecar.fhir.bundle_scan import (
     contains,
     json_entries_end,
     json_top_level_link_urls,

@@ -6,7 +6,7 @@ import pytest
 from support.pki import TestPKI
 
 from sidecar.config import ConfigError, load_config
-from sidecar.live import load_snapshot
+from sidecar.runtime.live import load_snapshot
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -189,7 +189,7 @@ oauth:
 
 
 def test_secret_file_trailing_newline_stripped_once(tmp_path: Path) -> None:
-    from sidecar.secrets import read_secret_file
+    from sidecar.config.secrets import read_secret_file
 
     for raw, expected in [(b"pw\n", "pw"), (b"pw\r\n", "pw"), (b"pw\n\n", "pw\n"),
                           (b" pw ", " pw ")]:

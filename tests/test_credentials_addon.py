@@ -21,14 +21,14 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 from support.sidecar_process import free_port, write_config
 
-from sidecar.errors import ERROR_HEADER
-from sidecar.live import LiveConfig
-from sidecar.observe import NullObserver
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.credential_injection import Credentials
 from sidecar.proxy.flow_state import FLOW_KEY, REQUEST_ID, FlowState, state_of
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
+from sidecar.report.observe import NullObserver
+from sidecar.request.errors import ERROR_HEADER
+from sidecar.runtime.live import LiveConfig
 from sidecar.testkit.auth_checks import bearer_token_check
 from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.testkit.pki import DemoPKI

@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from sidecar.errors import ErrorKind
+from sidecar.request.errors import ErrorKind
 
 REPO = Path(__file__).resolve().parents[1]
 SKIPPED_DIRS = {".git", ".venv", ".venv-py312", "node_modules", "__pycache__", ".mypy_cache",
@@ -189,7 +189,7 @@ def test_every_error_kind_is_in_the_readme_table_and_in_docs_errors() -> None:
 def test_every_metric_the_sidecar_exports_is_documented() -> None:
     from support.promql import exported_names
 
-    from sidecar.metrics import SidecarMetrics
+    from sidecar.observe.metrics import SidecarMetrics
 
     documented = (DOCS / "metrics.md").read_text(encoding="utf-8")
     exported = exported_names(SidecarMetrics().registry)

@@ -21,7 +21,7 @@ from support.sidecars import StartSidecar
 from support.tinyproxy import Tinyproxy
 
 from sidecar.credentials.oauth import RefreshPolicy, TokenSource, TokenUnavailable
-from sidecar.egress import EgressProxy
+from sidecar.egress.proxies import EgressProxy
 from sidecar.tls.policy import compile_tls_policy
 
 PROXY_USER = "svc-egress"

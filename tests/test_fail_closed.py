@@ -15,14 +15,14 @@ import pytest
 from mitmproxy.test import tflow
 from support.sidecar_process import write_config
 
-from sidecar.errors import ERROR_HEADER
-from sidecar.live import LiveConfig
-from sidecar.observe import NullObserver
 from sidecar.proxy import request_routing as routing_module
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.flow_state import REQUEST_ID, state_of
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
+from sidecar.report.observe import NullObserver
+from sidecar.request.errors import ERROR_HEADER
+from sidecar.runtime.live import LiveConfig
 
 
 def _boom(*_args: object, **_kwargs: object) -> None:

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from support.sidecar_process import free_port, write_config
 
-from sidecar.errors import ErrorKind
-from sidecar.live import load_snapshot
 from sidecar.proxy.failures import (
     ClosedWithoutAnswer,
     OtherFailure,
@@ -25,8 +23,10 @@ from sidecar.proxy.failures import (
     classify,
     failed_proxy,
 )
-from sidecar.redaction import Redactor
-from sidecar.snapshot import CompiledConnection
+from sidecar.report.redaction import Redactor
+from sidecar.request.errors import ErrorKind
+from sidecar.runtime.live import load_snapshot
+from sidecar.runtime.snapshot import CompiledConnection
 
 NO_SECRETS = Redactor()
 

@@ -1,13 +1,13 @@
-"""The status light's rule (sidecar/health.py), the per-minute ring of the last hour
-(sidecar/trends.py) and what the dashboard draws from them (sidecar/admin/glance.py), with the
-time given as an argument (docs/admin-api.md#the-status-light)."""
+"""The status light's rule (sidecar/observe/health.py), the per-minute ring of the last hour
+(sidecar/observe/trends.py) and what the dashboard draws from them (sidecar/admin/glance.py),
+with the time given as an argument (docs/admin-api.md#the-status-light)."""
 
 from __future__ import annotations
 
 import pytest
 
 from sidecar.admin.glance import relative, spark_y, sparkline, token_bar, when
-from sidecar.health import (
+from sidecar.observe.health import (
     DAY,
     Health,
     HealthInputs,
@@ -16,8 +16,8 @@ from sidecar.health import (
     days_left,
     expiry_light,
 )
-from sidecar.metrics import StatusBoard
-from sidecar.trends import MINUTES, MinuteRing
+from sidecar.observe.metrics import StatusBoard
+from sidecar.observe.trends import MINUTES, MinuteRing
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC, on a minute boundary
 

@@ -1,7 +1,7 @@
 """The chart's operations side: disruption budget, autoscaler, alerts, dashboard, `helm test`.
 
 The alerts and the dashboard must only ask for metrics the sidecar really exports (checked
-against the live registry of sidecar/metrics.py), and the helm test pod's script is run for
+against the live registry of sidecar/observe/metrics.py), and the helm test pod's script is run for
 real against a real sidecar's /readyz.
 """
 
@@ -31,7 +31,7 @@ from support import helm as chart  # noqa: E402
 from support.promql import exported_names, metric_names  # noqa: E402
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config  # noqa: E402
 
-from sidecar.metrics import SidecarMetrics  # noqa: E402
+from sidecar.observe.metrics import SidecarMetrics  # noqa: E402
 
 GATEWAY = chart.load_values(chart.EXAMPLES_DIR / "gateway.yaml")
 SIDECAR = chart.load_values(chart.EXAMPLES_DIR / "sidecar.yaml")

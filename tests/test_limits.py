@@ -28,7 +28,7 @@ from support.scripted_upstream import BODY, ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until, write_config
 from support.sidecars import StartSidecar
 
-from sidecar.snapshot import Snapshot
+from sidecar.runtime.snapshot import Snapshot
 
 HEADER_TIMEOUT = 1.0
 READ_TIMEOUT = 1.0
@@ -430,8 +430,8 @@ def test_limits_reload_live(own: Running) -> None:
 def test_mitmproxy_inactivity_backstop_stays_above_every_configured_wait(tmp_path: Path) -> None:
     from mitmproxy.test import taddons
 
-    from sidecar.live import load_snapshot
     from sidecar.proxy.limits import ClientLimits, tcp_timeout_for
+    from sidecar.runtime.live import load_snapshot
 
     def snapshot(timeout: float) -> Snapshot:
         return load_snapshot(write_config(tmp_path, {"connections": {"long": {

@@ -1,4 +1,4 @@
-"""Link rewriting (sidecar.links): exact base prefixes only, byte-exact everywhere else."""
+"""Link rewriting (sidecar.fhir.links): exact base prefixes only, byte-exact everywhere else."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any, cast
 
 import pytest
 
-from sidecar.links import LinkRewriter, app_base_url, body_kind
-from sidecar.routing import Upstream
+from sidecar.fhir.links import LinkRewriter, app_base_url, body_kind
+from sidecar.request.routing import Upstream
 from sidecar.testkit.fhir_resources import PatientStore, searchset, to_xml
 
 UP = "https://fhir.example.com/r4"
@@ -330,7 +330,7 @@ _U = UP.encode()
 ])
 def test_json_that_is_not_one_consistent_document_is_left_alone(links: LinkRewriter,
                                                                  raw: bytes) -> None:
-    from sidecar.links import _json_bundle_link_urls
+    from sidecar.fhir.links import _json_bundle_link_urls
 
     assert _json_bundle_link_urls(raw) == []
     assert links.body(raw, "application/fhir+json") is raw

@@ -1,4 +1,4 @@
-"""The fast path of link rewriting (entries jumped over, sidecar.bundle_scan) against the full
+"""The fast path of link rewriting (entries jumped over, sidecar.fhir.bundle_scan) against the full
 scanner it replaces, on generated Bundles: link before and after entry, nested ``link`` keys and
 nested Bundles in entries, escaped strings, whitespace variants, XML namespaces and comments."""
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.bundle_scan import json_top_level_link_urls
-from sidecar.links import LinkRewriter, _json_bundle_link_urls, _xml_bundle_link_urls
+from sidecar.fhir.bundle_scan import json_top_level_link_urls
+from sidecar.fhir.links import LinkRewriter, _json_bundle_link_urls, _xml_bundle_link_urls
 
 UP = "https://fhir.example.com/r4"
 APP = "http://127.0.0.1:8081"
@@ -234,7 +234,7 @@ def test_a_nested_bundle_in_the_entries_falls_back_to_the_full_scan() -> None:
 def test_requests_share_one_rewriter_per_base_pair() -> None:
     """Built per request it would cost more than rewriting a page: it is immutable and
     shared, and a different app base (Host) gets its own."""
-    from sidecar.routing import Upstream
+    from sidecar.request.routing import Upstream
 
     upstream = Upstream.from_url(UP)
     first = LinkRewriter.between(upstream, APP)

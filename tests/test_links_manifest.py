@@ -1,7 +1,7 @@
-"""Bulk Data export manifests (sidecar.links, sidecar.bundle_scan, sidecar.links_stream): the
-``url`` of ``output[]`` and ``error[]`` elements under the upstream base is rewritten, nothing
-else is; the fast path, the full scan and the streamed rewrite agree on generated manifests;
-NDJSON is never looked into."""
+"""Bulk Data export manifests (sidecar.fhir.links, sidecar.fhir.bundle_scan,
+sidecar.fhir.links_stream): the ``url`` of ``output[]`` and ``error[]`` elements under the
+upstream base is rewritten, nothing else is; the fast path, the full scan and the streamed
+rewrite agree on generated manifests; NDJSON is never looked into."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from test_links_fast import APP, LINKS, SETTINGS, UP, JsonWriter, reference, urls
 from test_links_stream import _stream
 
-from sidecar.bundle_scan import json_top_level_link_urls
-from sidecar.links import _json_bundle_link_urls, body_kind
-from sidecar.links_stream import StreamingLinks
+from sidecar.fhir.bundle_scan import json_top_level_link_urls
+from sidecar.fhir.links import _json_bundle_link_urls, body_kind
+from sidecar.fhir.links_stream import StreamingLinks
 
 STORAGE = "https://bucket.storage.example.net/exports/7/Observation.ndjson?X-Sig=abc%2F"
 

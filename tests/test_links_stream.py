@@ -1,4 +1,4 @@
-"""Streaming link rewriting (sidecar.links_stream) against the full scanner on generated
+"""Streaming link rewriting (sidecar.fhir.links_stream) against the full scanner on generated
 Bundles cut into random chunks: URLs split across chunk boundaries, link after entry,
 resourceType after link, XML namespaces and comments, and gzip/deflate/br coded bodies."""
 
@@ -26,7 +26,7 @@ from test_links_fast import (
     xml_dump,
 )
 
-from sidecar.links_stream import HOLD_LIMIT, StreamingBody, StreamingLinks
+from sidecar.fhir.links_stream import HOLD_LIMIT, StreamingBody, StreamingLinks
 
 
 def _in_chunks(raw: bytes, cuts: list[int]) -> list[bytes]:

@@ -25,7 +25,7 @@ from support.sidecar_process import SidecarProcess, free_port, wait_until, write
 from support.sidecars import StartSidecar
 
 from sidecar.config.models import ListenAddress
-from sidecar.routing import Router, Upstream
+from sidecar.request.routing import Router, Upstream
 
 SECOND_LOOPBACK = "127.0.0.2"  # all of 127.0.0.0/8 is loopback on Linux
 RELOAD_DEADLINE = 10.0

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from mitmproxy.addonmanager import safecall
 
-from sidecar.logs import setup_logging
+from sidecar.report.logs import setup_logging
 
 NAMES = ("fhir_sidecar", "sidecar", "mitmproxy")
 

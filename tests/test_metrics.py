@@ -17,8 +17,14 @@ from support.sidecar_process import write_config
 
 from sidecar import __version__
 from sidecar.credentials.oauth import TokenUnavailable
-from sidecar.live import LiveConfig
-from sidecar.metrics import RecentCounts, SidecarMetrics, StatusBoard, method_label, status_class
+from sidecar.observe.metrics import (
+    RecentCounts,
+    SidecarMetrics,
+    StatusBoard,
+    method_label,
+    status_class,
+)
+from sidecar.runtime.live import LiveConfig
 
 CONTRACT = {
     "fhir_sidecar_requests_total": {"connection", "method", "status_class"},

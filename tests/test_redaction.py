@@ -1,4 +1,5 @@
-"""The one redactor (sidecar.redaction): every form of every known secret goes, and a cap holds.
+"""The one redactor (sidecar.report.redaction): every form of every known secret goes, and a cap
+holds.
 
 The forms are computed here independently of the module, as an echoing server would produce
 them, so a form the redactor forgets fails the test.
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.redaction import GENERIC, MAX_SHOWN_CHARS, REDACTED, Redactor
+from sidecar.report.redaction import GENERIC, MAX_SHOWN_CHARS, REDACTED, Redactor
 
 CLIENT_ID = "svc:client"
 # "+", "/", "%", "&", space and non-ASCII make every encoding differ from the raw text.

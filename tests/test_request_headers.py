@@ -1,4 +1,4 @@
-"""Header bytes that split or smuggle requests (sidecar/request_headers.py), without a proxy."""
+"""Header bytes that split or smuggle requests (sidecar/request/headers.py), without a proxy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.proxy.flow_state import request_id_from
-from sidecar.request_headers import (
+from sidecar.request.headers import (
     connection_options,
     header_problem,
     hop_by_hop_fields,

@@ -10,11 +10,11 @@ from mitmproxy import connection, flow
 from mitmproxy.test import tflow
 from support.sidecar_process import write_config
 
-from sidecar.live import LiveConfig
-from sidecar.metrics import SidecarMetrics
+from sidecar.observe.metrics import SidecarMetrics
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
+from sidecar.runtime.live import LiveConfig
 
 
 def _addons(tmp_path: Path) -> tuple[Routing, RequestLog, SidecarMetrics]:

@@ -1,4 +1,4 @@
-"""Dot-segments and hidden separators in request paths (sidecar/request_path.py), without a proxy.
+"""Dot-segments and hidden separators in request paths (sidecar/request/path.py), without a proxy.
 
 The property tests compare with an independent model: RFC 3986 §5.2.4 ``remove_dot_segments``
 written out as the RFC states it (string buffers, not segment lists), and a model upstream that
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.request_path import ResolvedPath, UnsafePath, confine, resolve
+from sidecar.request.path import ResolvedPath, UnsafePath, confine, resolve
 
 
 def rfc3986_remove_dot_segments(path: str) -> str:

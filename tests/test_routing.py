@@ -1,4 +1,4 @@
-from sidecar.routing import Router, Upstream, is_path_prefix
+from sidecar.request.routing import Router, Upstream, is_path_prefix
 
 
 def connection(r: Router, host: str, path: str) -> str:

@@ -16,13 +16,13 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 from support.sidecar_process import write_config
 
-from sidecar.errors import ERROR_HEADER
-from sidecar.live import LiveConfig
-from sidecar.observe import NullObserver
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.flow_state import REQUEST_ID, state_of
 from sidecar.proxy.request_log import RequestLog
 from sidecar.proxy.request_routing import Routing
+from sidecar.report.observe import NullObserver
+from sidecar.request.errors import ERROR_HEADER
+from sidecar.runtime.live import LiveConfig
 
 REVERSE_LISTEN = "127.0.0.1:18777"
 

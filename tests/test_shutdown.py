@@ -1,6 +1,6 @@
 """Rolling updates without dropped requests: what SIGTERM does to the real sidecar process.
 
-The phases (sidecar/shutdown.py): /readyz answers 503 at once while the listeners keep
+The phases (sidecar/runtime/shutdown.py): /readyz answers 503 at once while the listeners keep
 accepting for shutdown.delay_seconds; then they close (connection refused) and requests in
 flight get up to shutdown.drain_seconds; the exit code is 0.
 """
@@ -24,7 +24,7 @@ from support.upstreams import Upstreams
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import load_config
-from sidecar.shutdown import ShutdownTimings, shutdown_timings
+from sidecar.runtime.shutdown import ShutdownTimings, shutdown_timings
 
 
 @dataclass

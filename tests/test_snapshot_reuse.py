@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.config import load_config
 from sidecar.credentials.oauth import TokenSource, TokenSourceSpec
-from sidecar.snapshot import Snapshot, compile_snapshot
+from sidecar.runtime.snapshot import Snapshot, compile_snapshot
 from sidecar.tls.policy import compile_tls_policy
 
 

@@ -261,7 +261,7 @@ from mitmproxy.proxy.server import ConnectionHandler
 async def main(kind, config):
     if kind == "embedded":
         from pathlib import Path
-        from sidecar.live import LiveConfig
+        from sidecar.runtime.live import LiveConfig
         from sidecar.proxy.master import build_master
         master, _ = build_master(LiveConfig(config), Path(sys.argv[3]))
     else:
@@ -325,8 +325,8 @@ def test_the_embedded_master_can_do_without_them(tmp_path: Path) -> None:
 
     from mitmproxy.addonmanager import AddonManager
 
-    from sidecar.live import LiveConfig
     from sidecar.proxy.master import build_master
+    from sidecar.runtime.live import LiveConfig
 
     async def build() -> list[str]:
         master, _ = build_master(LiveConfig(str(_config(tmp_path))), tmp_path / "state",

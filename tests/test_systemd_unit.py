@@ -234,7 +234,7 @@ def test_without_a_home_directory_only_the_state_directory_must_be_named(
     assert "no state directory: give --state-dir or set FHIR_SIDECAR_STATE_DIR" in run.stderr
     assert "Traceback" not in run.stderr
 
-    from sidecar import settings
+    from sidecar.config import settings
 
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)

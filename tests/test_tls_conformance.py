@@ -27,12 +27,12 @@ from support.sidecar_process import SidecarProcess, free_port, write_config
 from support.sidecars import StartSidecar
 from support.tls_matrix import MatrixServer, server_context
 
+from sidecar.check.online import handshake
 from sidecar.credentials.oauth import TokenUnavailable
-from sidecar.live import load_snapshot
-from sidecar.online_check import handshake
-from sidecar.snapshot import Snapshot
+from sidecar.proxy.upstream_replay import replay
+from sidecar.runtime.live import load_snapshot
+from sidecar.runtime.snapshot import Snapshot
 from sidecar.tls.verdict import reason_of_stdlib_error
-from sidecar.upstream_replay import replay
 
 LEGS = ("proxy", "token", "discovery", "replay", "check")
 

@@ -30,9 +30,9 @@ from sidecar.admin import ListenerState, StatusSources, build_app
 from sidecar.admin.server import AdminServer
 from sidecar.config.models import OAuthDefinition, TlsSettings
 from sidecar.credentials import RefreshPolicy, TokenSource, TokenUnavailable
-from sidecar.live import LiveConfig
-from sidecar.logs import JsonFormatter
-from sidecar.metrics import SidecarMetrics
+from sidecar.observe.metrics import SidecarMetrics
+from sidecar.report.logs import JsonFormatter
+from sidecar.runtime.live import LiveConfig
 from sidecar.testkit.fhir_server import FhirTestServer
 from sidecar.tls.policy import compile_tls_policy
 

@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import connection, options, tls
 from mitmproxy.proxy import context
 
-from sidecar.egress import EgressProxy, ProxyAddress
+from sidecar.egress.proxies import EgressProxy, ProxyAddress
 from sidecar.proxy.failures import TlsFailure
 from sidecar.proxy.upstream_tls import UpstreamTls
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.secrets import SecretError, read_secret_file
+from sidecar.config.secrets import SecretError, read_secret_file
 
 SESSION_COOKIE = "fhir_sidecar_session"
 SESSION_SECONDS = 12 * 3600

@@ -37,10 +37,10 @@ from sidecar.admin.api_models import REFERENCE_SUFFIXES, TLS_PATH_FIELDS, Secret
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import parse_config
 from sidecar.config.models import NAME_RULE, SidecarConfig, is_valid_name, require_valid_name
+from sidecar.config.secrets import SecretError, read_secret_file
 from sidecar.config.yaml_io import YAMLError, dump, round_trip
-from sidecar.live import LiveConfig, ReloadOutcome
-from sidecar.secrets import SecretError, read_secret_file
-from sidecar.snapshot import compile_snapshot
+from sidecar.runtime.live import LiveConfig, ReloadOutcome
+from sidecar.runtime.snapshot import compile_snapshot
 from sidecar.tls.material import CertificateInfo, TlsMaterialError, parse_ca_bundle
 
 # Beside the config file: where versions before the state-dir secrets directory wrote. Its

@@ -15,8 +15,8 @@ from types import TracebackType
 
 import tornado.web
 
-from sidecar.logs import log_event
-from sidecar.redaction import Redactor
+from sidecar.report.logs import log_event
+from sidecar.report.redaction import Redactor
 
 REQUEST_ID = "X-Request-ID"
 # A traceback line is code and an exception's words; longer ones are cut (after redacting).

@@ -20,8 +20,8 @@ import tornado.web
 
 from sidecar.admin.error_log import LoggedErrors
 from sidecar.callers.hosts import host_allowed
-from sidecar.live import LiveConfig
-from sidecar.redaction import Redactor
+from sidecar.report.redaction import Redactor
+from sidecar.runtime.live import LiveConfig
 
 MAX_API_BODY_BYTES = 1024 * 1024
 

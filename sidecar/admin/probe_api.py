@@ -3,7 +3,7 @@ path once and answer each step (docs/admin-api.md#testing-a-connection).
 
 A test needs the admin token (or a session and its CSRF token), like a change, but changes
 nothing: it also works in read-only mode. :class:`~sidecar.admin.probe_gate.ProbeGate` limits
-it to one at a time per name and one per second. The steps are in :mod:`sidecar.probe`.
+it to one at a time per name and one per second. The steps are in :mod:`sidecar.check.probe`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from sidecar.admin.api_models import ProbeReport
 from sidecar.admin.config_store import ChangeRejected, check_name
 from sidecar.admin.console import Console
 from sidecar.admin.probe_gate import ProbeBusy
-from sidecar.logs import log_event
-from sidecar.probe.run import probe_connection, probe_oauth
+from sidecar.check.probe.run import probe_connection, probe_oauth
+from sidecar.report.logs import log_event
 
 TRUE_WORDS = frozenset({"1", "true", "yes"})
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.audit.trail import AuditTrail
-from sidecar.health import Health, HealthInputs, TokenState, connection_health
-from sidecar.live import LiveConfig
-from sidecar.metrics import ConnectionActivity, SidecarMetrics, TlsFailureRecord
+from sidecar.observe.health import Health, HealthInputs, TokenState, connection_health
+from sidecar.observe.metrics import ConnectionActivity, SidecarMetrics, TlsFailureRecord
+from sidecar.runtime.live import LiveConfig
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
 

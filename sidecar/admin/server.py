@@ -24,8 +24,8 @@ from sidecar.admin.readiness import StatusSources, is_ready, readiness_report
 from sidecar.config.errors import ConfigError, ConfigProblem
 from sidecar.config.models import ListenAddress
 from sidecar.credentials.jwks import JWKS_CACHE_SECONDS, key_set
-from sidecar.logs import log_event
-from sidecar.snapshot import Snapshot
+from sidecar.report.logs import log_event
+from sidecar.runtime.snapshot import Snapshot
 
 TRUE_WORDS = frozenset({"1", "true", "yes"})
 

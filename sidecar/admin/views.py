@@ -20,9 +20,9 @@ from sidecar.admin import api_models as api
 from sidecar.admin.config_store import CaBundle, ConfigStore, secret_state
 from sidecar.admin.readiness import StatusSources, _iso, _iso_dt, connection_health_now
 from sidecar.config.models import TlsSettings
-from sidecar.egress import EgressProxy
-from sidecar.health import TokenState, days_left, expiry_light
-from sidecar.metrics import ConnectionActivity
+from sidecar.egress.proxies import EgressProxy
+from sidecar.observe.health import TokenState, days_left, expiry_light
+from sidecar.observe.metrics import ConnectionActivity
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 
 EGRESS_READ_ONLY = ("egress proxies are defined in the config file (egress_proxies); the API and "

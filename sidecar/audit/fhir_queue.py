@@ -39,14 +39,14 @@ from typing import TYPE_CHECKING, Any
 from sidecar.audit.balp import audit_event
 from sidecar.audit.file_sink import AuditUnavailable
 from sidecar.audit.records import Record
-from sidecar.logs import log_event
+from sidecar.report.logs import log_event
 
 if TYPE_CHECKING:
     import httpx
 
     from sidecar.audit.trail import AuditObserver, AuditSink
     from sidecar.config.models import AuditFhirSink
-    from sidecar.snapshot import CompiledConnection, Snapshot
+    from sidecar.runtime.snapshot import CompiledConnection, Snapshot
 
 FSYNC_EVERY_SECONDS = 0.2
 BACKOFF_FIRST_SECONDS = 1.0

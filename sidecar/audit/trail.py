@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from sidecar.audit.file_sink import AuditFile, AuditUnavailable
 from sidecar.audit.records import Record
-from sidecar.logs import log_event
+from sidecar.report.logs import log_event
 
 if TYPE_CHECKING:
     from sidecar.config.models import AuditFhirSink, AuditSettings
-    from sidecar.snapshot import Snapshot
+    from sidecar.runtime.snapshot import Snapshot
 
 
 class AuditSink(Protocol):

@@ -26,7 +26,7 @@ from sidecar.callers.workload_tokens import (
     unverified_issuer,
 )
 from sidecar.config.models import ListenAddress
-from sidecar.errors import ErrorKind, SidecarError
+from sidecar.request.errors import ErrorKind, SidecarError
 
 _SHOWN_CHARS = 100
 

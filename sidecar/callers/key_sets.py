@@ -20,8 +20,8 @@ from typing import Any
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from sidecar.logs import log_event
-from sidecar.secrets import SecretError, read_secret_file
+from sidecar.config.secrets import SecretError, read_secret_file
+from sidecar.report.logs import log_event
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 REFRESH_SECONDS = 600.0

@@ -2,7 +2,8 @@
 
 Relative paths are resolved against the config file's directory: the loader passes it as
 validation context ``{"base_dir": Path}``. These models only check shape and cross references;
-reading secrets, keys and bundles happens when a snapshot is compiled (``sidecar.snapshot``).
+reading secrets, keys and bundles happens when a snapshot is compiled
+(``sidecar.runtime.snapshot``).
 """
 
 from __future__ import annotations

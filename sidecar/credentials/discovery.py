@@ -25,8 +25,8 @@ from sidecar.credentials.endpoint_errors import (
     describe_http_error,
     describe_transport_error,
 )
-from sidecar.egress import EgressProxy
-from sidecar.redaction import Redactor
+from sidecar.egress.proxies import EgressProxy
+from sidecar.report.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 WELL_KNOWN_PATH = "/.well-known/smart-configuration"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import httpx
 
-from sidecar.egress import EgressProxy
+from sidecar.egress.proxies import EgressProxy
 
 
 def httpx_proxy(via: EgressProxy | None) -> httpx.Proxy | None:

@@ -4,7 +4,7 @@ Token endpoints and SMART discovery documents fail in the same few ways; both re
 :class:`EndpointFailure` whose ``result`` is a metric label (docs/metrics.md) and whose
 ``reason`` quotes what the endpoint said. Reasons end up in logs, ``/readyz?verbose=1``, the admin
 API and 503 diagnostics, so the endpoint's words pass the caller's
-:class:`~sidecar.redaction.Redactor` before they leave this module, whole (a cut made before
+:class:`~sidecar.report.redaction.Redactor` before they leave this module, whole (a cut made before
 redacting could keep part of a secret).
 """
 
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from sidecar.egress import EgressProxy
-from sidecar.observe import TokenFailureResult
-from sidecar.redaction import Redactor
+from sidecar.egress.proxies import EgressProxy
+from sidecar.report.observe import TokenFailureResult
+from sidecar.report.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from sidecar.config.models import OAuthDefinition, SidecarConfig
-from sidecar.secrets import SecretError, read_secret_file
+from sidecar.config.secrets import SecretError, read_secret_file
 
 if TYPE_CHECKING:
     from sidecar.config.models import SigningAlg

@@ -51,9 +51,9 @@ from sidecar.credentials.token_endpoint import (
     TokenEndpoint,
     TokenRequest,
 )
-from sidecar.egress import EgressProxy
-from sidecar.observe import TokenFailureResult
-from sidecar.redaction import Redactor
+from sidecar.egress.proxies import EgressProxy
+from sidecar.report.observe import TokenFailureResult
+from sidecar.report.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tracing import background as background_span
 

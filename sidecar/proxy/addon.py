@@ -28,8 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.audit.trail import AuditTrail
-from sidecar.live import LiveConfig
-from sidecar.observe import NullObserver, ProxyObserver
 from sidecar.proxy.audit_requests import AuditRequests
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.credential_injection import Credentials
@@ -43,6 +41,8 @@ from sidecar.proxy.request_spans import RequestSpans, TraceStart
 from sidecar.proxy.snapshot_lifecycle import CaExport, Listeners, TokenSources
 from sidecar.proxy.upstream_retirement import RetiredUpstreams
 from sidecar.proxy.upstream_tls import UpstreamTls
+from sidecar.report.observe import NullObserver, ProxyObserver
+from sidecar.runtime.live import LiveConfig
 from sidecar.tracing.setup import Tracing
 
 

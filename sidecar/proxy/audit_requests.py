@@ -15,10 +15,10 @@ from mitmproxy import http
 from sidecar.audit.interactions import classify
 from sidecar.audit.records import request_record
 from sidecar.audit.trail import AuditTrail
-from sidecar.errors import ErrorKind, SidecarError
 from sidecar.proxy import error_answers
 from sidecar.proxy.flow_state import FlowState, state_of
 from sidecar.proxy.request_log import RequestLog
+from sidecar.request.errors import ErrorKind, SidecarError
 
 _BODY_PEEK = 4096  # enough to tell a batch Bundle from a transaction
 

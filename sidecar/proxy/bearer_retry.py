@@ -31,7 +31,7 @@ async def retried_response(flow: http.HTTPFlow, state: FlowState) -> http.Respon
     import httpx
 
     from sidecar.credentials.oauth import TokenUnavailable
-    from sidecar.upstream_replay import replay
+    from sidecar.proxy.upstream_replay import replay
 
     conn = state.connection
     assert conn is not None and conn.oauth is not None and state.bearer is not None

@@ -14,9 +14,9 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from sidecar.config.errors import ConfigError
-from sidecar.live import LiveConfig
-from sidecar.logs import log_event
-from sidecar.snapshot import Snapshot
+from sidecar.report.logs import log_event
+from sidecar.runtime.live import LiveConfig
+from sidecar.runtime.snapshot import Snapshot
 
 SwapCallback = Callable[[Snapshot, Snapshot], None]
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from sidecar.observe import ProxyObserver
 from sidecar.proxy import error_answers, failures
 from sidecar.proxy.bearer_retry import may_retry, retried_response
 from sidecar.proxy.flow_state import FlowState, child_span, end_span, state_of
+from sidecar.report.observe import ProxyObserver
 from sidecar.tracing.spans import CLIENT
 
 if TYPE_CHECKING:

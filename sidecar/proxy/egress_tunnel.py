@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mitmproxy import connection, http
 
-from sidecar.egress import ProxyAddress
+from sidecar.egress.proxies import ProxyAddress
 from sidecar.proxy.flow_state import state_of
 
 

@@ -2,7 +2,7 @@
 that answers what failed (``ErrorAnswers``).
 
 Every refusal and failure the sidecar answers itself becomes a FHIR OperationOutcome
-(``sidecar.errors``) with ``X-Request-ID``; :func:`answer` delivers it, whether the flow is
+(``sidecar.request.errors``) with ``X-Request-ID``; :func:`answer` delivers it, whether the flow is
 still being handled (its response) or mitmproxy has already failed it (the page mitmproxy
 writes for the failure, see ``mitm_compat.answer_failed_flow``).
 """
@@ -18,11 +18,11 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import server_hooks
 
-from sidecar.errors import ErrorKind, SidecarError
-from sidecar.observe import ProxyObserver
 from sidecar.proxy import failures, mitm_compat
 from sidecar.proxy.flow_state import REQUEST_ID, FlowState, new_request_id, state_of
 from sidecar.proxy.upstream_tls import UpstreamTls
+from sidecar.report.observe import ProxyObserver
+from sidecar.request.errors import ErrorKind, SidecarError
 
 if TYPE_CHECKING:
     from sidecar.proxy.request_log import RequestLog

@@ -15,10 +15,10 @@ from enum import Enum
 
 from OpenSSL import SSL
 
-from sidecar.egress import EgressProxy
-from sidecar.errors import ErrorKind, SidecarError
-from sidecar.redaction import MAX_SHOWN_CHARS, Redactor
-from sidecar.snapshot import CompiledConnection
+from sidecar.egress.proxies import EgressProxy
+from sidecar.report.redaction import MAX_SHOWN_CHARS, Redactor
+from sidecar.request.errors import ErrorKind, SidecarError
+from sidecar.runtime.snapshot import CompiledConnection
 from sidecar.tls.verdict import HandshakeOutcome, TlsFailureReason, describe
 
 # The definition's name and token URL, then the endpoint's (already capped) words.

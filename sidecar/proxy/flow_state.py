@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from sidecar.links import LinkRewriter
-from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.fhir.links import LinkRewriter
+from sidecar.runtime.snapshot import CompiledConnection, Snapshot
 from sidecar.tracing.spans import Span, Tracer
 
 FLOW_KEY = "fhir_sidecar"

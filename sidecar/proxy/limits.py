@@ -28,12 +28,12 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.addonmanager import Loader
 
 from sidecar.config.models import LimitsSettings
-from sidecar.errors import ErrorKind, SidecarError
-from sidecar.logs import log_event
 from sidecar.proxy import mitm_compat
 from sidecar.proxy.error_answers import error_bytes
 from sidecar.proxy.flow_state import new_request_id, state_of
-from sidecar.snapshot import Snapshot
+from sidecar.report.logs import log_event
+from sidecar.request.errors import ErrorKind, SidecarError
+from sidecar.runtime.snapshot import Snapshot
 
 DEFAULT_LIMITS = LimitsSettings()
 MITMPROXY_TCP_TIMEOUT = 600  # mitmproxy's default, kept as the least backstop

@@ -14,11 +14,11 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 
 from sidecar.audit.trail import AuditTrail
-from sidecar.listeners import listener_modes
-from sidecar.live import LiveConfig
-from sidecar.observe import ProxyObserver
 from sidecar.proxy import speedups as speed_tweaks
 from sidecar.proxy.addon import SidecarAddons, sidecar_addons
+from sidecar.report.observe import ProxyObserver
+from sidecar.runtime.listeners import listener_modes
+from sidecar.runtime.live import LiveConfig
 from sidecar.tracing.setup import Tracing
 
 STREAM_THRESHOLD = "1m"

@@ -1,6 +1,6 @@
 """The checks a request passes before anything of it goes upstream (mitmproxy side).
 
-Header bytes are judged by ``sidecar.request_headers``; message framing (Content-Length and
+Header bytes are judged by ``sidecar.request.headers``; message framing (Content-Length and
 Transfer-Encoding) by mitmproxy's own validator, run here too so that the sidecar's answer,
 not mitmproxy's page, tells the app what is wrong. An asterisk-form target (``OPTIONS *``,
 the HTTP/2 preface ``PRI *``) asks about the sidecar itself, never about a FHIR resource: a
@@ -12,9 +12,9 @@ from __future__ import annotations
 from mitmproxy import http
 from mitmproxy.net.http.validate import validate_headers
 
-from sidecar.errors import SidecarError
 from sidecar.proxy import failures, mitm_compat
-from sidecar.request_headers import header_problem
+from sidecar.request.errors import SidecarError
+from sidecar.request.headers import header_problem
 
 ASTERISK_FORM = ("the request target is '*' (asterisk-form, as in OPTIONS * or the HTTP/2 "
                  "preface PRI *): it asks about the server itself, not about a FHIR resource")

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from mitmproxy import connection, http
 
 from sidecar.audit.interactions import redacted_path
-from sidecar.errors import SidecarError
-from sidecar.logs import log_request
-from sidecar.observe import NO_CONNECTION, ProxyObserver
 from sidecar.proxy.error_answers import answered_status
 from sidecar.proxy.flow_state import REQUEST_ID, FlowState, byte_counter, state_of
+from sidecar.report.logs import log_request
+from sidecar.report.observe import NO_CONNECTION, ProxyObserver
+from sidecar.request.errors import SidecarError
 
 
 class RequestLog:

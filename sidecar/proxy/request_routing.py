@@ -1,8 +1,8 @@
 """The addon that decides where a request goes, or refuses it.
 
 ``requestheaders`` checks the request (``request_checks.py``), routes it to a named connection
-(``sidecar.routing``), confines its path to the connection's base path, removes the app's own
-credentials and points the request at the upstream. A CONNECT is refused unless the config
+(``sidecar.request.routing``), confines its path to the connection's base path, removes the
+app's own credentials and points the request at the upstream. A CONNECT is refused unless the config
 intercepts HTTPS for that host. Whatever goes wrong inside, the request is refused, never
 passed on as it came.
 """
@@ -18,9 +18,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from sidecar.callers import gate
 from sidecar.callers.workload_tokens import Caller
-from sidecar.errors import SidecarError
-from sidecar.links import LinkRewriter, app_base_url
-from sidecar.listeners import listen_address_of
+from sidecar.fhir.links import LinkRewriter, app_base_url
 from sidecar.proxy import error_answers, failures, mitm_compat, request_checks
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.flow_state import (
@@ -33,9 +31,11 @@ from sidecar.proxy.flow_state import (
     trace_of,
 )
 from sidecar.proxy.request_log import RequestLog
-from sidecar.request_headers import connection_options, hop_by_hop_fields, persistence_option
-from sidecar.request_path import UnsafePath, confine, resolve
-from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.request.errors import SidecarError
+from sidecar.request.headers import connection_options, hop_by_hop_fields, persistence_option
+from sidecar.request.path import UnsafePath, confine, resolve
+from sidecar.runtime.listeners import listen_address_of
+from sidecar.runtime.snapshot import CompiledConnection, Snapshot
 
 
 class Routing:
@@ -194,7 +194,7 @@ def _caller_refusal(flow: http.HTTPFlow, snapshot: Snapshot, conn: CompiledConne
 
 def _drop_hop_by_hop(request: http.Request) -> None:
     """Forward none of the app's hop-by-hop fields: ``Connection``, what it names, and the
-    standard ones (``sidecar/request_headers.py``). ``Connection`` is replaced by the one option
+    standard ones (``sidecar/request/headers.py``). ``Connection`` is replaced by the one option
     that keeps both connections' persistence as the app asked for."""
     headers = request.headers
     options = connection_options(headers.get_all("connection"))

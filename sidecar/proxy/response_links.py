@@ -1,5 +1,5 @@
-"""Applying :mod:`sidecar.links` to mitmproxy responses: headers always; bodies buffered
-(up to ``stream_large_bodies``) or, above it, while they stream (:mod:`sidecar.links_stream`).
+"""Applying :mod:`sidecar.fhir.links` to mitmproxy responses: headers always; bodies buffered
+(up to ``stream_large_bodies``) or, above it, while they stream (:mod:`sidecar.fhir.links_stream`).
 
 A streamed body whose links are rewritten changes length, and the response head leaves before
 the body is read, so its ``Content-Length`` cannot be corrected: it is removed and the body is
@@ -15,8 +15,8 @@ from mitmproxy import ctx, http
 from mitmproxy.net import encoding
 from mitmproxy.utils import human
 
-from sidecar.links import REWRITTEN_HEADERS, BodyKind, LinkRewriter, body_kind
-from sidecar.links_stream import STREAMABLE_CODINGS, StreamingBody
+from sidecar.fhir.links import REWRITTEN_HEADERS, BodyKind, LinkRewriter, body_kind
+from sidecar.fhir.links_stream import STREAMABLE_CODINGS, StreamingBody
 from sidecar.proxy.flow_state import FlowState, byte_counter
 
 StreamCallable = Callable[[bytes], bytes]

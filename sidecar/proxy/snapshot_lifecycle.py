@@ -14,11 +14,11 @@ import os
 
 from mitmproxy import certs, ctx
 
-from sidecar.intercept import CaExportError, ca_certificate, export_ca_certificate
-from sidecar.listeners import listener_modes
-from sidecar.logs import log_event
 from sidecar.proxy.config_source import SidecarConfig
-from sidecar.snapshot import Snapshot
+from sidecar.report.logs import log_event
+from sidecar.request.intercept import CaExportError, ca_certificate, export_ca_certificate
+from sidecar.runtime.listeners import listener_modes
+from sidecar.runtime.snapshot import Snapshot
 
 
 class TokenSources:

@@ -23,7 +23,7 @@ from mitmproxy import connection, http
 from sidecar.proxy import mitm_compat
 from sidecar.proxy.config_source import SidecarConfig
 from sidecar.proxy.request_log import RequestLog
-from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.runtime.snapshot import CompiledConnection, Snapshot
 
 
 class RetiredUpstreams:

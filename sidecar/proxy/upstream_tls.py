@@ -18,10 +18,10 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
-from sidecar.egress import ProxyAddress
+from sidecar.egress.proxies import ProxyAddress
 from sidecar.proxy import failures, mitm_compat
 from sidecar.proxy.flow_state import upstream_owner
-from sidecar.snapshot import CompiledConnection
+from sidecar.runtime.snapshot import CompiledConnection
 from sidecar.tls.policy import UpstreamTlsPolicy, retire_connection
 
 HTTP1_ALPN = [b"http/1.1"]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from sidecar import __version__
-from sidecar.logs import log_event
+from sidecar.report.logs import log_event
 from sidecar.tracing.otlp import export_request
 from sidecar.tracing.spans import Attribute, Span
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from sidecar.config.errors import ConfigError
 from sidecar.config.loader import load_config
-from sidecar.logs import log_event
-from sidecar.snapshot import Snapshot, compile_snapshot
-from sidecar.watch import referenced_files
+from sidecar.report.logs import log_event
+from sidecar.runtime.snapshot import Snapshot, compile_snapshot
+from sidecar.runtime.watch import referenced_files
 
 if TYPE_CHECKING:
     from sidecar.credentials.oauth import TokenObserver

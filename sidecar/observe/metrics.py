@@ -1,9 +1,10 @@
 """Prometheus metrics (docs/metrics.md) and a small in-memory status board, fed by the observers.
 
-:class:`SidecarMetrics` implements the proxy's :class:`~sidecar.observe.ProxyObserver`, the token
-sources' ``TokenObserver`` and a reload observer (:meth:`SidecarMetrics.attach`). It keeps its own
-:class:`CollectorRegistry`, so nothing else in the process (or a second instance in a test) can
-add series to what ``/metrics`` shows.
+:class:`SidecarMetrics` implements the proxy's
+:class:`~sidecar.report.observe.ProxyObserver`, the token sources' ``TokenObserver`` and a
+reload observer (:meth:`SidecarMetrics.attach`). It keeps its own :class:`CollectorRegistry`,
+so nothing else in the process (or a second instance in a test) can add series to what
+``/metrics`` shows.
 
 Every label value is a configured name or one of a few fixed words: the request method is client
 input, so anything outside the standard methods is counted as ``OTHER`` (bounded cardinality).
@@ -32,15 +33,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
-from sidecar.errors import CALLER_REJECTIONS, ErrorKind
-from sidecar.observe import NO_CONNECTION, TokenResult
+from sidecar.observe.trends import MinuteRing
+from sidecar.report.observe import NO_CONNECTION, TokenResult
+from sidecar.request.errors import CALLER_REJECTIONS, ErrorKind
 from sidecar.tls.policy import client_cert_expiry, earliest_expiry
 from sidecar.tls.verdict import TLS_FAILURE_REASONS
-from sidecar.trends import MinuteRing
 
 if TYPE_CHECKING:
-    from sidecar.live import LiveConfig, ReloadOutcome
-    from sidecar.snapshot import Snapshot
+    from sidecar.runtime.live import LiveConfig, ReloadOutcome
+    from sidecar.runtime.snapshot import Snapshot
 
 # The contract (docs/metrics.md) lists exact metric names; prometheus-client would add a `*_created`
 # series beside every counter and histogram. The sidecar process owns the library's settings.

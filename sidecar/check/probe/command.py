@@ -1,7 +1,7 @@
 """``fhir-sidecar test``: the Test button on the command line
 (docs/command-line.md#testing-connections).
 
-Two ways to run the same steps (:func:`sidecar.probe.run.probe_connection`):
+Two ways to run the same steps (:func:`sidecar.check.probe.run.probe_connection`):
 
 - :func:`run_locally`: in this process, against the config file, with token sources of its own
   (so it fetches its own tokens);
@@ -19,8 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.probe.run import probe_connection
-from sidecar.snapshot import Snapshot
+from sidecar.check.probe.run import probe_connection
+from sidecar.runtime.snapshot import Snapshot
 
 Reports = dict[str, dict[str, Any]]
 # A test of one name may run once a second: a busy answer is asked again, at most this long.

@@ -22,11 +22,11 @@ from sidecar.config.models import (
     SidecarConfig,
     TlsSettings,
 )
+from sidecar.config.secrets import SecretError, read_secret, read_secret_file
 from sidecar.credentials.basic import BasicCredentials
-from sidecar.egress import EgressProxy
-from sidecar.redaction import GENERIC, Redactor
-from sidecar.routing import Router, Upstream
-from sidecar.secrets import SecretError, read_secret, read_secret_file
+from sidecar.egress.proxies import EgressProxy
+from sidecar.report.redaction import GENERIC, Redactor
+from sidecar.request.routing import Router, Upstream
 from sidecar.tls.material import TlsMaterialError
 from sidecar.tls.policy import UpstreamTlsPolicy, compile_tls_policy
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar.config.models import SidecarConfig
-from sidecar.logs import log_event
+from sidecar.report.logs import log_event
 
 # How long the proxy may take to close its listening sockets before the drain starts anyway.
 CLOSE_LISTENERS_DEADLINE_SECONDS = 5.0

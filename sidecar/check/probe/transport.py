@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from sidecar.egress import EgressProxy
-from sidecar.egress_connect import TunnelRefused, open_tunnel
-from sidecar.probe.report import StepFailed
+from sidecar.check.probe.report import StepFailed
+from sidecar.egress.connect import TunnelRefused, open_tunnel
+from sidecar.egress.proxies import EgressProxy
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import HandshakeOutcome, describe
 

@@ -5,7 +5,7 @@ Reference: docs/configuration.md#fhir-links-and-https-base-urls.
 A FHIR server answers with absolute URLs under its own base: ``Location`` and
 ``Content-Location`` after a create or update (or a Bulk Data kick-off: the status URL),
 ``Bundle.link[].url`` (``self``, ``next``, ...) when paging, and ``output[].url`` /
-``error[].url`` in a Bulk Data export manifest (see :mod:`sidecar.bundle_scan` for what counts
+``error[].url`` in a Bulk Data export manifest (see :mod:`sidecar.fhir.bundle_scan` for what counts
 as one). An app that follows them as they are goes around the sidecar, without credentials.
 :class:`LinkRewriter` replaces the upstream base URL with the base URL the app used, and only
 there:
@@ -21,7 +21,7 @@ there:
 The scheme and host of the prefix are compared case-insensitively and the default port may be
 spelled out (``https://h:443/fhir``); the path is compared exactly. This module never imports
 mitmproxy: the proxy adapter decides *when* to rewrite (a buffered body here, a streaming one in
-:mod:`sidecar.links_stream`), this decides
+:mod:`sidecar.fhir.links_stream`), this decides
 *what*.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from xml.sax.saxutils import escape as xml_escape
 
-from sidecar.bundle_scan import (
+from sidecar.fhir.bundle_scan import (
     MANIFEST_COMPLETE,
     MANIFEST_FILE_LISTS,
     MANIFEST_OUTPUT_BIT,
@@ -45,7 +45,7 @@ from sidecar.bundle_scan import (
     json_top_level_link_urls,
     xml_entries_end,
 )
-from sidecar.routing import Upstream
+from sidecar.request.routing import Upstream
 
 REWRITTEN_HEADERS = ("Location", "Content-Location")
 
@@ -317,7 +317,7 @@ def _json_bundle_link_urls(content: bytes, skip_entries: bool = False
     and gives up (returns nothing) on anything inconsistent.
 
     With ``skip_entries`` the top-level ``entry`` array is jumped over rather than tokenized
-    when :func:`sidecar.bundle_scan.json_entries_end` finds that safe; that is what keeps a
+    when :func:`sidecar.fhir.bundle_scan.json_entries_end` finds that safe; that is what keeps a
     large page cheap. ``None``: it was not safe, scan again without ``skip_entries``.
     """
     stack: list[_JsonObject | _JsonArray] = []
@@ -451,7 +451,7 @@ def _xml_bundle_link_urls(content: bytes, skip_entries: bool = False
     """Spans of the ``value`` attributes of ``<url>`` in ``<link>`` directly in a ``<Bundle>``.
 
     ``skip_entries`` and ``None`` as for :func:`_json_bundle_link_urls`
-    (:func:`sidecar.bundle_scan.xml_entries_end`).
+    (:func:`sidecar.fhir.bundle_scan.xml_entries_end`).
     """
     stack: list[bytes] = []
     found: list[tuple[int, int]] = []

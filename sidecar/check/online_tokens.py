@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from sidecar.check.online import format_table
 from sidecar.credentials.cert_binding import certificate_thumbprint
 from sidecar.credentials.oauth import TokenSource, TokenUnavailable
-from sidecar.online_check import format_table
-from sidecar.redaction import Redactor
-from sidecar.snapshot import Snapshot
+from sidecar.report.redaction import Redactor
+from sidecar.runtime.snapshot import Snapshot
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Carry a plain socket's bytes through a TLS connection to an https:// egress proxy.
 
-Used by :mod:`sidecar.egress_connect`: the caller runs the upstream's TLS on a plain socket
+Used by :mod:`sidecar.egress.connect`: the caller runs the upstream's TLS on a plain socket
 (one end of a socket pair), and one thread moves bytes between the other end and the proxy's
 ``SSLSocket``. One thread, non-blocking, so the proxy's TLS object is never used by two threads
 at once. The relay ends when either side closes, on any error, or after ``IDLE_SECONDS``

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from sidecar.config.models import ListenAddress
-from sidecar.snapshot import Snapshot
+from sidecar.runtime.snapshot import Snapshot
 
 # The target every connection listener's reverse mode names. It only labels the listener:
 # every request is re-targeted by the routing addon from its connection's own settings. It

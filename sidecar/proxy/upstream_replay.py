@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from sidecar.snapshot import CompiledConnection
+from sidecar.runtime.snapshot import CompiledConnection
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                "trailer", "upgrade", "host", "content-length"}

@@ -45,7 +45,8 @@ class RuntimeSettings(BaseSettings):
     state_dir: Path | None = Field(default_factory=_default_state_dir)
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
-    # Deprecated: the config file's shutdown.drain_seconds (sidecar.shutdown.shutdown_timings).
+    # Deprecated: the config file's shutdown.drain_seconds
+    # (sidecar.runtime.shutdown.shutdown_timings).
     drain_seconds: float | None = None
 
 

@@ -1,7 +1,7 @@
 """Where a Bundle's ``entry`` list ends, found without reading the entries.
 
 A searchset page is a few hundred bytes of Bundle fields and links followed by megabytes of
-entries. :mod:`sidecar.links` tokenizes the Bundle fields and links in Python, which is cheap
+entries. :mod:`sidecar.fhir.links` tokenizes the Bundle fields and links in Python, which is cheap
 when it stops there; these functions let it jump from the start of the top-level ``entry`` list
 to its end using only C-speed byte searches. They answer ``None`` whenever the jump could miss
 something the full scan would rewrite, and the caller then scans everything:
@@ -84,7 +84,7 @@ def json_top_level_link_urls(content: bytes) -> list[tuple[int, int]] | None:
     other members are skipped by parsing them in C, ``entry`` by :func:`json_entries_end`.
 
     ``None`` when that is not certain to agree with the full tokenizer of
-    :mod:`sidecar.links`: anything that is not strict JSON, a member that may hold a Bundle
+    :mod:`sidecar.fhir.links`: anything that is not strict JSON, a member that may hold a Bundle
     of its own, duplicate-looking shapes. The caller then tokenizes.
     """
     entry = _JSON_ENTRY_KEY.search(content)

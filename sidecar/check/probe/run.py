@@ -10,10 +10,10 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sidecar.probe.metadata import get_metadata, judge
-from sidecar.probe.report import Report, Step, StepFailed
-from sidecar.probe.transport import Channel, Target, certificate_facts, connect, handshake
-from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.check.probe.metadata import get_metadata, judge
+from sidecar.check.probe.report import Report, Step, StepFailed
+from sidecar.check.probe.transport import Channel, Target, certificate_facts, connect, handshake
+from sidecar.runtime.snapshot import CompiledConnection, Snapshot
 from sidecar.tls.policy import UpstreamTlsPolicy
 
 if TYPE_CHECKING:

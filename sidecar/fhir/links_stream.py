@@ -14,7 +14,7 @@ seen:
   slow (Python speed) but still flat in memory; in XML, links always come first.
 - When ``resourceType`` comes after ``link`` (JSON), the body from the first link URL on is
   held back until it is known; over ``HOLD_LIMIT`` bytes the body passes unchanged.
-- A Bulk Data manifest (:mod:`sidecar.bundle_scan`) is tokenized to its end (it is file URLs
+- A Bulk Data manifest (:mod:`sidecar.fhir.bundle_scan`) is tokenized to its end (it is file URLs
   throughout). File URLs that come before the manifest is recognised (``transactionTime``,
   ``request`` and ``output`` seen) are held back like links before ``resourceType``; a
   ``resourceType`` that comes after rewritten file URLs no longer undoes them.
@@ -26,14 +26,14 @@ import re
 import zlib
 from collections.abc import Callable
 
-from sidecar.bundle_scan import (
+from sidecar.fhir.bundle_scan import (
     MANIFEST_COMPLETE,
     MANIFEST_FILE_LISTS,
     MANIFEST_OUTPUT_BIT,
     MANIFEST_OUTPUT_KEY,
     MANIFEST_STRING_KEYS,
 )
-from sidecar.links import (
+from sidecar.fhir.links import (
     _XML_MARKUP,
     BodyKind,
     LinkRewriter,

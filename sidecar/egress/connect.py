@@ -1,11 +1,11 @@
 """A blocking CONNECT tunnel through an egress proxy, for ``check --online`` and the
-connection test (:mod:`sidecar.probe`).
+connection test (:mod:`sidecar.check.probe`).
 
 The socket returned carries bytes to ``host:port`` through the proxy; the caller runs the
 upstream's TLS inside it under the connection's own policy, as the proxy leg does. An
 ``https://`` proxy is reached over TLS verified by its own ``tls`` policy; the upstream's TLS
 then runs inside that TLS. The stdlib cannot layer one ``SSLSocket`` over another, so the
-caller gets one end of a socket pair and a relay thread (:mod:`sidecar.egress_relay`) carries
+caller gets one end of a socket pair and a relay thread (:mod:`sidecar.egress.relay`) carries
 its bytes through the proxy's TLS.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import socket
 import ssl
 
-from sidecar.egress import EgressProxy
-from sidecar.egress_relay import relay_through
+from sidecar.egress.proxies import EgressProxy
+from sidecar.egress.relay import relay_through
 from sidecar.tls.verdict import describe, reason_of_stdlib_error, stdlib_error_detail
 
 _MAX_HEAD_BYTES = 16384

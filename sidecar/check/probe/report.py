@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sidecar.redaction import Redactor
+from sidecar.report.redaction import Redactor
 
 log = logging.getLogger(__name__)
 

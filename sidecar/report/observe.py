@@ -1,6 +1,6 @@
 """What the proxy reports as it works, for metrics and status pages.
 
-The addon calls a :class:`ProxyObserver`; ``sidecar.metrics`` implements it with Prometheus
+The addon calls a :class:`ProxyObserver`; ``sidecar.observe.metrics`` implements it with Prometheus
 counters. Arguments are configured names and small enums only, never URLs, hosts or paths.
 """
 

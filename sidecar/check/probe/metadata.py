@@ -12,9 +12,9 @@ import h11
 from OpenSSL import SSL
 
 from sidecar import __version__
-from sidecar.probe.report import StepFailed
-from sidecar.probe.transport import Channel
-from sidecar.routing import Upstream
+from sidecar.check.probe.report import StepFailed
+from sidecar.check.probe.transport import Channel
+from sidecar.request.routing import Upstream
 from sidecar.tls.policy import UpstreamTlsPolicy
 from sidecar.tls.verdict import HandshakeOutcome, describe
 

@@ -1,6 +1,6 @@
 """``check --online``: a real TLS handshake with every upstream, summarised as a table.
 
-The connect and TLS steps are those of a connection test (``sidecar.probe``: the Test button,
+The connect and TLS steps are those of a connection test (``sidecar.check.probe``: the Test button,
 ``fhir-sidecar test``), made with the proxy leg's own TLS connection and told in its words
 (``sidecar.tls.verdict``): a certificate that ``check`` accepts is one the proxy accepts.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.probe.report import StepFailed
-from sidecar.probe.transport import Target, connect
-from sidecar.probe.transport import handshake as tls_handshake
-from sidecar.snapshot import CompiledConnection, Snapshot
+from sidecar.check.probe.report import StepFailed
+from sidecar.check.probe.transport import Target, connect
+from sidecar.check.probe.transport import handshake as tls_handshake
+from sidecar.runtime.snapshot import CompiledConnection, Snapshot
 
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 
@@ -32,7 +32,7 @@ class HandshakeResult:
 
 def handshake(conn: CompiledConnection, timeout: float = HANDSHAKE_TIMEOUT_SECONDS
               ) -> HandshakeResult:
-    """Steps 1 and 2 of a connection test (:mod:`sidecar.probe.transport`, the code the
+    """Steps 1 and 2 of a connection test (:mod:`sidecar.check.probe.transport`, the code the
     Test button and ``fhir-sidecar test`` run), as a row of the table."""
     upstream = conn.upstream
     base = dict(connection=conn.name, url=conn.settings.url,
