@@ -77,9 +77,14 @@ def caller_verdict(authorization: str | None, *, connection: str,
     if token is None:
         return _unauthenticated(connection, "the request carries no workload token "
                                             "(Authorization: Bearer <jwt>)")
-    definitions = {entry.partition(":")[0] for entry in allowed_callers}
+    definitions = sorted({entry.partition(":")[0] for entry in allowed_callers})
+    # A token verified before is known by its verifier: no parsing on the hot path.
+    caller = next((c for d in definitions if d in verifiers
+                   for c in (verifiers[d].cached(token),) if c is not None), None)
+    if caller is not None:
+        return _allowed(caller, connection, allowed_callers)
     issuer = unverified_issuer(token)
-    verifier = next((verifiers[d] for d in sorted(definitions)
+    verifier = next((verifiers[d] for d in definitions
                      if d in verifiers and verifiers[d].issuer == issuer), None)
     if verifier is None:
         return _unauthenticated(connection, "its issuer is not one the connection's "
@@ -90,6 +95,11 @@ def caller_verdict(authorization: str | None, *, connection: str,
         return NeedsKeys(verifier.keys)
     except TokenRefused as refused:
         return _unauthenticated(connection, str(refused))
+    return _allowed(caller, connection, allowed_callers)
+
+
+def _allowed(caller: Caller, connection: str, allowed_callers: Sequence[str]
+             ) -> Caller | SidecarError:
     if caller.name not in allowed_callers:
         return SidecarError(ErrorKind.CALLER_FORBIDDEN, (
             f"connection '{connection}' does not serve the caller {_shown(caller.name)}: it "

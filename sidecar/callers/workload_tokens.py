@@ -90,16 +90,22 @@ class CallerVerifier:
         # token -> (caller, expiry): verified tokens, until they expire.
         self._verified: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
 
+    def cached(self, token: str) -> Caller | None:
+        """The caller of a token this verifier verified and that has not expired."""
+        known = self._verified.get(token)
+        if known is None:
+            return None
+        caller, expires = known
+        if self._clock() <= expires + CLOCK_SKEW_SECONDS:
+            return caller
+        del self._verified[token]
+        return None
+
     def verify(self, token: str) -> Caller:
         """The caller the token proves, or :class:`TokenRefused` / :class:`KeysNeeded`."""
-        now = self._clock()
-        known = self._verified.get(token)
+        known = self.cached(token)
         if known is not None:
-            caller, expires = known
-            if now <= expires + CLOCK_SKEW_SECONDS:
-                self._verified.move_to_end(token)
-                return caller
-            del self._verified[token]
+            return known
         keys = self.keys.cached()
         if keys is None:
             raise KeysNeeded()
