@@ -170,15 +170,20 @@ def test_lights_trends_times_and_expiry_in_the_browser(
         uploaded = api.put(f"/ca-bundles/{name}", content=bundle.read_bytes(),
                            headers={"Content-Type": "application/x-pem-file"})
         assert uploaded.status_code == 201, uploaded.text
+    # A definition whose secret the API caller gives: a config-file secret would be refused
+    # under another CA bundle (docs/admin-api.md#credentials-go-only-to-known-upstreams).
+    made = api.put("/basic-auth/api-made", json={"username": UPSTREAM_USER,
+                                                 "password": UPSTREAM_PASSWORD})
+    assert made.status_code == 201, made.text
     ports["soon"] = free_port()
     made = api.put("/connections/soon", json={
         "url": good.base_url, "listen": f"127.0.0.1:{ports['soon']}",
-        "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "soon-ca"}})
+        "auth": {"basic": "api-made"}, "tls": {"verify": "custom", "ca_bundle": "soon-ca"}})
     assert made.status_code == 201, made.text
     ports["later"] = free_port()
     made = api.put("/connections/later", json={
         "url": good.base_url, "listen": f"127.0.0.1:{ports['later']}",
-        "auth": {"basic": "up"}, "tls": {"verify": "custom", "ca_bundle": "later-ca"}})
+        "auth": {"basic": "api-made"}, "tls": {"verify": "custom", "ca_bundle": "later-ca"}})
     assert made.status_code == 201, made.text
     assert send("main", 2) == {200}
     assert send("later", 1) == {200}
