@@ -283,12 +283,18 @@ def test_slow_endpoint_holds_back_the_headers(upstream_good: FhirTestServer, pki
     assert upstream_good.requests_seen[0].path == "/fhir/slow?seconds=5"
 
 
-def _connection_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+def _connection_threads(of: object | None = None) -> set[threading.Thread]:
+    """Connection threads of socketserver servers in this process; with ``of``, only those of
+    that server (other tests' servers in the same process may take connections meanwhile)."""
+    found = {t for t in threading.enumerate() if "process_request_thread" in t.name}
+    if of is None:
+        return found
+    # The thread's target is the server's bound process_request_thread (threading keeps it
+    # until the thread ends).
+    return {t for t in found if getattr(getattr(t, "_target", None), "__self__", None) is of}
 
 
 def test_stop_is_prompt_with_idle_and_waiting_connections(pki: TestPKI) -> None:
-    before = _connection_threads()
     server = fhir_upstream(pki.server(name="server-stop")).start()
     failures: list[BaseException] = []
 
@@ -306,7 +312,9 @@ def test_stop_is_prompt_with_idle_and_waiting_connections(pki: TestPKI) -> None:
         assert idle.get(f"{server.base_url}/metadata").status_code == 200  # stays keep-alive
         waiting.start()
         server.wait_for_requests(2, timeout=5.0)
-        assert _connection_threads() - before  # the two connections have their threads
+        inner = server._server  # the socketserver whose connection threads must end
+        mine = _connection_threads(inner)
+        assert len(mine) == 2  # the two connections have their threads
 
         started = time.monotonic()
         server.stop()
@@ -314,7 +322,8 @@ def test_stop_is_prompt_with_idle_and_waiting_connections(pki: TestPKI) -> None:
         waiting.join(timeout=5.0)
         assert not waiting.is_alive()
         assert len(failures) == 1  # the slow request was cut off, not answered
-        assert _connection_threads() <= before
+        assert not any(thread.is_alive() for thread in mine)
+        assert _connection_threads(inner) == set()
         with pytest.raises(httpx.TransportError):
             idle.get(f"{server.base_url}/metadata")  # the port is closed now
     finally:
