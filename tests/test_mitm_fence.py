@@ -46,6 +46,30 @@ def test_every_listed_private_name_resolves_on_the_installed_mitmproxy(
     assert entry.breaks and entry.by
 
 
+@pytest.mark.parametrize(("path", "instance", "words", "expected"), [
+    ("mitmproxy.proxy.layers.http._http9.Http9Server", False, None, "no attribute"),
+    ("mitmproxy.proxy.server.ConnectionHandler.vanished", False, None, "no attribute"),
+    ("mitmproxy.proxy.server.ConnectionHandler.vanished", True, None, "no longer declares"),
+    ("mitmproxy.proxy.server.ConnectionHandler", False, "words nobody wrote", "no longer says"),
+    ("nomitmproxy.thing", False, None, "no such module"),
+])
+def test_a_name_that_is_gone_does_not_resolve(path: str, instance: bool, words: str | None,
+                                              expected: str) -> None:
+    entry = PrivateName(path, "read", "-", "-", words=words, instance=instance)
+    with pytest.raises(LookupError, match=expected):
+        mitm_private.resolve(entry)
+
+
+def test_instance_attributes_resolve_by_annotation_or_assignment() -> None:
+    for path in ("mitmproxy.proxy.server.ConnectionHandler.max_conns",  # annotated
+                 "mitmproxy.addonmanager.AddonManager.chain"):  # self.chain = ... only
+        mitm_private.resolve(PrivateName(path, "read", "-", "-", instance=True))
+    assert not is_private("h11.Connection") and not is_private("mitmproxy.http.Request")
+    assert not is_private("mitmproxy.addonmanager.Loader")
+    assert is_private("mitmproxy.addonmanager.AddonManager")
+    assert not is_private("mitmproxy")
+
+
 def test_the_installed_mitmproxy_is_a_release_the_fence_was_checked_on() -> None:
     installed = version("mitmproxy")
     assert installed in mitm_private.CHECKED_ON, (

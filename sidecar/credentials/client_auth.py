@@ -62,8 +62,7 @@ def client_authentication(method: ClientAuth, client_id: str, client_secret: str
     if method == "client_secret_post":
         return {}, [("client_id", client_id), ("client_secret", client_secret or "")]
     if method == "private_key_jwt":
-        if signer is None:
-            raise OAuthSetupError("private_key_jwt needs a signing key", "private_key_file")
+        assert signer is not None, "a private_key_jwt definition always has its signer"
         return {}, [("client_assertion_type", ASSERTION_TYPE),
                     ("client_assertion", signer.assertion(client_id))]
     # tls_client_auth, self_signed_tls_client_auth: the certificate authenticates the client.

@@ -22,7 +22,6 @@ import httpx
 from sidecar.config.models import ClientAuth
 from sidecar.credentials.cert_binding import bound_thumbprint
 from sidecar.credentials.client_auth import (
-    OAuthSetupError,
     PrivateKeyJwt,
     client_authentication,
 )
@@ -98,8 +97,6 @@ class TokenEndpoint:
         self._request = request
         self._timeout = timeout
         self._tls = tls
-        if client_auth == "private_key_jwt" and assertion_signer is None:
-            raise OAuthSetupError("private_key_jwt needs a signing key", "private_key_file")
         self._client_id = client_id
         self._client_secret = client_secret
         self._client_auth: ClientAuth = client_auth

@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 # The releases the whole table was checked on: the floor (pyproject.toml, .ci/oldest-deps.txt)
@@ -316,7 +316,6 @@ def resolve(entry: PrivateName) -> object:
         break
     if obj is _MISSING:
         raise LookupError(f"{entry.path}: no such module")
-    owner = obj
     for i, name in enumerate(rest):
         found = getattr(obj, name, _MISSING)
         if found is _MISSING and i == len(rest) - 1 and entry.instance and inspect.isclass(obj):
@@ -325,14 +324,9 @@ def resolve(entry: PrivateName) -> object:
             found = obj
         if found is _MISSING:
             raise LookupError(f"{entry.path}: no attribute {name!r}")
-        owner, obj = obj, found
+        obj = found
     if entry.words is not None:
-        source_of = obj if (inspect.ismodule(obj) or inspect.isclass(obj)
-                            or callable(obj)) else owner
-        try:
-            source = inspect.getsource(inspect.unwrap(source_of))  # type: ignore[arg-type]
-        except (TypeError, OSError):
-            source = inspect.getsource(owner)  # type: ignore[arg-type]
+        source = inspect.getsource(inspect.unwrap(obj))  # type: ignore[arg-type]
         if entry.words not in source:
             raise LookupError(f"{entry.path}: its source no longer says {entry.words!r}")
     return obj
@@ -340,16 +334,10 @@ def resolve(entry: PrivateName) -> object:
 
 def _declares(cls: type, name: str) -> bool:
     for klass in cls.__mro__:
-        if klass is object:
+        if not klass.__module__.startswith("mitmproxy"):
             continue
         if name in inspect.get_annotations(klass):
             return True
-        if is_dataclass(klass) and name in {f.name for f in fields(klass)}:
-            return True
-        try:
-            source = inspect.getsource(klass)
-        except (TypeError, OSError):
-            continue
-        if re.search(rf"\bself\.{re.escape(name)}\s*(:[^=\n]*)?=[^=]", source):
+        if re.search(rf"\bself\.{re.escape(name)}\s*(:[^=\n]*)?=[^=]", inspect.getsource(klass)):
             return True
     return False
