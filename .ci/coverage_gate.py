@@ -21,7 +21,7 @@ REQUEST_PATH = [
     "sidecar/request/headers.py",
     "sidecar/credentials/*",
     "sidecar/tls/*",
-    "sidecar/links*.py",
+    "sidecar/fhir/links*.py",
     "sidecar/fhir/bundle_scan.py",
     "sidecar/request/errors.py",
     "sidecar/report/redaction.py",

@@ -37,6 +37,15 @@ def test_nothing_imports_the_addon_but_entry_points() -> None:
     assert offenders == []
 
 
+def test_the_token_request_imports_without_authlibs_deprecated_httpx_integration() -> None:
+    # docs/architecture.md, "authlib and httpx": its import warns that httpx is deprecated.
+    probe = ("import sys, sidecar.credentials.token_endpoint, sidecar.credentials.oauth\n"
+             "assert 'authlib.integrations.httpx_client' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-W", "error", "-c", probe], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_basic_only_sidecar_does_not_load_the_oauth_client_stack(tmp_path: Path) -> None:
     # httpx and authlib cost ~7 MiB of RSS at ready and ~0.1 s of start-up; only OAuth
     # definitions (and the 401 retry of a bearer token) need them.

@@ -1,18 +1,17 @@
-"""How the sidecar proves who it is to a token endpoint, as authlib client-auth hooks.
+"""How the sidecar proves who it is to a token endpoint (RFC 6749 §2.3, RFC 7523, RFC 8705).
 
-Two things authlib does not do the way the standards want:
+:func:`client_authentication` gives, for one token request, the header and the form parameters
+of the definition's ``client_auth``. Where it differs from authlib's own methods:
 
 * ``client_secret_basic``: RFC 6749 §2.3.1 says the client id and secret are form-urlencoded
   *before* they are joined with ``:`` and Base64-encoded. authlib joins them raw, so an id with a
   ``:`` or a secret with ``+`` or ``%`` is read differently by a conforming server.
 * ``private_key_jwt`` for SMART Backend Services: the assertion must carry a ``kid`` header, expire
-  within five minutes and have a fresh ``jti`` for every request.
+  within five minutes and have a fresh ``jti`` for every request (signed by authlib's RFC 7523
+  helper, which is not part of its deprecated httpx integration).
 
 * ``tls_client_auth`` / ``self_signed_tls_client_auth`` (RFC 8705): the TLS client certificate
   is the credential; the form only names the client (``client_id``), as the RFC requires.
-
-The hooks have authlib's signature ``(client, method, uri, headers, body) -> (uri, headers, body)``
-and are registered on the client under the method's name, replacing authlib's own.
 """
 
 from __future__ import annotations
@@ -20,16 +19,14 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from typing import Any
 from urllib.parse import quote_plus
 
-from authlib.common.urls import add_params_to_qs
 from authlib.oauth2.rfc7523 import private_key_jwt_sign
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from joserfc.jwk import ECKey, RSAKey
 
-from sidecar.config.models import SigningAlg
+from sidecar.config.models import ClientAuth, SigningAlg
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # SMART Backend Services caps the assertion's lifetime at five minutes; stay clearly below so a
@@ -56,17 +53,20 @@ def basic_authorization(client_id: str, client_secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
-def encode_client_secret_basic(
-    client: Any, method: str, uri: str, headers: dict[str, str], body: str
-) -> tuple[str, dict[str, str], str]:
-    headers["Authorization"] = basic_authorization(client.client_id, client.client_secret or "")
-    return uri, headers, body
-
-
-def encode_client_id_only(
-    client: Any, method: str, uri: str, headers: dict[str, str], body: str
-) -> tuple[str, dict[str, str], str]:
-    return uri, headers, add_params_to_qs(body or "", [("client_id", client.client_id)])
+def client_authentication(method: ClientAuth, client_id: str, client_secret: str | None,
+                          signer: PrivateKeyJwt | None
+                          ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The headers and the form parameters that authenticate one token request."""
+    if method == "client_secret_basic":
+        return {"Authorization": basic_authorization(client_id, client_secret or "")}, []
+    if method == "client_secret_post":
+        return {}, [("client_id", client_id), ("client_secret", client_secret or "")]
+    if method == "private_key_jwt":
+        assert signer is not None, "a private_key_jwt definition always has its signer"
+        return {}, [("client_assertion_type", ASSERTION_TYPE),
+                    ("client_assertion", signer.assertion(client_id))]
+    # tls_client_auth, self_signed_tls_client_auth: the certificate authenticates the client.
+    return {}, [("client_id", client_id)]
 
 
 class PrivateKeyJwt:
@@ -95,14 +95,6 @@ class PrivateKeyJwt:
             issued_at=now,
             expires_at=now + ASSERTION_LIFETIME_SECONDS,
         )
-
-    def __call__(self, client: Any, method: str, uri: str, headers: dict[str, str],
-                 body: str) -> tuple[str, dict[str, str], str]:
-        body = add_params_to_qs(body or "", [
-            ("client_assertion_type", ASSERTION_TYPE),
-            ("client_assertion", self.assertion(client.client_id)),
-        ])
-        return uri, headers, body
 
     def __repr__(self) -> str:
         return f"PrivateKeyJwt(alg={self.alg!r}, key_id={self.key_id!r})"

@@ -1,8 +1,11 @@
-"""One client_credentials token request, made with authlib over httpx.
+"""One client_credentials token request (RFC 6749 §4.4), made with httpx.
 
 This module knows the wire: the form parameters, client authentication, TLS, and what counts as a
-usable answer. It keeps no state between requests apart from the HTTP connection pool; caching,
-refresh and backoff live in :mod:`sidecar.credentials.oauth`.
+usable answer. It talks to httpx directly, not through authlib's httpx integration: that one is
+deprecated (authlib 1.7 and later warn at import that its httpx module is deprecated in favour
+of httpx2) and the request is a single form POST (docs/architecture.md, "authlib and httpx").
+It keeps no state between requests apart from the HTTP connection pool; caching, refresh and
+backoff live in :mod:`sidecar.credentials.oauth`.
 """
 
 from __future__ import annotations
@@ -10,20 +13,17 @@ from __future__ import annotations
 import math
 import re
 import ssl
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-import authlib.deprecate  # noqa: F401  (its warning filter must be installed outside the block)
 import httpx
 
 from sidecar.config.models import ClientAuth
 from sidecar.credentials.cert_binding import bound_thumbprint
 from sidecar.credentials.client_auth import (
     PrivateKeyJwt,
-    encode_client_id_only,
-    encode_client_secret_basic,
+    client_authentication,
 )
 from sidecar.credentials.egress_client import httpx_proxy
 from sidecar.credentials.endpoint_errors import (
@@ -35,12 +35,9 @@ from sidecar.egress.proxies import EgressProxy
 from sidecar.report.redaction import Redactor
 from sidecar.tls.policy import UpstreamTlsPolicy
 
-with warnings.catch_warnings():
-    # authlib ≥ 1.7 prefers the "httpx2" package and warns once at import when it falls back to
-    # httpx, which is what we use deliberately; the warning would only be noise in our logs.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from authlib.integrations.base_client import OAuthError
-    from authlib.integrations.httpx_client import AsyncOAuth2Client
+# What every token request sends besides its form (authlib's defaults, kept as they were).
+_HEADERS = {"Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8"}
 
 # RFC 6750 §2.1 b64token (RFC 9110 token68): what may follow "Bearer " in a header.
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -73,7 +70,7 @@ class TokenRequest:
     resource: str | None = None
     extra_params: tuple[tuple[str, str], ...] = ()
 
-    def form(self) -> str:
+    def params(self) -> list[tuple[str, str]]:
         params: list[tuple[str, str]] = list(self.extra_params)
         if self.scopes:
             params.append(("scope", " ".join(self.scopes)))
@@ -81,7 +78,10 @@ class TokenRequest:
             params.append(("audience", self.audience))
         if self.resource is not None:
             params.append(("resource", self.resource))
-        return urlencode(params)
+        return params
+
+    def form(self) -> str:
+        return urlencode(self.params())
 
 
 class TokenEndpoint:
@@ -97,54 +97,54 @@ class TokenEndpoint:
         self._request = request
         self._timeout = timeout
         self._tls = tls
-        self._client = AsyncOAuth2Client(
-            client_id=client_id,
-            client_secret=client_secret,
-            token_endpoint_auth_method=client_auth,
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._client_auth: ClientAuth = client_auth
+        self._signer = assertion_signer
+        # RFC 8705: with tls_client_auth, the certificate (in the TLS context) authenticates.
+        self._client = httpx.AsyncClient(
             verify=tls.stdlib_context(),
             trust_env=False,  # no proxy or CA settings from the environment
             proxy=httpx_proxy(via),
             timeout=timeout,
             follow_redirects=False,
         )
-        self._client.register_client_auth_method(
-            ("client_secret_basic", encode_client_secret_basic))
-        if assertion_signer is not None:
-            self._client.register_client_auth_method(("private_key_jwt", assertion_signer))
-        # RFC 8705: the certificate (in the TLS context above) authenticates the client.
-        for method in ("tls_client_auth", "self_signed_tls_client_auth"):
-            self._client.register_client_auth_method((method, encode_client_id_only))
-        # authlib only looks at the body for an "error" member; a non-2xx answer must fail
-        # whatever its body says, and keep its status for the diagnostics.
-        self._client.register_compliance_hook("access_token_response", self._require_success)
 
-    def _require_success(self, response: httpx.Response) -> httpx.Response:
+    async def _post(self) -> httpx.Response:
+        headers, auth_params = client_authentication(
+            self._client_auth, self._client_id, self._client_secret, self._signer)
+        params = [*self._request.params(), ("grant_type", "client_credentials"), *auth_params]
+        return await self._client.post(self.token_url, content=urlencode(params).encode(),
+                                       headers={**_HEADERS, **headers})
+
+    def _answer(self, response: httpx.Response) -> dict[str, Any]:
+        # A non-2xx answer fails whatever its body says, and keeps its status for diagnostics.
         if not 200 <= response.status_code < 300:
             raise EndpointFailure("http_error", describe_http_error(response, self._redactor))
-        return response
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise EndpointFailure("invalid_response", self._redact(
+                "unreadable token response: Token endpoint response is not a JSON object "
+                f"(HTTP {response.status_code})."))
+        if "error" in answer:  # a 2xx answer that carries an OAuth error anyway
+            error, description = answer["error"], answer.get("error_description")
+            raise EndpointFailure("http_error", self._redact(
+                f"{error}: {description}" if description else str(error)))
+        return answer
 
     async def request_token(self) -> IssuedToken:
         try:
-            raw = await self._client.fetch_token(
-                self.token_url, grant_type="client_credentials", body=self._request.form())
-        except EndpointFailure:
-            raise
+            response = await self._post()
         # A TLS alert after the handshake (a TLS 1.3 server refusing the client certificate)
         # reaches us as a bare ssl.SSLError: httpx does not wrap it.
         except (httpx.TransportError, ssl.SSLError) as exc:
             reason = describe_transport_error(exc, self._timeout, self._tls, self.token_url,
                                               via=self._via)
             raise EndpointFailure("network", self._redact(reason)) from None
-        except OAuthError as exc:  # a 2xx answer that carries an OAuth error anyway
-            answer = f"{exc.error}: {exc.description}" if exc.description else str(exc.error)
-            raise EndpointFailure("http_error", self._redact(answer)) from None
-        except (ValueError, TypeError) as exc:  # not JSON, or values authlib cannot read
-            raise EndpointFailure("invalid_response",
-                                  self._redact(f"unreadable token response: {exc}")) from None
-        finally:
-            # authlib keeps the last token on the client object; we hold it ourselves.
-            self._client.token = None
-        return self._parse(raw)
+        return self._parse(self._answer(response))
 
     def _parse(self, raw: dict[str, Any]) -> IssuedToken:
         token = raw.get("access_token")

@@ -3,7 +3,15 @@
 Speed tweaks are not here: they belong to the embedded master only (``speedups.py``).
 
 ``tests/test_mitm_compat.py`` checks that these internals still exist with the expected
-shape, so a mitmproxy upgrade that changes them fails loudly instead of silently.
+shape, so a mitmproxy upgrade that changes them fails loudly instead of silently. Every private
+mitmproxy name used here is listed in ``sidecar/proxy/mitm_private.py`` (what breaks without
+it, the releases it was checked on); ``tests/test_mitm_fence.py`` fails on one it does not list,
+and on one used outside this module and ``speedups.py``.
+
+The range ``pyproject.toml`` allows is tested at both ends: CI's Python 3.12 run installs the
+oldest mitmproxy exactly (``.ci/oldest-deps.txt``), the 3.13 run requirements.lock's, and each
+prints the version it used (docs/testing.md#ci-time). Each function here works on both; one
+that needs a newer release raises the floor in ``pyproject.toml``, with the reason.
 """
 
 from __future__ import annotations

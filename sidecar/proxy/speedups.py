@@ -5,7 +5,9 @@ message, hook lookup that follows any change of the addon chain, CPython's own G
 for throughput the sidecar's own master can afford; ``build_master(..., speedups=True)``
 applies them. Loading ``addons/fhir_sidecar.py`` into ``mitmdump -s`` applies none: they
 change the whole process. Each mitmproxy internal used here sits in one function, checked
-by ``tests/test_speedups.py``; the measurements are in bench/README.md.
+by ``tests/test_speedups.py`` and listed in ``sidecar/proxy/mitm_private.py`` (checked on the
+oldest and the newest mitmproxy allowed, like ``mitm_compat.py``); the measurements are in
+bench/README.md.
 """
 
 from __future__ import annotations

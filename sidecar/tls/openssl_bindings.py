@@ -33,7 +33,9 @@ def offer_key_share_first(conn: SSL.Connection, group: str) -> bool:
     default list or an OpenSSL older than 3.5.
 
     pyOpenSSL has no public API for groups, hence the private binding, kept in this function
-    so that ``tests/test_tls_policy.py`` fails loudly if it changes.
+    so that ``tests/test_tls_policy.py`` fails loudly if it changes. cryptography binds
+    ``SSL_set1_curves_list`` from 47.0 on: that is the floor in ``pyproject.toml``, which CI's
+    Python 3.12 run installs exactly (``.ci/oldest-deps.txt``).
     """
     global _key_share_syntax_known
     groups = _groups_sharing_first(group.lower())

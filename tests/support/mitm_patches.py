@@ -3,7 +3,8 @@
 They patch classes and module functions once per process, as the sidecar's own process needs.
 A test that installs them in the test process (directly, or through an addon's ``running``
 hook) must not leave them in force for the tests after it: ``conftest.py`` restores every
-attribute listed here after each test (docs/testing.md#random-order).
+attribute listed here after each test (docs/testing.md#random-order). Every name that
+``sidecar/proxy/mitm_private.py`` lists as patched must be here (``tests/test_mitm_fence.py``).
 """
 
 from __future__ import annotations
