@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import http.server
 import functools
 import importlib
 import inspect
@@ -274,7 +275,7 @@ def _common_attribute_names() -> frozenset[str]:
     names: set[str] = set()
     for kind in (dict, list, set, frozenset, tuple, bytes, bytearray, str, int, object, type,
                  asyncio.StreamReader, asyncio.StreamWriter, asyncio.Transport, asyncio.Task,
-                 BaseException, h11.Connection):
+                 BaseException, h11.Connection, http.server.BaseHTTPRequestHandler):
         names.update(dir(kind))
     return frozenset(names)
 
