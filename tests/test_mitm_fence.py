@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import http.server
 import functools
+import http.server
 import importlib
 import inspect
 import re
