@@ -20,6 +20,7 @@ REQUEST_PATH = [
     "sidecar/request/path.py",
     "sidecar/request/headers.py",
     "sidecar/credentials/*",
+    "sidecar/callers/*",
     "sidecar/tls/*",
     "sidecar/fhir/links*.py",
     "sidecar/fhir/bundle_scan.py",
