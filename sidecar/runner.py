@@ -197,5 +197,10 @@ async def serve(config_path: Path, state_dir: Path, env_drain_seconds: float | N
         await admin.stop()
     await audit.aclose()  # every record written, fsynced, and the queue closed
     tracing.close()  # the last spans sent (bounded by the exporter's timeout)
+    # Stopped: a late SIGTERM or SIGINT (a second kill from an impatient supervisor) must not
+    # turn the clean exit into death by signal once the loop's handlers are gone.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
     log_event("stopped")
     return 0
