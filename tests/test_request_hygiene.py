@@ -22,6 +22,7 @@ from urllib.parse import unquote_plus
 import pytest
 from support.constants import basic_header
 from support.pki import TestPKI
+from support.raw_client import READ_TIMEOUT, RawResponse, exchange, read_response
 from support.raw_upstream import RawRecordingUpstream
 from support.scripted_upstream import ScriptedUpstream
 from support.sidecar_process import SidecarProcess, free_port, wait_until
@@ -30,48 +31,7 @@ from support.sidecars import StartSidecar
 from sidecar.testkit.fhir_server import server_tls_context
 from sidecar.testkit.pki import ServerIdentity
 
-READ_TIMEOUT = 30.0
 BASIC = {name: basic_header(f"user-{name}", f"pw-{name}") for name in ("fhir", "other", "skip")}
-
-
-@dataclass
-class RawResponse:
-    status: int
-    head: bytes
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def exchange(port: int, data: bytes) -> RawResponse:
-    """Send ``data`` on a new connection; read one response (Content-Length framed)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT) as sock:
-        sock.sendall(data)
-        return read_response(sock)
-
-
-def read_response(sock: socket.socket) -> RawResponse:
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed before a response head: {buffer!r}")
-        buffer += chunk
-    head, body = buffer.split(b"\r\n\r\n", 1)
-    lines = head.split(b"\r\n")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return RawResponse(int(lines[0].split()[1]), head, headers, body[:length])
 
 
 def assert_bad_request(response: RawResponse, *words: str) -> str:
